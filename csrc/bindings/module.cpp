@@ -1,0 +1,139 @@
+// titans_cuda._C: a thin pybind11 layer over the launchers. It knows nothing of libtorch:
+// tensors arrive as raw device addresses, sizes, element strides and a cudaStream_t handle
+// (torch.cuda.current_stream().cuda_stream), the GIL is released while launching, and every
+// CUDA error becomes a RuntimeError that names the op.
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include <cuda_runtime.h>
+#include <pybind11/pybind11.h>
+
+#include "../memory_scan/memory_scan.h"
+
+namespace py = pybind11;
+
+#ifndef TITANS_CUDA_ARCHS
+#define TITANS_CUDA_ARCHS "unknown"
+#endif
+
+namespace {
+
+void check(cudaError_t status, const char* op) {
+  if (status != cudaSuccess) {
+    throw std::runtime_error(std::string("titans_cuda.") + op + ": CUDA error " +
+                             cudaGetErrorName(status) + ": " + cudaGetErrorString(status));
+  }
+}
+
+template <typename T>
+T* as_ptr(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+void memory_scan_fwd(std::uintptr_t updates, int64_t updates_b_stride, int64_t updates_h_stride,
+                     int64_t updates_c_stride, std::uintptr_t forget, int64_t forget_b_stride,
+                     int64_t forget_c_stride, int64_t forget_h_stride, std::uintptr_t momentum,
+                     int64_t momentum_b_stride, int64_t momentum_c_stride,
+                     int64_t momentum_h_stride, std::uintptr_t initial_weights,
+                     int64_t initial_weights_b_stride, int64_t initial_weights_h_stride,
+                     std::uintptr_t initial_momentum, int64_t initial_momentum_b_stride,
+                     int64_t initial_momentum_h_stride, std::uintptr_t weights_out,
+                     std::uintptr_t momentum_out, int batch, int heads, int n_chunks,
+                     int64_t elements, std::uintptr_t stream, int device) {
+  titans::MemoryScanFwdParams p{};
+  p.updates = as_ptr<const float>(updates);
+  p.updates_b_stride = updates_b_stride;
+  p.updates_h_stride = updates_h_stride;
+  p.updates_c_stride = updates_c_stride;
+  p.forget = as_ptr<const float>(forget);
+  p.forget_b_stride = forget_b_stride;
+  p.forget_c_stride = forget_c_stride;
+  p.forget_h_stride = forget_h_stride;
+  p.momentum = as_ptr<const float>(momentum);
+  p.momentum_b_stride = momentum_b_stride;
+  p.momentum_c_stride = momentum_c_stride;
+  p.momentum_h_stride = momentum_h_stride;
+  p.initial_weights = as_ptr<const float>(initial_weights);
+  p.initial_weights_b_stride = initial_weights_b_stride;
+  p.initial_weights_h_stride = initial_weights_h_stride;
+  p.initial_momentum = as_ptr<const float>(initial_momentum);
+  p.initial_momentum_b_stride = initial_momentum_b_stride;
+  p.initial_momentum_h_stride = initial_momentum_h_stride;
+  p.weights_out = as_ptr<float>(weights_out);
+  p.momentum_out = as_ptr<float>(momentum_out);
+  p.batch = batch;
+  p.heads = heads;
+  p.n_chunks = n_chunks;
+  p.elements = elements;
+  check(titans::memory_scan_fwd(p, reinterpret_cast<cudaStream_t>(stream), device),
+        "memory_scan");
+}
+
+// Whether the kernels in this binary can run on `device`: asks the runtime for the attributes
+// of one kernel, which fails with cudaErrorNoKernelImageForDevice when no compiled
+// architecture fits. Returns a dict with ok, error, binary_version and ptx_version.
+py::dict kernel_image(int device) {
+  py::dict out;
+  cudaError_t status;
+  cudaFuncAttributes attr{};
+  {
+    py::gil_scoped_release release;
+    int previous = 0;
+    status = cudaGetDevice(&previous);
+    if (status == cudaSuccess) status = cudaSetDevice(device);
+    if (status == cudaSuccess) {
+      status = cudaFuncGetAttributes(&attr, titans::memory_scan_fwd_kernel_address());
+      cudaSetDevice(previous);
+    }
+  }
+  out["ok"] = status == cudaSuccess;
+  out["error"] = status == cudaSuccess ? std::string() :
+      std::string(cudaGetErrorName(status)) + ": " + cudaGetErrorString(status);
+  out["binary_version"] = attr.binaryVersion;
+  out["ptx_version"] = attr.ptxVersion;
+  cudaGetLastError();  // a failed query must not poison later launches' error checks
+  return out;
+}
+
+py::dict build_info() {
+  py::dict out;
+  out["cuda_archs"] = std::string(TITANS_CUDA_ARCHS);
+  out["cuda_runtime_compiled"] = CUDART_VERSION;
+  int runtime = 0, driver = 0;
+  cudaRuntimeGetVersion(&runtime);
+  cudaDriverGetVersion(&driver);
+  out["cuda_runtime"] = runtime;
+  out["cuda_driver"] = driver;  // 0 when no driver is installed
+  out["cudart_static"] = true;
+  return out;
+}
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "titans_cuda CUDA kernels (raw pointers, no libtorch)";
+  m.def("memory_scan_fwd", &memory_scan_fwd, py::arg("updates"), py::arg("updates_b_stride"),
+        py::arg("updates_h_stride"), py::arg("updates_c_stride"), py::arg("forget"),
+        py::arg("forget_b_stride"), py::arg("forget_c_stride"), py::arg("forget_h_stride"),
+        py::arg("momentum"), py::arg("momentum_b_stride"), py::arg("momentum_c_stride"),
+        py::arg("momentum_h_stride"), py::arg("initial_weights"),
+        py::arg("initial_weights_b_stride"), py::arg("initial_weights_h_stride"),
+        py::arg("initial_momentum"), py::arg("initial_momentum_b_stride"),
+        py::arg("initial_momentum_h_stride"), py::arg("weights_out"), py::arg("momentum_out"),
+        py::arg("batch"), py::arg("heads"), py::arg("n_chunks"), py::arg("elements"),
+        py::arg("stream"), py::arg("device"), py::call_guard<py::gil_scoped_release>(),
+        "S_j = eta_j S_{j-1} - U_j, W_j = (1 - alpha_j) W_{j-1} + S_j for one layer.");
+  m.def("kernel_image", &kernel_image, py::arg("device"));
+  m.def("build_info", &build_info);
+  m.def("device_count", &device_count);
+}

@@ -1,0 +1,72 @@
+"""Diagnostics: what is installed, what was compiled, which kernels run on this machine."""
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+from . import _lib
+from ._version import __version__
+
+# Which public functions have kernels in this version, and for which configurations.
+KERNELS = {
+    "memory_scan": "forward kernel: float32 updates, any L, d_in, d_out, B, H, NC "
+                   "(float4 path when d_in*d_out % 4 == 0); backward: reverse scan in PyTorch",
+    "memory_forward": None,
+    "memory_grad": None,
+    "neural_memory": None,
+}
+
+
+def info() -> dict:
+    """A dict describing this installation: versions, whether the extension loaded (and why
+    not), compiled architectures, the GPUs seen, and which functions have kernels here."""
+    out = {
+        "titans_cuda": __version__,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "extension_loaded": _lib.extension_loaded(),
+        "extension_error": _lib.LOAD_ERROR,
+        "torch_cuda_available": torch.cuda.is_available(),
+        "devices": [],
+        "kernels": {},
+    }
+    if _lib.extension_loaded():
+        build = dict(_lib._C.build_info())
+        out["compiled_archs"] = build["cuda_archs"]
+        out["cuda_runtime"] = _fmt_cuda_version(build["cuda_runtime"])
+        out["cuda_driver"] = _fmt_cuda_version(build["cuda_driver"]) if build["cuda_driver"] \
+            else "no driver"
+    reasons = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            device = torch.device("cuda", index)
+            reason = _lib.kernels_unavailable_reason(device)
+            reasons.append(reason)
+            out["devices"].append({
+                "index": index, "name": props.name,
+                "capability": f"sm_{props.major}{props.minor}",
+                "sms": props.multi_processor_count,
+                "memory_gib": round(props.total_memory / 2**30, 1),
+                "kernels_run": reason is None,
+                "why_not": reason,
+            })
+    else:
+        reasons.append("no CUDA GPU is visible to torch"
+                       + ("" if torch.version.cuda else " (this torch is a CPU-only build)"))
+    runnable = any(r is None for r in reasons)
+    for fn, what in KERNELS.items():
+        if what is None:
+            out["kernels"][fn] = "reference only (no kernel in this version)"
+        elif runnable:
+            out["kernels"][fn] = what
+        else:
+            out["kernels"][fn] = f"reference here: {next(r for r in reasons if r)}"
+    return out
+
+
+def _fmt_cuda_version(v: int) -> str:
+    return f"{v // 1000}.{(v % 1000) // 10}"

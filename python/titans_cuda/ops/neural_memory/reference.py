@@ -1,0 +1,196 @@
+"""Pure-PyTorch chunked reference of neural_memory (SPEC §2-4): the dual form.
+
+Vectorised over sequences and heads, it loops over chunks only. Sequences (batch rows, or the
+pieces of a cu_seqlens pack) are laid into a padded timeline where token t of sequence n sits at
+position offset_n + t, so that every sequence's chunk boundaries fall on multiples of C.
+Positions outside [offset_n, offset_n + len_n) are inactive: their gates are neutral
+(lr = 0, forget = 0, momentum = 1) and they never add momentum to the weights.
+
+Per chunk (token i = 0..C-1 of the slot, W0/S0 the state before it, Wg the weights at which the
+open chunk takes its gradients, act_i in {0, 1}):
+
+  1. gates        Pm[t,i] = prod_{i<k<=t} eta_k,  Pb[t,i] = prod_{i<k<=t} (1 - alpha_k)   (t >= i)
+                  m_t = prod_{k<=t} eta_k,  beta_t = prod_{k<=t} (1 - alpha_k)
+                  N[t,j] = lr_j Pm[t,j]                                 (n_{t,j} of SPEC §2)
+                  G = (Pb * act) @ N,  c = (Pb * act) @ m
+                  All products are running products (cumprod); no ratio is ever formed.
+  2. keys         forward of k at Wg, errors dz^l = dl/dz^l: u^l_j = h^{l-1}_j^T dz^l_j
+  3. read         "token": z^l_t = beta_t h_t W0^l + c_t h_t S0^l - sum_j G[t,j] (h_t . hk_j) dz^l_j
+                  layer by layer (h = the query's layer input at W_t); "chunk": M_{Wg}(q)
+  4. state        W = beta_C W0 + c_C S0 - hk^T (G[C,:] * dz),  S = m_C S0 - hk^T (N[C,:] * dz)
+"""
+from __future__ import annotations
+
+import torch
+
+from ...state import MemoryState
+from ..activations import activate
+from ..memory_mlp.reference import compute_dtype, forward_pass, loss_errors
+
+
+def segment_products(a: torch.Tensor) -> torch.Tensor:
+    """a [..., C] -> P [..., C, C] with P[t, i] = prod_{i<k<=t} a_k for t >= i, 0 above the
+    diagonal. A masked cumulative product: exact when some a_k are 0, no division."""
+    C = a.shape[-1]
+    upper = torch.ones(C, C, dtype=torch.bool, device=a.device).triu(1)  # [i, k]: k > i
+    grid = torch.where(upper, a.unsqueeze(-2), torch.ones_like(a).unsqueeze(-2))  # [..., i, k]
+    prods = torch.cumprod(grid, dim=-1)  # [..., i, t] = prod_{i<k<=t} a_k (t >= i)
+    return prods.transpose(-1, -2).tril()
+
+
+def _finish(f, x, *, residual, ln_weight, ln_bias, ln_eps):
+    """y = [x +] [LN](f): the output head shared by every read."""
+    if ln_weight is not None:
+        mu = f.mean(dim=-1, keepdim=True)
+        centered = f - mu
+        var = (centered * centered).mean(dim=-1, keepdim=True)
+        f = centered * torch.rsqrt(var + ln_eps) * ln_weight
+        if ln_bias is not None:
+            f = f + ln_bias
+    return x + f if residual else f
+
+
+def chunk_step(q, k, v, lr, decay, eta, active, w0, s0, wg, *, mlp, read):
+    """One chunk for all sequences and heads. q, k, v [N, H, C, D]; lr, decay (= 1 - alpha),
+    eta [N, H, C]; active [N, 1, C]; w0, s0, wg: per layer [N, H, d_in, d_out].
+    Returns (o [N, H, C, D], w_new, s_new)."""
+    # 1. gates
+    p_eta = segment_products(eta)
+    p_decay = segment_products(decay) * active.unsqueeze(-2)
+    m = torch.cumprod(eta, dim=-1)
+    beta = torch.cumprod(decay, dim=-1)
+    n_mat = p_eta * lr.unsqueeze(-2)
+    g_mat = torch.matmul(p_decay, n_mat)
+    c = torch.matmul(p_decay, m.unsqueeze(-1)).squeeze(-1)
+    # 2. keys: errors at the gradient weights
+    cache, dz = loss_errors(k, v, wg, **mlp)
+    # 3. read
+    if read == "chunk":
+        o, _ = forward_pass(q, wg, **mlp)
+    else:
+        h = q
+        n_layers = len(w0)
+        for layer in range(n_layers):
+            hk = cache.h[layer]
+            z = (beta.unsqueeze(-1) * torch.matmul(h, w0[layer])
+                 + c.unsqueeze(-1) * torch.matmul(h, s0[layer])
+                 - torch.matmul(g_mat * torch.matmul(h, hk.transpose(-1, -2)), dz[layer]))
+            h = activate(z, mlp["activation"]) if layer < n_layers - 1 else z
+        o = _finish(h, q, residual=mlp["residual"], ln_weight=mlp["ln_weight"],
+                    ln_bias=mlp["ln_bias"], ln_eps=mlp["ln_eps"])
+    # 4. state after the chunk's last slot (inactive trailing slots leave it unchanged)
+    beta_end = beta[..., -1, None, None]
+    c_end = c[..., -1, None, None]
+    m_end = m[..., -1, None, None]
+    g_end = g_mat[..., -1, :].unsqueeze(-1)  # [N, H, C, 1]
+    n_end = n_mat[..., -1, :].unsqueeze(-1)
+    w_new, s_new = [], []
+    for layer in range(len(w0)):
+        hk_t = cache.h[layer].transpose(-1, -2)
+        w_new.append(beta_end * w0[layer] + c_end * s0[layer]
+                     - torch.matmul(hk_t, g_end * dz[layer]))
+        s_new.append(m_end * s0[layer] - torch.matmul(hk_t, n_end * dz[layer]))
+    return o, w_new, s_new
+
+
+def _timeline(starts, lengths, offsets, chunk_size, total, device):
+    """Index maps between the packed tokens [total] and the padded timeline [N, NC*C]."""
+    n_seq = starts.shape[0]
+    ends = offsets + lengths
+    n_chunks = int(-(-int(ends.max()) // chunk_size)) if n_seq else 0
+    pos = torch.arange(n_chunks * chunk_size, device=device).unsqueeze(0)
+    rel = pos - offsets.unsqueeze(1)
+    active = (rel >= 0) & (rel < lengths.unsqueeze(1))  # [N, NC*C]
+    gather = torch.where(active, starts.unsqueeze(1) + rel, torch.full_like(rel, total))
+    return n_chunks, active, gather
+
+
+def neural_memory(q, k, v, lr, forget, momentum, weights, *, chunk_size=64, activation="silu",
+                  residual=False, ln_weight=None, ln_bias=None, ln_eps=1e-6, read="token",
+                  initial_state=None, output_final_state=False, cu_seqlens=None):
+    """Reference of titans_cuda.neural_memory (arguments already validated)."""
+    B, T, H, D = q.shape
+    device = q.device
+    dtype = compute_dtype(q, k, v, *weights)
+    C = chunk_size
+
+    # sequences and their place in the padded timeline
+    if cu_seqlens is None:
+        n_seq = B
+        starts = torch.arange(B, device="cpu", dtype=torch.long) * T
+        lengths = torch.full((B,), T, dtype=torch.long)
+    else:
+        cu = cu_seqlens.to("cpu", torch.long)
+        n_seq = cu.numel() - 1
+        starts, lengths = cu[:-1], cu[1:] - cu[:-1]
+    total = B * T
+    if initial_state is None:
+        offsets = torch.zeros(n_seq, dtype=torch.long)
+        w = [wt.to(dtype).unsqueeze(0).expand(n_seq, *wt.shape) for wt in weights]
+        s = [torch.zeros_like(wt) for wt in w]
+        wg0 = w
+    else:
+        offsets = initial_state.offset.to("cpu", torch.long)
+        w = [wt.to(dtype) for wt in initial_state.weights]
+        s = [st.to(dtype) for st in initial_state.momentum]
+        open_chunk = (offsets > 0).to(device).view(n_seq, 1, 1, 1)
+        # a chunk still open continues at its own weights; offset 0 starts a new chunk at W
+        wg0 = [torch.where(open_chunk, cw.to(dtype), wt)
+               for cw, wt in zip(initial_state.chunk_weights, w)]
+    n_chunks, active, gather = _timeline(starts, lengths, offsets, C, total, "cpu")
+    active, gather = active.to(device), gather.to(device)
+    t_pad = n_chunks * C
+
+    def lay_out(x, fill):
+        """[B, T, H, *F] packed -> [N, H, NC, C, *F] on the padded timeline."""
+        flat = x.reshape(total, *x.shape[2:]).to(dtype)
+        flat = torch.cat([flat, torch.full_like(flat[:1], fill)], dim=0)
+        out = flat[gather]  # [N, NC*C, H, *F]
+        out = out.reshape(n_seq, n_chunks, C, *out.shape[2:])
+        return out.movedim(3, 1)  # [N, H, NC, C, *F]
+
+    qt, kt, vt = lay_out(q, 0.0), lay_out(k, 0.0), lay_out(v, 0.0)
+    lr_t = lay_out(lr, 0.0)
+    decay_t = 1.0 - lay_out(forget, 0.0)
+    eta_t = lay_out(momentum, 1.0)
+    act_t = active.to(dtype).reshape(n_seq, 1, n_chunks, C)
+
+    def ln_shape(p):
+        return None if p is None else p.to(dtype).reshape(H, 1, D)
+    mlp = dict(activation=activation, residual=residual, ln_weight=ln_shape(ln_weight),
+               ln_bias=ln_shape(ln_bias), ln_eps=ln_eps)
+
+    # chunk index holding each sequence's last token (-1 when it has none)
+    last_chunk = torch.where(lengths > 0, (offsets + lengths - 1) // C, torch.full_like(lengths, -1))
+    last_chunk = last_chunk.to(device).view(n_seq, 1, 1, 1)
+    cw = wg0
+    outs = []
+    for j in range(n_chunks):
+        wg = wg0 if j == 0 else w
+        o, w, s = chunk_step(qt[:, :, j], kt[:, :, j], vt[:, :, j], lr_t[:, :, j],
+                             decay_t[:, :, j], eta_t[:, :, j], act_t[:, :, j], w, s, wg,
+                             mlp=mlp, read=read)
+        outs.append(o)
+        is_last = last_chunk == j
+        cw = [torch.where(is_last, g, prev) for g, prev in zip(wg, cw)]
+
+    if n_chunks:
+        o_pad = torch.stack(outs, dim=2)  # [N, H, NC, C, D]
+        o_pad = o_pad.movedim(1, 3).reshape(n_seq * t_pad, H, D)
+        seq_of = torch.repeat_interleave(torch.arange(n_seq), lengths)
+        tok_in_seq = torch.arange(total) - starts[seq_of]
+        scatter = (seq_of * t_pad + offsets[seq_of] + tok_in_seq).to(device)
+        o = o_pad[scatter].reshape(B, T, H, D)
+    else:
+        o = q.new_zeros(B, T, H, D, dtype=dtype)
+    o = o.to(q.dtype)
+
+    if not output_final_state:
+        return o, None
+    final_offset = (offsets + lengths) % C
+    still_open = (final_offset > 0).to(device).view(n_seq, 1, 1, 1)
+    cw = [torch.where(still_open, c_, w_) for c_, w_ in zip(cw, w)]
+    w = [wt.expand(n_seq, *wt.shape[1:]).contiguous() if wt.stride(0) == 0 else wt for wt in w]
+    cw = [ct.expand(n_seq, *ct.shape[1:]).contiguous() if ct.stride(0) == 0 else ct for ct in cw]
+    state = MemoryState(tuple(w), tuple(s), tuple(cw), final_offset.to(device))
+    return o, state

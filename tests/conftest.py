@@ -1,0 +1,60 @@
+"""Shared test helpers: seeds, random inputs at the gate ranges users train with, error norms."""
+from __future__ import annotations
+
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # the oracle module
+
+
+def pytest_collection_modifyitems(config, items):
+    have_gpu = torch.cuda.is_available()
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu_check.sh on one)")
+    for item in items:
+        if "gpu" in item.keywords and not have_gpu:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    seed = abs(hash(request.node.nodeid)) % (2**31)
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64; inf when a is not finite where b is."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    if not torch.isfinite(a).all() and torch.isfinite(b).all():
+        return float("inf")
+    den = b.norm().item()
+    return (a - b).norm().item() / (den if den > 0 else 1.0)
+
+
+def make_weights(H, D, hidden, depth, dtype=torch.float64, device="cpu", lead=None):
+    """L weights [*lead, d_in, d_out] with scale 1/sqrt(d_in): D -> hidden -> ... -> D."""
+    dims = [D] + [hidden] * (depth - 1) + [D]
+    lead = (H,) if lead is None else lead
+    return tuple(torch.randn(*lead, a, b, dtype=dtype, device=device) / a ** 0.5
+                 for a, b in zip(dims[:-1], dims[1:]))
+
+
+def make_inputs(B, T, H, D, dtype=torch.float64, device="cpu", resets=True, lr_max=0.5):
+    """q, k, v, lr, forget, momentum as users train with: unit-norm keys, lr in [0, lr_max],
+    forget and momentum over all of [0, 1], with exact alpha = 1 resets, eta = 0 and lr = 0."""
+    q = torch.randn(B, T, H, D, dtype=dtype, device=device)
+    k = torch.randn(B, T, H, D, dtype=dtype, device=device)
+    k = k / k.norm(dim=-1, keepdim=True)
+    v = torch.randn(B, T, H, D, dtype=dtype, device=device)
+    lr = torch.rand(B, T, H, dtype=dtype, device=device) * lr_max
+    forget = torch.rand(B, T, H, dtype=dtype, device=device)
+    momentum = torch.rand(B, T, H, dtype=dtype, device=device)
+    if resets and T > 2:
+        forget[..., T // 2, 0] = 1.0
+        momentum[..., T // 3, -1] = 0.0
+        lr[..., 1, 0] = 0.0
+    return q, k, v, lr, forget, momentum
