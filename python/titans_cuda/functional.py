@@ -94,13 +94,13 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, forget: Tensor,
 
 
 def _check_block_weights(weights, name, B, T, H, D, chunk_size):
-    n_chunks = None if chunk_size is None else -(-T // chunk_size)
-    leads = [(H,), (B, H)] + ([] if n_chunks is None else [(B, H, n_chunks)])
-    weights = chk.check_weights(weights, name, H, D, allow_lead=leads)
-    if weights[0].dim() == 5 and chunk_size is None:
+    if chunk_size is None and isinstance(weights, (tuple, list)) and any(
+            isinstance(w, Tensor) and w.dim() == 5 for w in weights):
         raise ValueError(f"{name} are per chunk ([B, H, n_chunks, d_in, d_out]) so chunk_size "
                          f"must be given")
-    return weights
+    n_chunks = None if chunk_size is None else -(-T // chunk_size)
+    leads = [(H,), (B, H)] + ([] if n_chunks is None else [(B, H, n_chunks)])
+    return chk.check_weights(weights, name, H, D, allow_lead=leads)
 
 
 def memory_forward(x: Tensor, weights: Sequence[Tensor], *, chunk_size: Optional[int] = None,

@@ -93,16 +93,68 @@ def chunk_step(q, k, v, lr, decay, eta, active, w0, s0, wg, *, mlp, read):
     return o, w_new, s_new
 
 
-def _timeline(starts, lengths, offsets, chunk_size, total, device):
-    """Index maps between the packed tokens [total] and the padded timeline [N, NC*C]."""
-    n_seq = starts.shape[0]
-    ends = offsets + lengths
-    n_chunks = int(-(-int(ends.max()) // chunk_size)) if n_seq else 0
-    pos = torch.arange(n_chunks * chunk_size, device=device).unsqueeze(0)
-    rel = pos - offsets.unsqueeze(1)
-    active = (rel >= 0) & (rel < lengths.unsqueeze(1))  # [N, NC*C]
-    gather = torch.where(active, starts.unsqueeze(1) + rel, torch.full_like(rel, total))
-    return n_chunks, active, gather
+class _DenseTimeline:
+    """B rows of T tokens, every row starting a fresh chunk: pure reshapes, no index tensors
+    (so fake tensors and torch.compile(fullgraph=True) trace it)."""
+
+    def __init__(self, B, T, C, device):
+        self.n_seq, self.T, self.C = B, T, C
+        self.n_chunks = -(-T // C)
+        pos = torch.arange(self.n_chunks * C, device=device)
+        self.active = (pos < T).view(1, 1, self.n_chunks, C)
+        last = (T - 1) // C if T > 0 else -1
+        self.is_last_chunk = lambda j: j == last  # noqa: E731 - the same for every row
+        self.final_offset = torch.full((B,), T % C, dtype=torch.long, device=device)
+
+    def lay_out(self, x, fill, dtype):
+        """[B, T, H, *F] -> [B, H, NC, C, *F], padded with ``fill``."""
+        x = x.to(dtype)
+        pad = self.n_chunks * self.C - self.T
+        if pad:
+            x = torch.cat([x, x.new_full((x.shape[0], pad, *x.shape[2:]), fill)], dim=1)
+        x = x.reshape(x.shape[0], self.n_chunks, self.C, *x.shape[2:])
+        return x.movedim(3, 1)
+
+    def unlay(self, o_pad):
+        """[B, H, NC, C, D] -> [B, T, H, D]."""
+        B, H, _, _, D = o_pad.shape
+        return o_pad.movedim(1, 3).reshape(B, self.n_chunks * self.C, H, D)[:, :self.T]
+
+
+class _PackedTimeline:
+    """General sequences: token t of sequence n sits at position offset_n + t (gather/scatter
+    through index tensors built on the host)."""
+
+    def __init__(self, starts, lengths, offsets, C, total, device):
+        self.n_seq, self.C, self.total = starts.shape[0], C, total
+        ends = offsets + lengths
+        self.n_chunks = -(-int(ends.max()) // C) if self.n_seq else 0
+        pos = torch.arange(self.n_chunks * C).unsqueeze(0)
+        rel = pos - offsets.unsqueeze(1)
+        active = (rel >= 0) & (rel < lengths.unsqueeze(1))  # [N, NC*C]
+        self.active = active.view(self.n_seq, 1, self.n_chunks, C).to(device)
+        self.gather = torch.where(active, starts.unsqueeze(1) + rel,
+                                  torch.full_like(rel, total)).to(device)
+        seq_of = torch.repeat_interleave(torch.arange(self.n_seq), lengths)
+        tok_in_seq = torch.arange(total) - starts[seq_of]
+        self.scatter = (seq_of * self.n_chunks * C + offsets[seq_of] + tok_in_seq).to(device)
+        # chunk index holding each sequence's last token (-1 when it has none)
+        last = torch.where(lengths > 0, (ends - 1) // C, torch.full_like(lengths, -1))
+        last = last.to(device).view(self.n_seq, 1, 1, 1)
+        self.is_last_chunk = lambda j: last == j  # noqa: E731
+        self.final_offset = (ends % C).to(device)
+
+    def lay_out(self, x, fill, dtype):
+        """[B, T, H, *F] packed -> [N, H, NC, C, *F], inactive slots = ``fill``."""
+        flat = x.reshape(self.total, *x.shape[2:]).to(dtype)
+        flat = torch.cat([flat, flat.new_full((1, *flat.shape[1:]), fill)], dim=0)
+        out = flat[self.gather].reshape(self.n_seq, self.n_chunks, self.C, *flat.shape[1:])
+        return out.movedim(3, 1)
+
+    def unlay(self, o_pad):
+        """[N, H, NC, C, D] -> [total, H, D] in packed token order."""
+        N, H, _, _, D = o_pad.shape
+        return o_pad.movedim(1, 3).reshape(N * self.n_chunks * self.C, H, D)[self.scatter]
 
 
 def neural_memory(q, k, v, lr, forget, momentum, weights, *, chunk_size=64, activation="silu",
@@ -115,55 +167,45 @@ def neural_memory(q, k, v, lr, forget, momentum, weights, *, chunk_size=64, acti
     C = chunk_size
 
     # sequences and their place in the padded timeline
-    if cu_seqlens is None:
-        n_seq = B
-        starts = torch.arange(B, device="cpu", dtype=torch.long) * T
-        lengths = torch.full((B,), T, dtype=torch.long)
+    if cu_seqlens is None and initial_state is None:
+        timeline = _DenseTimeline(B, T, C, device)
     else:
-        cu = cu_seqlens.to("cpu", torch.long)
-        n_seq = cu.numel() - 1
-        starts, lengths = cu[:-1], cu[1:] - cu[:-1]
-    total = B * T
+        if cu_seqlens is None:
+            starts = torch.arange(B, dtype=torch.long) * T
+            lengths = torch.full((B,), T, dtype=torch.long)
+        else:
+            cu = cu_seqlens.to("cpu", torch.long)
+            starts, lengths = cu[:-1], cu[1:] - cu[:-1]
+        n_seq = starts.shape[0]
+        offsets = torch.zeros(n_seq, dtype=torch.long) if initial_state is None \
+            else initial_state.offset.to("cpu", torch.long)
+        timeline = _PackedTimeline(starts, lengths, offsets, C, B * T, device)
+    n_seq, n_chunks = timeline.n_seq, timeline.n_chunks
+
     if initial_state is None:
-        offsets = torch.zeros(n_seq, dtype=torch.long)
         w = [wt.to(dtype).unsqueeze(0).expand(n_seq, *wt.shape) for wt in weights]
-        s = [torch.zeros_like(wt) for wt in w]
+        s = [torch.zeros(n_seq, *wt.shape, dtype=dtype, device=device) for wt in weights]
         wg0 = w
     else:
-        offsets = initial_state.offset.to("cpu", torch.long)
         w = [wt.to(dtype) for wt in initial_state.weights]
         s = [st.to(dtype) for st in initial_state.momentum]
-        open_chunk = (offsets > 0).to(device).view(n_seq, 1, 1, 1)
+        open_chunk = (initial_state.offset > 0).view(n_seq, 1, 1, 1)
         # a chunk still open continues at its own weights; offset 0 starts a new chunk at W
         wg0 = [torch.where(open_chunk, cw.to(dtype), wt)
                for cw, wt in zip(initial_state.chunk_weights, w)]
-    n_chunks, active, gather = _timeline(starts, lengths, offsets, C, total, "cpu")
-    active, gather = active.to(device), gather.to(device)
-    t_pad = n_chunks * C
 
-    def lay_out(x, fill):
-        """[B, T, H, *F] packed -> [N, H, NC, C, *F] on the padded timeline."""
-        flat = x.reshape(total, *x.shape[2:]).to(dtype)
-        flat = torch.cat([flat, torch.full_like(flat[:1], fill)], dim=0)
-        out = flat[gather]  # [N, NC*C, H, *F]
-        out = out.reshape(n_seq, n_chunks, C, *out.shape[2:])
-        return out.movedim(3, 1)  # [N, H, NC, C, *F]
-
-    qt, kt, vt = lay_out(q, 0.0), lay_out(k, 0.0), lay_out(v, 0.0)
-    lr_t = lay_out(lr, 0.0)
-    decay_t = 1.0 - lay_out(forget, 0.0)
-    eta_t = lay_out(momentum, 1.0)
-    act_t = active.to(dtype).reshape(n_seq, 1, n_chunks, C)
+    qt, kt, vt = (timeline.lay_out(x, 0.0, dtype) for x in (q, k, v))
+    lr_t = timeline.lay_out(lr, 0.0, dtype)
+    decay_t = 1.0 - timeline.lay_out(forget, 0.0, dtype)
+    eta_t = timeline.lay_out(momentum, 1.0, dtype)
+    act_t = timeline.active.to(dtype)
 
     def ln_shape(p):
         return None if p is None else p.to(dtype).reshape(H, 1, D)
     mlp = dict(activation=activation, residual=residual, ln_weight=ln_shape(ln_weight),
                ln_bias=ln_shape(ln_bias), ln_eps=ln_eps)
 
-    # chunk index holding each sequence's last token (-1 when it has none)
-    last_chunk = torch.where(lengths > 0, (offsets + lengths - 1) // C, torch.full_like(lengths, -1))
-    last_chunk = last_chunk.to(device).view(n_seq, 1, 1, 1)
-    cw = wg0
+    cw = wg0  # the weights of each sequence's open chunk, for the final state
     outs = []
     for j in range(n_chunks):
         wg = wg0 if j == 0 else w
@@ -171,26 +213,23 @@ def neural_memory(q, k, v, lr, forget, momentum, weights, *, chunk_size=64, acti
                              decay_t[:, :, j], eta_t[:, :, j], act_t[:, :, j], w, s, wg,
                              mlp=mlp, read=read)
         outs.append(o)
-        is_last = last_chunk == j
-        cw = [torch.where(is_last, g, prev) for g, prev in zip(wg, cw)]
+        if output_final_state:
+            is_last = timeline.is_last_chunk(j)
+            if isinstance(is_last, bool):
+                cw = wg if is_last else cw
+            else:
+                cw = [torch.where(is_last, g, prev) for g, prev in zip(wg, cw)]
 
     if n_chunks:
-        o_pad = torch.stack(outs, dim=2)  # [N, H, NC, C, D]
-        o_pad = o_pad.movedim(1, 3).reshape(n_seq * t_pad, H, D)
-        seq_of = torch.repeat_interleave(torch.arange(n_seq), lengths)
-        tok_in_seq = torch.arange(total) - starts[seq_of]
-        scatter = (seq_of * t_pad + offsets[seq_of] + tok_in_seq).to(device)
-        o = o_pad[scatter].reshape(B, T, H, D)
+        o = timeline.unlay(torch.stack(outs, dim=2)).reshape(B, T, H, D)
     else:
         o = q.new_zeros(B, T, H, D, dtype=dtype)
     o = o.to(q.dtype)
 
     if not output_final_state:
         return o, None
-    final_offset = (offsets + lengths) % C
-    still_open = (final_offset > 0).to(device).view(n_seq, 1, 1, 1)
+    final_offset = timeline.final_offset
+    still_open = (final_offset > 0).view(n_seq, 1, 1, 1)
     cw = [torch.where(still_open, c_, w_) for c_, w_ in zip(cw, w)]
-    w = [wt.expand(n_seq, *wt.shape[1:]).contiguous() if wt.stride(0) == 0 else wt for wt in w]
-    cw = [ct.expand(n_seq, *ct.shape[1:]).contiguous() if ct.stride(0) == 0 else ct for ct in cw]
-    state = MemoryState(tuple(w), tuple(s), tuple(cw), final_offset.to(device))
-    return o, state
+    w = [wt.contiguous() for wt in w]  # no stride-0 batch views escape into the state
+    return o, MemoryState(tuple(w), tuple(s), tuple(cw), final_offset)

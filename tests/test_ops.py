@@ -1,0 +1,106 @@
+"""Op registration: torch.library.opcheck, fake tensors, torch.compile(fullgraph=True)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from conftest import make_inputs, make_weights, rel_err
+import titans_cuda
+from titans_cuda import memory_forward, memory_grad, memory_scan, neural_memory
+
+
+def _scan_args(dtype, with_s0, B=2, H=3, NC=5, E=12, broadcast_w0=True):
+    U = torch.randn(B, H, NC, E, dtype=dtype)
+    alpha, eta = torch.rand(B, NC, H, dtype=dtype), torch.rand(B, NC, H, dtype=dtype)
+    w0 = torch.randn(H, E, dtype=dtype).expand(B, H, E) if broadcast_w0 \
+        else torch.randn(B, H, E, dtype=dtype)
+    s0 = torch.randn(B, H, E, dtype=dtype) if with_s0 else None
+    return [U, alpha, eta, w0, s0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_s0", [False, True])
+@pytest.mark.parametrize("broadcast_w0", [False, True])
+def test_opcheck_memory_scan(dtype, with_s0, broadcast_w0):
+    args = _scan_args(dtype, with_s0, broadcast_w0=broadcast_w0)
+    for t in args:
+        if t is not None:
+            t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.titans_cuda.memory_scan.default, args)
+
+
+def test_custom_op_backward_gradcheck():
+    args = _scan_args(torch.float64, True, broadcast_w0=False)
+    args = [t.requires_grad_(True) for t in args]
+    assert torch.autograd.gradcheck(lambda *a: torch.ops.titans_cuda.memory_scan(*a), args)
+
+
+def test_custom_op_equals_reference_on_cpu():
+    args = _scan_args(torch.float32, True)
+    w, s = torch.ops.titans_cuda.memory_scan(*args)
+    B, H, NC, E = args[0].shape
+    w_ref, s_ref = memory_scan((args[0].view(B, H, NC, 3, 4),), args[1], args[2],
+                               initial_weights=(args[3][0].reshape(H, 3, 4),),
+                               initial_momentum=(args[4].view(B, H, 3, 4),), backend="torch")
+    assert rel_err(w, w_ref[0].reshape(B, H, NC, E)) < 1e-6
+    assert rel_err(s, s_ref[0].reshape(B, H, E)) < 1e-6
+
+
+def test_fake_tensor_shapes():
+    B, T, H, D, C = 2, 10, 3, 4, 4
+    with FakeTensorMode():
+        q, k, v = (torch.empty(B, T, H, D) for _ in range(3))
+        lr, forget, momentum = (torch.empty(B, T, H) for _ in range(3))
+        weights = (torch.empty(H, D, 8), torch.empty(H, 8, D))
+        o, _ = neural_memory(q, k, v, lr, forget, momentum, weights, chunk_size=C)
+        assert o.shape == (B, T, H, D)
+        y = memory_forward(q, weights)
+        assert y.shape == (B, T, H, D)
+        U = memory_grad(k, v, lr, weights, chunk_size=C)
+        assert [u.shape for u in U] == [(B, H, 3, D, 8), (B, H, 3, 8, D)]
+        w_all, s_last = memory_scan(U, torch.empty(B, 3, H), torch.empty(B, 3, H),
+                                    initial_weights=weights, backend="auto")
+        assert [w.shape for w in w_all] == [(B, H, 3, D, 8), (B, H, 3, 8, D)]
+        assert [s.shape for s in s_last] == [(B, H, D, 8), (B, H, 8, D)]
+        fake_out = torch.ops.titans_cuda.memory_scan(*_scan_args(torch.float32, True))
+        assert fake_out[0].shape == (2, 3, 5, 12)
+
+
+def test_torch_compile_fullgraph_memory_scan_op():
+    args = _scan_args(torch.float32, True)
+    compiled = torch.compile(lambda *a: torch.ops.titans_cuda.memory_scan(*a), fullgraph=True,
+                             backend="aot_eager")
+    w, s = compiled(*args)
+    w_ref, s_ref = torch.ops.titans_cuda.memory_scan(*args)
+    assert torch.equal(w, w_ref) and torch.equal(s, s_ref)
+
+
+def test_torch_compile_fullgraph_neural_memory_reference():
+    B, T, H, D = 1, 9, 2, 4
+    args = make_inputs(B, T, H, D, dtype=torch.float32)
+    weights = make_weights(H, D, 8, 2, dtype=torch.float32)
+
+    def fn(*a):
+        return neural_memory(*a, weights, chunk_size=4, backend="torch")[0]
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    assert rel_err(compiled(*args), fn(*args)) < 1e-6
+
+
+def test_info_on_this_machine():
+    data = titans_cuda.info()
+    assert data["titans_cuda"] == titans_cuda.__version__
+    assert set(data["kernels"]) == {"memory_scan", "memory_forward", "memory_grad",
+                                    "neural_memory"}
+    if not torch.cuda.is_available():
+        assert data["devices"] == []
+        assert data["kernels"]["memory_scan"].startswith("reference here")
+    if not data["extension_loaded"]:
+        assert data["extension_error"]
+
+
+def test_python_m_titans_cuda_runs(capsys):
+    from titans_cuda.__main__ import main
+    assert main(["--check"]) == 0
+    out = capsys.readouterr().out
+    assert "titans_cuda" in out and "memory_scan" in out
