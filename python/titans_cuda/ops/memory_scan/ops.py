@@ -24,7 +24,9 @@ def _kernel_ok(updates: Tensor) -> bool:
             and _lib.kernels_unavailable_reason(updates.device) is None)
 
 
-def _launch(updates, forget, momentum, w0, s0):
+def launch(updates, forget, momentum, w0, s0, out=None):
+    """Runs the kernel. ``out``: optional (W_all, S_last) contiguous float32 tensors to write
+    into (the tests pass NaN-poisoned ones to prove every element is written)."""
     B, H, n_chunks, E = updates.shape
     if updates.stride(-1) != 1:
         updates = updates.contiguous()
@@ -37,8 +39,12 @@ def _launch(updates, forget, momentum, w0, s0):
         s0 = s0.to(torch.float32)
         if s0.stride(-1) != 1:
             s0 = s0.contiguous()
-    w_all = torch.empty(B, H, n_chunks, E, dtype=torch.float32, device=updates.device)
-    s_last = torch.empty(B, H, E, dtype=torch.float32, device=updates.device)
+    if out is None:
+        out = (torch.empty(B, H, n_chunks, E, dtype=torch.float32, device=updates.device),
+               torch.empty(B, H, E, dtype=torch.float32, device=updates.device))
+    w_all, s_last = out
+    if not (w_all.is_contiguous() and s_last.is_contiguous()):
+        raise ValueError("memory_scan outputs must be contiguous")
     _lib._C.memory_scan_fwd(
         updates=updates.data_ptr(), updates_b_stride=updates.stride(0),
         updates_h_stride=updates.stride(1), updates_c_stride=updates.stride(2),
@@ -64,7 +70,7 @@ def memory_scan_op(updates: Tensor, forget: Tensor, momentum: Tensor, initial_we
     stride-0 broadcast); initial_momentum [B, H, E] or None.
     Returns W_all [B, H, NC, E] and S_last [B, H, E]."""
     if _kernel_ok(updates):
-        return _launch(updates, forget, momentum, initial_weights, initial_momentum)
+        return launch(updates, forget, momentum, initial_weights, initial_momentum)
     w_all, s_last = scan_forward(updates, forget, momentum, initial_weights, initial_momentum)
     return w_all.contiguous(), s_last.contiguous().clone()
 

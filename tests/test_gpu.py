@@ -1,0 +1,250 @@
+"""GPU tests (marked ``gpu``; skipped without CUDA): the memory_scan kernel against the float64
+reference within SPEC §7, full writes, strides, streams, determinism, CUDA graphs,
+torch.compile, opcheck; the reference on the GPU against the float64 CPU reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_inputs, make_weights, rel_err
+from titans_cuda import _lib, memory_scan, neural_memory
+from titans_cuda.ops.memory_scan.ops import launch
+from titans_cuda.ops.memory_scan.reference import scan_backward, scan_forward
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+TOL_FP32 = 1e-5
+
+
+def _needs_kernel():
+    reason = _lib.kernels_unavailable_reason(torch.device(DEV)) if torch.cuda.is_available() \
+        else "no GPU"
+    if reason is not None:
+        pytest.fail(f"the memory_scan kernel cannot run on this GPU: {reason}")
+
+
+# (B, H, NC, d_in, d_out, S0, per-row W0): odd sizes take the scalar path, E % 4 == 0 float4
+SCAN_CASES = [
+    (1, 1, 1, 1, 1, False, False), (2, 3, 5, 3, 5, True, True), (2, 16, 128, 64, 256, True, False),
+    (1, 2, 0, 8, 8, True, False), (3, 4, 33, 32, 32, False, True), (1, 8, 257, 16, 16, True, True),
+    (2, 2, 9, 7, 9, True, False), (4, 1, 64, 128, 512, False, False),
+    (1, 5, 17, 64, 64, True, True), (2, 3, 4, 2, 2, False, False),
+]
+
+
+def _scan_inputs(B, H, NC, di, do, with_s0, per_row, device=DEV, dtype=torch.float32):
+    kw = dict(device=device, dtype=dtype)
+    U = (torch.randn(B, H, NC, di, do, **kw), torch.randn(B, H, NC, do, di, **kw))
+    alpha, eta = torch.rand(B, NC, H, **kw), torch.rand(B, NC, H, **kw)
+    if NC:
+        alpha[:, 0] = 1.0
+        eta[:, -1] = 0.0
+    lead = (B, H) if per_row else (H,)
+    W0 = tuple(torch.randn(*lead, *u.shape[-2:], **kw) for u in U)
+    S0 = tuple(torch.randn(B, H, *u.shape[-2:], **kw) for u in U) if with_s0 else None
+    return U, alpha, eta, W0, S0
+
+
+def _dbl(ts):
+    return None if ts is None else tuple(t.double() for t in ts)
+
+
+@pytest.mark.parametrize("case", SCAN_CASES, ids=[str(c) for c in SCAN_CASES])
+def test_memory_scan_kernel_matches_float64_reference(case):
+    _needs_kernel()
+    U, alpha, eta, W0, S0 = _scan_inputs(*case)
+    w_all, s_last = memory_scan(U, alpha, eta, initial_weights=W0, initial_momentum=S0,
+                                backend="cuda")
+    w_ref, s_ref = memory_scan(_dbl(U), alpha.double(), eta.double(), initial_weights=_dbl(W0),
+                               initial_momentum=_dbl(S0), backend="torch")
+    for a, b in zip(w_all + s_last, w_ref + s_ref):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        assert rel_err(a, b) <= TOL_FP32
+
+
+@pytest.mark.parametrize("case", SCAN_CASES, ids=[str(c) for c in SCAN_CASES])
+def test_memory_scan_kernel_writes_every_element(case):
+    """Outputs pre-filled with NaN: any element the kernel skips stays NaN."""
+    _needs_kernel()
+    B, H, NC, di, do, with_s0, per_row = case
+    U, alpha, eta, W0, S0 = _scan_inputs(*case)
+    E = di * do
+    u = U[0].reshape(B, H, NC, E)
+    w0 = W0[0].reshape(-1, H, E).expand(B, H, E)
+    s0 = None if S0 is None else S0[0].reshape(B, H, E)
+    out = (torch.full((B, H, NC, E), float("nan"), device=DEV),
+           torch.full((B, H, E), float("nan"), device=DEV))
+    launch(u, alpha, eta, w0, s0, out=out)
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[1]).all()
+    w_ref, s_ref = scan_forward(u.double(), alpha.double(), eta.double(), w0.double(),
+                                None if s0 is None else s0.double())
+    assert rel_err(out[0], w_ref) <= TOL_FP32 and rel_err(out[1], s_ref) <= TOL_FP32
+
+
+def test_memory_scan_kernel_strided_inputs():
+    """Non-contiguous updates (a slice of a larger buffer), gates transposed, W0 per row with a
+    padded head stride: the launcher's strides must be honoured."""
+    _needs_kernel()
+    B, H, NC, di, do = 2, 3, 11, 8, 12
+    big = torch.randn(B, H, NC + 4, di, do, device=DEV)
+    U = (big[:, :, 2:NC + 2],)
+    alpha = torch.rand(B, H, NC, device=DEV).transpose(1, 2)  # [B, NC, H] with odd strides
+    eta = torch.rand(B, H, NC, device=DEV).transpose(1, 2)
+    W0 = (torch.randn(B, H + 2, di, do, device=DEV)[:, 1:H + 1],)
+    S0 = (torch.randn(B, H, di, do, device=DEV),)
+    w_all, s_last = memory_scan(U, alpha, eta, initial_weights=W0, initial_momentum=S0,
+                                backend="cuda")
+    w_ref, s_ref = memory_scan(_dbl(U), alpha.double(), eta.double(), initial_weights=_dbl(W0),
+                               initial_momentum=_dbl(S0), backend="torch")
+    assert rel_err(w_all[0], w_ref[0]) <= TOL_FP32 and rel_err(s_last[0], s_ref[0]) <= TOL_FP32
+
+
+def test_memory_scan_backward_on_gpu_matches_float64():
+    _needs_kernel()
+    U, alpha, eta, W0, S0 = _scan_inputs(2, 3, 20, 8, 16, True, False)
+    leaves = [t.clone().requires_grad_(True) for t in (*U, alpha, eta, *W0, *S0)]
+
+    def run(ls, backend):
+        u, a, e, w0, s0 = ls[:2], ls[2], ls[3], ls[4:6], ls[6:]
+        w_all, s_last = memory_scan(tuple(u), a, e, initial_weights=tuple(w0),
+                                    initial_momentum=tuple(s0), backend=backend)
+        return w_all + s_last
+    outs = run(leaves, "cuda")
+    cot = [torch.randn_like(o) for o in outs]
+    g = torch.autograd.grad(outs, leaves, cot)
+    leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    outs64 = run(leaves64, "torch")
+    g64 = torch.autograd.grad(outs64, leaves64, [c.double() for c in cot])
+    for a, b in zip(g, g64):
+        assert rel_err(a, b) <= TOL_FP32
+
+
+def test_memory_scan_kernel_is_deterministic():
+    _needs_kernel()
+    U, alpha, eta, W0, S0 = _scan_inputs(2, 16, 64, 64, 256, True, False)
+    first = memory_scan(U, alpha, eta, initial_weights=W0, initial_momentum=S0, backend="cuda")
+    for _ in range(3):
+        again = memory_scan(U, alpha, eta, initial_weights=W0, initial_momentum=S0,
+                            backend="cuda")
+        for a, b in zip(first[0] + first[1], again[0] + again[1]):
+            assert torch.equal(a, b)
+
+
+def test_memory_scan_kernel_on_side_stream():
+    _needs_kernel()
+    U, alpha, eta, W0, S0 = _scan_inputs(2, 4, 32, 32, 64, True, False)
+    ref = memory_scan(U, alpha, eta, initial_weights=W0, initial_momentum=S0, backend="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = memory_scan(U, alpha, eta, initial_weights=W0, initial_momentum=S0,
+                          backend="cuda")
+    torch.cuda.current_stream().wait_stream(side)
+    for a, b in zip(got[0] + got[1], ref[0] + ref[1]):
+        assert torch.equal(a, b)
+
+
+def test_memory_scan_cuda_graph_capture_and_replay():
+    _needs_kernel()
+    U, alpha, eta, W0, S0 = _scan_inputs(2, 4, 16, 16, 32, True, False)
+    static = [t.clone() for t in (*U, alpha, eta)]
+
+    def step():
+        return memory_scan(tuple(static[:2]), static[2], static[3], initial_weights=W0,
+                           initial_momentum=S0, backend="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    fresh = _scan_inputs(2, 4, 16, 16, 32, True, False)
+    for dst, src in zip(static, (*fresh[0], fresh[1], fresh[2])):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = memory_scan(tuple(static[:2]), static[2], static[3], initial_weights=W0,
+                       initial_momentum=S0, backend="cuda")
+    for a, b in zip(out[0] + out[1], want[0] + want[1]):
+        assert torch.equal(a, b)
+
+
+def test_memory_scan_torch_compile_fullgraph():
+    _needs_kernel()
+    U, alpha, eta, W0, S0 = _scan_inputs(2, 4, 16, 16, 32, True, False)
+
+    def fn(u0, u1, a, e):
+        w_all, s_last = memory_scan((u0, u1), a, e, initial_weights=W0, initial_momentum=S0,
+                                    backend="cuda")
+        return w_all[0].sum(dim=2) + 1.0, s_last[1] * 2.0
+    compiled = torch.compile(fn, fullgraph=True)
+    got = compiled(*U, alpha, eta)
+    want = fn(*U, alpha, eta)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-6
+
+
+def test_opcheck_memory_scan_on_gpu():
+    _needs_kernel()
+    B, H, NC, E = 2, 3, 6, 20
+    args = [torch.randn(B, H, NC, E, device=DEV), torch.rand(B, NC, H, device=DEV),
+            torch.rand(B, NC, H, device=DEV), torch.randn(H, E, device=DEV).expand(B, H, E),
+            torch.randn(B, H, E, device=DEV)]
+    for t in args:
+        t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.titans_cuda.memory_scan.default, args)
+
+
+def test_scan_reference_backward_matches_autograd_float64():
+    """The hand-written reverse scan against autograd through the forward loop."""
+    B, H, NC, E = 2, 3, 9, 10
+    kw = dict(device=DEV, dtype=torch.float64)
+    u = torch.randn(B, H, NC, E, **kw, requires_grad=True)
+    a = torch.rand(B, NC, H, **kw, requires_grad=True)
+    e = torch.rand(B, NC, H, **kw, requires_grad=True)
+    w0 = torch.randn(B, H, E, **kw, requires_grad=True)
+    s0 = torch.randn(B, H, E, **kw, requires_grad=True)
+    w_all, s_last = scan_forward(u, a, e, w0, s0)
+    gw, gs = torch.randn_like(w_all), torch.randn_like(s_last)
+    auto = torch.autograd.grad((w_all, s_last), (u, a, e, w0, s0), (gw, gs))
+    mine = scan_backward(gw, gs, u, a, e, w0, s0, w_all.detach())
+    for x, y in zip(mine, auto):
+        assert rel_err(x, y) < 1e-12
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2),
+                                       (torch.float16, 5e-3)])
+@pytest.mark.parametrize("read", ["token", "chunk"])
+def test_reference_on_gpu_within_spec_tolerance(dtype, tol, read):
+    """The fallback path users get on a GPU today (backend='auto'): outputs, state and input
+    gradients against the float64 reference on the same rounded inputs."""
+    B, T, H, D, C = 2, 100, 4, 32, 16
+    args = [t.to(dtype) for t in make_inputs(B, T, H, D, dtype=torch.float32, device=DEV,
+                                             lr_max=0.3)]
+    weights = make_weights(H, D, 64, 2, dtype=torch.float32, device=DEV)
+    gamma = 1 + 0.2 * torch.randn(H, D, device=DEV)
+    kw = dict(chunk_size=C, residual=True, ln_weight=gamma, read=read, output_final_state=True)
+    leaves = [a.clone().requires_grad_(True) for a in args]
+    o, st = neural_memory(*leaves, weights, **kw, backend="auto")
+    assert o.dtype == dtype
+    cot = torch.randn_like(o)
+    g = torch.autograd.grad((o * cot).sum(), leaves[:3])
+    leaves64 = [a.detach().double().requires_grad_(True) for a in args]
+    o64, st64 = neural_memory(*leaves64, tuple(w.double() for w in weights),
+                              **{**kw, "ln_weight": gamma.double()}, backend="torch")
+    g64 = torch.autograd.grad((o64 * cot.double()).sum(), leaves64[:3])
+    assert rel_err(o, o64) <= tol
+    for a, b in zip(st.weights + st.momentum, st64.weights + st64.momentum):
+        assert rel_err(a, b) <= tol
+    for a, b in zip(g, g64):
+        assert rel_err(a, b) <= tol
+
+
+def test_neural_memory_backend_cuda_raises_until_the_fused_kernel_lands():
+    B, T, H, D = 1, 8, 2, 16
+    args = make_inputs(B, T, H, D, dtype=torch.float32, device=DEV)
+    weights = make_weights(H, D, 32, 2, dtype=torch.float32, device=DEV)
+    with pytest.raises(RuntimeError, match="no fused CUDA kernel"):
+        neural_memory(*args, weights, backend="cuda")
