@@ -1,0 +1,293 @@
+"""Benchmark table, JSON and plot: our reference and kernels against causal SDPA (flash) and
+titans-pytorch's NeuralMemory on the same shapes (forward and forward+backward, CUDA events,
+warm-up, median; tokens/s and peak memory).
+
+    python benchmarks/run.py                      # default shape + sweep plot, on a GPU
+    python benchmarks/run.py --shape long --no-sweep
+    python benchmarks/run.py --out results/       # writes bench.json and bench.png there
+
+On a machine without a GPU it says so and times a tiny CPU shape.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from registry import SHAPES, SWEEP_T, Shape  # noqa: E402
+
+import titans_cuda  # noqa: E402
+from titans_cuda import memory_scan, neural_memory  # noqa: E402
+
+HBM_BYTES_PER_S = 3.0e12   # device-to-device copy measured on our H100 (KERNEL_NOTES)
+PEAK_FLOPS = 798e12        # bf16 dense matmul measured on our H100
+
+
+def _progress(items, desc):
+    try:
+        from tqdm import tqdm
+        return tqdm(items, desc=desc, leave=False, file=sys.stderr)
+    except ImportError:
+        return items
+
+
+def time_fn(fn, device, budget_s=2.0, min_reps=3, max_reps=50):
+    """Median time in ms of fn() (CUDA events after warm-up), and the peak memory it added."""
+    fn()  # warm-up (allocator, autotuning, lazy init)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        est = start.elapsed_time(end)
+        reps = int(max(min_reps, min(max_reps, budget_s * 1e3 / max(est, 1e-3))))
+        times = []
+        for _ in range(reps):
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        return statistics.median(times), peak
+    t0 = time.perf_counter()
+    fn()
+    est = time.perf_counter() - t0
+    reps = int(max(min_reps, min(max_reps, budget_s / max(est, 1e-6))))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), None
+
+
+def make_memory_inputs(s: Shape, device, requires_grad):
+    dtype = getattr(torch, s.dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    kw = dict(device=device, generator=g)
+    q = torch.randn(s.B, s.T, s.H, s.D, **kw).to(dtype)
+    k = torch.randn(s.B, s.T, s.H, s.D, **kw)
+    k = (k / k.norm(dim=-1, keepdim=True)).to(dtype)
+    v = torch.randn(s.B, s.T, s.H, s.D, **kw).to(dtype)
+    lr = 0.05 * torch.rand(s.B, s.T, s.H, **kw)
+    forget = 0.05 * torch.rand(s.B, s.T, s.H, **kw)
+    momentum = 0.5 + 0.45 * torch.rand(s.B, s.T, s.H, **kw)
+    weights = (torch.randn(s.H, s.D, s.hidden, **kw) / s.D ** 0.5,
+               torch.randn(s.H, s.hidden, s.D, **kw) / s.hidden ** 0.5)
+    gamma = torch.ones(s.H, s.D, device=device)
+    beta = torch.zeros(s.H, s.D, device=device)
+    tensors = [q, k, v, lr, forget, momentum, *weights, gamma, beta]
+    if requires_grad:
+        for t in tensors:
+            t.requires_grad_(True)
+    return tensors
+
+
+def bench_reference(s: Shape, device, backward):
+    q, k, v, lr, fg, mo, w1, w2, gamma, beta = make_memory_inputs(s, device, backward)
+
+    def run():
+        o, _ = neural_memory(q, k, v, lr, fg, mo, (w1, w2), chunk_size=s.chunk, residual=True,
+                             ln_weight=gamma, ln_bias=beta, backend="torch")
+        if backward:
+            o.float().sum().backward()
+    return run
+
+
+def bench_sdpa(s: Shape, device, backward):
+    dtype = getattr(torch, s.dtype)
+    q, k, v = (torch.randn(s.B, s.H, s.T, s.D, device=device, dtype=dtype,
+                           requires_grad=backward) for _ in range(3))
+
+    def run():
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if backward:
+            o.float().sum().backward()
+    return run
+
+
+def bench_titans_pytorch(s: Shape, device, backward):
+    from titans_pytorch import NeuralMemory  # noqa: raises ImportError when absent
+    dtype = getattr(torch, s.dtype)
+    mem = NeuralMemory(dim=s.H * s.D, chunk_size=s.chunk, heads=s.H, dim_head=s.D,
+                       default_model_kwargs=dict(depth=2, expansion_factor=s.hidden / s.D))
+    mem = mem.to(device=device, dtype=dtype)
+    x = torch.randn(s.B, s.T, s.H * s.D, device=device, dtype=dtype, requires_grad=backward)
+
+    def run():
+        o, _ = mem(x)
+        if backward:
+            o.float().sum().backward()
+    return run
+
+
+def bench_scan(s: Shape, device, backward, backend):
+    n_chunks = -(-s.T // s.chunk)
+    g = torch.Generator(device=device).manual_seed(1)
+    kw = dict(device=device, generator=g)
+    U = (0.01 * torch.randn(s.B, s.H, n_chunks, s.D, s.hidden, **kw),
+         0.01 * torch.randn(s.B, s.H, n_chunks, s.hidden, s.D, **kw))
+    alpha = 0.05 * torch.rand(s.B, n_chunks, s.H, **kw)
+    eta = 0.9 * torch.rand(s.B, n_chunks, s.H, **kw)
+    W0 = (torch.randn(s.H, s.D, s.hidden, **kw), torch.randn(s.H, s.hidden, s.D, **kw))
+    if backward:
+        for t in (*U, alpha, eta, *W0):
+            t.requires_grad_(True)
+
+    def run():
+        w_all, s_last = memory_scan(U, alpha, eta, initial_weights=W0, backend=backend)
+        if backward:
+            (sum(w.sum() for w in w_all) + sum(x.sum() for x in s_last)).backward()
+    return run
+
+
+def scan_bytes(s: Shape) -> int:
+    """Fewest bytes the forward scan must move: read every U_j, write every W_j (fp32), plus
+    W_0 and S_last once."""
+    n_chunks = -(-s.T // s.chunk)
+    E = 2 * s.D * s.hidden
+    return 4 * E * s.B * s.H * (2 * n_chunks + 2)
+
+
+def run_shape(s: Shape, device, methods, rows, progress_desc):
+    for name, make, bwd, extra in _progress(methods, progress_desc):
+        try:
+            ms, peak = time_fn(make(s, device, bwd), device)
+        except ImportError as exc:
+            rows.append(dict(shape=s.name, method=name, pass_="fwd+bwd" if bwd else "fwd",
+                             error=f"not installed: {exc}"))
+            continue
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            rows.append(dict(shape=s.name, method=name, pass_="fwd+bwd" if bwd else "fwd",
+                             error="out of memory"))
+            continue
+        row = dict(shape=s.name, B=s.B, T=s.T, H=s.H, D=s.D, hidden=s.hidden, chunk=s.chunk,
+                   dtype=s.dtype, method=name, pass_="fwd+bwd" if bwd else "fwd", ms=ms,
+                   tokens_per_s=s.B * s.T / (ms / 1e3),
+                   peak_mib=None if peak is None else peak / 2**20)
+        if extra == "scan" and not bwd and device.type == "cuda":
+            nbytes = scan_bytes(s)
+            row["gb_per_s"] = nbytes / (ms / 1e3) / 1e9
+            row["roofline_fraction"] = (nbytes / HBM_BYTES_PER_S) / (ms / 1e3)
+        rows.append(row)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def methods_for(device, include_titans=True):
+    m = [("reference", bench_reference, False, None), ("reference", bench_reference, True, None)]
+    if device.type == "cuda":
+        m += [("sdpa-causal", bench_sdpa, False, None), ("sdpa-causal", bench_sdpa, True, None)]
+        if include_titans:
+            m += [("titans-pytorch", bench_titans_pytorch, False, None),
+                  ("titans-pytorch", bench_titans_pytorch, True, None)]
+    return m
+
+
+def scan_methods(device):
+    m = [("memory_scan ref", lambda s, d, b: bench_scan(s, d, b, "torch"), False, "scan"),
+         ("memory_scan ref", lambda s, d, b: bench_scan(s, d, b, "torch"), True, "scan")]
+    if device.type == "cuda" and titans_cuda.info()["kernels"]["memory_scan"].startswith(
+            "forward kernel"):
+        m += [("memory_scan kernel", lambda s, d, b: bench_scan(s, d, b, "cuda"), False, "scan"),
+              ("memory_scan kernel", lambda s, d, b: bench_scan(s, d, b, "cuda"), True, "scan")]
+    return m
+
+
+def print_table(rows, file=sys.stdout):
+    head = (f"{'shape':<10} {'method':<20} {'pass':<8} {'ms':>10} {'Mtok/s':>9} "
+            f"{'peak MiB':>9} {'GB/s':>7} {'%roof':>6}")
+    print(head, file=file)
+    print("-" * len(head), file=file)
+    for r in rows:
+        if "error" in r:
+            print(f"{r['shape']:<10} {r['method']:<20} {r['pass_']:<8} {r['error']}", file=file)
+            continue
+        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        gbs = f"{r['gb_per_s']:.0f}" if "gb_per_s" in r else "-"
+        roof = f"{100 * r['roofline_fraction']:.0f}" if "roofline_fraction" in r else "-"
+        print(f"{r['shape']:<10} {r['method']:<20} {r['pass_']:<8} {r['ms']:>10.3f} "
+              f"{r['tokens_per_s'] / 1e6:>9.3f} {peak:>9} {gbs:>7} {roof:>6}", file=file)
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = {}
+    for r in rows:
+        if "error" in r or r["pass_"] != "fwd+bwd":
+            continue
+        series.setdefault(r["method"], []).append((r["T"], r["ms"]))
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length T (B=1)")
+    ax.set_ylabel("forward+backward time (ms)")
+    ax.set_title("titans_cuda benchmark (H=16, D=64, hidden 256, chunk 64, bf16)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shape", default=None, choices=sorted(SHAPES))
+    p.add_argument("--no-sweep", action="store_true", help="skip the sequence-length sweep")
+    p.add_argument("--no-titans-pytorch", action="store_true")
+    p.add_argument("--out", default="benchmarks/results", help="folder for bench.json/bench.png")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                torch=torch.__version__, titans_cuda=titans_cuda.__version__,
+                device=torch.cuda.get_device_name() if gpu else "cpu")
+    if not gpu:
+        print("No CUDA GPU: timing a tiny CPU shape with the reference only (numbers say "
+              "nothing about GPU speed).")
+    shape = SHAPES[args.shape or ("default" if gpu else "cpu")]
+    rows = []
+    run_shape(shape, device, methods_for(device, not args.no_titans_pytorch), rows, shape.name)
+    run_shape(shape, device, scan_methods(device), rows, "memory_scan")
+    sweep = []
+    if gpu and not args.no_sweep:
+        for T in _progress(SWEEP_T, "sweep"):
+            run_shape(shape.with_T(T, B=1), device, [m for m in methods_for(
+                device, not args.no_titans_pytorch) if m[2]], sweep, f"T={T}")
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows, sweep=sweep), f, indent=1)
+    if sweep:
+        plot(sweep, os.path.join(args.out, "bench.png"))
+    print(f"# {meta['device']}, torch {meta['torch']}, {meta['date']}")
+    print_table(rows)
+    if sweep:
+        print()
+        print_table(sweep)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# On a GPU machine: build the extension, run the test suite (GPU tests included), a
+# compute-sanitizer memcheck on a small kernel subset, `python -m titans_cuda --check` and the
+# benchmark; end with a short table. Logs go to $OUT (default ./gpu_check_out).
+#
+#   bash scripts/gpu_check.sh                 # everything
+#   SKIP_BENCH=1 bash scripts/gpu_check.sh    # no benchmark
+#   ARCHS=90a-real (default) selects what nvcc compiles; carried wheels in .whl/ (titans-pytorch
+#   and its needs) are installed to /tmp/site for the benchmark's baseline.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_check_out}
+mkdir -p "$OUT"
+ARCHS=${ARCHS:-90a-real}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1
+declare -A status
+
+step() { echo; echo "=== $1 ($(date +%H:%M:%S))"; }
+
+step "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+nvcc --version | tail -1
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+
+step "build (archs $ARCHS)"
+t0=$SECONDS
+if TITANS_REQUIRE_CUDA=1 TITANS_CUDA_ARCHS="$ARCHS" TITANS_PTXAS_VERBOSE=1 \
+   $PY -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1; then
+  status[build]="ok ($((SECONDS - t0)) s)"
+else
+  status[build]="FAILED"; tail -40 "$OUT/build.log"
+fi
+grep -E "ptxas info *: (Used|Compiling)|spill" "$OUT/build.log" | sed 's/^ *//' | sort -u | head -20
+SO=$($PY -c "import titans_cuda, glob, os; print(glob.glob(os.path.join(os.path.dirname(titans_cuda.__file__), '_C*.so'))[0])" 2>/dev/null)
+if [ -n "$SO" ]; then
+  { echo "# NEEDED"; readelf -d "$SO" | grep NEEDED; echo "# ELF"; cuobjdump --list-elf "$SO";
+    echo "# SASS"; cuobjdump -sass "$SO"; } >"$OUT/sass.txt" 2>&1
+  echo "NEEDED: $(readelf -d "$SO" | grep NEEDED | sed 's/.*\[\(.*\)\]/\1/' | tr '\n' ' ')"
+  echo "SASS memory ops (vector kernel): $(grep -oE '(LDG|STG)[A-Z0-9.]*' "$OUT/sass.txt" | sort | uniq -c | tr '\n' ' ')"
+fi
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+step "pytest (all tests, GPU included)"
+export TITANS_EXPECT_EXTENSION=1 TITANS_EXPECT_ARCH=sm_${ARCHS%%-*}
+XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
+$PY -m pytest tests -q -p no:cacheprovider $XDIST -rfE >"$OUT/pytest.log" 2>&1
+status[pytest]="$(tail -1 "$OUT/pytest.log")"
+grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
+
+step "compute-sanitizer memcheck (kernel subset)"
+compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest tests/test_gpu.py -q \
+  -p no:cacheprovider -k "writes_every_element or strided or side_stream" >"$OUT/sanitizer.log" 2>&1
+rc=$?
+status[memcheck]="$(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1) rc=$rc; $(grep -E 'passed|failed' "$OUT/sanitizer.log" | tail -1)"
+
+step "python -m titans_cuda --check"
+$PY -m titans_cuda --check 2>&1 | tee /tmp/check.log
+status[check]="$(grep -E 'passed, .* failed' /tmp/check.log | tail -1)"
+
+if [ -z "${SKIP_BENCH:-}" ]; then
+  step "benchmark"
+  $PY benchmarks/run.py --out "$OUT" 2>/tmp/bench.err
+  status[bench]="$( [ -s "$OUT/bench.json" ] && echo "bench.json written" || echo FAILED)"
+  grep -v "it/s\]" /tmp/bench.err | tail -5
+fi
+
+step "summary"
+{
+  echo "gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+  for k in build pytest memcheck check bench; do
+    [ -n "${status[$k]:-}" ] && printf '%-9s %s\n' "$k" "${status[$k]}"
+  done
+} | tee "$OUT/summary.txt"
