@@ -45,6 +45,10 @@ def kernels_unavailable_reason(device: torch.device) -> Optional[str]:
         return f"the tensors are on {device}, and the kernels run on CUDA devices only"
     if _C is None:
         return LOAD_ERROR
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace into the pybind11 query; the custom op re-checks at run time and
+        # falls back to the reference inside the op if this GPU has no matching code.
+        return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     image = kernel_image(index)
     if not image["ok"]:
