@@ -50,7 +50,10 @@ def _ids(c):
 
 def build_case(c, dtype=torch.float64, special=None):
     B, T, H, D = c["B"], c["T"], c["H"], c["D"]
-    q, k, v, lr, forget, momentum = make_inputs(B, T, H, D, dtype)
+    # large lr makes a deep memory diverge (no LayerNorm) or grow W until the output is a
+    # cancellation of large terms (LayerNorm): draw lr where the problem is well conditioned
+    q, k, v, lr, forget, momentum = make_inputs(B, T, H, D, dtype,
+                                                lr_max=0.3 if c["ln"] else 0.2)
     if special == "lr0":
         lr.zero_()
     elif special == "eta0":
@@ -158,6 +161,8 @@ def test_every_gradient_matches_oracle(c):
         return neural_memory(*a, **k, output_final_state=True, backend="torch")
     g, cot = _all_grads(ours, args, kw)
     g_ref, _ = _all_grads(neural_memory_oracle, args, kw, cot)
+    assert all(torch.isfinite(x).all() for x in g_ref.values() if x is not None), \
+        "inputs outside the stable regime make a vacuous test"
     assert set(g) == set(g_ref)
     for name in g:
         a, b = g[name], g_ref[name]
