@@ -217,7 +217,9 @@ def test_scan_reference_backward_matches_autograd_float64():
 # fp32 without LayerNorm over all of alpha in [0, 1]; LayerNorm with alpha <= 0.1 (+ resets):
 # LN of an almost erased memory (alpha ~ U[0, 1] empties W within a few tokens) divides by a
 # vanishing norm, an ill-conditioned function no fp32 implementation meets 1e-5 on (measured
-# ~1e-4 for the fp32 reference on the CPU too; see the README's precision notes).
+# ~1e-4 for the fp32 reference on the CPU too; see the README's precision notes). The bound is
+# SPEC §7's tolerance, or twice the CPU fp32 reference's own error on the same inputs where a
+# draw is that ill-conditioned (STYLE: tolerances relative to the reference's own rounding).
 @pytest.mark.parametrize("dtype,tol,ln", [(torch.float32, 1e-5, False), (torch.bfloat16, 2e-2, True),
                                           (torch.float16, 5e-3, True)])
 @pytest.mark.parametrize("read", ["token", "chunk"])
@@ -225,28 +227,30 @@ def test_reference_on_gpu_within_spec_tolerance(dtype, tol, ln, read):
     """The fallback path users get on a GPU today (backend='auto'): outputs, state and input
     gradients against the float64 reference on the same rounded inputs."""
     B, T, H, D, C = 2, 100, 4, 32, 16
-    args = list(make_inputs(B, T, H, D, dtype=torch.float32, device=DEV, lr_max=0.3))
+    args = list(make_inputs(B, T, H, D, dtype=torch.float32, lr_max=0.3))
     if ln:
         args[4] = torch.where(args[4] == 1.0, args[4], 0.1 * args[4])
     args = [t.to(dtype) for t in args]
-    weights = make_weights(H, D, 64, 2, dtype=torch.float32, device=DEV)
-    gamma = 1 + 0.2 * torch.randn(H, D, device=DEV) if ln else None
-    kw = dict(chunk_size=C, residual=True, ln_weight=gamma, read=read, output_final_state=True)
-    leaves = [a.clone().requires_grad_(True) for a in args]
-    o, st = neural_memory(*leaves, weights, **kw, backend="auto")
-    assert o.dtype == dtype
-    cot = torch.randn_like(o)
-    g = torch.autograd.grad((o * cot).sum(), leaves[:3])
-    leaves64 = [a.detach().double().requires_grad_(True) for a in args]
-    kw64 = {**kw, "ln_weight": None if gamma is None else gamma.double()}
-    o64, st64 = neural_memory(*leaves64, tuple(w.double() for w in weights), **kw64,
-                              backend="torch")
-    g64 = torch.autograd.grad((o64 * cot.double()).sum(), leaves64[:3])
-    assert rel_err(o, o64) <= tol
-    for a, b in zip(st.weights + st.momentum, st64.weights + st64.momentum):
-        assert rel_err(a, b) <= tol
-    for a, b in zip(g, g64):
-        assert rel_err(a, b) <= tol
+    weights = make_weights(H, D, 64, 2, dtype=torch.float32)
+    gamma = 1 + 0.2 * torch.randn(H, D) if ln else None
+    cot = torch.randn(B, T, H, D, dtype=torch.float64)
+
+    def run(device, to_dtype, backend):
+        leaves = [a.to(device, to_dtype or a.dtype).requires_grad_(True) for a in args]
+        ws = tuple(w.to(device, to_dtype or w.dtype) for w in weights)
+        g_ln = None if gamma is None else gamma.to(device, to_dtype or gamma.dtype)
+        o, st = neural_memory(*leaves, ws, chunk_size=C, residual=True, ln_weight=g_ln,
+                              read=read, output_final_state=True, backend=backend)
+        grads = torch.autograd.grad((o * cot.to(device, o.dtype)).sum(), leaves[:3])
+        return [o] + list(st.weights + st.momentum) + list(grads)
+    gpu = run(DEV, None, "auto")
+    assert gpu[0].dtype == dtype and gpu[0].is_cuda
+    cpu = run("cpu", None, "torch")
+    exact = run("cpu", torch.float64, "torch")
+    names = ["o"] + [f"W{i}" for i in range(2)] + [f"S{i}" for i in range(2)] + ["dq", "dk", "dv"]
+    for name, a, c, e in zip(names, gpu, cpu, exact):
+        bound = max(tol, 2 * rel_err(c, e))
+        assert rel_err(a, e) <= bound, (name, rel_err(a, e), rel_err(c, e))
 
 
 def test_neural_memory_backend_cuda_raises_until_the_fused_kernel_lands():
