@@ -39,6 +39,8 @@ class DeviceGuard {
   cudaError_t status_ = cudaSuccess;
 };
 
-inline constexpr long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
+__host__ __device__ inline constexpr long long ceil_div(long long a, long long b) {
+  return (a + b - 1) / b;
+}
 
 }  // namespace titans

@@ -18,47 +18,32 @@ constexpr int kThreads = 256;
 constexpr int kUnroll = 4;
 
 template <int kVec>
-struct VecT;
-template <>
-struct VecT<1> {
-  using type = float;
-};
-template <>
-struct VecT<4> {
-  using type = float4;
-};
-
-template <int kVec>
 struct Frag {
   float v[kVec];
 };
 
-template <int kVec>
-__device__ __forceinline__ Frag<kVec> load_stream(const float* ptr) {
-  Frag<kVec> f;
-  if constexpr (kVec == 4) {
-    const float4 x = __ldcs(reinterpret_cast<const float4*>(ptr));
-    f.v[0] = x.x;
-    f.v[1] = x.y;
-    f.v[2] = x.z;
-    f.v[3] = x.w;
+enum class Cache { kStream, kReadOnly };  // __ldcs (read once) or __ldg (read-only path)
+
+template <Cache kCache, typename T>
+__device__ __forceinline__ T load_one(const T* ptr) {
+  if constexpr (kCache == Cache::kStream) {
+    return __ldcs(ptr);
   } else {
-    f.v[0] = __ldcs(ptr);
+    return __ldg(ptr);
   }
-  return f;
 }
 
-template <int kVec>
-__device__ __forceinline__ Frag<kVec> load_cached(const float* ptr) {
+template <int kVec, Cache kCache>
+__device__ __forceinline__ Frag<kVec> load(const float* ptr) {
   Frag<kVec> f;
   if constexpr (kVec == 4) {
-    const float4 x = __ldg(reinterpret_cast<const float4*>(ptr));
+    const float4 x = load_one<kCache>(reinterpret_cast<const float4*>(ptr));
     f.v[0] = x.x;
     f.v[1] = x.y;
     f.v[2] = x.z;
     f.v[3] = x.w;
   } else {
-    f.v[0] = __ldg(ptr);
+    f.v[0] = load_one<kCache>(ptr);
   }
   return f;
 }
@@ -111,11 +96,11 @@ __global__ void __launch_bounds__(kThreads) memory_scan_fwd_kernel(const MemoryS
   float* __restrict__ w_out =
       p.weights_out + ((int64_t(b) * p.heads + h) * p.n_chunks) * p.elements + e;
 
-  Frag<kVec> w = load_cached<kVec>(p.initial_weights + b * p.initial_weights_b_stride +
+  Frag<kVec> w = load<kVec, Cache::kReadOnly>(p.initial_weights + b * p.initial_weights_b_stride +
                                    h * p.initial_weights_h_stride + e);
   Frag<kVec> s;
   if (p.initial_momentum != nullptr) {
-    s = load_cached<kVec>(p.initial_momentum + b * p.initial_momentum_b_stride +
+    s = load<kVec, Cache::kReadOnly>(p.initial_momentum + b * p.initial_momentum_b_stride +
                           h * p.initial_momentum_h_stride + e);
   } else {
 #pragma unroll
@@ -128,7 +113,7 @@ __global__ void __launch_bounds__(kThreads) memory_scan_fwd_kernel(const MemoryS
     float decay[kUnroll], eta[kUnroll];
 #pragma unroll
     for (int r = 0; r < kUnroll; ++r) {
-      u[r] = load_stream<kVec>(u_ptr + (j + r) * p.updates_c_stride);
+      u[r] = load<kVec, Cache::kStream>(u_ptr + (j + r) * p.updates_c_stride);
       decay[r] = 1.f - __ldg(forget + (j + r) * p.forget_c_stride);
       eta[r] = __ldg(momentum + (j + r) * p.momentum_c_stride);
     }
@@ -139,7 +124,7 @@ __global__ void __launch_bounds__(kThreads) memory_scan_fwd_kernel(const MemoryS
     }
   }
   for (; j < p.n_chunks; ++j) {
-    const Frag<kVec> u = load_stream<kVec>(u_ptr + j * p.updates_c_stride);
+    const Frag<kVec> u = load<kVec, Cache::kStream>(u_ptr + j * p.updates_c_stride);
     scan_step<kVec>(w, s, u, 1.f - __ldg(forget + j * p.forget_c_stride),
                     __ldg(momentum + j * p.momentum_c_stride));
     store_stream<kVec>(w_out + j * p.elements, w);
