@@ -227,7 +227,7 @@ def print_table(rows, file=sys.stdout):
               f"{r['tokens_per_s'] / 1e6:>9.3f} {peak:>9} {gbs:>7} {roof:>6}", file=file)
 
 
-def plot(rows, path):
+def plot(rows, path, device_name):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -244,7 +244,8 @@ def plot(rows, path):
     ax.set_yscale("log")
     ax.set_xlabel("sequence length T (B=1)")
     ax.set_ylabel("forward+backward time (ms)")
-    ax.set_title("titans_cuda benchmark (H=16, D=64, hidden 256, chunk 64, bf16)")
+    ax.set_title(f"titans_cuda, {device_name}: H=16, D=64, hidden 256, chunk 64, bf16",
+                 fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -280,7 +281,7 @@ def main(argv=None):
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows, sweep=sweep), f, indent=1)
     if sweep:
-        plot(sweep, os.path.join(args.out, "bench.png"))
+        plot(sweep, os.path.join(args.out, "bench.png"), meta["device"])
     print(f"# {meta['device']}, torch {meta['torch']}, {meta['date']}")
     print_table(rows)
     if sweep:
