@@ -43,19 +43,22 @@ def forward_pass(x, weights: Sequence[torch.Tensor], *, activation, residual, ln
         z = torch.matmul(h, w)
         zs.append(z)
         h = activate(z, activation) if layer < n_layers - 1 else z
-    f = h
+    y, xhat, rstd = output_head(h, x, residual=residual, ln_weight=ln_weight, ln_bias=ln_bias,
+                                ln_eps=ln_eps)
+    return y, ForwardCache(hs, zs, xhat, rstd)
+
+
+def output_head(f, x, *, residual, ln_weight, ln_bias, ln_eps):
+    """y = [x +] [LN_{gamma,beta}](f); returns (y, xhat, rstd), the LN stats None without LN."""
     xhat = rstd = None
     if ln_weight is not None:
-        mu = f.mean(dim=-1, keepdim=True)
-        centered = f - mu
-        var = (centered * centered).mean(dim=-1, keepdim=True)
-        rstd = torch.rsqrt(var + ln_eps)
+        centered = f - f.mean(dim=-1, keepdim=True)
+        rstd = torch.rsqrt((centered * centered).mean(dim=-1, keepdim=True) + ln_eps)
         xhat = centered * rstd
         f = xhat * ln_weight
         if ln_bias is not None:
             f = f + ln_bias
-    y = x + f if residual else f
-    return y, ForwardCache(hs, zs, xhat, rstd)
+    return (x + f if residual else f), xhat, rstd
 
 
 def output_errors(dy, cache: ForwardCache, weights: Sequence[torch.Tensor], *, activation,

@@ -25,7 +25,7 @@ import torch
 
 from ...state import MemoryState
 from ..activations import activate
-from ..memory_mlp.reference import compute_dtype, forward_pass, loss_errors
+from ..memory_mlp.reference import compute_dtype, forward_pass, loss_errors, output_head
 
 
 def segment_products(a: torch.Tensor) -> torch.Tensor:
@@ -36,18 +36,6 @@ def segment_products(a: torch.Tensor) -> torch.Tensor:
     grid = torch.where(upper, a.unsqueeze(-2), torch.ones_like(a).unsqueeze(-2))  # [..., i, k]
     prods = torch.cumprod(grid, dim=-1)  # [..., i, t] = prod_{i<k<=t} a_k (t >= i)
     return prods.transpose(-1, -2).tril()
-
-
-def _finish(f, x, *, residual, ln_weight, ln_bias, ln_eps):
-    """y = [x +] [LN](f): the output head shared by every read."""
-    if ln_weight is not None:
-        mu = f.mean(dim=-1, keepdim=True)
-        centered = f - mu
-        var = (centered * centered).mean(dim=-1, keepdim=True)
-        f = centered * torch.rsqrt(var + ln_eps) * ln_weight
-        if ln_bias is not None:
-            f = f + ln_bias
-    return x + f if residual else f
 
 
 def chunk_step(q, k, v, lr, decay, eta, active, w0, s0, wg, *, mlp, read):
@@ -76,8 +64,8 @@ def chunk_step(q, k, v, lr, decay, eta, active, w0, s0, wg, *, mlp, read):
                  + c.unsqueeze(-1) * torch.matmul(h, s0[layer])
                  - torch.matmul(g_mat * torch.matmul(h, hk.transpose(-1, -2)), dz[layer]))
             h = activate(z, mlp["activation"]) if layer < n_layers - 1 else z
-        o = _finish(h, q, residual=mlp["residual"], ln_weight=mlp["ln_weight"],
-                    ln_bias=mlp["ln_bias"], ln_eps=mlp["ln_eps"])
+        o, _, _ = output_head(h, q, residual=mlp["residual"], ln_weight=mlp["ln_weight"],
+                              ln_bias=mlp["ln_bias"], ln_eps=mlp["ln_eps"])
     # 4. state after the chunk's last slot (inactive trailing slots leave it unchanged)
     beta_end = beta[..., -1, None, None]
     c_end = c[..., -1, None, None]
