@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from registry import SHAPES, SWEEP_T, Shape  # noqa: E402
 
 import titans_cuda  # noqa: E402
-from titans_cuda import memory_scan, neural_memory  # noqa: E402
+from titans_cuda import memory_scan, neural_memory, parallel_neural_memory  # noqa: E402
 
 HBM_BYTES_PER_S = 3.0e12   # device-to-device copy measured on our H100 (KERNEL_NOTES)
 PEAK_FLOPS = 798e12        # bf16 dense matmul measured on our H100
@@ -105,6 +105,25 @@ def bench_reference(s: Shape, device, backward):
     def run():
         o, _ = neural_memory(q, k, v, lr, fg, mo, (w1, w2), chunk_size=s.chunk, residual=True,
                              ln_weight=gamma, ln_bias=beta, backend="torch")
+        if backward:
+            o.float().sum().backward()
+    return run
+
+
+def bench_parallel(s: Shape, device, backward):
+    """Our fully parallel variant (the same math as titans-pytorch's default)."""
+    q, k, v, lr, _, _, w1, w2, gamma, beta = make_memory_inputs(s, device, backward)
+    n_chunks = -(-s.T // s.chunk)
+    g = torch.Generator(device=device).manual_seed(2)
+    forget = (0.05 * torch.rand(s.B, n_chunks, s.H, device=device, generator=g))
+    momentum = (0.5 + 0.45 * torch.rand(s.B, n_chunks, s.H, device=device, generator=g))
+    if backward:
+        forget.requires_grad_(True)
+        momentum.requires_grad_(True)
+
+    def run():
+        o = parallel_neural_memory(q, k, v, lr, forget, momentum, (w1, w2), chunk_size=s.chunk,
+                                   residual=True, ln_weight=gamma, ln_bias=beta)
         if backward:
             o.float().sum().backward()
     return run
@@ -192,7 +211,9 @@ def run_shape(s: Shape, device, methods, rows, progress_desc):
 
 
 def methods_for(device, include_titans=True):
-    m = [("reference", bench_reference, False, None), ("reference", bench_reference, True, None)]
+    m = [("reference", bench_reference, False, None), ("reference", bench_reference, True, None),
+         ("parallel (ours)", bench_parallel, False, None),
+         ("parallel (ours)", bench_parallel, True, None)]
     if device.type == "cuda":
         m += [("sdpa-causal", bench_sdpa, False, None), ("sdpa-causal", bench_sdpa, True, None)]
         if include_titans:
@@ -204,8 +225,7 @@ def methods_for(device, include_titans=True):
 def scan_methods(device):
     m = [("memory_scan ref", lambda s, d, b: bench_scan(s, d, b, "torch"), False, "scan"),
          ("memory_scan ref", lambda s, d, b: bench_scan(s, d, b, "torch"), True, "scan")]
-    if device.type == "cuda" and titans_cuda.info()["kernels"]["memory_scan"].startswith(
-            "forward kernel"):
+    if titans_cuda._lib.kernels_unavailable_reason(device) is None:
         m += [("memory_scan kernel", lambda s, d, b: bench_scan(s, d, b, "cuda"), False, "scan"),
               ("memory_scan kernel", lambda s, d, b: bench_scan(s, d, b, "cuda"), True, "scan")]
     return m

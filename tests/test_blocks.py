@@ -134,3 +134,64 @@ def test_single_chunk_read_chunk_equals_memory_forward():
     o, _ = neural_memory(*args, weights, chunk_size=T, read="chunk", residual=True,
                          backend="torch")
     assert rel_err(o, memory_forward(args[0], weights, residual=True, backend="torch")) < TOL
+
+
+@pytest.mark.parametrize("T,C,residual,ln", [(9, 4, True, True), (8, 8, False, False),
+                                             (7, 2, True, False), (5, 16, False, True)])
+def test_parallel_neural_memory_matches_direct_loop(T, C, residual, ln):
+    """The fully parallel variant against a loop written from its definition, with gradients
+    from torch.func.grad at the call's initial weights."""
+    from titans_cuda import parallel_neural_memory
+    B, H, D = 2, 2, 3
+    q, k, v, lr, _, _ = make_inputs(B, T, H, D)
+    n_chunks = -(-T // C)
+    alpha = torch.rand(B, n_chunks, H, dtype=torch.float64)
+    eta = torch.rand(B, n_chunks, H, dtype=torch.float64)
+    weights = make_weights(H, D, 5, 2)
+    g = 1 + 0.3 * torch.randn(H, D, dtype=torch.float64) if ln else None
+    b = 0.3 * torch.randn(H, D, dtype=torch.float64) if ln else None
+    o, (w_last, s_last) = parallel_neural_memory(
+        q, k, v, lr, alpha, eta, weights, chunk_size=C, activation="gelu", residual=residual,
+        ln_weight=g, ln_bias=b, output_final_state=True, backend="torch")
+    for bi in range(B):
+        w = [x.clone() for x in weights]
+        s = [torch.zeros_like(x) for x in weights]
+        for j in range(n_chunks):
+            toks = range(j * C, min(T, (j + 1) * C))
+            for t in toks:  # read chunk j with W_{j-1}
+                want = mlp(q[bi, t], w, "gelu", residual, g, b, 1e-6)
+                assert rel_err(o[bi, t], want) < TOL
+            u = [torch.zeros_like(x) for x in weights]
+            for t in toks:  # gradients at the call's initial weights
+                grads = torch.func.grad(lambda ws: ((mlp(k[bi, t], ws, "gelu", residual, g, b,
+                                                         1e-6) - v[bi, t]) ** 2).sum())(
+                    list(weights))
+                for acc, gr in zip(u, grads):
+                    acc += lr[bi, t].view(H, 1, 1) * gr
+            s = [eta[bi, j].view(H, 1, 1) * s_l - u_l for s_l, u_l in zip(s, u)]
+            w = [(1 - alpha[bi, j]).view(H, 1, 1) * w_l + s_l for w_l, s_l in zip(w, s)]
+        for got, want in zip(w_last + s_last, w + s):
+            assert rel_err(got[bi], want) < TOL
+
+
+def test_parallel_neural_memory_gradcheck():
+    from titans_cuda import parallel_neural_memory
+    B, T, H, D, C = 1, 5, 2, 3, 2
+    q, k, v, lr, _, _ = make_inputs(B, T, H, D)
+    alpha, eta = torch.rand(B, 3, H, dtype=torch.float64), torch.rand(B, 3, H, dtype=torch.float64)
+    weights = make_weights(H, D, 4, 2)
+    inputs = [t.detach().clone().requires_grad_(True) for t in (q, k, v, lr, alpha, eta,
+                                                               *weights)]
+
+    def fn(q, k, v, lr, a, e, *w):
+        return parallel_neural_memory(q, k, v, lr, a, e, w, chunk_size=C, residual=True,
+                                      backend="torch")
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_parallel_neural_memory_rejects_per_token_gates():
+    from titans_cuda import parallel_neural_memory
+    q = torch.randn(1, 8, 2, 4)
+    with pytest.raises(ValueError, match=r"forget must have shape \(1, 2, 2\)"):
+        parallel_neural_memory(q, q, q, torch.rand(1, 8, 2), torch.rand(1, 8, 2),
+                               torch.rand(1, 8, 2), (torch.randn(2, 4, 4),), chunk_size=4)

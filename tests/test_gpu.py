@@ -8,7 +8,7 @@ import torch
 
 from conftest import make_inputs, make_weights, rel_err
 from titans_cuda import _lib, memory_scan, neural_memory
-from titans_cuda.ops.memory_scan.ops import launch
+from titans_cuda.ops.memory_scan.ops import launch, launch_backward
 from titans_cuda.ops.memory_scan.reference import scan_backward, scan_forward
 
 pytestmark = pytest.mark.gpu
@@ -79,6 +79,51 @@ def test_memory_scan_kernel_writes_every_element(case):
     w_ref, s_ref = scan_forward(u.double(), alpha.double(), eta.double(), w0.double(),
                                 None if s0 is None else s0.double())
     assert rel_err(out[0], w_ref) <= TOL_FP32 and rel_err(out[1], s_ref) <= TOL_FP32
+
+
+@pytest.mark.parametrize("case", SCAN_CASES, ids=[str(c) for c in SCAN_CASES])
+def test_memory_scan_backward_kernel_matches_float64_and_writes_everything(case):
+    """The reverse-scan kernel into NaN-poisoned outputs, against the float64 reverse scan."""
+    _needs_kernel()
+    B, H, NC, di, do, with_s0, per_row = case
+    U, alpha, eta, W0, S0 = _scan_inputs(*case)
+    E = di * do
+    u = U[0].reshape(B, H, NC, E)
+    w0 = W0[0].reshape(-1, H, E).expand(B, H, E)
+    s0 = None if S0 is None else S0[0].reshape(B, H, E)
+    w_all, _ = launch(u, alpha, eta, w0, s0)
+    g_w, g_s = torch.randn(B, H, NC, E, device=DEV), torch.randn(B, H, E, device=DEV)
+    nan = dict(fill_value=float("nan"), device=DEV)
+    out = (torch.full((B, H, NC, E), **nan), torch.full((B, NC, H), **nan),
+           torch.full((B, NC, H), **nan), torch.full((B, H, E), **nan),
+           None if s0 is None else torch.full((B, H, E), **nan))
+    got = launch_backward(g_w, g_s, u, alpha, eta, w0, s0, w_all, out=out)
+    w_all64, _ = scan_forward(u.double(), alpha.double(), eta.double(), w0.double(),
+                              None if s0 is None else s0.double())
+    want = scan_backward(g_w.double(), g_s.double(), u.double(), alpha.double(), eta.double(),
+                         w0.double(), None if s0 is None else s0.double(), w_all64)
+    for name, a, b in zip(("dU", "d_forget", "d_momentum", "dW0", "dS0"), got, want):
+        if b is None:
+            assert a is None
+            continue
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, b) <= TOL_FP32, (name, rel_err(a, b))
+
+
+def test_memory_scan_backward_kernel_is_deterministic():
+    _needs_kernel()
+    U, alpha, eta, W0, S0 = _scan_inputs(2, 16, 64, 64, 256, True, False)
+    leaves = [t.clone().requires_grad_(True) for t in (*U, alpha, eta)]
+
+    def grads():
+        w_all, s_last = memory_scan(tuple(leaves[:2]), leaves[2], leaves[3],
+                                    initial_weights=W0, initial_momentum=S0, backend="cuda")
+        loss = sum((w * w).sum() for w in w_all) + sum(x.sum() for x in s_last)
+        return torch.autograd.grad(loss, leaves)
+    first = grads()
+    for _ in range(2):
+        for a, b in zip(first, grads()):
+            assert torch.equal(a, b)
 
 
 def test_memory_scan_kernel_strided_inputs():
@@ -259,3 +304,29 @@ def test_neural_memory_backend_cuda_raises_until_the_fused_kernel_lands():
     weights = make_weights(H, D, 32, 2, dtype=torch.float32, device=DEV)
     with pytest.raises(RuntimeError, match="no fused CUDA kernel"):
         neural_memory(*args, weights, backend="cuda")
+
+
+def test_parallel_neural_memory_on_gpu_within_bf16_tolerance():
+    """The composed variant with the scan kernels (forward and backward) on bf16 inputs,
+    against the float64 composition on the CPU: output and every input gradient."""
+    _needs_kernel()
+    from titans_cuda import parallel_neural_memory
+    B, T, H, D, C = 2, 96, 4, 32, 16
+    q, k, v, lr, _, _ = make_inputs(B, T, H, D, dtype=torch.float32, lr_max=0.1)
+    args = [t.to(torch.bfloat16) for t in (q, k, v)] + [lr]
+    alpha, eta = 0.1 * torch.rand(B, T // C, H), torch.rand(B, T // C, H)
+    weights = make_weights(H, D, 64, 2, dtype=torch.float32)
+    gamma = 1 + 0.2 * torch.randn(H, D)
+    cot = torch.randn(B, T, H, D, dtype=torch.float64)
+
+    def run(device, dtype, backend):
+        leaves = [a.to(device, dtype or a.dtype).requires_grad_(True)
+                  for a in (*args, alpha, eta, *weights)]
+        o = parallel_neural_memory(*leaves[:6], tuple(leaves[6:]), chunk_size=C, residual=True,
+                                   ln_weight=gamma.to(device, dtype or gamma.dtype),
+                                   backend=backend)
+        return [o] + list(torch.autograd.grad((o * cot.to(device, o.dtype)).sum(), leaves))
+    got = run(DEV, None, "auto")
+    want = run("cpu", torch.float64, "torch")
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert rel_err(a, b) <= 2e-2, (i, rel_err(a, b))

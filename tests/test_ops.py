@@ -30,6 +30,19 @@ def test_opcheck_memory_scan(dtype, with_s0, broadcast_w0):
     torch.library.opcheck(torch.ops.titans_cuda.memory_scan.default, args)
 
 
+@pytest.mark.parametrize("with_s0", [False, True])
+def test_opcheck_memory_scan_backward_op(with_s0):
+    U, alpha, eta, w0, s0 = _scan_args(torch.float64, with_s0)
+    w_all, _ = torch.ops.titans_cuda.memory_scan(U, alpha, eta, w0, s0)
+    args = [torch.randn_like(w_all), torch.randn_like(w0.contiguous()), U, alpha, eta, w0, s0,
+            w_all]
+    torch.library.opcheck(torch.ops.titans_cuda.memory_scan_bwd.default, args)
+    d_u, d_f, d_m, d_w0, d_s0 = torch.ops.titans_cuda.memory_scan_bwd(*args)
+    assert d_u.shape == U.shape and d_f.shape == alpha.shape and d_w0.shape == w0.shape
+    if not with_s0:
+        assert not d_s0.any()
+
+
 def test_custom_op_backward_gradcheck():
     args = _scan_args(torch.float64, True, broadcast_w0=False)
     args = [t.requires_grad_(True) for t in args]
@@ -91,7 +104,7 @@ def test_info_on_this_machine():
     data = titans_cuda.info()
     assert data["titans_cuda"] == titans_cuda.__version__
     assert set(data["kernels"]) == {"memory_scan", "memory_forward", "memory_grad",
-                                    "neural_memory"}
+                                    "neural_memory", "parallel_neural_memory"}
     if not torch.cuda.is_available():
         assert data["devices"] == []
         assert data["kernels"]["memory_scan"].startswith("reference here")

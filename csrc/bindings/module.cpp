@@ -70,6 +70,65 @@ void memory_scan_fwd(std::uintptr_t updates, int64_t updates_b_stride, int64_t u
         "memory_scan");
 }
 
+void memory_scan_bwd(std::uintptr_t grad_weights, std::uintptr_t grad_momentum,
+                     std::uintptr_t updates, int64_t updates_b_stride, int64_t updates_h_stride,
+                     int64_t updates_c_stride, std::uintptr_t forget, int64_t forget_b_stride,
+                     int64_t forget_c_stride, int64_t forget_h_stride, std::uintptr_t momentum,
+                     int64_t momentum_b_stride, int64_t momentum_c_stride,
+                     int64_t momentum_h_stride, std::uintptr_t initial_weights,
+                     int64_t initial_weights_b_stride, int64_t initial_weights_h_stride,
+                     std::uintptr_t initial_momentum, int64_t initial_momentum_b_stride,
+                     int64_t initial_momentum_h_stride, std::uintptr_t weights,
+                     std::uintptr_t grad_updates, std::uintptr_t grad_forget,
+                     std::uintptr_t grad_momentum_gate, std::uintptr_t grad_initial_weights,
+                     std::uintptr_t grad_initial_momentum, std::uintptr_t checkpoints,
+                     std::uintptr_t gate_partials, int batch, int heads, int n_chunks,
+                     int64_t elements, std::uintptr_t stream, int device) {
+  titans::MemoryScanBwdParams p{};
+  p.grad_weights = as_ptr<const float>(grad_weights);
+  p.grad_momentum = as_ptr<const float>(grad_momentum);
+  p.updates = as_ptr<const float>(updates);
+  p.updates_b_stride = updates_b_stride;
+  p.updates_h_stride = updates_h_stride;
+  p.updates_c_stride = updates_c_stride;
+  p.forget = as_ptr<const float>(forget);
+  p.forget_b_stride = forget_b_stride;
+  p.forget_c_stride = forget_c_stride;
+  p.forget_h_stride = forget_h_stride;
+  p.momentum = as_ptr<const float>(momentum);
+  p.momentum_b_stride = momentum_b_stride;
+  p.momentum_c_stride = momentum_c_stride;
+  p.momentum_h_stride = momentum_h_stride;
+  p.initial_weights = as_ptr<const float>(initial_weights);
+  p.initial_weights_b_stride = initial_weights_b_stride;
+  p.initial_weights_h_stride = initial_weights_h_stride;
+  p.initial_momentum = as_ptr<const float>(initial_momentum);
+  p.initial_momentum_b_stride = initial_momentum_b_stride;
+  p.initial_momentum_h_stride = initial_momentum_h_stride;
+  p.weights = as_ptr<const float>(weights);
+  p.grad_updates = as_ptr<float>(grad_updates);
+  p.grad_forget = as_ptr<float>(grad_forget);
+  p.grad_momentum_gate = as_ptr<float>(grad_momentum_gate);
+  p.grad_initial_weights = as_ptr<float>(grad_initial_weights);
+  p.grad_initial_momentum = as_ptr<float>(grad_initial_momentum);
+  p.checkpoints = as_ptr<float>(checkpoints);
+  p.gate_partials = as_ptr<float>(gate_partials);
+  p.batch = batch;
+  p.heads = heads;
+  p.n_chunks = n_chunks;
+  p.elements = elements;
+  check(titans::memory_scan_bwd(p, reinterpret_cast<cudaStream_t>(stream), device),
+        "memory_scan backward");
+}
+
+py::dict memory_scan_bwd_scratch(int batch, int heads, int n_chunks, int64_t elements) {
+  py::dict out;
+  out["checkpoints"] =
+      titans::memory_scan_bwd_checkpoint_floats(batch, heads, n_chunks, elements);
+  out["gate_partials"] = titans::memory_scan_bwd_partial_floats(batch, heads, n_chunks, elements);
+  return out;
+}
+
 // Whether the kernels in this binary can run on `device`: asks the runtime for the attributes
 // of one kernel, which fails with cudaErrorNoKernelImageForDevice when no compiled
 // architecture fits. Returns a dict with ok, error, binary_version and ptx_version.
@@ -133,6 +192,23 @@ PYBIND11_MODULE(_C, m) {
         py::arg("batch"), py::arg("heads"), py::arg("n_chunks"), py::arg("elements"),
         py::arg("stream"), py::arg("device"), py::call_guard<py::gil_scoped_release>(),
         "S_j = eta_j S_{j-1} - U_j, W_j = (1 - alpha_j) W_{j-1} + S_j for one layer.");
+  m.def("memory_scan_bwd", &memory_scan_bwd, py::arg("grad_weights"),
+        py::arg("grad_momentum"), py::arg("updates"), py::arg("updates_b_stride"),
+        py::arg("updates_h_stride"), py::arg("updates_c_stride"), py::arg("forget"),
+        py::arg("forget_b_stride"), py::arg("forget_c_stride"), py::arg("forget_h_stride"),
+        py::arg("momentum"), py::arg("momentum_b_stride"), py::arg("momentum_c_stride"),
+        py::arg("momentum_h_stride"), py::arg("initial_weights"),
+        py::arg("initial_weights_b_stride"), py::arg("initial_weights_h_stride"),
+        py::arg("initial_momentum"), py::arg("initial_momentum_b_stride"),
+        py::arg("initial_momentum_h_stride"), py::arg("weights"), py::arg("grad_updates"),
+        py::arg("grad_forget"), py::arg("grad_momentum_gate"), py::arg("grad_initial_weights"),
+        py::arg("grad_initial_momentum"), py::arg("checkpoints"), py::arg("gate_partials"),
+        py::arg("batch"), py::arg("heads"), py::arg("n_chunks"), py::arg("elements"),
+        py::arg("stream"), py::arg("device"), py::call_guard<py::gil_scoped_release>(),
+        "The reverse scan of memory_scan for one layer (see memory_scan.h).");
+  m.def("memory_scan_bwd_scratch", &memory_scan_bwd_scratch, py::arg("batch"),
+        py::arg("heads"), py::arg("n_chunks"), py::arg("elements"),
+        "Scratch floats memory_scan_bwd needs: checkpoints and gate partials.");
   m.def("kernel_image", &kernel_image, py::arg("device"));
   m.def("build_info", &build_info);
   m.def("device_count", &device_count);

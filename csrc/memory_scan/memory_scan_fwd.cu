@@ -10,61 +10,13 @@
 #include "memory_scan.h"
 
 #include "../common/cuda_check.h"
+#include "../common/vec.cuh"
 
 namespace titans {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kUnroll = 4;
-
-template <int kVec>
-struct Frag {
-  float v[kVec];
-};
-
-enum class Cache { kStream, kReadOnly };  // __ldcs (read once) or __ldg (read-only path)
-
-template <Cache kCache, typename T>
-__device__ __forceinline__ T load_one(const T* ptr) {
-  if constexpr (kCache == Cache::kStream) {
-    return __ldcs(ptr);
-  } else {
-    return __ldg(ptr);
-  }
-}
-
-template <int kVec, Cache kCache>
-__device__ __forceinline__ Frag<kVec> load(const float* ptr) {
-  Frag<kVec> f;
-  if constexpr (kVec == 4) {
-    const float4 x = load_one<kCache>(reinterpret_cast<const float4*>(ptr));
-    f.v[0] = x.x;
-    f.v[1] = x.y;
-    f.v[2] = x.z;
-    f.v[3] = x.w;
-  } else {
-    f.v[0] = load_one<kCache>(ptr);
-  }
-  return f;
-}
-
-template <int kVec>
-__device__ __forceinline__ void store_stream(float* ptr, const Frag<kVec>& f) {
-  if constexpr (kVec == 4) {
-    __stcs(reinterpret_cast<float4*>(ptr), make_float4(f.v[0], f.v[1], f.v[2], f.v[3]));
-  } else {
-    __stcs(ptr, f.v[0]);
-  }
-}
-
-template <int kVec>
-__device__ __forceinline__ void store(float* ptr, const Frag<kVec>& f) {
-  if constexpr (kVec == 4) {
-    *reinterpret_cast<float4*>(ptr) = make_float4(f.v[0], f.v[1], f.v[2], f.v[3]);
-  } else {
-    *ptr = f.v[0];
-  }
-}
 
 // One scan step: S = eta S - U;  W = (1 - alpha) W + S.
 template <int kVec>
@@ -103,8 +55,7 @@ __global__ void __launch_bounds__(kThreads) memory_scan_fwd_kernel(const MemoryS
     s = load<kVec, Cache::kReadOnly>(p.initial_momentum + b * p.initial_momentum_b_stride +
                           h * p.initial_momentum_h_stride + e);
   } else {
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) s.v[i] = 0.f;
+    s = zeros<kVec>();
   }
 
   int j = 0;
@@ -120,37 +71,27 @@ __global__ void __launch_bounds__(kThreads) memory_scan_fwd_kernel(const MemoryS
 #pragma unroll
     for (int r = 0; r < kUnroll; ++r) {
       scan_step<kVec>(w, s, u[r], decay[r], eta[r]);
-      store_stream<kVec>(w_out + (j + r) * p.elements, w);
+      store<kVec, Cache::kStream>(w_out + (j + r) * p.elements, w);
     }
   }
   for (; j < p.n_chunks; ++j) {
     const Frag<kVec> u = load<kVec, Cache::kStream>(u_ptr + j * p.updates_c_stride);
     scan_step<kVec>(w, s, u, 1.f - __ldg(forget + j * p.forget_c_stride),
                     __ldg(momentum + j * p.momentum_c_stride));
-    store_stream<kVec>(w_out + j * p.elements, w);
+    store<kVec, Cache::kStream>(w_out + j * p.elements, w);
   }
-  store<kVec>(p.momentum_out + (int64_t(b) * p.heads + h) * p.elements + e, s);
+  store<kVec, Cache::kDefault>(p.momentum_out + (int64_t(b) * p.heads + h) * p.elements + e, s);
 }
-
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
 // The float4 path needs every row start 16-byte aligned: pointers aligned, and every stride
 // that moves between rows a multiple of 4 elements (zero strides included).
 bool can_vectorize(const MemoryScanFwdParams& p) {
-  if (p.elements % 4 != 0) return false;
-  const void* ptrs[] = {p.updates, p.initial_weights, p.weights_out, p.momentum_out};
-  for (const void* ptr : ptrs) {
-    if (!aligned16(ptr)) return false;
-  }
-  if (p.initial_momentum != nullptr && !aligned16(p.initial_momentum)) return false;
-  const int64_t strides[] = {p.updates_b_stride,          p.updates_h_stride,
-                             p.updates_c_stride,          p.initial_weights_b_stride,
-                             p.initial_weights_h_stride,  p.initial_momentum_b_stride,
-                             p.initial_momentum_h_stride};
-  for (int64_t s : strides) {
-    if (s % 4 != 0) return false;
-  }
-  return true;
+  return p.elements % 4 == 0 &&
+         all_aligned16({p.updates, p.initial_weights, p.initial_momentum, p.weights_out,
+                        p.momentum_out}) &&
+         all_multiple_of4({p.updates_b_stride, p.updates_h_stride, p.updates_c_stride,
+                           p.initial_weights_b_stride, p.initial_weights_h_stride,
+                           p.initial_momentum_b_stride, p.initial_momentum_h_stride});
 }
 
 template <int kVec>

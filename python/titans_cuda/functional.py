@@ -239,3 +239,55 @@ def _check_scan_state(tensors, name, updates, B, H):
             raise ValueError(f"{name}[{i}] must have shape {(H,) + d} or {(B, H) + d} "
                              f"([H | B, H, d_in, d_out] like updates[{i}]), got {tuple(t.shape)}")
     return tuple(tensors)
+
+
+def parallel_neural_memory(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, forget: Tensor,
+                           momentum: Tensor, weights: Sequence[Tensor], *, chunk_size: int = 64,
+                           activation: str = "silu", residual: bool = False,
+                           ln_weight: Optional[Tensor] = None, ln_bias: Optional[Tensor] = None,
+                           ln_eps: float = 1e-6, output_final_state: bool = False,
+                           backend: str = "auto"):
+    """The fully parallel Titans variant (titans-pytorch's default), composed from the blocks:
+    every chunk takes its gradient at the call's initial weights, the memory evolves over chunks
+    with per-chunk gates, and chunk j is read with the weights after chunk j-1:
+
+        U_j = sum_{t in chunk j} lr_t grad_W ||M_{W_0}(k_t) - v_t||^2       (memory_grad)
+        S_j = eta_j S_{j-1} - U_j,  W_j = (1 - alpha_j) W_{j-1} + S_j,  S_0 = 0  (memory_scan)
+        o_t = M_{W_{j-1}}(q_t) for t in chunk j                           (memory_forward)
+
+    Unlike neural_memory, no token's gradient sees a write of the same call, so all chunks run in
+    parallel; it is not the paper's chunked recurrence.
+
+    Args:
+        q, k, v: [B, T, H, D]; lr: [B, T, H] per-token theta.
+        forget, momentum: [B, NC, H] per-chunk alpha and eta, NC = ceil(T / chunk_size).
+        weights: tuple of L initial weights [H, d_in, d_out] (or [B, H, d_in, d_out]).
+        other keywords: as in neural_memory.
+    Returns:
+        o [B, T, H, D] with q's dtype; with output_final_state=True, (o, (W_NC, S_NC)) where each
+        is a tuple of L float32 tensors [B, H, d_in, d_out].
+    """
+    B, T, H, D = chk.check_qkv(q, k, v)
+    chk.check_chunk_size(chunk_size)
+    n_chunks = -(-T // chunk_size)
+    for name, g in (("forget", forget), ("momentum", momentum)):
+        chk.check_float(g, name, 3)
+        chk.check_shape(g, name, (B, n_chunks, H), f"[B, NC, H] per-chunk gates, NC = "
+                        f"ceil(T / chunk_size) = {n_chunks}")
+    weights = chk.check_weights(weights, "weights", H, D, allow_lead=[(H,), (B, H)])
+    mem = dict(activation=activation, residual=residual, ln_weight=ln_weight, ln_bias=ln_bias,
+               ln_eps=ln_eps, backend=backend)
+    updates = memory_grad(k, v, lr, weights, chunk_size=chunk_size, **mem)
+    w_all, s_last = memory_scan(updates, forget, momentum, initial_weights=weights,
+                                backend=backend)
+    read_weights = []
+    for w0, w in zip(weights, w_all):
+        w0 = w0.to(w.dtype).expand(B, H, *w0.shape[-2:]).unsqueeze(2)
+        read_weights.append(torch.cat([w0, w[:, :, :-1]], dim=2))  # W_{j-1} for chunk j
+    o = memory_forward(q, tuple(read_weights), chunk_size=chunk_size, **mem)
+    if not output_final_state:
+        return o
+    w_last = tuple(w[:, :, -1] if n_chunks else
+                   w0.to(w.dtype).expand(B, H, *w0.shape[-2:]).contiguous()
+                   for w0, w in zip(weights, w_all))
+    return o, (w_last, s_last)

@@ -11,12 +11,14 @@ from ._version import __version__
 
 # Which public functions have kernels in this version, and for which configurations.
 KERNELS = {
-    "memory_scan": "forward kernel: float32 updates, any L, d_in, d_out, B, H, NC "
-                   "(float4 path when d_in*d_out % 4 == 0); backward: reverse scan in PyTorch",
+    "memory_scan": "forward and backward kernels: float32 updates, any L, d_in, d_out, B, H, "
+                   "NC (float4 path when d_in*d_out % 4 == 0)",
     "memory_forward": None,
     "memory_grad": None,
     "neural_memory": None,
 }
+# Composed from the blocks above: runs whatever kernels they have.
+COMPOSED = {"parallel_neural_memory": ("memory_grad", "memory_scan", "memory_forward")}
 
 
 def info() -> dict:
@@ -65,6 +67,8 @@ def info() -> dict:
             out["kernels"][fn] = what
         else:
             out["kernels"][fn] = f"reference here: {next(r for r in reasons if r)}"
+    for fn, parts in COMPOSED.items():
+        out["kernels"][fn] = "composed of " + ", ".join(parts)
     return out
 
 
