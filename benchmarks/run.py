@@ -156,7 +156,7 @@ def bench_titans_pytorch(s: Shape, device, backward):
     return run
 
 
-def bench_scan(s: Shape, device, backward, backend):
+def bench_scan(s: Shape, device, backward, backend, backward_only=False):
     n_chunks = -(-s.T // s.chunk)
     g = torch.Generator(device=device).manual_seed(1)
     kw = dict(device=device, generator=g)
@@ -165,23 +165,38 @@ def bench_scan(s: Shape, device, backward, backend):
     alpha = 0.05 * torch.rand(s.B, n_chunks, s.H, **kw)
     eta = 0.9 * torch.rand(s.B, n_chunks, s.H, **kw)
     W0 = (torch.randn(s.H, s.D, s.hidden, **kw), torch.randn(s.H, s.hidden, s.D, **kw))
+    leaves = (*U, alpha, eta, *W0)
     if backward:
-        for t in (*U, alpha, eta, *W0):
+        for t in leaves:
             t.requires_grad_(True)
 
+    def forward():
+        return memory_scan(U, alpha, eta, initial_weights=W0, backend=backend)
+    if backward_only:
+        w_all, s_last = forward()
+        outs = w_all + s_last
+        cot = [torch.randn_like(o) for o in outs]
+        return lambda: torch.autograd.grad(outs, leaves, cot, retain_graph=True)
+
     def run():
-        w_all, s_last = memory_scan(U, alpha, eta, initial_weights=W0, backend=backend)
+        w_all, s_last = forward()
         if backward:
             (sum(w.sum() for w in w_all) + sum(x.sum() for x in s_last)).backward()
     return run
 
 
-def scan_bytes(s: Shape) -> int:
-    """Fewest bytes the forward scan must move: read every U_j, write every W_j (fp32), plus
-    W_0 and S_last once."""
+def scan_bytes(s: Shape, backward_only=False) -> int:
+    """Fewest bytes the scan must move (fp32). Forward: read every U_j, write every W_j, plus
+    W_0 and S_last once. Backward: read dL/dW_j, W_{j-1} and U_j (to recompute S_{j-1}), write
+    dU_j, plus the per-head state once."""
     n_chunks = -(-s.T // s.chunk)
     E = 2 * s.D * s.hidden
-    return 4 * E * s.B * s.H * (2 * n_chunks + 2)
+    per_chunk = 4 if backward_only else 2
+    return 4 * E * s.B * s.H * (per_chunk * n_chunks + 2)
+
+
+def _pass_name(bwd, extra):
+    return "bwd" if extra == "scan-bwd" else ("fwd+bwd" if bwd else "fwd")
 
 
 def run_shape(s: Shape, device, methods, rows, progress_desc):
@@ -189,20 +204,21 @@ def run_shape(s: Shape, device, methods, rows, progress_desc):
         try:
             ms, peak = time_fn(make(s, device, bwd), device)
         except ImportError as exc:
-            rows.append(dict(shape=s.name, method=name, pass_="fwd+bwd" if bwd else "fwd",
+            rows.append(dict(shape=s.name, method=name, pass_=_pass_name(bwd, extra),
                              error=f"not installed: {exc}"))
             continue
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-            rows.append(dict(shape=s.name, method=name, pass_="fwd+bwd" if bwd else "fwd",
+            rows.append(dict(shape=s.name, method=name, pass_=_pass_name(bwd, extra),
                              error="out of memory"))
             continue
         row = dict(shape=s.name, B=s.B, T=s.T, H=s.H, D=s.D, hidden=s.hidden, chunk=s.chunk,
-                   dtype=s.dtype, method=name, pass_="fwd+bwd" if bwd else "fwd", ms=ms,
+                   dtype=s.dtype, method=name, pass_=_pass_name(bwd, extra), ms=ms,
                    tokens_per_s=s.B * s.T / (ms / 1e3),
                    peak_mib=None if peak is None else peak / 2**20)
-        if extra == "scan" and not bwd and device.type == "cuda":
-            nbytes = scan_bytes(s)
+        if extra in ("scan", "scan-bwd") and device.type == "cuda" and (
+                not bwd or extra == "scan-bwd"):
+            nbytes = scan_bytes(s, backward_only=extra == "scan-bwd")
             row["gb_per_s"] = nbytes / (ms / 1e3) / 1e9
             row["roofline_fraction"] = (nbytes / HBM_BYTES_PER_S) / (ms / 1e3)
         rows.append(row)
@@ -227,7 +243,9 @@ def scan_methods(device):
          ("memory_scan ref", lambda s, d, b: bench_scan(s, d, b, "torch"), True, "scan")]
     if titans_cuda._lib.kernels_unavailable_reason(device) is None:
         m += [("memory_scan kernel", lambda s, d, b: bench_scan(s, d, b, "cuda"), False, "scan"),
-              ("memory_scan kernel", lambda s, d, b: bench_scan(s, d, b, "cuda"), True, "scan")]
+              ("memory_scan kernel", lambda s, d, b: bench_scan(s, d, b, "cuda"), True, "scan"),
+              ("memory_scan kernel", lambda s, d, b: bench_scan(s, d, b, "cuda", True), True,
+               "scan-bwd")]
     return m
 
 
