@@ -117,3 +117,16 @@ def test_python_m_titans_cuda_runs(capsys):
     assert main(["--check"]) == 0
     out = capsys.readouterr().out
     assert "titans_cuda" in out and "memory_scan" in out
+
+
+def test_check_rows_logic_on_cpu():
+    """The comparison behind `python -m titans_cuda --check`, run with the fp32 reference on the
+    CPU: every forward and backward row is computed, and fp32 lands within SPEC §7."""
+    from titans_cuda.__main__ import scan_rows
+    cases = [(1, 3, 7, 5, 3, False, True), (2, 2, 9, 8, 4, True, False),
+             (2, 2, 0, 8, 8, True, False)]
+    rows = scan_rows(torch.device("cpu"), "torch", cases)
+    assert len(rows) == 2 * len(cases)
+    assert any(name.startswith("memory_scan bwd") for name, _ in rows)
+    for name, err in rows:
+        assert err <= 1e-5, (name, err)

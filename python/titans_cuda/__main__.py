@@ -44,18 +44,22 @@ def _scan_cases():
             (1, 1, 1, 1, 1, True, False), (2, 2, 0, 8, 8, True, False)]
 
 
-def check(device: torch.device) -> bool:
-    """Every kernel against the float64 reference on fresh random inputs (SPEC §7 fp32 1e-5)."""
+def _grads(outputs, inputs, cotangents):
+    """Gradients of sum(output * cotangent) w.r.t. inputs, zeros where nothing flows (NC = 0)."""
+    pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
+    grads = torch.autograd.grad([p[0] for p in pairs], inputs, [p[1] for p in pairs],
+                                allow_unused=True) if pairs else [None] * len(inputs)
+    return [torch.zeros_like(x) if gr is None else gr for gr, x in zip(grads, inputs)]
+
+
+def scan_rows(device: torch.device, backend: str, cases=None):
+    """memory_scan forward outputs and every input gradient with ``backend`` on ``device`` (fp32)
+    against the float64 reference on the same device: a list of (name, rel err) rows."""
     from . import memory_scan
-    from ._lib import kernels_unavailable_reason
-    reason = kernels_unavailable_reason(device)
-    if reason is not None:
-        print(f"--check: no kernel can run here ({reason}); nothing to compare.")
-        return True
-    tol = 1e-5
-    rows, ok = [], True
+    rows = []
     g = torch.Generator(device=device).manual_seed(1234)
-    for B, H, NC, di, do, with_s0, per_row in _scan_cases():
+    dbl = lambda ts: tuple(t.detach().double().requires_grad_(True) for t in ts)  # noqa
+    for B, H, NC, di, do, with_s0, per_row in cases or _scan_cases():
         kw = dict(device=device, generator=g)
         U = (torch.randn(B, H, NC, di, do, **kw), torch.randn(B, H, NC, do, di, **kw))
         alpha = torch.rand(B, NC, H, **kw)
@@ -65,26 +69,45 @@ def check(device: torch.device) -> bool:
             eta[:, -1, -1] = 0.0
         lead = (B, H) if per_row else (H,)
         W0 = tuple(torch.randn(*lead, *u.shape[-2:], **kw) for u in U)
-        S0 = tuple(torch.randn(B, H, *u.shape[-2:], **kw) for u in U) if with_s0 else None
-        got_w, got_s = memory_scan(U, alpha, eta, initial_weights=W0, initial_momentum=S0,
-                                   backend="cuda")
-        torch.cuda.synchronize(device)
-        dbl = lambda ts: None if ts is None else tuple(t.double() for t in ts)  # noqa: E731
-        ref_w, ref_s = memory_scan(dbl(U), alpha.double(), eta.double(),
-                                   initial_weights=dbl(W0), initial_momentum=dbl(S0),
-                                   backend="torch")
-        err = max([_rel(a, b) for a, b in zip(got_w + got_s, ref_w + ref_s)] or [0.0])
-        passed = err <= tol
-        ok &= passed
-        rows.append((f"memory_scan B={B} H={H} NC={NC} {di}x{do} S0={int(with_s0)} "
-                     f"W0={'[B,H]' if per_row else '[H]'}", err, passed))
+        S0 = tuple(torch.randn(B, H, *u.shape[-2:], **kw) for u in U) if with_s0 else ()
+        inputs = tuple(t.requires_grad_(True) for t in (*U, alpha, eta, *W0, *S0))
+
+        def run(ts, be):
+            u, a, e, w0, s0 = ts[:2], ts[2], ts[3], ts[4:6], ts[6:]
+            w_all, s_last = memory_scan(u, a, e, initial_weights=w0,
+                                        initial_momentum=s0 if s0 else None, backend=be)
+            return w_all + s_last
+        got = run(inputs, backend)
+        cot = [torch.randn(o.shape, **kw) for o in got]
+        ref_inputs = dbl(inputs)
+        ref = run(ref_inputs, "torch")
+        got_grads = _grads(got, inputs, cot)
+        ref_grads = _grads(ref, ref_inputs, [c.double() for c in cot])
+        name = (f"B={B} H={H} NC={NC} {di}x{do} S0={int(with_s0)} "
+                f"W0={'[B,H]' if per_row else '[H]'}")
+        rows.append((f"memory_scan fwd {name}",
+                     max([_rel(a, b) for a, b in zip(got, ref)] or [0.0])))
+        rows.append((f"memory_scan bwd {name}",
+                     max(_rel(a, b) for a, b in zip(got_grads, ref_grads))))
+    return rows
+
+
+def check(device: torch.device) -> bool:
+    """Every kernel against the float64 reference on fresh random inputs (SPEC §7 fp32 1e-5)."""
+    from ._lib import kernels_unavailable_reason
+    reason = kernels_unavailable_reason(device)
+    if reason is not None:
+        print(f"--check: no kernel can run here ({reason}); nothing to compare.")
+        return True
+    tol = 1e-5
+    rows = [(name, err, err <= tol) for name, err in scan_rows(device, "cuda")]
     width = max(len(r[0]) for r in rows)
     print(f"{'kernel check (float32 vs float64 reference)':<{width}}  {'rel err':>9}  result")
     for name, err, passed in rows:
         print(f"{name:<{width}}  {err:9.2e}  {'PASS' if passed else 'FAIL'}")
     print(f"{sum(r[2] for r in rows)} passed, {sum(not r[2] for r in rows)} failed "
           f"(tolerance {tol:g})")
-    return ok
+    return all(r[2] for r in rows)
 
 
 def main(argv=None) -> int:
