@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import flops  # noqa: E402
 from registry import SHAPES, SWEEP_T, Shape  # noqa: E402
 
 import titans_cuda  # noqa: E402
@@ -195,6 +196,17 @@ def scan_bytes(s: Shape, backward_only=False) -> int:
     return 4 * E * s.B * s.H * (per_chunk * n_chunks + 2)
 
 
+def _forward_flops(method, s: Shape):
+    """Forward FLOPs per token and head of a method (None where no count applies)."""
+    if method == "reference":
+        return flops.neural_memory_forward(s.D, s.hidden, s.chunk)
+    if method in ("parallel (ours)", "titans-pytorch"):
+        return flops.parallel_neural_memory_forward(s.D, s.hidden, s.chunk)
+    if method == "sdpa-causal":
+        return flops.sdpa_causal_forward(s.T, s.D)
+    return None
+
+
 def _pass_name(bwd, extra):
     return "bwd" if extra == "scan-bwd" else ("fwd+bwd" if bwd else "fwd")
 
@@ -216,6 +228,11 @@ def run_shape(s: Shape, device, methods, rows, progress_desc):
                    dtype=s.dtype, method=name, pass_=_pass_name(bwd, extra), ms=ms,
                    tokens_per_s=s.B * s.T / (ms / 1e3),
                    peak_mib=None if peak is None else peak / 2**20)
+        fwd_flops = _forward_flops(name, s)
+        if fwd_flops is not None:
+            # forward+backward counted as 3x forward (two matmuls back per matmul forward)
+            total = fwd_flops * s.B * s.T * s.H * (3 if bwd else 1)
+            row["tflops"] = total / (ms / 1e3) / 1e12
         if extra in ("scan", "scan-bwd") and device.type == "cuda" and (
                 not bwd or extra == "scan-bwd"):
             nbytes = scan_bytes(s, backward_only=extra == "scan-bwd")
@@ -251,7 +268,7 @@ def scan_methods(device):
 
 def print_table(rows, file=sys.stdout):
     head = (f"{'shape':<10} {'method':<20} {'pass':<8} {'ms':>10} {'Mtok/s':>9} "
-            f"{'peak MiB':>9} {'GB/s':>7} {'%roof':>6}")
+            f"{'peak MiB':>9} {'TFLOP/s':>8} {'GB/s':>7} {'%roof':>6}")
     print(head, file=file)
     print("-" * len(head), file=file)
     for r in rows:
@@ -261,8 +278,9 @@ def print_table(rows, file=sys.stdout):
         peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         gbs = f"{r['gb_per_s']:.0f}" if "gb_per_s" in r else "-"
         roof = f"{100 * r['roofline_fraction']:.0f}" if "roofline_fraction" in r else "-"
+        tf = f"{r['tflops']:.2f}" if "tflops" in r else "-"
         print(f"{r['shape']:<10} {r['method']:<20} {r['pass_']:<8} {r['ms']:>10.3f} "
-              f"{r['tokens_per_s'] / 1e6:>9.3f} {peak:>9} {gbs:>7} {roof:>6}", file=file)
+              f"{r['tokens_per_s'] / 1e6:>9.3f} {peak:>9} {tf:>8} {gbs:>7} {roof:>6}", file=file)
 
 
 def plot(rows, path, device_name):
