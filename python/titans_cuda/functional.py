@@ -280,14 +280,11 @@ def parallel_neural_memory(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, forget: 
     updates = memory_grad(k, v, lr, weights, chunk_size=chunk_size, **mem)
     w_all, s_last = memory_scan(updates, forget, momentum, initial_weights=weights,
                                 backend=backend)
-    read_weights = []
-    for w0, w in zip(weights, w_all):
-        w0 = w0.to(w.dtype).expand(B, H, *w0.shape[-2:]).unsqueeze(2)
-        read_weights.append(torch.cat([w0, w[:, :, :-1]], dim=2))  # W_{j-1} for chunk j
-    o = memory_forward(q, tuple(read_weights), chunk_size=chunk_size, **mem)
+    w_first = [w0.to(w.dtype).expand(B, H, *w0.shape[-2:]) for w0, w in zip(weights, w_all)]
+    read_weights = tuple(torch.cat([w0.unsqueeze(2), w[:, :, :-1]], dim=2)  # W_{j-1}, chunk j
+                         for w0, w in zip(w_first, w_all))
+    o = memory_forward(q, read_weights, chunk_size=chunk_size, **mem)
     if not output_final_state:
         return o
-    w_last = tuple(w[:, :, -1] if n_chunks else
-                   w0.to(w.dtype).expand(B, H, *w0.shape[-2:]).contiguous()
-                   for w0, w in zip(weights, w_all))
+    w_last = tuple(w[:, :, -1] if n_chunks else w0.contiguous() for w0, w in zip(w_first, w_all))
     return o, (w_last, s_last)
