@@ -5,6 +5,7 @@
 #
 #   bash scripts/gpu_check.sh                 # everything
 #   SKIP_BENCH=1 bash scripts/gpu_check.sh    # no benchmark
+#   TESTS="tests/test_gpu_mlp.py" SKIP_SANITIZER=1 ...   # a subset while iterating
 #   ARCHS=90a-real (default) selects what nvcc compiles; carried wheels in .whl/ (titans-pytorch
 #   and its needs) are installed to /tmp/site for the benchmark's baseline.
 set -u -o pipefail
@@ -48,15 +49,22 @@ fi
 step "pytest (all tests, GPU included)"
 export TITANS_EXPECT_EXTENSION=1 TITANS_EXPECT_ARCH=sm_${ARCHS%%-*}
 XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
-$PY -m pytest tests -q -p no:cacheprovider $XDIST -rfE >"$OUT/pytest.log" 2>&1
+$PY -m pytest ${TESTS:-tests} -q -p no:cacheprovider $XDIST -rfE >"$OUT/pytest.log" 2>&1
 status[pytest]="$(tail -1 "$OUT/pytest.log")"
 grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
 
-step "compute-sanitizer memcheck (kernel subset)"
-compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest tests/test_gpu.py -q \
-  -p no:cacheprovider -k "writes_every or strided or side_stream" >"$OUT/sanitizer.log" 2>&1
-rc=$?
-status[memcheck]="$(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1) rc=$rc; $(grep -E 'passed|failed' "$OUT/sanitizer.log" | tail -1)"
+if [ -z "${SKIP_SANITIZER:-}" ]; then
+  step "compute-sanitizer memcheck + racecheck (kernel subset)"
+  SUBSET="tests/test_gpu.py tests/test_gpu_mlp.py"
+  compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest $SUBSET -q \
+    -p no:cacheprovider -k "writes_every or strided or side_stream" >"$OUT/sanitizer.log" 2>&1
+  rc=$?
+  status[memcheck]="$(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1) rc=$rc; $(grep -E 'passed|failed' "$OUT/sanitizer.log" | tail -1)"
+  compute-sanitizer --tool racecheck --error-exitcode 3 $PY -m pytest tests/test_gpu_mlp.py -q \
+    -p no:cacheprovider -k "writes_every and (D16 or D64)" >>"$OUT/sanitizer.log" 2>&1
+  rc=$?
+  status[racecheck]="$(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1) rc=$rc; $(grep -E 'passed|failed' "$OUT/sanitizer.log" | tail -1)"
+fi
 
 step "python -m titans_cuda --check"
 $PY -m titans_cuda --check 2>&1 | tee /tmp/check.log
@@ -72,7 +80,7 @@ fi
 step "summary"
 {
   echo "gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
-  for k in build pytest memcheck check bench; do
+  for k in build pytest memcheck racecheck check bench; do
     [ -n "${status[$k]:-}" ] && printf '%-9s %s\n' "$k" "${status[$k]}"
   done
 } | tee "$OUT/summary.txt"

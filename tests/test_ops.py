@@ -130,3 +130,81 @@ def test_check_rows_logic_on_cpu():
     assert any(name.startswith("memory_scan bwd") for name, _ in rows)
     for name, err in rows:
         assert err <= 1e-5, (name, err)
+
+
+# ---- the memory-MLP custom ops (their reference path on the CPU) ----
+
+def _mlp_op_args(layout, ln, depth=2, B=2, T=10, H=2, D=4, hidden=8, C=4, dtype=torch.float64):
+    from titans_cuda.ops.memory_mlp import ops as mlp_ops  # noqa: F401  (registers the ops)
+    n_chunks = -(-T // C)
+    lead = {"shared": (H,), "row": (B, H), "chunk": (B, H, n_chunks)}[layout]
+    weights = list(make_weights(H, D, hidden, depth, dtype=dtype, lead=lead))
+    x = torch.randn(B, T, H, D, dtype=dtype)
+    v = torch.randn(B, T, H, D, dtype=dtype)
+    lr = torch.rand(B, T, H, dtype=dtype)
+    gamma = 1 + 0.1 * torch.randn(H, D, dtype=dtype) if ln else None
+    beta = 0.1 * torch.randn(H, D, dtype=dtype) if ln else None
+    return x, v, lr, weights, gamma, beta, C
+
+
+@pytest.mark.parametrize("layout", ["shared", "row", "chunk"])
+@pytest.mark.parametrize("ln", [False, True])
+def test_opcheck_memory_forward_op(layout, ln):
+    x, _, _, weights, gamma, beta, C = _mlp_op_args(layout, ln)
+    args = (x.requires_grad_(), [w.requires_grad_() for w in weights],
+            gamma if gamma is None else gamma.requires_grad_(),
+            beta if beta is None else beta.requires_grad_(), C if layout == "chunk" else None,
+            "gelu", True, 1e-6)
+    torch.library.opcheck(torch.ops.titans_cuda.memory_forward.default, args)
+    assert torch.autograd.gradcheck(
+        lambda x_, *r: torch.ops.titans_cuda.memory_forward(
+            x_, list(r[:len(weights)]), *(list(r[len(weights):]) + [None, None])[:2], *args[4:]),
+        [x, *weights, *[t for t in (gamma, beta) if t is not None]])
+
+
+@pytest.mark.parametrize("layout", ["shared", "row", "chunk"])
+@pytest.mark.parametrize("ln", [False, True])
+def test_opcheck_memory_grad_op(layout, ln):
+    x, v, lr, weights, gamma, beta, C = _mlp_op_args(layout, ln, T=9)
+    args = (x.requires_grad_(), v.requires_grad_(), lr.requires_grad_(),
+            [w.requires_grad_() for w in weights],
+            gamma if gamma is None else gamma.requires_grad_(),
+            beta if beta is None else beta.requires_grad_(), C, "silu", False, 1e-6)
+    torch.library.opcheck(torch.ops.titans_cuda.memory_grad.default, args)
+
+
+def test_memory_mlp_ops_equal_the_reference_on_cpu():
+    from titans_cuda.ops.memory_mlp import reference as ref
+    x, v, lr, weights, gamma, beta, C = _mlp_op_args("chunk", True, T=11)
+    y = torch.ops.titans_cuda.memory_forward(x, weights, gamma, beta, C, "silu", True, 1e-6)
+    y_ref = ref.memory_forward(x, weights, chunk_size=C, activation="silu", residual=True,
+                               ln_weight=gamma, ln_bias=beta)
+    assert torch.equal(y, y_ref)
+    U = torch.ops.titans_cuda.memory_grad(x, v, lr, weights, gamma, beta, C, "silu", True, 1e-6)
+    U_ref = ref.memory_grad(x, v, lr, weights, chunk_size=C, activation="silu", residual=True,
+                            ln_weight=gamma, ln_bias=beta)
+    for a, b in zip(U, U_ref):
+        assert torch.equal(a, b)
+
+
+def test_memory_grad_op_second_order_gradcheck():
+    """memory_grad's backward op (the reference's graph) against finite differences."""
+    x, v, lr, weights, gamma, beta, C = _mlp_op_args("row", True, T=7, D=4, hidden=4)
+    leaves = [t.requires_grad_() for t in (x, v, lr, *weights, gamma, beta)]
+
+    def fn(x_, v_, lr_, w1, w2, g, b):
+        return tuple(torch.ops.titans_cuda.memory_grad(x_, v_, lr_, [w1, w2], g, b, C, "gelu",
+                                                       True, 1e-6))
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_memory_mlp_fake_tensor_shapes():
+    x, v, lr, weights, gamma, beta, C = _mlp_op_args("chunk", True, dtype=torch.float32)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fx = torch.empty_like(x)
+        y = torch.ops.titans_cuda.memory_forward(fx, weights, gamma, beta, C, "silu", False,
+                                                 1e-6)
+        U = torch.ops.titans_cuda.memory_grad(fx, v, lr, weights, gamma, beta, C, "silu", False,
+                                              1e-6)
+    assert y.shape == x.shape
+    assert [tuple(u.shape) for u in U] == [tuple(w.shape) for w in weights]

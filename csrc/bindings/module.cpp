@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
+#include "../memory_mlp/memory_mlp.h"
 #include "../memory_scan/memory_scan.h"
 
 namespace py = pybind11;
@@ -129,6 +130,62 @@ py::dict memory_scan_bwd_scratch(int batch, int heads, int n_chunks, int64_t ele
   return out;
 }
 
+// The memory-MLP kernel takes many optional operands, so its arguments come as one dict:
+// pointers (0 = absent) and element strides by name, as memory_mlp.h documents them.
+template <typename T>
+T arg(const py::dict& args, const char* name) {
+  if (!args.contains(name)) throw std::invalid_argument(std::string("memory_mlp: missing ") + name);
+  return args[name].cast<T>();
+}
+
+void memory_mlp(const py::dict& a) {
+  titans::MemoryMlpParams p{};
+  auto ptr = [&](const char* name) { return arg<std::uintptr_t>(a, name); };
+  auto i64 = [&](const char* name) { return arg<int64_t>(a, name); };
+  auto i32 = [&](const char* name) { return arg<int>(a, name); };
+  p.x = as_ptr<const void>(ptr("x"));
+  p.x_b_stride = i64("x_b_stride"), p.x_t_stride = i64("x_t_stride");
+  p.x_h_stride = i64("x_h_stride");
+  p.v = as_ptr<const void>(ptr("v"));
+  p.v_b_stride = i64("v_b_stride"), p.v_t_stride = i64("v_t_stride");
+  p.v_h_stride = i64("v_h_stride");
+  p.lr = as_ptr<const float>(ptr("lr"));
+  p.lr_b_stride = i64("lr_b_stride"), p.lr_t_stride = i64("lr_t_stride");
+  p.lr_h_stride = i64("lr_h_stride");
+  p.grad_y = as_ptr<const void>(ptr("grad_y"));
+  p.grad_y_b_stride = i64("grad_y_b_stride"), p.grad_y_t_stride = i64("grad_y_t_stride");
+  p.grad_y_h_stride = i64("grad_y_h_stride");
+  p.w1 = as_ptr<const float>(ptr("w1"));
+  p.w1_b_stride = i64("w1_b_stride"), p.w1_h_stride = i64("w1_h_stride");
+  p.w1_c_stride = i64("w1_c_stride");
+  p.w2 = as_ptr<const float>(ptr("w2"));
+  p.w2_b_stride = i64("w2_b_stride"), p.w2_h_stride = i64("w2_h_stride");
+  p.w2_c_stride = i64("w2_c_stride");
+  p.ln_weight = as_ptr<const float>(ptr("ln_weight"));
+  p.ln_bias = as_ptr<const float>(ptr("ln_bias"));
+  p.ln_eps = arg<float>(a, "ln_eps");
+  p.y = as_ptr<void>(ptr("y"));
+  p.grad_x = as_ptr<void>(ptr("grad_x"));
+  p.u1 = as_ptr<float>(ptr("u1"));
+  p.u2 = as_ptr<float>(ptr("u2"));
+  p.grad_ln = as_ptr<float>(ptr("grad_ln"));
+  p.batch = i32("batch"), p.heads = i32("heads"), p.seqlen = i32("seqlen");
+  p.dim = i32("dim"), p.hidden = i32("hidden"), p.depth = i32("depth");
+  p.chunk = i32("chunk"), p.n_chunks = i32("n_chunks"), p.n_sub = i32("n_sub");
+  p.activation = i32("activation");
+  p.residual = arg<bool>(a, "residual");
+  p.mode = static_cast<titans::MlpMode>(i32("mode"));
+  p.dtype = static_cast<titans::MlpDtype>(i32("dtype"));
+  const auto stream = reinterpret_cast<cudaStream_t>(ptr("stream"));
+  const int device = i32("device");
+  cudaError_t status;
+  {
+    py::gil_scoped_release release;
+    status = titans::memory_mlp(p, stream, device);
+  }
+  check(status, "memory_mlp");
+}
+
 // Whether the kernels in this binary can run on `device`: asks the runtime for the attributes
 // of one kernel, which fails with cudaErrorNoKernelImageForDevice when no compiled
 // architecture fits. Returns a dict with ok, error, binary_version and ptx_version.
@@ -209,6 +266,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("memory_scan_bwd_scratch", &memory_scan_bwd_scratch, py::arg("batch"),
         py::arg("heads"), py::arg("n_chunks"), py::arg("elements"),
         "Scratch floats memory_scan_bwd needs: checkpoints and gate partials.");
+  m.def("memory_mlp", &memory_mlp, py::arg("args"),
+        "The memory-MLP tile kernel (forward / grad / backward modes, see memory_mlp.h).");
+  m.def("memory_mlp_supported", &titans::memory_mlp_supported, py::arg("dim"),
+        py::arg("hidden"), py::arg("depth"));
+  m.def("memory_mlp_tile_rows", [] { return titans::kMlpTileRows; });
   m.def("kernel_image", &kernel_image, py::arg("device"));
   m.def("build_info", &build_info);
   m.def("device_count", &device_count);

@@ -8,16 +8,16 @@ from torch import Tensor
 
 from . import _checks as chk
 from ._backend import use_kernels
+from .ops.memory_mlp import ops as mlp_ops
 from .ops.memory_mlp import reference as mlp_ref
 from .ops.memory_scan import reference as scan_ref
 from .ops.memory_scan.ops import memory_scan_op
 from .ops.neural_memory import reference as nm_ref
 from .state import MemoryState
 
-# The fused neural_memory kernel and the memory-MLP kernels are the next issues' work; until
-# they land, these functions have no kernel for any configuration.
+# The fused neural_memory kernel is the next issue's work; until it lands, neural_memory has no
+# kernel for any configuration.
 _NO_FUSED_KERNEL = "no fused CUDA kernel for neural_memory exists in this version yet"
-_NO_MLP_KERNEL = "no CUDA kernel for {} exists in this version yet"
 
 
 def neural_memory(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, forget: Tensor,
@@ -125,7 +125,9 @@ def memory_forward(x: Tensor, weights: Sequence[Tensor], *, chunk_size: Optional
     named = {"x": x, "ln_weight": ln_weight, "ln_bias": ln_bias}
     named.update({f"weights[{i}]": w for i, w in enumerate(weights)})
     device = chk.check_same_device(named)
-    use_kernels(backend, "memory_forward", device, _NO_MLP_KERNEL.format("memory_forward"))
+    if use_kernels(backend, "memory_forward", device, mlp_ops.kernel_reason(x, weights)):
+        return mlp_ops.memory_forward_op(x, list(weights), ln_weight, ln_bias, chunk_size,
+                                         activation, residual, ln_eps)
     return mlp_ref.memory_forward(x, weights, chunk_size=chunk_size, activation=activation,
                                   residual=residual, ln_weight=ln_weight, ln_bias=ln_bias,
                                   ln_eps=ln_eps)
@@ -152,7 +154,9 @@ def memory_grad(k: Tensor, v: Tensor, lr: Tensor, weights: Sequence[Tensor], *, 
     named = {"k": k, "v": v, "lr": lr, "ln_weight": ln_weight, "ln_bias": ln_bias}
     named.update({f"weights[{i}]": w for i, w in enumerate(weights)})
     device = chk.check_same_device(named)
-    use_kernels(backend, "memory_grad", device, _NO_MLP_KERNEL.format("memory_grad"))
+    if use_kernels(backend, "memory_grad", device, mlp_ops.kernel_reason(k, weights)):
+        return tuple(mlp_ops.memory_grad_op(k, v, lr, list(weights), ln_weight, ln_bias,
+                                            chunk_size, activation, residual, ln_eps))
     return mlp_ref.memory_grad(k, v, lr, weights, chunk_size=chunk_size, activation=activation,
                                residual=residual, ln_weight=ln_weight, ln_bias=ln_bias,
                                ln_eps=ln_eps)

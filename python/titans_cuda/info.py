@@ -13,8 +13,11 @@ from ._version import __version__
 KERNELS = {
     "memory_scan": "forward and backward kernels: float32 updates, any L, d_in, d_out, B, H, "
                    "NC (float4 path when d_in*d_out % 4 == 0)",
-    "memory_forward": None,
-    "memory_grad": None,
+    "memory_forward": "forward and backward kernels (tensor cores): bf16/fp16 x, float32 weights "
+                      "(shared, per row, per chunk), D in (16, 32, 64, 128), depth 1, or depth 2 "
+                      "with hidden % 16 == 0; silu/gelu, residual, LayerNorm",
+    "memory_grad": "forward kernel as memory_forward's; its backward (second-order terms) runs "
+                   "the reference's autograd graph on the GPU",
     "neural_memory": None,
 }
 # Composed from the blocks above: runs whatever kernels they have.

@@ -1,0 +1,527 @@
+// memory_mlp kernel: one CTA (4 warps) per 64-token tile, warp w owning token rows 16w..16w+15.
+//
+// Depth 2 (x [64, D] -> z1 = x W1 [64, hidden] -> h = phi(z1) -> f = h W2 [64, D]) streams the
+// hidden axis in blocks of HB columns: W1[:, block] and W2[block, :] are converted from fp32 to
+// the operand type into shared memory, z1 for the block is an fp32 accumulator in registers,
+// phi is applied there and the result re-packed in registers as the A operand of h W2 (it
+// never touches shared memory). f accumulates over the blocks.
+//
+// Head (per row, in registers): LayerNorm statistics are quad shuffles over the 4 lanes that
+// share a row; residual adds the x tile.
+//
+// Gradient modes then take dl/dy (2 (y - v), or the caller's), back-propagate LN by hand, scale
+// the rows by the token weight (lr, or 1), and sweep the hidden blocks again in reverse order
+// (so the block still resident from the forward sweep is used first), recomputing z1:
+//   dh = (w dF) W2^T   (A operand = dF re-packed from registers, B = W2 block read as [n][k])
+//   dz1 = dh * phi'(z1)
+//   U2[block, :] = h^T (w dF),  U1[:, block] = x^T dz1   (token axis = k: h, dz1 and dF go
+//                                                          through shared memory, k-major)
+//   dx += dz1 W1[:, block]^T   (kBackward)
+// The U products are cut into 16 x 16 output tiles handed round-robin to the warps; each is
+// written to global memory once.
+#include "memory_mlp.h"
+
+#include "../common/cuda_check.h"
+#include "../common/mma.cuh"
+
+namespace titans {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kRows = kMlpTileRows;
+constexpr int kWarps = kThreads / 32;
+
+__device__ __forceinline__ float activation_fn(float z, int kind) {
+  if (kind == 0) return z / (1.f + __expf(-z));
+  return 0.5f * z * (1.f + erff(z * 0.70710678118654752f));
+}
+
+__device__ __forceinline__ float activation_grad(float z, int kind) {
+  if (kind == 0) {
+    const float s = 1.f / (1.f + __expf(-z));
+    return s * (1.f + z * (1.f - s));
+  }
+  return 0.5f * (1.f + erff(z * 0.70710678118654752f)) +
+         z * __expf(-0.5f * z * z) * 0.39894228040143268f;
+}
+
+// Shared-memory plan (elements of T unless said): rows padded by 8 elements so that the 8 rows
+// an ldmatrix phase reads fall in distinct banks.
+template <int D, int HB, int kDepth>
+struct Smem {
+  static constexpr int kLdD = D + 8;
+  static constexpr int kLdH = HB + 8;
+  static constexpr int kX = kRows * kLdD;                              // x tile [64][D]
+  static constexpr int kW1 = kDepth == 2 ? D * kLdH : D * kLdD;        // W1 block [D][HB]
+  static constexpr int kW2 = kDepth == 2 ? HB * kLdD : 0;              // W2 block [HB][D]
+  static constexpr int kDF = kRows * kLdD;                             // w dF [64][D]
+  static constexpr int kH = kDepth == 2 ? kRows * kLdH : 0;            // h block [64][HB]
+  static constexpr int kDZ = kDepth == 2 ? kRows * kLdH : 0;           // dz1 block [64][HB]
+  static constexpr int kElems = kX + kW1 + kW2 + kDF + kH + kDZ;
+  static constexpr int kRedFloats = kWarps * 2 * D;                    // LN grad partials
+  static constexpr size_t bytes(size_t elem) { return kElems * elem + kRedFloats * 4; }
+};
+
+// fp32 rows [0, R) x cols [0, Cc) of `src` (leading dim ld) -> shared [R][LD] of T.
+template <typename T, int R, int Cc, int LD>
+__device__ __forceinline__ void stage_weights(T* dst, const float* __restrict__ src, int64_t ld) {
+  static_assert(Cc % 4 == 0, "weight blocks are read as float4");
+  for (int i = threadIdx.x; i < R * Cc / 4; i += kThreads) {
+    const int r = i / (Cc / 4), c = (i % (Cc / 4)) * 4;
+    const float4 w = __ldg(reinterpret_cast<const float4*>(src + r * ld + c));
+    uint2 packed;
+    packed.x = MmaOps<T>::pack(w.x, w.y);
+    packed.y = MmaOps<T>::pack(w.z, w.w);
+    *reinterpret_cast<uint2*>(dst + r * LD + c) = packed;
+  }
+}
+
+// out[m][n] = sum_k A[k][m] B[k][n] over ksteps * 16 rows k; A [k][M] and B [k][N] in shared
+// memory (k-major), out fp32 global with leading dim ldo. 16 x 16 output tiles round-robin
+// over the warps.
+template <typename T, int M, int N>
+__device__ __forceinline__ void gemm_tn_store(const T* sa, int lda, const T* sb, int ldb,
+                                              int ksteps, float* __restrict__ out, int64_t ldo,
+                                              int warp, int lane) {
+  constexpr int kTilesN = N / 16;
+  for (int item = warp; item < (M / 16) * kTilesN; item += kWarps) {
+    const int m0 = (item / kTilesN) * 16, n0 = (item % kTilesN) * 16;
+    float acc[2][4] = {};
+    for (int ks = 0; ks < ksteps; ++ks) {
+      uint32_t a[4], b[4];
+      ldmatrix_x4_trans(a, a_addr_kmajor(sa, lda, m0, ks * 16, lane));
+      ldmatrix_x4_trans(b, b_addr_kmajor(sb, ldb, ks * 16, n0, lane));
+      MmaOps<T>::mma(acc[0], a, b[0], b[1]);
+      MmaOps<T>::mma(acc[1], a, b[2], b[3]);
+    }
+    const int row = m0 + lane / 4;
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      const int col = n0 + t * 8 + 2 * (lane % 4);
+      *reinterpret_cast<float2*>(out + row * ldo + col) = make_float2(acc[t][0], acc[t][1]);
+      *reinterpret_cast<float2*>(out + (row + 8) * ldo + col) =
+          make_float2(acc[t][2], acc[t][3]);
+    }
+  }
+}
+
+// acc[n-tiles of N] += A (16 x K, A fragments from shared [m][k]) * B (K x N, shared [k][n]).
+template <typename T, int K, int N>
+__device__ __forceinline__ void mma_smem_a_kmajor_b(float (&acc)[N / 8][4], const T* sa, int lda,
+                                                    int m0, const T* sb, int ldb, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[4];
+    ldmatrix_x4(a, a_addr(sa, lda, m0, kk * 16, lane));
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, b_addr_kmajor(sb, ldb, kk * 16, np * 16, lane));
+      MmaOps<T>::mma(acc[2 * np], a, b[0], b[1]);
+      MmaOps<T>::mma(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc[n-tiles of N] += A (register fragments, K / 16 of them) * B; B from shared stored [k][n]
+// (kKMajor) or [n][k].
+template <typename T, int K, int N, bool kKMajor>
+__device__ __forceinline__ void mma_reg_a(float (&acc)[N / 8][4], const uint32_t (&a)[K / 16][4],
+                                          const T* sb, int ldb, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      uint32_t b[4];
+      if constexpr (kKMajor) {
+        ldmatrix_x4_trans(b, b_addr_kmajor(sb, ldb, kk * 16, np * 16, lane));
+      } else {
+        ldmatrix_x4(b, b_addr(sb, ldb, kk * 16, np * 16, lane));
+      }
+      MmaOps<T>::mma(acc[2 * np], a[kk], b[0], b[1]);
+      MmaOps<T>::mma(acc[2 * np + 1], a[kk], b[2], b[3]);
+    }
+  }
+}
+
+// Writes accumulators (rows r, r + 8 of this lane) as T pairs into shared [64][ld].
+template <typename T, int N>
+__device__ __forceinline__ void store_acc_smem(T* dst, int ld, int row, const float (&acc)[N / 8][4],
+                                               int lane) {
+#pragma unroll
+  for (int nt = 0; nt < N / 8; ++nt) {
+    const int col = nt * 8 + 2 * (lane % 4);
+    *reinterpret_cast<uint32_t*>(dst + row * ld + col) = MmaOps<T>::pack(acc[nt][0], acc[nt][1]);
+    *reinterpret_cast<uint32_t*>(dst + (row + 8) * ld + col) =
+        MmaOps<T>::pack(acc[nt][2], acc[nt][3]);
+  }
+}
+
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  v += __shfl_xor_sync(0xffffffffu, v, 2);
+  return v;
+}
+
+template <typename T, int D, int HB, int kDepth>
+__global__ void __launch_bounds__(kThreads) memory_mlp_kernel(const MemoryMlpParams p) {
+  using S = Smem<D, HB, kDepth>;
+  constexpr int kLdD = S::kLdD, kLdH = S::kLdH;
+  constexpr int kNtD = D / 8, kNtH = HB / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* s_x = reinterpret_cast<T*>(smem_raw);
+  T* s_w1 = s_x + S::kX;
+  T* s_w2 = s_w1 + S::kW1;
+  T* s_df = s_w2 + S::kW2;
+  T* s_h = s_df + S::kDF;
+  T* s_dz = s_h + S::kH;
+  float* s_red = reinterpret_cast<float*>(s_dz + S::kDZ);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int n_tiles = p.n_chunks * p.n_sub;
+  const int chunk = tile / p.n_sub, sub = tile % p.n_sub;
+  const int t0 = chunk * p.chunk + sub * kRows;
+  const int valid = max(0, min(kRows, min(p.chunk - sub * kRows, p.seqlen - t0)));
+  const int hidden = kDepth == 2 ? p.hidden : D;
+  const int n_blocks = kDepth == 2 ? hidden / HB : 1;
+  const bool grad = p.mode != MlpMode::kForward;
+
+  // ---- x tile -> shared (rows past the tile's end are zero) ----
+  {
+    const T* xg = static_cast<const T*>(p.x) + b * p.x_b_stride + h * p.x_h_stride +
+                  int64_t(t0) * p.x_t_stride;
+    for (int i = threadIdx.x; i < kRows * D / 8; i += kThreads) {
+      const int r = i / (D / 8), c = (i % (D / 8)) * 8;
+      uint4 val = make_uint4(0, 0, 0, 0);
+      if (r < valid) val = *reinterpret_cast<const uint4*>(xg + r * p.x_t_stride + c);
+      *reinterpret_cast<uint4*>(s_x + r * kLdD + c) = val;
+    }
+  }
+  const float* w1g = p.w1 + b * p.w1_b_stride + h * p.w1_h_stride + chunk * p.w1_c_stride;
+  const float* w2g = kDepth == 2 ?
+      p.w2 + b * p.w2_b_stride + h * p.w2_h_stride + chunk * p.w2_c_stride : nullptr;
+  auto stage_block = [&](int j) {
+    if constexpr (kDepth == 2) {
+      stage_weights<T, D, HB, kLdH>(s_w1, w1g + j * HB, hidden);
+      stage_weights<T, HB, D, kLdD>(s_w2, w2g + int64_t(j) * HB * D, D);
+    } else {
+      stage_weights<T, D, D, kLdD>(s_w1, w1g, D);
+    }
+  };
+
+  const int m0 = warp * 16;                 // this warp's first row
+  const int row_lo = m0 + lane / 4;         // rows this lane holds in accumulators
+  const int row_hi = row_lo + 8;
+
+  // ---- forward: f = MLP(x) ----
+  float f[kNtD][4] = {};
+  for (int j = 0; j < n_blocks; ++j) {
+    if (j > 0) __syncthreads();  // the previous block's operands are no longer read
+    stage_block(j);
+    __syncthreads();
+    if constexpr (kDepth == 2) {
+      float z[kNtH][4] = {};
+      mma_smem_a_kmajor_b<T, D, HB>(z, s_x, kLdD, m0, s_w1, kLdH, lane);
+      uint32_t ha[HB / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < HB / 16; ++kk) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          z[2 * kk][e] = activation_fn(z[2 * kk][e], p.activation);
+          z[2 * kk + 1][e] = activation_fn(z[2 * kk + 1][e], p.activation);
+        }
+        pack_a<T>(ha[kk], z[2 * kk], z[2 * kk + 1]);
+      }
+      mma_reg_a<T, HB, D, true>(f, ha, s_w2, kLdD, lane);
+    } else {
+      mma_smem_a_kmajor_b<T, D, D>(f, s_x, kLdD, m0, s_w1, kLdD, lane);
+    }
+  }
+
+  // ---- head: LayerNorm (f -> xhat in place) and y ----
+  const bool ln = p.ln_weight != nullptr;
+  const float* gamma = ln ? p.ln_weight + h * D : nullptr;
+  const float* beta = p.ln_bias != nullptr ? p.ln_bias + h * D : nullptr;
+  float rstd[2] = {0.f, 0.f};
+  if (ln) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kNtD; ++nt) sum += f[nt][2 * half] + f[nt][2 * half + 1];
+      const float mean = quad_sum(sum) * (1.f / D);
+      float sq = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kNtD; ++nt) {
+        f[nt][2 * half] -= mean;
+        f[nt][2 * half + 1] -= mean;
+        sq += f[nt][2 * half] * f[nt][2 * half] + f[nt][2 * half + 1] * f[nt][2 * half + 1];
+      }
+      rstd[half] = rsqrtf(quad_sum(sq) * (1.f / D) + p.ln_eps);
+#pragma unroll
+      for (int nt = 0; nt < kNtD; ++nt) {
+        f[nt][2 * half] *= rstd[half];
+        f[nt][2 * half + 1] *= rstd[half];
+      }
+    }
+  }
+  // y (or dl/dy) per element: e = 0..3 -> (row_lo|row_hi, col, col + 1)
+  auto y_of = [&](int nt, int e) {
+    const int col = nt * 8 + 2 * (lane % 4) + (e & 1);
+    const int row = e < 2 ? row_lo : row_hi;
+    float y = f[nt][e];
+    if (ln) y = y * __ldg(gamma + col) + (beta != nullptr ? __ldg(beta + col) : 0.f);
+    if (p.residual) {
+      y += static_cast<float>(s_x[row * kLdD + col]);
+    }
+    return y;
+  };
+
+  if (!grad) {
+    T* yg = static_cast<T*>(p.y);
+#pragma unroll
+    for (int nt = 0; nt < kNtD; ++nt) {
+      const int col = nt * 8 + 2 * (lane % 4);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = half == 0 ? row_lo : row_hi;
+        if (row < valid) {
+          const int64_t off = ((int64_t(b) * p.seqlen + t0 + row) * p.heads + h) * D + col;
+          *reinterpret_cast<uint32_t*>(yg + off) =
+              MmaOps<T>::pack(y_of(nt, 2 * half), y_of(nt, 2 * half + 1));
+        }
+      }
+    }
+    return;
+  }
+
+  // ---- dl/dy, LN backward, token weights ----
+  float dy[kNtD][4];
+  {
+    const bool backward = p.mode == MlpMode::kBackward;
+    const T* src = static_cast<const T*>(backward ? p.grad_y : p.v);
+    const int64_t sb = backward ? p.grad_y_b_stride : p.v_b_stride;
+    const int64_t st = backward ? p.grad_y_t_stride : p.v_t_stride;
+    const int64_t sh = backward ? p.grad_y_h_stride : p.v_h_stride;
+#pragma unroll
+    for (int nt = 0; nt < kNtD; ++nt) {
+      const int col = nt * 8 + 2 * (lane % 4);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = half == 0 ? row_lo : row_hi;
+        float2 g = make_float2(0.f, 0.f);
+        if (row < valid) {
+          const uint32_t raw = *reinterpret_cast<const uint32_t*>(
+              src + b * sb + int64_t(t0 + row) * st + h * sh + col);
+          g = MmaOps<T>::unpack(raw);
+          if (!backward) {  // 2 (y - v)
+            g.x = 2.f * (y_of(nt, 2 * half) - g.x);
+            g.y = 2.f * (y_of(nt, 2 * half + 1) - g.y);
+          }
+        }
+        dy[nt][2 * half] = g.x;
+        dy[nt][2 * half + 1] = g.y;
+      }
+    }
+  }
+  float dx[kNtD][4];  // kBackward: dl/dx, starting with the residual branch
+#pragma unroll
+  for (int nt = 0; nt < kNtD; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dx[nt][e] = p.residual ? dy[nt][e] : 0.f;
+
+  if (ln && p.mode == MlpMode::kBackward) {
+    // d gamma = sum_rows dy * xhat, d beta = sum_rows dy: lanes -> warp (xor over the 8 row
+    // groups) -> shared -> fixed-order sum over warps.
+#pragma unroll
+    for (int nt = 0; nt < kNtD; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float dg = dy[nt][e] * f[nt][e] + dy[nt][e + 2] * f[nt][e + 2];
+        float db = dy[nt][e] + dy[nt][e + 2];
+#pragma unroll
+        for (int off = 4; off < 32; off <<= 1) {
+          dg += __shfl_xor_sync(0xffffffffu, dg, off);
+          db += __shfl_xor_sync(0xffffffffu, db, off);
+        }
+        if (lane < 4) {
+          const int col = nt * 8 + 2 * lane + e;
+          s_red[(warp * 2 + 0) * D + col] = dg;
+          s_red[(warp * 2 + 1) * D + col] = db;
+        }
+      }
+    }
+  }
+  float wrow[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = half == 0 ? row_lo : row_hi;
+    float w = 0.f;
+    if (row < valid) {
+      w = p.mode == MlpMode::kGrad ?
+          __ldg(p.lr + b * p.lr_b_stride + int64_t(t0 + row) * p.lr_t_stride + h * p.lr_h_stride)
+          : 1.f;
+    }
+    wrow[half] = w;
+  }
+  // dF (scaled by the token weight) overwrites dy
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    if (ln) {
+      float mg = 0.f, mgx = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kNtD; ++nt) {
+#pragma unroll
+        for (int e = 2 * half; e < 2 * half + 2; ++e) {
+          const int col = nt * 8 + 2 * (lane % 4) + (e & 1);
+          const float g = dy[nt][e] * __ldg(gamma + col);
+          dy[nt][e] = g;
+          mg += g;
+          mgx += g * f[nt][e];
+        }
+      }
+      mg = quad_sum(mg) * (1.f / D);
+      mgx = quad_sum(mgx) * (1.f / D);
+#pragma unroll
+      for (int nt = 0; nt < kNtD; ++nt)
+#pragma unroll
+        for (int e = 2 * half; e < 2 * half + 2; ++e)
+          dy[nt][e] = wrow[half] * rstd[half] * (dy[nt][e] - mg - f[nt][e] * mgx);
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < kNtD; ++nt)
+#pragma unroll
+        for (int e = 2 * half; e < 2 * half + 2; ++e) dy[nt][e] *= wrow[half];
+    }
+  }
+  const int64_t tile_index = (int64_t(b) * p.heads + h) * n_tiles + tile;
+  if (ln && p.mode == MlpMode::kBackward) {
+    __syncthreads();
+    float* out = p.grad_ln + tile_index * 2 * D;
+    for (int i = threadIdx.x; i < 2 * D; i += kThreads) {
+      const int which = i / D, col = i % D;
+      float acc = 0.f;
+      for (int w = 0; w < kWarps; ++w) acc += s_red[(w * 2 + which) * D + col];
+      out[i] = acc;
+    }
+  }
+  store_acc_smem<T, D>(s_df, kLdD, row_lo, dy, lane);
+  uint32_t dfa[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) pack_a<T>(dfa[kk], dy[2 * kk], dy[2 * kk + 1]);
+
+  const int ksteps = (valid + 15) / 16;
+  float* u1 = p.u1 + tile_index * int64_t(D) * hidden;
+  if constexpr (kDepth == 1) {
+    __syncthreads();  // s_df complete
+    gemm_tn_store<T, D, D>(s_x, kLdD, s_df, kLdD, ksteps, u1, D, warp, lane);
+    if (p.mode == MlpMode::kBackward) mma_reg_a<T, D, D, false>(dx, dfa, s_w1, kLdD, lane);
+  } else {
+    float* u2 = p.u2 + tile_index * int64_t(hidden) * D;
+    for (int j = n_blocks - 1; j >= 0; --j) {
+      __syncthreads();  // previous block's operands and s_h / s_dz reads are done; s_df ready
+      if (j != n_blocks - 1) {
+        stage_block(j);
+        __syncthreads();
+      }
+      float z[kNtH][4] = {};
+      mma_smem_a_kmajor_b<T, D, HB>(z, s_x, kLdD, m0, s_w1, kLdH, lane);
+      float dh[kNtH][4] = {};
+      mma_reg_a<T, D, HB, false>(dh, dfa, s_w2, kLdD, lane);
+#pragma unroll
+      for (int nt = 0; nt < kNtH; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          dh[nt][e] *= activation_grad(z[nt][e], p.activation);
+          z[nt][e] = activation_fn(z[nt][e], p.activation);
+        }
+      }
+      store_acc_smem<T, HB>(s_h, kLdH, row_lo, z, lane);
+      store_acc_smem<T, HB>(s_dz, kLdH, row_lo, dh, lane);
+      if (p.mode == MlpMode::kBackward) {
+        uint32_t dza[HB / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < HB / 16; ++kk) pack_a<T>(dza[kk], dh[2 * kk], dh[2 * kk + 1]);
+        mma_reg_a<T, HB, D, false>(dx, dza, s_w1, kLdH, lane);
+      }
+      __syncthreads();
+      gemm_tn_store<T, HB, D>(s_h, kLdH, s_df, kLdD, ksteps, u2 + int64_t(j) * HB * D, D, warp,
+                              lane);
+      gemm_tn_store<T, D, HB>(s_x, kLdD, s_dz, kLdH, ksteps, u1 + j * HB, hidden, warp, lane);
+    }
+  }
+
+  if (p.mode == MlpMode::kBackward) {
+    T* gx = static_cast<T*>(p.grad_x);
+#pragma unroll
+    for (int nt = 0; nt < kNtD; ++nt) {
+      const int col = nt * 8 + 2 * (lane % 4);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = half == 0 ? row_lo : row_hi;
+        if (row < valid) {
+          const int64_t off = ((int64_t(b) * p.seqlen + t0 + row) * p.heads + h) * D + col;
+          *reinterpret_cast<uint32_t*>(gx + off) =
+              MmaOps<T>::pack(dx[nt][2 * half], dx[nt][2 * half + 1]);
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int D, int HB, int kDepth>
+cudaError_t launch(const MemoryMlpParams& p, cudaStream_t stream) {
+  const size_t smem = Smem<D, HB, kDepth>::bytes(sizeof(T));
+  auto kernel = memory_mlp_kernel<T, D, HB, kDepth>;
+  TITANS_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  const dim3 grid(unsigned(p.n_chunks) * unsigned(p.n_sub), unsigned(p.heads),
+                  unsigned(p.batch));
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+int hidden_block(int hidden) {
+  return hidden % 64 == 0 ? 64 : hidden % 32 == 0 ? 32 : 16;
+}
+
+template <typename T, int D>
+cudaError_t dispatch_depth(const MemoryMlpParams& p, cudaStream_t stream) {
+  if (p.depth == 1) return launch<T, D, D, 1>(p, stream);
+  switch (hidden_block(p.hidden)) {
+    case 64: return launch<T, D, 64, 2>(p, stream);
+    case 32: return launch<T, D, 32, 2>(p, stream);
+    default: return launch<T, D, 16, 2>(p, stream);
+  }
+}
+
+template <typename T>
+cudaError_t dispatch_dim(const MemoryMlpParams& p, cudaStream_t stream) {
+  switch (p.dim) {
+    case 16: return dispatch_depth<T, 16>(p, stream);
+    case 32: return dispatch_depth<T, 32>(p, stream);
+    case 64: return dispatch_depth<T, 64>(p, stream);
+    default: return dispatch_depth<T, 128>(p, stream);
+  }
+}
+
+}  // namespace
+
+bool memory_mlp_supported(int dim, int hidden, int depth) {
+  const bool dim_ok = dim == 16 || dim == 32 || dim == 64 || dim == 128;
+  return dim_ok && (depth == 1 || (depth == 2 && hidden >= 16 && hidden % 16 == 0));
+}
+
+cudaError_t memory_mlp(const MemoryMlpParams& p, cudaStream_t stream, int device) {
+  if (!memory_mlp_supported(p.dim, p.hidden, p.depth) || p.n_sub < 1 || p.n_chunks < 1 ||
+      p.batch < 1 || p.heads < 1 || p.batch > 65535 || p.heads > 65535) {
+    return cudaErrorInvalidValue;
+  }
+  DeviceGuard guard(device);
+  TITANS_RETURN_IF_ERROR(guard.status());
+  return p.dtype == MlpDtype::kBFloat16 ? dispatch_dim<__nv_bfloat16>(p, stream)
+                                        : dispatch_dim<__half>(p, stream);
+}
+
+}  // namespace titans

@@ -1,0 +1,384 @@
+"""Custom ops over the memory-MLP tile kernel (csrc/memory_mlp):
+
+  titans_cuda::memory_forward      y = M_W(x)                          (kernel mode kForward)
+  titans_cuda::memory_forward_bwd  dx, dW, d ln_weight, d ln_bias       (kernel mode kBackward)
+  titans_cuda::memory_grad         U_j per chunk                        (kernel mode kGrad)
+  titans_cuda::memory_grad_bwd     the second-order terms of memory_grad: the reference's
+                                   autograd graph, run on the inputs' device (no kernel yet)
+
+Each op runs the kernel on CUDA bf16/fp16 inputs of a supported shape (``kernel_reason`` is
+None) and the reference otherwise, so opcheck and the CPU tests exercise the same ops.
+Weights are a list of one (depth 1) or two (depth 2) fp32 tensors laid out as
+[H | B, H | B, H, NC, d_in, d_out]; chunk_size matters to memory_forward only for the last.
+The kernel writes per-tile sums; the tile axis is summed here (torch.sum: fixed order).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ... import _lib
+from ..activations import ACTIVATIONS
+from . import reference as ref
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+KERNEL_DIMS = (16, 32, 64, 128)
+TILE_ROWS = 64  # kMlpTileRows in memory_mlp.h (a test checks they agree)
+_MODE = {"forward": 0, "grad": 1, "backward": 2}
+
+
+def shape_supported(dim: int, hidden: int, depth: int) -> bool:
+    """The rule of memory_mlp_supported (memory_mlp.h), in Python so that torch.compile
+    traces it; a test checks it against the extension's."""
+    return dim in KERNEL_DIMS and (depth == 1 or (depth == 2 and hidden >= 16
+                                                  and hidden % 16 == 0))
+
+
+def kernel_reason(x: Tensor, weights) -> Optional[str]:
+    """None when the tile kernel handles this call, else why not (for warnings and errors)."""
+    if not x.is_cuda:
+        return "the inputs are not on a CUDA device"
+    reason = _lib.kernels_unavailable_reason(x.device)
+    if reason is not None:
+        return reason
+    if x.dtype not in KERNEL_DTYPES:
+        return (f"the memory-MLP kernels take bf16/fp16 inputs (tensor cores); {x.dtype} inputs "
+                f"run on the reference (fp32 without TF32 is not implemented in the kernels)")
+    if any(w.dtype != torch.float32 for w in weights):
+        return "the memory-MLP kernels take float32 weights"
+    B, T, H, D = x.shape
+    depth = len(weights)
+    hidden = weights[0].shape[-1]
+    if not shape_supported(D, hidden, depth):
+        return (f"no memory-MLP kernel for D={D}, hidden={hidden}, depth={depth} (supported: D in "
+                f"{KERNEL_DIMS}, depth 1, or depth 2 with hidden a multiple of 16)")
+    if T == 0 or B > 65535 or H > 65535:
+        return f"no memory-MLP kernel for B={B}, T={T}, H={H}"
+    return None
+
+
+def _rows(t: Tensor) -> Tensor:
+    """[B, T, H, D] with D contiguous and 16-byte aligned rows (what the kernel reads)."""
+    ok = (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+          and all(s % 8 == 0 for s in t.stride()[:-1]))
+    return t if ok else t.contiguous()
+
+
+def _weight_strides(w: Tensor):
+    """(tensor, b, h, chunk strides) of a weight [H | B,H | B,H,NC, d_in, d_out], inner dims
+    contiguous (16-byte aligned)."""
+    if not (w.stride(-1) == 1 and w.stride(-2) == w.shape[-1] and w.data_ptr() % 16 == 0):
+        w = w.contiguous()
+    if w.dim() == 3:
+        return w, 0, w.stride(0), 0
+    if w.dim() == 4:
+        return w, w.stride(0), w.stride(1), 0
+    return w, w.stride(0), w.stride(1), w.stride(2)
+
+
+def _tiling(T: int, chunk: int):
+    n_chunks = -(-T // chunk)
+    n_sub = -(-min(chunk, T) // TILE_ROWS)
+    return n_chunks, n_sub
+
+
+def _launch(mode: str, x: Tensor, weights: List[Tensor], chunk: int,
+            activation: str, residual: bool, ln_weight, ln_bias, ln_eps: float, *, v=None,
+            lr=None, grad_y=None, out: Optional[dict] = None) -> dict:
+    """Runs the kernel; returns the raw outputs (y | grad_x, u1, u2, grad_ln per tile).
+    ``out``: preallocated outputs by name (the tests pass NaN-poisoned ones)."""
+    B, T, H, D = x.shape
+    x = _rows(x)
+    depth = len(weights)
+    hidden = weights[0].shape[-1] if depth == 2 else D
+    n_chunks, n_sub = _tiling(T, chunk)
+    n_tiles = n_chunks * n_sub
+    dev = x.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    out = dict(out or {})
+    args = dict(x=x.data_ptr(), x_b_stride=x.stride(0), x_t_stride=x.stride(1),
+                x_h_stride=x.stride(2), v=0, v_b_stride=0, v_t_stride=0, v_h_stride=0,
+                lr=0, lr_b_stride=0, lr_t_stride=0, lr_h_stride=0, grad_y=0,
+                grad_y_b_stride=0, grad_y_t_stride=0, grad_y_h_stride=0,
+                y=0, grad_x=0, u1=0, u2=0, grad_ln=0)
+    keep = [x]
+    for i, w in enumerate(weights):
+        w, sb, sh, sc = _weight_strides(w.to(torch.float32))
+        keep.append(w)
+        args.update({f"w{i + 1}": w.data_ptr(), f"w{i + 1}_b_stride": sb,
+                     f"w{i + 1}_h_stride": sh, f"w{i + 1}_c_stride": sc})
+    if depth == 1:
+        args.update(w2=0, w2_b_stride=0, w2_h_stride=0, w2_c_stride=0)
+    ln_w = None if ln_weight is None else ln_weight.to(torch.float32).contiguous()
+    ln_b = None if ln_bias is None or ln_w is None else ln_bias.to(torch.float32).contiguous()
+    keep += [t for t in (ln_w, ln_b) if t is not None]
+    args.update(ln_weight=0 if ln_w is None else ln_w.data_ptr(),
+                ln_bias=0 if ln_b is None else ln_b.data_ptr(), ln_eps=float(ln_eps))
+    if mode == "forward":
+        out.setdefault("y", torch.empty(B, T, H, D, dtype=x.dtype, device=dev))
+        args["y"] = out["y"].data_ptr()
+    else:
+        out.setdefault("u1", torch.empty(B, H, n_tiles, D, hidden, **f32))
+        args["u1"] = out["u1"].data_ptr()
+        if depth == 2:
+            out.setdefault("u2", torch.empty(B, H, n_tiles, hidden, D, **f32))
+            args["u2"] = out["u2"].data_ptr()
+    if mode == "grad":
+        v = _rows(v.to(x.dtype))
+        lr = lr.to(torch.float32)
+        keep += [v, lr]
+        args.update(v=v.data_ptr(), v_b_stride=v.stride(0), v_t_stride=v.stride(1),
+                    v_h_stride=v.stride(2), lr=lr.data_ptr(), lr_b_stride=lr.stride(0),
+                    lr_t_stride=lr.stride(1), lr_h_stride=lr.stride(2))
+    if mode == "backward":
+        grad_y = _rows(grad_y.to(x.dtype))
+        keep.append(grad_y)
+        args.update(grad_y=grad_y.data_ptr(), grad_y_b_stride=grad_y.stride(0),
+                    grad_y_t_stride=grad_y.stride(1), grad_y_h_stride=grad_y.stride(2))
+        out.setdefault("grad_x", torch.empty(B, T, H, D, dtype=x.dtype, device=dev))
+        args["grad_x"] = out["grad_x"].data_ptr()
+        if ln_w is not None:
+            out.setdefault("grad_ln", torch.empty(B, H, n_tiles, 2, D, **f32))
+            args["grad_ln"] = out["grad_ln"].data_ptr()
+    if not all(t.is_contiguous() for t in out.values()):
+        raise ValueError("memory_mlp outputs must be contiguous")
+    args.update(batch=B, heads=H, seqlen=T, dim=D, hidden=hidden, depth=depth, chunk=chunk,
+                n_chunks=n_chunks, n_sub=n_sub, activation=ACTIVATIONS.index(activation),
+                residual=bool(residual), mode=_MODE[mode],
+                dtype=KERNEL_DTYPES.index(x.dtype), stream=_lib.stream_handle(dev),
+                device=dev.index)
+    _lib._C.memory_mlp(args)
+    out["n_chunks"], out["n_sub"] = n_chunks, n_sub
+    return out
+
+
+def _sum_tiles(u: Tensor, n_chunks: int, n_sub: int, lead: int) -> Tensor:
+    """Per-tile sums [B, H, n_tiles, a, b] -> the weight layout of ``lead`` leading dims:
+    [B, H, NC, ...] (3), [B, H, ...] (2) or [H, ...] (1)."""
+    B, H, _, a, b = u.shape
+    u = u.view(B, H, n_chunks, n_sub, a, b)
+    if lead == 3:
+        return u[:, :, :, 0] if n_sub == 1 else u.sum(3)
+    u = u.sum((2, 3))
+    return u.sum(0) if lead == 1 else u
+
+
+def _chunk_for(T: int, chunk_size: Optional[int], weights) -> int:
+    """Tokens per kernel chunk: the weights' chunk when they are per chunk, else one chunk."""
+    return chunk_size if weights[0].dim() == 5 else max(T, 1)
+
+
+# ------------------------------------------------------------------------------------------
+# memory_forward
+# ------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("titans_cuda::memory_forward", mutates_args=())
+def memory_forward_op(x: Tensor, weights: List[Tensor], ln_weight: Optional[Tensor],
+                      ln_bias: Optional[Tensor], chunk_size: Optional[int],
+                      activation: str, residual: bool, ln_eps: float) -> Tensor:
+    """y [B, T, H, D] (x's dtype) = M_W(x); weights as the module docstring says."""
+    if kernel_reason(x, weights) is None:
+        chunk = _chunk_for(x.shape[1], chunk_size, weights)
+        return _launch("forward", x, weights, chunk, activation, residual, ln_weight,
+                       ln_bias, ln_eps)["y"]
+    return ref.memory_forward(x, weights, chunk_size=chunk_size,
+                              activation=activation, residual=residual, ln_weight=ln_weight,
+                              ln_bias=ln_bias, ln_eps=ln_eps).contiguous()
+
+
+@memory_forward_op.register_fake
+def _(x, weights, ln_weight, ln_bias, chunk_size, activation, residual, ln_eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _reference_vjp(fn, inputs, grads):
+    """Gradients of the reference fn(*inputs) (a tensor or tuple) against grads for the tensor
+    inputs (None inputs get None). torch.func.vjp, not torch.autograd: inside a custom op's
+    implementation (and in compiled backward graphs) autograd recording is off, while
+    torch.func carries its own autograd level."""
+    tensors = [t for t in inputs if isinstance(t, Tensor)]
+
+    def f(*ts):
+        it = iter(ts)
+        outs = fn(*[next(it) if isinstance(t, Tensor) else None for t in inputs])
+        return outs if isinstance(outs, tuple) else (outs,)
+    _, vjp = torch.func.vjp(f, *tensors)
+    got = iter(vjp(tuple(grads)))
+    return [next(got) if isinstance(t, Tensor) else None for t in inputs]
+
+
+@torch.library.custom_op("titans_cuda::memory_forward_bwd", mutates_args=())
+def memory_forward_bwd_op(grad_y: Tensor, x: Tensor, weights: List[Tensor],
+                          ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+                          chunk_size: Optional[int], activation: str, residual: bool,
+                          ln_eps: float) -> Tuple[Tensor, List[Tensor], Tensor, Tensor]:
+    """(dx like x, dW per layer like weights, d ln_weight [H, D], d ln_bias [H, D]); the LN
+    gradients are zeros when there is no LayerNorm."""
+    H, D = x.shape[2], x.shape[3]
+    if kernel_reason(x, weights) is None:
+        chunk = _chunk_for(x.shape[1], chunk_size, weights)
+        o = _launch("backward", x, weights, chunk, activation, residual, ln_weight,
+                    ln_bias, ln_eps, grad_y=grad_y)
+        n_chunks, n_sub = o["n_chunks"], o["n_sub"]
+        lead = weights[0].dim() - 2
+        d_w = [_sum_tiles(o[f"u{i + 1}"], n_chunks, n_sub, lead).to(w.dtype)
+               for i, w in enumerate(weights)]
+        gamma_dtype = torch.float32 if ln_weight is None else ln_weight.dtype
+        beta_dtype = torch.float32 if ln_bias is None else ln_bias.dtype
+        d_gamma = x.new_zeros(H, D, dtype=gamma_dtype)
+        d_beta = x.new_zeros(H, D, dtype=beta_dtype)
+        if ln_weight is not None:
+            d_ln = o["grad_ln"].sum((0, 2))
+            d_gamma = d_ln[:, 0].to(gamma_dtype).contiguous()
+            if ln_bias is not None:
+                d_beta = d_ln[:, 1].to(beta_dtype).contiguous()
+        return o["grad_x"], d_w, d_gamma, d_beta
+
+    def fn(x_, lnw_, lnb_, *ws):
+        return ref.memory_forward(x_, ws, chunk_size=chunk_size,
+                                  activation=activation, residual=residual, ln_weight=lnw_,
+                                  ln_bias=lnb_, ln_eps=ln_eps)
+    g = _reference_vjp(fn, [x, ln_weight, ln_bias, *weights], [grad_y])
+    zeros = x.new_zeros(H, D, dtype=torch.float32)
+    d_gamma = zeros if g[1] is None else g[1]
+    d_beta = zeros.clone() if g[2] is None else g[2]
+    d_w = [gw if gw is not None else torch.zeros_like(w) for gw, w in zip(g[3:], weights)]
+    return (g[0].contiguous(), [d.contiguous() for d in d_w], d_gamma.contiguous(),
+            d_beta.contiguous())
+
+
+@memory_forward_bwd_op.register_fake
+def _(grad_y, x, weights, ln_weight, ln_bias, chunk_size, activation, residual, ln_eps):
+    H, D = x.shape[2], x.shape[3]
+    gamma_dtype = torch.float32 if ln_weight is None else ln_weight.dtype
+    beta_dtype = torch.float32 if ln_bias is None else ln_bias.dtype
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights],
+            x.new_empty(H, D, dtype=gamma_dtype), x.new_empty(H, D, dtype=beta_dtype))
+
+
+def _fwd_setup(ctx, inputs, output):
+    x, weights, ln_weight, ln_bias, chunk_size, activation, residual, ln_eps = inputs
+    ctx.n_layers = len(weights)
+    ctx.has_ln = ln_weight is not None
+    ctx.has_bias = ln_bias is not None
+    ctx.kw = dict(chunk_size=chunk_size, activation=activation, residual=residual,
+                  ln_eps=ln_eps)
+    ctx.save_for_backward(x, *weights, *(t for t in (ln_weight, ln_bias) if t is not None))
+
+
+def _fwd_backward(ctx, grad_y):
+    x, *rest = ctx.saved_tensors
+    weights = rest[:ctx.n_layers]
+    extra = rest[ctx.n_layers:]
+    ln_weight = extra[0] if ctx.has_ln else None
+    ln_bias = extra[1 if ctx.has_ln else 0] if ctx.has_bias else None
+    d_x, d_w, d_gamma, d_beta = memory_forward_bwd_op(
+        grad_y, x, list(weights), ln_weight, ln_bias, **ctx.kw)
+    return (d_x, list(d_w), d_gamma if ctx.has_ln else None,
+            d_beta if ctx.has_bias else None, None, None, None, None)
+
+
+memory_forward_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+
+
+# ------------------------------------------------------------------------------------------
+# memory_grad
+# ------------------------------------------------------------------------------------------
+
+def _grad_reference(k, v, lr, weights, ln_weight, ln_bias, chunk_size, activation, residual,
+                    ln_eps):
+    return ref.memory_grad(k, v, lr, weights, chunk_size=chunk_size, activation=activation,
+                           residual=residual, ln_weight=ln_weight, ln_bias=ln_bias,
+                           ln_eps=ln_eps)
+
+
+@torch.library.custom_op("titans_cuda::memory_grad", mutates_args=())
+def memory_grad_op(k: Tensor, v: Tensor, lr: Tensor, weights: List[Tensor],
+                   ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], chunk_size: int,
+                   activation: str, residual: bool, ln_eps: float) -> List[Tensor]:
+    """U per layer [B, H, NC, d_in, d_out] (fp32; fp64 for fp64 inputs on the reference)."""
+    if kernel_reason(k, weights) is None:
+        o = _launch("grad", k, weights, chunk_size, activation, residual, ln_weight,
+                    ln_bias, ln_eps, v=v, lr=lr)
+        return [_sum_tiles(o[f"u{i + 1}"], o["n_chunks"], o["n_sub"], 3)
+                for i in range(len(weights))]
+    return [u.contiguous() for u in _grad_reference(k, v, lr, weights, ln_weight, ln_bias,
+                                                    chunk_size, activation, residual, ln_eps)]
+
+
+@memory_grad_op.register_fake
+def _(k, v, lr, weights, ln_weight, ln_bias, chunk_size, activation, residual, ln_eps):
+    B, T, H, _ = k.shape
+    n_chunks = -(-T // chunk_size)
+    dtype = ref.compute_dtype(k, v, *weights)
+    return [k.new_empty(B, H, n_chunks, w.shape[-2], w.shape[-1], dtype=dtype) for w in weights]
+
+
+@torch.library.custom_op("titans_cuda::memory_grad_bwd", mutates_args=())
+def memory_grad_bwd_op(grad_u: List[Tensor], k: Tensor, v: Tensor, lr: Tensor,
+                       weights: List[Tensor], ln_weight: Optional[Tensor],
+                       ln_bias: Optional[Tensor], chunk_size: int, activation: str,
+                       residual: bool, ln_eps: float
+                       ) -> Tuple[Tensor, Tensor, Tensor, List[Tensor], Tensor, Tensor]:
+    """Second-order terms (dk, dv, dlr, dW per layer, d ln_weight, d ln_bias): the reference's
+    autograd graph on the inputs' device (the kernel for it is not written yet)."""
+    H, D = k.shape[2], k.shape[3]
+
+    def fn(k_, v_, lr_, lnw_, lnb_, *ws):
+        return tuple(_grad_reference(k_, v_, lr_, ws, lnw_, lnb_, chunk_size, activation,
+                                     residual, ln_eps))
+    g = _reference_vjp(fn, [k, v, lr, ln_weight, ln_bias, *weights],
+                       [gu.to(ref.compute_dtype(k, v, *weights)) for gu in grad_u])
+    zeros = k.new_zeros(H, D, dtype=torch.float32)
+    out = [g[0], g[1], g[2]]
+    out = [t.contiguous() for t in out]
+    d_w = [(gw if gw is not None else torch.zeros_like(w)).contiguous()
+           for gw, w in zip(g[5:], weights)]
+    d_gamma = zeros if g[3] is None else g[3].contiguous()
+    d_beta = zeros.clone() if g[4] is None else g[4].contiguous()
+    return out[0], out[1], out[2], d_w, d_gamma, d_beta
+
+
+@memory_grad_bwd_op.register_fake
+def _(grad_u, k, v, lr, weights, ln_weight, ln_bias, chunk_size, activation, residual, ln_eps):
+    H, D = k.shape[2], k.shape[3]
+    gamma_dtype = torch.float32 if ln_weight is None else ln_weight.dtype
+    beta_dtype = torch.float32 if ln_bias is None else ln_bias.dtype
+    return (torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format),
+            torch.empty_like(lr, memory_format=torch.contiguous_format),
+            [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights],
+            k.new_empty(H, D, dtype=gamma_dtype), k.new_empty(H, D, dtype=beta_dtype))
+
+
+def _grad_setup(ctx, inputs, output):
+    k, v, lr, weights, ln_weight, ln_bias, chunk_size, activation, residual, ln_eps = inputs
+    ctx.n_layers = len(weights)
+    ctx.has_ln = ln_weight is not None
+    ctx.has_bias = ln_bias is not None
+    ctx.kw = dict(chunk_size=chunk_size, activation=activation, residual=residual,
+                  ln_eps=ln_eps)
+    ctx.save_for_backward(k, v, lr, *weights,
+                          *(t for t in (ln_weight, ln_bias) if t is not None))
+
+
+def _grad_backward(ctx, grad_u):
+    k, v, lr, *rest = ctx.saved_tensors
+    weights = rest[:ctx.n_layers]
+    extra = rest[ctx.n_layers:]
+    ln_weight = extra[0] if ctx.has_ln else None
+    ln_bias = extra[1 if ctx.has_ln else 0] if ctx.has_bias else None
+    grad_u = [g if g is not None else torch.zeros(
+        k.shape[0], k.shape[2], -(-k.shape[1] // ctx.kw["chunk_size"]), *w.shape[-2:],
+        dtype=ref.compute_dtype(k, v, *weights), device=k.device)
+        for g, w in zip(grad_u, weights)]
+    d_k, d_v, d_lr, d_w, d_gamma, d_beta = memory_grad_bwd_op(
+        grad_u, k, v, lr, list(weights), ln_weight, ln_bias, **ctx.kw)
+    return (d_k, d_v, d_lr, list(d_w), d_gamma if ctx.has_ln else None,
+            d_beta if ctx.has_bias else None, None, None, None, None)
+
+
+memory_grad_op.register_autograd(_grad_backward, setup_context=_grad_setup)
