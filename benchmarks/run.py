@@ -186,6 +186,54 @@ def bench_scan(s: Shape, device, backward, backend, backward_only=False):
     return run
 
 
+def bench_mlp(s: Shape, device, block, layout, backward_only, backend="cuda"):
+    """memory_forward / memory_grad alone at the shape, with residual + LN + bias (the default
+    layer). layout "shared" ([H, ...] weights) or "chunk" (per-chunk weights, as the parallel
+    variant's reads are). backward_only times the VJP of a recorded forward."""
+    q, k, v, lr, _, _, w1, w2, gamma, beta = make_memory_inputs(s, device, False)
+    n_chunks = -(-s.T // s.chunk)
+    if layout == "chunk":
+        g = torch.Generator(device=device).manual_seed(3)
+        w1 = w1 + 0.01 * torch.randn(s.B, s.H, n_chunks, s.D, s.hidden, device=device, generator=g)
+        w2 = w2 + 0.01 * torch.randn(s.B, s.H, n_chunks, s.hidden, s.D, device=device, generator=g)
+    leaves = [q, w1, w2, gamma, beta] if block == "memory_forward" else \
+        [k, v, lr, w1, w2, gamma, beta]
+    if backward_only:
+        for t in leaves:
+            t.requires_grad_(True)
+    mem = dict(residual=True, ln_weight=gamma, ln_bias=beta, backend=backend)
+
+    def forward():
+        if block == "memory_forward":
+            return (titans_cuda.memory_forward(q, (w1, w2), chunk_size=s.chunk, **mem),)
+        return titans_cuda.memory_grad(k, v, lr, (w1, w2), chunk_size=s.chunk, **mem)
+    if not backward_only:
+        return forward
+    outs = forward()
+    cot = [torch.randn_like(o) for o in outs]
+    return lambda: torch.autograd.grad(outs, leaves, cot, retain_graph=True)
+
+
+def mlp_counts(s: Shape, block, layout, backward_only):
+    """(FLOPs, bytes) floors of a block at the shape: useful FLOPs (a backward counts 2x its
+    forward), and the bytes every implementation must move (bf16 activations, fp32 weights,
+    updates and weight gradients; what a kernel re-reads or writes as per-tile partials beyond
+    that is its own overhead)."""
+    n = s.B * s.T * s.H
+    n_chunks = -(-s.T // s.chunk)
+    E = 2 * s.D * s.hidden
+    w_bytes = 4 * E * (s.B * s.H * n_chunks if layout == "chunk" else s.H)
+    act = 2 * n * s.D  # one bf16 [B, T, H, D] tensor
+    u_bytes = 4 * E * s.B * s.H * n_chunks
+    if block == "memory_forward":
+        fl = flops.memory_forward(s.D, s.hidden) * n
+        return (2 * fl, 3 * act + 2 * w_bytes) if backward_only else (fl, 2 * act + w_bytes)
+    fl = flops.memory_grad(s.D, s.hidden) * n
+    if backward_only:  # read k, v, lr, W, dU; write dk, dv, dlr, dW
+        return 2 * fl, 4 * act + 8 * n + 2 * w_bytes + u_bytes
+    return fl, 2 * act + 4 * n + w_bytes + u_bytes
+
+
 def scan_bytes(s: Shape, backward_only=False) -> int:
     """Fewest bytes the scan must move (fp32). Forward: read every U_j, write every W_j, plus
     W_0 and S_last once. Backward: read dL/dW_j, W_{j-1} and U_j (to recompute S_{j-1}), write
@@ -208,7 +256,9 @@ def _forward_flops(method, s: Shape):
 
 
 def _pass_name(bwd, extra):
-    return "bwd" if extra == "scan-bwd" else ("fwd+bwd" if bwd else "fwd")
+    if extra == "scan-bwd" or (isinstance(extra, tuple) and bwd):
+        return "bwd"
+    return "fwd+bwd" if bwd else "fwd"
 
 
 def run_shape(s: Shape, device, methods, rows, progress_desc):
@@ -233,6 +283,13 @@ def run_shape(s: Shape, device, methods, rows, progress_desc):
             # forward+backward counted as 3x forward (two matmuls back per matmul forward)
             total = fwd_flops * s.B * s.T * s.H * (3 if bwd else 1)
             row["tflops"] = total / (ms / 1e3) / 1e12
+        if isinstance(extra, tuple) and device.type == "cuda":  # ("mlp", block, layout)
+            fl, nbytes = mlp_counts(s, extra[1], extra[2], bwd)
+            sec = ms / 1e3
+            row["tflops"] = fl / sec / 1e12
+            row["gb_per_s"] = nbytes / sec / 1e9
+            row["roofline_fraction"] = max(fl / PEAK_FLOPS, nbytes / HBM_BYTES_PER_S) / sec
+            row["bound"] = "flops" if fl / PEAK_FLOPS > nbytes / HBM_BYTES_PER_S else "bytes"
         if extra in ("scan", "scan-bwd") and device.type == "cuda" and (
                 not bwd or extra == "scan-bwd"):
             nbytes = scan_bytes(s, backward_only=extra == "scan-bwd")
@@ -266,20 +323,34 @@ def scan_methods(device):
     return m
 
 
+def mlp_methods(device):
+    """The memory-MLP blocks: kernels on the GPU (both weight layouts), forward and backward."""
+    if device.type != "cuda" or titans_cuda._lib.kernels_unavailable_reason(device) is not None:
+        return []
+    m = []
+    for block in ("memory_forward", "memory_grad"):
+        for layout in ("shared", "chunk"):
+            for bwd in (False, True):
+                m.append((f"{block} {layout}",
+                          (lambda blk, lay: lambda s, d, b: bench_mlp(s, d, blk, lay, b))(
+                              block, layout), bwd, ("mlp", block, layout)))
+    return m
+
+
 def print_table(rows, file=sys.stdout):
-    head = (f"{'shape':<10} {'method':<20} {'pass':<8} {'ms':>10} {'Mtok/s':>9} "
+    head = (f"{'shape':<10} {'method':<24} {'pass':<8} {'ms':>10} {'Mtok/s':>9} "
             f"{'peak MiB':>9} {'TFLOP/s':>8} {'GB/s':>7} {'%roof':>6}")
     print(head, file=file)
     print("-" * len(head), file=file)
     for r in rows:
         if "error" in r:
-            print(f"{r['shape']:<10} {r['method']:<20} {r['pass_']:<8} {r['error']}", file=file)
+            print(f"{r['shape']:<10} {r['method']:<24} {r['pass_']:<8} {r['error']}", file=file)
             continue
         peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         gbs = f"{r['gb_per_s']:.0f}" if "gb_per_s" in r else "-"
         roof = f"{100 * r['roofline_fraction']:.0f}" if "roofline_fraction" in r else "-"
         tf = f"{r['tflops']:.2f}" if "tflops" in r else "-"
-        print(f"{r['shape']:<10} {r['method']:<20} {r['pass_']:<8} {r['ms']:>10.3f} "
+        print(f"{r['shape']:<10} {r['method']:<24} {r['pass_']:<8} {r['ms']:>10.3f} "
               f"{r['tokens_per_s'] / 1e6:>9.3f} {peak:>9} {tf:>8} {gbs:>7} {roof:>6}", file=file)
 
 
@@ -314,6 +385,8 @@ def main(argv=None):
     p.add_argument("--no-sweep", action="store_true", help="skip the sequence-length sweep")
     p.add_argument("--no-titans-pytorch", action="store_true")
     p.add_argument("--out", default="benchmarks/results", help="folder for bench.json/bench.png")
+    p.add_argument("--blocks", action="store_true",
+                   help="only the building blocks (memory_scan, memory_forward, memory_grad)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
@@ -327,10 +400,13 @@ def main(argv=None):
               "nothing about GPU speed).")
     shape = SHAPES[args.shape or ("default" if gpu else "cpu")]
     rows = []
-    run_shape(shape, device, methods_for(device, not args.no_titans_pytorch), rows, shape.name)
+    if not args.blocks:
+        run_shape(shape, device, methods_for(device, not args.no_titans_pytorch), rows,
+                  shape.name)
     run_shape(shape, device, scan_methods(device), rows, "memory_scan")
+    run_shape(shape, device, mlp_methods(device), rows, "memory-MLP blocks")
     sweep = []
-    if gpu and not args.no_sweep:
+    if gpu and not args.no_sweep and not args.blocks:
         for T in _progress(SWEEP_T, "sweep"):
             run_shape(shape.with_T(T, B=1), device, [m for m in methods_for(
                 device, not args.no_titans_pytorch) if m[2]], sweep, f"T={T}")

@@ -6,6 +6,7 @@
 #   bash scripts/gpu_check.sh                 # everything
 #   SKIP_BENCH=1 bash scripts/gpu_check.sh    # no benchmark
 #   TESTS="tests/test_gpu_mlp.py" SKIP_SANITIZER=1 ...   # a subset while iterating
+#   SKIP_TESTS=1 BENCH_ARGS="--no-sweep" ...                # build + benchmark only
 #   ARCHS=90a-real (default) selects what nvcc compiles; carried wheels in .whl/ (titans-pytorch
 #   and its needs) are installed to /tmp/site for the benchmark's baseline.
 set -u -o pipefail
@@ -46,12 +47,14 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-step "pytest (all tests, GPU included)"
 export TITANS_EXPECT_EXTENSION=1 TITANS_EXPECT_ARCH=sm_${ARCHS%%-*}
-XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
-$PY -m pytest ${TESTS:-tests} -q -p no:cacheprovider $XDIST -rfE >"$OUT/pytest.log" 2>&1
-status[pytest]="$(tail -1 "$OUT/pytest.log")"
-grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
+if [ -z "${SKIP_TESTS:-}" ]; then
+  step "pytest (all tests, GPU included)"
+  XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
+  $PY -m pytest ${TESTS:-tests} -q -p no:cacheprovider $XDIST -rfE >"$OUT/pytest.log" 2>&1
+  status[pytest]="$(tail -1 "$OUT/pytest.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
+fi
 
 if [ -z "${SKIP_SANITIZER:-}" ]; then
   step "compute-sanitizer memcheck + racecheck (kernel subset)"
@@ -72,7 +75,7 @@ status[check]="$(grep -E 'passed, .* failed' /tmp/check.log | tail -1)"
 
 if [ -z "${SKIP_BENCH:-}" ]; then
   step "benchmark"
-  $PY benchmarks/run.py --out "$OUT" 2>/tmp/bench.err
+  $PY benchmarks/run.py --out "$OUT" ${BENCH_ARGS:-} 2>/tmp/bench.err
   status[bench]="$( [ -s "$OUT/bench.json" ] && echo "bench.json written" || echo FAILED)"
   grep -v "it/s\]" /tmp/bench.err | tail -5
 fi
