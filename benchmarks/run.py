@@ -194,8 +194,10 @@ def bench_mlp(s: Shape, device, block, layout, backward_only, backend="cuda"):
     n_chunks = -(-s.T // s.chunk)
     if layout == "chunk":
         g = torch.Generator(device=device).manual_seed(3)
-        w1 = w1 + 0.01 * torch.randn(s.B, s.H, n_chunks, s.D, s.hidden, device=device, generator=g)
-        w2 = w2 + 0.01 * torch.randn(s.B, s.H, n_chunks, s.hidden, s.D, device=device, generator=g)
+        w1 = w1.unsqueeze(1) + 0.01 * torch.randn(s.B, s.H, n_chunks, s.D, s.hidden,
+                                                  device=device, generator=g)
+        w2 = w2.unsqueeze(1) + 0.01 * torch.randn(s.B, s.H, n_chunks, s.hidden, s.D,
+                                                  device=device, generator=g)
     leaves = [q, w1, w2, gamma, beta] if block == "memory_forward" else \
         [k, v, lr, w1, w2, gamma, beta]
     if backward_only:

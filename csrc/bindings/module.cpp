@@ -166,6 +166,10 @@ void memory_mlp(const py::dict& a) {
   p.ln_eps = arg<float>(a, "ln_eps");
   p.y = as_ptr<void>(ptr("y"));
   p.grad_x = as_ptr<void>(ptr("grad_x"));
+  p.grad_v = as_ptr<void>(ptr("grad_v"));
+  p.grad_lr = as_ptr<float>(ptr("grad_lr"));
+  p.grad_u1 = as_ptr<const float>(ptr("grad_u1"));
+  p.grad_u2 = as_ptr<const float>(ptr("grad_u2"));
   p.u1 = as_ptr<float>(ptr("u1"));
   p.u2 = as_ptr<float>(ptr("u2"));
   p.grad_ln = as_ptr<float>(ptr("grad_ln"));
@@ -267,7 +271,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("heads"), py::arg("n_chunks"), py::arg("elements"),
         "Scratch floats memory_scan_bwd needs: checkpoints and gate partials.");
   m.def("memory_mlp", &memory_mlp, py::arg("args"),
-        "The memory-MLP tile kernel (forward / grad / backward modes, see memory_mlp.h).");
+        "The memory-MLP tile kernels (forward / grad / backward / grad-backward modes, see "
+        "memory_mlp.h).");
   m.def("memory_mlp_supported", &titans::memory_mlp_supported, py::arg("dim"),
         py::arg("hidden"), py::arg("depth"));
   m.def("memory_mlp_tile_rows", [] { return titans::kMlpTileRows; });

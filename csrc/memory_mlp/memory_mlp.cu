@@ -22,28 +22,12 @@
 #include "memory_mlp.h"
 
 #include "../common/cuda_check.h"
-#include "../common/mma.cuh"
+#include "tile.cuh"
 
 namespace titans {
 namespace {
 
-constexpr int kThreads = 128;
-constexpr int kRows = kMlpTileRows;
-constexpr int kWarps = kThreads / 32;
-
-__device__ __forceinline__ float activation_fn(float z, int kind) {
-  if (kind == 0) return z / (1.f + __expf(-z));
-  return 0.5f * z * (1.f + erff(z * 0.70710678118654752f));
-}
-
-__device__ __forceinline__ float activation_grad(float z, int kind) {
-  if (kind == 0) {
-    const float s = 1.f / (1.f + __expf(-z));
-    return s * (1.f + z * (1.f - s));
-  }
-  return 0.5f * (1.f + erff(z * 0.70710678118654752f)) +
-         z * __expf(-0.5f * z * z) * 0.39894228040143268f;
-}
+using namespace mlp;
 
 // Shared-memory plan (elements of T unless said): rows padded by 8 elements so that the 8 rows
 // an ldmatrix phase reads fall in distinct banks.
@@ -61,107 +45,6 @@ struct Smem {
   static constexpr int kRedFloats = kWarps * 2 * D;                    // LN grad partials
   static constexpr size_t bytes(size_t elem) { return kElems * elem + kRedFloats * 4; }
 };
-
-// fp32 rows [0, R) x cols [0, Cc) of `src` (leading dim ld) -> shared [R][LD] of T.
-template <typename T, int R, int Cc, int LD>
-__device__ __forceinline__ void stage_weights(T* dst, const float* __restrict__ src, int64_t ld) {
-  static_assert(Cc % 4 == 0, "weight blocks are read as float4");
-  for (int i = threadIdx.x; i < R * Cc / 4; i += kThreads) {
-    const int r = i / (Cc / 4), c = (i % (Cc / 4)) * 4;
-    const float4 w = __ldg(reinterpret_cast<const float4*>(src + r * ld + c));
-    uint2 packed;
-    packed.x = MmaOps<T>::pack(w.x, w.y);
-    packed.y = MmaOps<T>::pack(w.z, w.w);
-    *reinterpret_cast<uint2*>(dst + r * LD + c) = packed;
-  }
-}
-
-// out[m][n] = sum_k A[k][m] B[k][n] over ksteps * 16 rows k; A [k][M] and B [k][N] in shared
-// memory (k-major), out fp32 global with leading dim ldo. 16 x 16 output tiles round-robin
-// over the warps.
-template <typename T, int M, int N>
-__device__ __forceinline__ void gemm_tn_store(const T* sa, int lda, const T* sb, int ldb,
-                                              int ksteps, float* __restrict__ out, int64_t ldo,
-                                              int warp, int lane) {
-  constexpr int kTilesN = N / 16;
-  for (int item = warp; item < (M / 16) * kTilesN; item += kWarps) {
-    const int m0 = (item / kTilesN) * 16, n0 = (item % kTilesN) * 16;
-    float acc[2][4] = {};
-    for (int ks = 0; ks < ksteps; ++ks) {
-      uint32_t a[4], b[4];
-      ldmatrix_x4_trans(a, a_addr_kmajor(sa, lda, m0, ks * 16, lane));
-      ldmatrix_x4_trans(b, b_addr_kmajor(sb, ldb, ks * 16, n0, lane));
-      MmaOps<T>::mma(acc[0], a, b[0], b[1]);
-      MmaOps<T>::mma(acc[1], a, b[2], b[3]);
-    }
-    const int row = m0 + lane / 4;
-#pragma unroll
-    for (int t = 0; t < 2; ++t) {
-      const int col = n0 + t * 8 + 2 * (lane % 4);
-      *reinterpret_cast<float2*>(out + row * ldo + col) = make_float2(acc[t][0], acc[t][1]);
-      *reinterpret_cast<float2*>(out + (row + 8) * ldo + col) =
-          make_float2(acc[t][2], acc[t][3]);
-    }
-  }
-}
-
-// acc[n-tiles of N] += A (16 x K, A fragments from shared [m][k]) * B (K x N, shared [k][n]).
-template <typename T, int K, int N>
-__device__ __forceinline__ void mma_smem_a_kmajor_b(float (&acc)[N / 8][4], const T* sa, int lda,
-                                                    int m0, const T* sb, int ldb, int lane) {
-#pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) {
-    uint32_t a[4];
-    ldmatrix_x4(a, a_addr(sa, lda, m0, kk * 16, lane));
-#pragma unroll
-    for (int np = 0; np < N / 16; ++np) {
-      uint32_t b[4];
-      ldmatrix_x4_trans(b, b_addr_kmajor(sb, ldb, kk * 16, np * 16, lane));
-      MmaOps<T>::mma(acc[2 * np], a, b[0], b[1]);
-      MmaOps<T>::mma(acc[2 * np + 1], a, b[2], b[3]);
-    }
-  }
-}
-
-// acc[n-tiles of N] += A (register fragments, K / 16 of them) * B; B from shared stored [k][n]
-// (kKMajor) or [n][k].
-template <typename T, int K, int N, bool kKMajor>
-__device__ __forceinline__ void mma_reg_a(float (&acc)[N / 8][4], const uint32_t (&a)[K / 16][4],
-                                          const T* sb, int ldb, int lane) {
-#pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) {
-#pragma unroll
-    for (int np = 0; np < N / 16; ++np) {
-      uint32_t b[4];
-      if constexpr (kKMajor) {
-        ldmatrix_x4_trans(b, b_addr_kmajor(sb, ldb, kk * 16, np * 16, lane));
-      } else {
-        ldmatrix_x4(b, b_addr(sb, ldb, kk * 16, np * 16, lane));
-      }
-      MmaOps<T>::mma(acc[2 * np], a[kk], b[0], b[1]);
-      MmaOps<T>::mma(acc[2 * np + 1], a[kk], b[2], b[3]);
-    }
-  }
-}
-
-// Writes accumulators (rows r, r + 8 of this lane) as T pairs into shared [64][ld].
-template <typename T, int N>
-__device__ __forceinline__ void store_acc_smem(T* dst, int ld, int row, const float (&acc)[N / 8][4],
-                                               int lane) {
-#pragma unroll
-  for (int nt = 0; nt < N / 8; ++nt) {
-    const int col = nt * 8 + 2 * (lane % 4);
-    *reinterpret_cast<uint32_t*>(dst + row * ld + col) = MmaOps<T>::pack(acc[nt][0], acc[nt][1]);
-    *reinterpret_cast<uint32_t*>(dst + (row + 8) * ld + col) =
-        MmaOps<T>::pack(acc[nt][2], acc[nt][3]);
-  }
-}
-
-__device__ __forceinline__ float quad_sum(float v) {
-  v += __shfl_xor_sync(0xffffffffu, v, 1);
-  v += __shfl_xor_sync(0xffffffffu, v, 2);
-  return v;
-}
 
 template <typename T, int D, int HB, int kDepth>
 __global__ void __launch_bounds__(kThreads) memory_mlp_kernel(const MemoryMlpParams p) {
@@ -188,16 +71,8 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_kernel(const MemoryMlpPar
   const bool grad = p.mode != MlpMode::kForward;
 
   // ---- x tile -> shared (rows past the tile's end are zero) ----
-  {
-    const T* xg = static_cast<const T*>(p.x) + b * p.x_b_stride + h * p.x_h_stride +
-                  int64_t(t0) * p.x_t_stride;
-    for (int i = threadIdx.x; i < kRows * D / 8; i += kThreads) {
-      const int r = i / (D / 8), c = (i % (D / 8)) * 8;
-      uint4 val = make_uint4(0, 0, 0, 0);
-      if (r < valid) val = *reinterpret_cast<const uint4*>(xg + r * p.x_t_stride + c);
-      *reinterpret_cast<uint4*>(s_x + r * kLdD + c) = val;
-    }
-  }
+  load_rows<T, D>(s_x, kLdD, static_cast<const T*>(p.x) + b * p.x_b_stride +
+                  h * p.x_h_stride + int64_t(t0) * p.x_t_stride, p.x_t_stride, valid);
   const float* w1g = p.w1 + b * p.w1_b_stride + h * p.w1_h_stride + chunk * p.w1_c_stride;
   const float* w2g = kDepth == 2 ?
       p.w2 + b * p.w2_b_stride + h * p.w2_h_stride + chunk * p.w2_c_stride : nullptr;
@@ -332,26 +207,13 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_kernel(const MemoryMlpPar
     for (int e = 0; e < 4; ++e) dx[nt][e] = p.residual ? dy[nt][e] : 0.f;
 
   if (ln && p.mode == MlpMode::kBackward) {
-    // d gamma = sum_rows dy * xhat, d beta = sum_rows dy: lanes -> warp (xor over the 8 row
-    // groups) -> shared -> fixed-order sum over warps.
+    // d gamma = sum_rows dy * xhat, d beta = sum_rows dy (fixed-order partials per tile)
+    float dyx[kNtD][4];
 #pragma unroll
-    for (int nt = 0; nt < kNtD; ++nt) {
+    for (int nt = 0; nt < kNtD; ++nt)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float dg = dy[nt][e] * f[nt][e] + dy[nt][e + 2] * f[nt][e + 2];
-        float db = dy[nt][e] + dy[nt][e + 2];
-#pragma unroll
-        for (int off = 4; off < 32; off <<= 1) {
-          dg += __shfl_xor_sync(0xffffffffu, dg, off);
-          db += __shfl_xor_sync(0xffffffffu, db, off);
-        }
-        if (lane < 4) {
-          const int col = nt * 8 + 2 * lane + e;
-          s_red[(warp * 2 + 0) * D + col] = dg;
-          s_red[(warp * 2 + 1) * D + col] = db;
-        }
-      }
-    }
+      for (int e = 0; e < 4; ++e) dyx[nt][e] = dy[nt][e] * f[nt][e];
+    column_partials<D>(s_red, dyx, dy, warp, lane);
   }
   float wrow[2];
 #pragma unroll
@@ -398,13 +260,7 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_kernel(const MemoryMlpPar
   const int64_t tile_index = (int64_t(b) * p.heads + h) * n_tiles + tile;
   if (ln && p.mode == MlpMode::kBackward) {
     __syncthreads();
-    float* out = p.grad_ln + tile_index * 2 * D;
-    for (int i = threadIdx.x; i < 2 * D; i += kThreads) {
-      const int which = i / D, col = i % D;
-      float acc = 0.f;
-      for (int w = 0; w < kWarps; ++w) acc += s_red[(w * 2 + which) * D + col];
-      out[i] = acc;
-    }
+    column_partials_store<D>(p.grad_ln + tile_index * 2 * D, s_red);
   }
   store_acc_smem<T, D>(s_df, kLdD, row_lo, dy, lane);
   uint32_t dfa[D / 16][4];
@@ -470,41 +326,19 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_kernel(const MemoryMlpPar
   }
 }
 
-template <typename T, int D, int HB, int kDepth>
-cudaError_t launch(const MemoryMlpParams& p, cudaStream_t stream) {
-  const size_t smem = Smem<D, HB, kDepth>::bytes(sizeof(T));
-  auto kernel = memory_mlp_kernel<T, D, HB, kDepth>;
-  TITANS_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  const dim3 grid(unsigned(p.n_chunks) * unsigned(p.n_sub), unsigned(p.heads),
-                  unsigned(p.batch));
-  kernel<<<grid, kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
-}
-
-int hidden_block(int hidden) {
-  return hidden % 64 == 0 ? 64 : hidden % 32 == 0 ? 32 : 16;
-}
-
-template <typename T, int D>
-cudaError_t dispatch_depth(const MemoryMlpParams& p, cudaStream_t stream) {
-  if (p.depth == 1) return launch<T, D, D, 1>(p, stream);
-  switch (hidden_block(p.hidden)) {
-    case 64: return launch<T, D, 64, 2>(p, stream);
-    case 32: return launch<T, D, 32, 2>(p, stream);
-    default: return launch<T, D, 16, 2>(p, stream);
+struct Launcher {
+  template <typename T, int D, int HB, int kDepth>
+  static cudaError_t run(const MemoryMlpParams& p, cudaStream_t stream) {
+    const size_t smem = Smem<D, HB, kDepth>::bytes(sizeof(T));
+    auto kernel = memory_mlp_kernel<T, D, HB, kDepth>;
+    TITANS_RETURN_IF_ERROR(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    const dim3 grid(unsigned(p.n_chunks) * unsigned(p.n_sub), unsigned(p.heads),
+                    unsigned(p.batch));
+    kernel<<<grid, kThreads, smem, stream>>>(p);
+    return cudaGetLastError();
   }
-}
-
-template <typename T>
-cudaError_t dispatch_dim(const MemoryMlpParams& p, cudaStream_t stream) {
-  switch (p.dim) {
-    case 16: return dispatch_depth<T, 16>(p, stream);
-    case 32: return dispatch_depth<T, 32>(p, stream);
-    case 64: return dispatch_depth<T, 64>(p, stream);
-    default: return dispatch_depth<T, 128>(p, stream);
-  }
-}
+};
 
 }  // namespace
 
@@ -520,8 +354,8 @@ cudaError_t memory_mlp(const MemoryMlpParams& p, cudaStream_t stream, int device
   }
   DeviceGuard guard(device);
   TITANS_RETURN_IF_ERROR(guard.status());
-  return p.dtype == MlpDtype::kBFloat16 ? dispatch_dim<__nv_bfloat16>(p, stream)
-                                        : dispatch_dim<__half>(p, stream);
+  if (p.mode == MlpMode::kGradBackward) return memory_mlp_grad_bwd(p, stream);
+  return dispatch<Launcher>(p, stream);
 }
 
 }  // namespace titans

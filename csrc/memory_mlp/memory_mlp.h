@@ -6,6 +6,8 @@
 //   kGrad     U^l = sum_t lr_t h^{l-1}_t^T dz^l_t with dl/dy = 2 (y - v)  (memory_grad)
 //   kBackward given dl/dy: dx, the per-tile dW^l = sum_t h^{l-1}_t^T dz^l_t and the per-tile
 //             d ln_weight, d ln_bias partials                            (memory_forward's VJP)
+//   kGradBackward given dL/dU per chunk: dk, dv, dlr, per-tile dW and d ln partials
+//             (memory_grad's VJP, the second-order terms; memory_mlp_grad_bwd.cu)
 // A tile is up to 64 tokens of one (b, h, chunk): chunk c, sub-tile s covers tokens
 // c * chunk + 64 s ... (at most the chunk's end and T). Per-tile sums (U, dW, dln) are written
 // once per tile, never accumulated with atomics, so the results are deterministic; when a chunk
@@ -18,7 +20,7 @@
 
 namespace titans {
 
-enum class MlpMode : int { kForward = 0, kGrad = 1, kBackward = 2 };
+enum class MlpMode : int { kForward = 0, kGrad = 1, kBackward = 2, kGradBackward = 3 };
 enum class MlpDtype : int { kBFloat16 = 0, kFloat16 = 1 };
 
 // Strides are in elements; the feature axis of x/v/dy and the inner two axes of each weight
@@ -26,9 +28,9 @@ enum class MlpDtype : int { kBFloat16 = 0, kFloat16 = 1 };
 struct MemoryMlpParams {
   const void* x;  // x (forward, backward) or k (grad): [B, T, H, D]
   int64_t x_b_stride, x_t_stride, x_h_stride;
-  const void* v;  // kGrad: values [B, T, H, D]
+  const void* v;  // kGrad, kGradBackward: values [B, T, H, D]
   int64_t v_b_stride, v_t_stride, v_h_stride;
-  const float* lr;  // kGrad: token weights theta [B, T, H]
+  const float* lr;  // kGrad, kGradBackward: token weights theta [B, T, H]
   int64_t lr_b_stride, lr_t_stride, lr_h_stride;
   const void* grad_y;  // kBackward: dl/dy [B, T, H, D]
   int64_t grad_y_b_stride, grad_y_t_stride, grad_y_h_stride;
@@ -40,10 +42,14 @@ struct MemoryMlpParams {
   const float* ln_bias;    // [H, D] contiguous or nullptr
   float ln_eps;
   void* y;          // kForward: [B, T, H, D], x's dtype
-  void* grad_x;     // kBackward: [B, T, H, D], x's dtype
-  float* u1;        // kGrad / kBackward: [B, H, n_tiles, D, d_out1]
+  void* grad_x;     // kBackward, kGradBackward: [B, T, H, D], x's dtype
+  void* grad_v;     // kGradBackward: [B, T, H, D], x's dtype
+  float* grad_lr;   // kGradBackward: [B, T, H]
+  const float* grad_u1;  // kGradBackward: dL/dU1 [B, H, n_chunks, D, d_out1], contiguous
+  const float* grad_u2;  // kGradBackward, depth 2: dL/dU2 [B, H, n_chunks, hidden, D]
+  float* u1;        // kGrad: U1; kBackward, kGradBackward: dW1 [B, H, n_tiles, D, d_out1]
   float* u2;        // depth 2: [B, H, n_tiles, hidden, D]
-  float* grad_ln;   // kBackward with LN: [B, H, n_tiles, 2, D] (d weight, d bias)
+  float* grad_ln;   // kBackward, kGradBackward with LN: [B, H, n_tiles, 2, D] (d weight, bias)
   int batch, heads, seqlen, dim, hidden, depth;
   int chunk;        // tokens per chunk (T for a single chunk)
   int n_chunks, n_sub;  // n_tiles = n_chunks * n_sub, n_sub = ceil(min(chunk, T) / 64)
@@ -60,5 +66,8 @@ constexpr int kMlpTileRows = 64;
 bool memory_mlp_supported(int dim, int hidden, int depth);
 
 cudaError_t memory_mlp(const MemoryMlpParams& params, cudaStream_t stream, int device);
+
+// kGradBackward's launcher (memory_mlp_grad_bwd.cu); memory_mlp() routes to it.
+cudaError_t memory_mlp_grad_bwd(const MemoryMlpParams& params, cudaStream_t stream);
 
 }  // namespace titans

@@ -3,8 +3,7 @@
   titans_cuda::memory_forward      y = M_W(x)                          (kernel mode kForward)
   titans_cuda::memory_forward_bwd  dx, dW, d ln_weight, d ln_bias       (kernel mode kBackward)
   titans_cuda::memory_grad         U_j per chunk                        (kernel mode kGrad)
-  titans_cuda::memory_grad_bwd     the second-order terms of memory_grad: the reference's
-                                   autograd graph, run on the inputs' device (no kernel yet)
+  titans_cuda::memory_grad_bwd     the second-order terms of memory_grad  (mode kGradBackward)
 
 Each op runs the kernel on CUDA bf16/fp16 inputs of a supported shape (``kernel_reason`` is
 None) and the reference otherwise, so opcheck and the CPU tests exercise the same ops.
@@ -26,7 +25,7 @@ from . import reference as ref
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 KERNEL_DIMS = (16, 32, 64, 128)
 TILE_ROWS = 64  # kMlpTileRows in memory_mlp.h (a test checks they agree)
-_MODE = {"forward": 0, "grad": 1, "backward": 2}
+_MODE = {"forward": 0, "grad": 1, "backward": 2, "grad_backward": 3}
 
 
 def shape_supported(dim: int, hidden: int, depth: int) -> bool:
@@ -86,9 +85,10 @@ def _tiling(T: int, chunk: int):
 
 def _launch(mode: str, x: Tensor, weights: List[Tensor], chunk: int,
             activation: str, residual: bool, ln_weight, ln_bias, ln_eps: float, *, v=None,
-            lr=None, grad_y=None, out: Optional[dict] = None) -> dict:
-    """Runs the kernel; returns the raw outputs (y | grad_x, u1, u2, grad_ln per tile).
-    ``out``: preallocated outputs by name (the tests pass NaN-poisoned ones)."""
+            lr=None, grad_y=None, grad_u=None, out: Optional[dict] = None) -> dict:
+    """Runs the kernel; returns the raw outputs by name: y (forward); u1, u2 (U, or dW per
+    tile); grad_x, grad_v, grad_lr; grad_ln per tile. ``out``: preallocated outputs by name
+    (the tests pass NaN-poisoned ones)."""
     B, T, H, D = x.shape
     x = _rows(x)
     depth = len(weights)
@@ -102,7 +102,8 @@ def _launch(mode: str, x: Tensor, weights: List[Tensor], chunk: int,
                 x_h_stride=x.stride(2), v=0, v_b_stride=0, v_t_stride=0, v_h_stride=0,
                 lr=0, lr_b_stride=0, lr_t_stride=0, lr_h_stride=0, grad_y=0,
                 grad_y_b_stride=0, grad_y_t_stride=0, grad_y_h_stride=0,
-                y=0, grad_x=0, u1=0, u2=0, grad_ln=0)
+                y=0, grad_x=0, grad_v=0, grad_lr=0, grad_u1=0, grad_u2=0, u1=0, u2=0,
+                grad_ln=0)
     keep = [x]
     for i, w in enumerate(weights):
         w, sb, sh, sc = _weight_strides(w.to(torch.float32))
@@ -125,7 +126,7 @@ def _launch(mode: str, x: Tensor, weights: List[Tensor], chunk: int,
         if depth == 2:
             out.setdefault("u2", torch.empty(B, H, n_tiles, hidden, D, **f32))
             args["u2"] = out["u2"].data_ptr()
-    if mode == "grad":
+    if mode in ("grad", "grad_backward"):
         v = _rows(v.to(x.dtype))
         lr = lr.to(torch.float32)
         keep += [v, lr]
@@ -137,6 +138,14 @@ def _launch(mode: str, x: Tensor, weights: List[Tensor], chunk: int,
         keep.append(grad_y)
         args.update(grad_y=grad_y.data_ptr(), grad_y_b_stride=grad_y.stride(0),
                     grad_y_t_stride=grad_y.stride(1), grad_y_h_stride=grad_y.stride(2))
+    if mode == "grad_backward":
+        grad_u = [g.to(torch.float32).contiguous() for g in grad_u]
+        keep += grad_u
+        args.update({f"grad_u{i + 1}": g.data_ptr() for i, g in enumerate(grad_u)})
+        out.setdefault("grad_v", torch.empty(B, T, H, D, dtype=x.dtype, device=dev))
+        out.setdefault("grad_lr", torch.empty(B, T, H, **f32))
+        args.update(grad_v=out["grad_v"].data_ptr(), grad_lr=out["grad_lr"].data_ptr())
+    if mode in ("backward", "grad_backward"):
         out.setdefault("grad_x", torch.empty(B, T, H, D, dtype=x.dtype, device=dev))
         args["grad_x"] = out["grad_x"].data_ptr()
         if ln_w is not None:
@@ -163,6 +172,21 @@ def _sum_tiles(u: Tensor, n_chunks: int, n_sub: int, lead: int) -> Tensor:
         return u[:, :, :, 0] if n_sub == 1 else u.sum(3)
     u = u.sum((2, 3))
     return u.sum(0) if lead == 1 else u
+
+
+def _ln_grads(o: dict, ln_weight, ln_bias, H: int, D: int, device):
+    """(d ln_weight, d ln_bias) [H, D] from the kernel's per-tile partials (zeros when absent),
+    in the parameters' dtypes (float32 when absent)."""
+    gamma_dtype = torch.float32 if ln_weight is None else ln_weight.dtype
+    beta_dtype = torch.float32 if ln_bias is None else ln_bias.dtype
+    d_gamma = torch.zeros(H, D, dtype=gamma_dtype, device=device)
+    d_beta = torch.zeros(H, D, dtype=beta_dtype, device=device)
+    if ln_weight is not None:
+        d_ln = o["grad_ln"].sum((0, 2))
+        d_gamma = d_ln[:, 0].to(gamma_dtype).contiguous()
+        if ln_bias is not None:
+            d_beta = d_ln[:, 1].to(beta_dtype).contiguous()
+    return d_gamma, d_beta
 
 
 def _chunk_for(T: int, chunk_size: Optional[int], weights) -> int:
@@ -225,15 +249,7 @@ def memory_forward_bwd_op(grad_y: Tensor, x: Tensor, weights: List[Tensor],
         lead = weights[0].dim() - 2
         d_w = [_sum_tiles(o[f"u{i + 1}"], n_chunks, n_sub, lead).to(w.dtype)
                for i, w in enumerate(weights)]
-        gamma_dtype = torch.float32 if ln_weight is None else ln_weight.dtype
-        beta_dtype = torch.float32 if ln_bias is None else ln_bias.dtype
-        d_gamma = x.new_zeros(H, D, dtype=gamma_dtype)
-        d_beta = x.new_zeros(H, D, dtype=beta_dtype)
-        if ln_weight is not None:
-            d_ln = o["grad_ln"].sum((0, 2))
-            d_gamma = d_ln[:, 0].to(gamma_dtype).contiguous()
-            if ln_bias is not None:
-                d_beta = d_ln[:, 1].to(beta_dtype).contiguous()
+        d_gamma, d_beta = _ln_grads(o, ln_weight, ln_bias, H, D, x.device)
         return o["grad_x"], d_w, d_gamma, d_beta
 
     def fn(x_, lnw_, lnb_, *ws):
@@ -323,9 +339,18 @@ def memory_grad_bwd_op(grad_u: List[Tensor], k: Tensor, v: Tensor, lr: Tensor,
                        ln_bias: Optional[Tensor], chunk_size: int, activation: str,
                        residual: bool, ln_eps: float
                        ) -> Tuple[Tensor, Tensor, Tensor, List[Tensor], Tensor, Tensor]:
-    """Second-order terms (dk, dv, dlr, dW per layer, d ln_weight, d ln_bias): the reference's
-    autograd graph on the inputs' device (the kernel for it is not written yet)."""
+    """Second-order terms (dk, dv, dlr, dW per layer, d ln_weight, d ln_bias): the kernel
+    (memory_mlp_grad_bwd.cu) where memory_grad has one, else the reference's graph."""
     H, D = k.shape[2], k.shape[3]
+    if kernel_reason(k, weights) is None:
+        o = _launch("grad_backward", k, weights, chunk_size, activation, residual, ln_weight,
+                    ln_bias, ln_eps, v=v, lr=lr, grad_u=grad_u)
+        lead = weights[0].dim() - 2
+        d_w = [_sum_tiles(o[f"u{i + 1}"], o["n_chunks"], o["n_sub"], lead).to(w.dtype)
+               for i, w in enumerate(weights)]
+        d_gamma, d_beta = _ln_grads(o, ln_weight, ln_bias, H, D, k.device)
+        return (o["grad_x"], o["grad_v"].to(v.dtype), o["grad_lr"].to(lr.dtype), d_w, d_gamma,
+                d_beta)
 
     def fn(k_, v_, lr_, lnw_, lnb_, *ws):
         return tuple(_grad_reference(k_, v_, lr_, ws, lnw_, lnb_, chunk_size, activation,
