@@ -150,7 +150,6 @@ def test_memory_grad_kernel_forward_and_backward(case):
     grads_ref = torch.autograd.grad(sum((u * c).sum() for u, c in zip(U_ref, cots)), ref_leaves)
     for i, (a, b) in enumerate(zip(grads, grads_ref)):
         assert a.dtype == leaves[i].dtype and a.shape == leaves[i].shape
-        # the second-order terms run the reference in fp32 on the kernel's rounded inputs
         assert rel_err(a, b) <= tol, (i, rel_err(a, b))
 
 

@@ -16,8 +16,8 @@ KERNELS = {
     "memory_forward": "forward and backward kernels (tensor cores): bf16/fp16 x, float32 weights "
                       "(shared, per row, per chunk), D in (16, 32, 64, 128), depth 1, or depth 2 "
                       "with hidden % 16 == 0; silu/gelu, residual, LayerNorm",
-    "memory_grad": "forward kernel as memory_forward's; its backward (second-order terms) runs "
-                   "the reference's autograd graph on the GPU",
+    "memory_grad": "forward and backward (second-order terms) kernels, same configurations as "
+                   "memory_forward",
     "neural_memory": None,
 }
 # Composed from the blocks above: runs whatever kernels they have.
