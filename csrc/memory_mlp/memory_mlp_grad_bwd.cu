@@ -19,7 +19,9 @@
 //
 // Three sweeps over the hidden blocks: (1) f; (2, reverse order) e_bar and the G1^T part of
 // k_bar; (3) z_bar, k_bar, the weight gradients. f is kept per thread in shared memory (fp32)
-// between the sweeps and the row head is recomputed from it rather than held in registers.
+// between the sweeps and the row head is recomputed from it rather than held in registers;
+// that stash shares its space with the operands only sweep 3 uses (e, f_bar, h, dh_bar, z_bar),
+// which keeps two CTAs per SM at D = 64.
 // The formulas were checked against autograd through the reference in float64.
 #include "../common/cuda_check.h"
 #include "tile.cuh"
@@ -33,25 +35,28 @@ template <int D, int HB, int kDepth>
 struct GradBwdSmem {
   static constexpr int kLdD = D + 8;
   static constexpr int kLdH = HB + 8;
-  static constexpr int kLdW = kDepth == 2 ? kLdH : kLdD;        // W1 / G1 blocks [D][HB | D]
   static constexpr int kX = kRows * kLdD;
-  static constexpr int kW1 = D * kLdW;
+  static constexpr int kW1 = D * (kDepth == 2 ? kLdH : kLdD);  // W1 / G1 blocks [D][HB | D]
   static constexpr int kW2 = kDepth == 2 ? HB * kLdD : 0;      // W2 / G2 blocks [HB][D]
   static constexpr int kRowsD = kRows * kLdD;                  // e, f_bar [64][D]
   static constexpr int kHid = kDepth == 2 ? kRows * kLdH : 0;  // h, dh_bar, z_bar [64][HB]
-  static constexpr int kElems = kX + 2 * kW1 + 2 * kW2 + 2 * kRowsD + 3 * kHid;
-  static constexpr size_t kElemBytes(size_t elem) { return (kElems * elem + 15) / 16 * 16; }
+  static constexpr int kEarly = kX + 2 * kW1 + 2 * kW2;        // operands of every sweep
+  static constexpr int kLate = 2 * kRowsD + 3 * kHid;          // sweep 3's, over the stash
+  static constexpr size_t kStashBytes = size_t(kRows) * D * 4;
+  static constexpr size_t round16(size_t n) { return (n + 15) / 16 * 16; }
+  static constexpr size_t kLateBytes(size_t elem) {
+    return round16(kLate * elem) > kStashBytes ? round16(kLate * elem) : kStashBytes;
+  }
   static constexpr int kRedFloats = kWarps * 2 * D;
-  static constexpr int kStashFloats = kRows * D;
   static constexpr size_t bytes(size_t elem) {
-    return kElemBytes(elem) + (kRedFloats + kStashFloats) * 4;
+    return round16(kEarly * elem) + kLateBytes(elem) + kRedFloats * 4;
   }
 };
 
 template <typename T, int D, int HB, int kDepth>
 __global__ void __launch_bounds__(kThreads) memory_mlp_grad_bwd_kernel(const MemoryMlpParams p) {
   using S = GradBwdSmem<D, HB, kDepth>;
-  constexpr int kLdD = S::kLdD, kLdH = S::kLdH, kLdW = S::kLdW;
+  constexpr int kLdD = S::kLdD, kLdH = S::kLdH;
   constexpr int kNtD = D / 8, kNtH = HB / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* s_x = reinterpret_cast<T*>(smem_raw);
@@ -59,13 +64,14 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_grad_bwd_kernel(const Mem
   T* s_g1 = s_w1 + S::kW1;
   T* s_w2 = s_g1 + S::kW1;
   T* s_g2 = s_w2 + S::kW2;
-  T* s_e = s_g2 + S::kW2;
+  unsigned char* late = smem_raw + S::round16(S::kEarly * sizeof(T));
+  float* s_stash = reinterpret_cast<float*>(late);  // f, thread-private, until head 2
+  T* s_e = reinterpret_cast<T*>(late);              // from head 2 on
   T* s_fbar = s_e + S::kRowsD;
   T* s_h = s_fbar + S::kRowsD;
   T* s_dhbar = s_h + S::kHid;
   T* s_zbar = s_dhbar + S::kHid;
-  float* s_red = reinterpret_cast<float*>(smem_raw + S::kElemBytes(sizeof(T)));
-  float* s_stash = s_red + S::kRedFloats;
+  float* s_red = reinterpret_cast<float*>(late + S::kLateBytes(sizeof(T)));
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -216,7 +222,7 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_grad_bwd_kernel(const Mem
                                      h * p.lr_h_stride) : 0.f;
   }
 
-  // ---- head 1: e = w df -> shared (k-major operand) and A fragments ----
+  // ---- head 1: e = w df as A fragments (written to shared for sweep 3 after head 2) ----
   uint32_t ea[D / 16][4];
   {
     float gy[kNtD][4], df[kNtD][4];
@@ -225,7 +231,6 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_grad_bwd_kernel(const Mem
     for (int nt = 0; nt < kNtD; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) df[nt][e] *= wrow[e / 2];
-    store_acc_smem<T, D>(s_e, kLdD, row_lo, df, lane);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) pack_a<T>(ea[kk], df[2 * kk], df[2 * kk + 1]);
   }
@@ -289,6 +294,15 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_grad_bwd_kernel(const Mem
     for (int nt = 0; nt < kNtD; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) xf[nt][e] = s_stash[(nt * 4 + e) * kThreads + threadIdx.x];
+    __syncthreads();  // every stash is read: its space now holds e, f_bar, h, dh_bar, z_bar
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {  // e (the A fragments' rows / columns) -> shared
+      const int col = kk * 16 + 2 * (lane % 4);
+      *reinterpret_cast<uint32_t*>(s_e + row_lo * kLdD + col) = ea[kk][0];
+      *reinterpret_cast<uint32_t*>(s_e + row_hi * kLdD + col) = ea[kk][1];
+      *reinterpret_cast<uint32_t*>(s_e + row_lo * kLdD + col + 8) = ea[kk][2];
+      *reinterpret_cast<uint32_t*>(s_e + row_hi * kLdD + col + 8) = ea[kk][3];
+    }
     errors(xf, gy, df);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
