@@ -153,7 +153,7 @@ def test_memory_grad_kernel_forward_and_backward(case):
         assert rel_err(a, b) <= tol, (i, rel_err(a, b))
 
 
-WRITE_CASES = [c for c in GRID if c[7] == "chunk"][::4]
+WRITE_CASES = [c for c in GRID if c[7] == "chunk"][::3]
 
 
 @pytest.mark.parametrize("case", WRITE_CASES, ids=[_id(c) for c in WRITE_CASES])
@@ -171,19 +171,24 @@ def test_memory_mlp_kernel_writes_every_element(case):
     f32 = dict(device=DEV, dtype=torch.float32)
     u_shapes = [(B, H, n_chunks * n_sub, D, hidden)] + \
         ([(B, H, n_chunks * n_sub, hidden, D)] if depth == 2 else [])
-    for mode in ("forward", "grad", "backward"):
+    grad_u = [torch.randn(B, H, n_chunks, *w.shape[-2:], **f32) for w in weights]
+    for mode in ("forward", "grad", "backward", "grad_backward"):
         out = {}
         if mode == "forward":
             out["y"] = torch.full_like(x, nan)
         else:
             for i, s in enumerate(u_shapes):
                 out[f"u{i + 1}"] = torch.full(s, nan, **f32)
-        if mode == "backward":
+        if mode in ("backward", "grad_backward"):
             out["grad_x"] = torch.full_like(x, nan)
             if mem["ln_weight"] is not None:
                 out["grad_ln"] = torch.full((B, H, n_chunks * n_sub, 2, D), nan, **f32)
-        got = mlp_ops._launch(mode, k if mode == "grad" else x, weights, chunk, v=v, lr=lr,
-                              grad_y=torch.randn_like(x), out=out, **common)
+        if mode == "grad_backward":
+            out["grad_v"] = torch.full_like(x, nan)
+            out["grad_lr"] = torch.full((B, T, H), nan, **f32)
+        got = mlp_ops._launch(mode, k if mode.startswith("grad") else x, weights, chunk, v=v,
+                              lr=lr, grad_y=torch.randn_like(x), grad_u=grad_u, out=out,
+                              **common)
         for name in out:
             assert torch.isfinite(got[name]).all(), (mode, name)
 
