@@ -132,6 +132,18 @@ def test_check_rows_logic_on_cpu():
         assert err <= 1e-5, (name, err)
 
 
+def test_mlp_check_rows_logic_on_cpu():
+    """The memory-MLP rows of `--check`, with the reference on the CPU (the same rounded bf16 /
+    fp16 inputs, computed in fp32): every row is computed and lands within its tolerance."""
+    from titans_cuda.__main__ import _mlp_cases, mlp_rows
+    cases = [c[:1] + (40,) + c[2:3] + (min(c[3], 32), min(c[4], 64)) + c[5:6] + (16,) + c[7:]
+             for c in _mlp_cases()]
+    rows = mlp_rows(torch.device("cpu"), "torch", cases)
+    assert len(rows) == 4 * len(cases)
+    for name, err, tol in rows:
+        assert err <= tol, (name, err, tol)
+
+
 # ---- the memory-MLP custom ops (their reference path on the CPU) ----
 
 def _mlp_op_args(layout, ln, depth=2, B=2, T=10, H=2, D=4, hidden=8, C=4, dtype=torch.float64):
