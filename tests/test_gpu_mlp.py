@@ -290,7 +290,7 @@ def test_opcheck_memory_mlp_ops_on_gpu(which):
     kw = (mem["ln_weight"], mem["ln_bias"])
     if which == "forward":
         args = (x.requires_grad_(), [w.requires_grad_() for w in weights], *kw, chunk,
-                mem["activation"], mem["residual"], 1e-6)
+                mem["activation"], mem["residual"], 1e-6, [])
         torch.library.opcheck(mlp_ops.memory_forward_op, args)
     else:
         args = (k, v, lr.requires_grad_(), [w.requires_grad_() for w in weights], *kw, chunk,
@@ -305,3 +305,34 @@ def test_python_support_rule_matches_the_extension():
         assert mlp_ops.shape_supported(D, hidden, depth) == \
             _lib._C.memory_mlp_supported(dim=D, hidden=hidden, depth=depth), (D, hidden, depth)
     assert mlp_ops.TILE_ROWS == _lib._C.memory_mlp_tile_rows()
+
+
+@pytest.mark.parametrize("first_lead", ["shared", "row"])
+@pytest.mark.parametrize("chunk,T", [(64, 200), (128, 300), (16, 40)])
+def test_memory_forward_kernel_shifted_read(first_lead, chunk, T):
+    """The parallel variant's read on the kernel (chunk j with W_{j-1}, chunk 0 with the first
+    weights) equals the kernel on concatenated weights, forward and every gradient, bitwise
+    for y and dx and to fp32 summation order for the weight gradients."""
+    _needs_kernel()
+    x, _, _, _, weights, mem, _ = _case_inputs((64, 128, 2, "gelu", True, True, "bias", "chunk",
+                                                torch.bfloat16, chunk, T))
+    B, _, H, _ = x.shape
+    lead = (H,) if first_lead == "shared" else (B, H)
+    firsts = [torch.randn(*lead, *w.shape[-2:], device=DEV) / w.shape[-2] ** 0.5
+              for w in weights]
+    gl, bl = mem["ln_weight"], mem["ln_bias"]
+    leaves = _leaves([x, *weights, *firsts])
+    y = mlp_ops.memory_forward_op(leaves[0], leaves[1:3], gl, bl, chunk, mem["activation"],
+                                  True, 1e-6, leaves[3:])
+    cat_leaves = _leaves([x, *weights, *firsts])
+    cat = [torch.cat([f.expand(B, H, *f.shape[-2:]).unsqueeze(2), w[:, :, :-1]], dim=2)
+           for f, w in zip(cat_leaves[3:], cat_leaves[1:3])]
+    y_cat = mlp_ops.memory_forward_op(cat_leaves[0], cat, gl, bl, chunk, mem["activation"],
+                                      True, 1e-6, [])
+    assert torch.equal(y, y_cat)
+    cot = torch.randn_like(y)
+    g = torch.autograd.grad((y.float() * cot).sum(), leaves)
+    g_cat = torch.autograd.grad((y_cat.float() * cot).sum(), cat_leaves)
+    assert torch.equal(g[0], g_cat[0])
+    for a, b in zip(g[1:], g_cat[1:]):
+        assert rel_err(a, b) <= 1e-6

@@ -166,12 +166,40 @@ def test_opcheck_memory_forward_op(layout, ln):
     args = (x.requires_grad_(), [w.requires_grad_() for w in weights],
             gamma if gamma is None else gamma.requires_grad_(),
             beta if beta is None else beta.requires_grad_(), C if layout == "chunk" else None,
-            "gelu", True, 1e-6)
+            "gelu", True, 1e-6, [])
     torch.library.opcheck(torch.ops.titans_cuda.memory_forward.default, args)
     assert torch.autograd.gradcheck(
         lambda x_, *r: torch.ops.titans_cuda.memory_forward(
             x_, list(r[:len(weights)]), *(list(r[len(weights):]) + [None, None])[:2], *args[4:]),
         [x, *weights, *[t for t in (gamma, beta) if t is not None]])
+
+
+@pytest.mark.parametrize("first_lead", ["shared", "row"])
+def test_memory_forward_op_shifted_read(first_lead):
+    """first_weights: chunk j reads weights[:, :, j - 1], chunk 0 the first weights; equal to
+    concatenating them, gradients included (gradcheck and opcheck on the reference path)."""
+    x, _, _, weights, gamma, beta, C = _mlp_op_args("chunk", True, T=11)
+    B, H = x.shape[0], x.shape[2]
+    lead = (H,) if first_lead == "shared" else (B, H)
+    firsts = [torch.randn(*lead, *w.shape[-2:], dtype=w.dtype) for w in weights]
+    leaves = [t.requires_grad_() for t in (x, *weights, *firsts)]
+    y = torch.ops.titans_cuda.memory_forward(x, weights, gamma, beta, C, "silu", True, 1e-6,
+                                             firsts)
+    cat = [torch.cat([f.expand(B, H, *f.shape[-2:]).unsqueeze(2), w[:, :, :-1]], dim=2)
+           for f, w in zip(firsts, weights)]
+    y_cat = torch.ops.titans_cuda.memory_forward(x, cat, gamma, beta, C, "silu", True, 1e-6, [])
+    assert torch.equal(y, y_cat)
+    cot = torch.randn_like(y)
+    g = torch.autograd.grad((y * cot).sum(), leaves)
+    g_cat = torch.autograd.grad((y_cat * cot).sum(), leaves)
+    for a, b in zip(g, g_cat):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert not g[2][:, :, -1].any()  # the last chunk's weights are read by nobody
+    torch.library.opcheck(torch.ops.titans_cuda.memory_forward.default,
+                          (x, weights, gamma, beta, C, "silu", True, 1e-6, firsts))
+    assert torch.autograd.gradcheck(
+        lambda x_, w1, w2, f1, f2: torch.ops.titans_cuda.memory_forward(
+            x_, [w1, w2], gamma, beta, C, "gelu", False, 1e-6, [f1, f2]), leaves)
 
 
 @pytest.mark.parametrize("layout", ["shared", "row", "chunk"])
@@ -188,7 +216,7 @@ def test_opcheck_memory_grad_op(layout, ln):
 def test_memory_mlp_ops_equal_the_reference_on_cpu():
     from titans_cuda.ops.memory_mlp import reference as ref
     x, v, lr, weights, gamma, beta, C = _mlp_op_args("chunk", True, T=11)
-    y = torch.ops.titans_cuda.memory_forward(x, weights, gamma, beta, C, "silu", True, 1e-6)
+    y = torch.ops.titans_cuda.memory_forward(x, weights, gamma, beta, C, "silu", True, 1e-6, [])
     y_ref = ref.memory_forward(x, weights, chunk_size=C, activation="silu", residual=True,
                                ln_weight=gamma, ln_bias=beta)
     assert torch.equal(y, y_ref)
@@ -215,7 +243,7 @@ def test_memory_mlp_fake_tensor_shapes():
     with FakeTensorMode(allow_non_fake_inputs=True):
         fx = torch.empty_like(x)
         y = torch.ops.titans_cuda.memory_forward(fx, weights, gamma, beta, C, "silu", False,
-                                                 1e-6)
+                                                 1e-6, [])
         U = torch.ops.titans_cuda.memory_grad(fx, v, lr, weights, gamma, beta, C, "silu", False,
                                               1e-6)
     assert y.shape == x.shape

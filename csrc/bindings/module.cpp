@@ -161,6 +161,13 @@ void memory_mlp(const py::dict& a) {
   p.w2 = as_ptr<const float>(ptr("w2"));
   p.w2_b_stride = i64("w2_b_stride"), p.w2_h_stride = i64("w2_h_stride");
   p.w2_c_stride = i64("w2_c_stride");
+  p.shifted = arg<bool>(a, "shifted");
+  p.w1_first = as_ptr<const float>(ptr("w1_first"));
+  p.w1_first_b_stride = i64("w1_first_b_stride"), p.w1_first_h_stride = i64("w1_first_h_stride");
+  p.w2_first = as_ptr<const float>(ptr("w2_first"));
+  p.w2_first_b_stride = i64("w2_first_b_stride"), p.w2_first_h_stride = i64("w2_first_h_stride");
+  p.u1_first = as_ptr<float>(ptr("u1_first"));
+  p.u2_first = as_ptr<float>(ptr("u2_first"));
   p.ln_weight = as_ptr<const float>(ptr("ln_weight"));
   p.ln_bias = as_ptr<const float>(ptr("ln_bias"));
   p.ln_eps = arg<float>(a, "ln_eps");

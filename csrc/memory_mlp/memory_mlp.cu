@@ -73,9 +73,14 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_kernel(const MemoryMlpPar
   // ---- x tile -> shared (rows past the tile's end are zero) ----
   load_rows<T, D>(s_x, kLdD, static_cast<const T*>(p.x) + b * p.x_b_stride +
                   h * p.x_h_stride + int64_t(t0) * p.x_t_stride, p.x_t_stride, valid);
-  const float* w1g = p.w1 + b * p.w1_b_stride + h * p.w1_h_stride + chunk * p.w1_c_stride;
-  const float* w2g = kDepth == 2 ?
-      p.w2 + b * p.w2_b_stride + h * p.w2_h_stride + chunk * p.w2_c_stride : nullptr;
+  // shifted: chunk c reads W_{c-1} of the per-chunk weights, chunk 0 the first weights
+  const bool first = p.shifted && chunk == 0;
+  const int wchunk = p.shifted ? chunk - 1 : chunk;
+  const float* w1g = first ? p.w1_first + b * p.w1_first_b_stride + h * p.w1_first_h_stride
+                           : p.w1 + b * p.w1_b_stride + h * p.w1_h_stride + wchunk * p.w1_c_stride;
+  const float* w2g = kDepth != 2 ? nullptr
+      : first ? p.w2_first + b * p.w2_first_b_stride + h * p.w2_first_h_stride
+              : p.w2 + b * p.w2_b_stride + h * p.w2_h_stride + wchunk * p.w2_c_stride;
   auto stage_block = [&](int j) {
     if constexpr (kDepth == 2) {
       stage_weights<T, D, HB, kLdH>(s_w1, w1g + j * HB, hidden);
@@ -268,13 +273,17 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_kernel(const MemoryMlpPar
   for (int kk = 0; kk < D / 16; ++kk) pack_a<T>(dfa[kk], dy[2 * kk], dy[2 * kk + 1]);
 
   const int ksteps = (valid + 15) / 16;
-  float* u1 = p.u1 + tile_index * int64_t(D) * hidden;
+  // per-tile sums; shifted: chunk 0's go to u*_first [B, H, n_sub, ...], chunk c's to the slot
+  // of W_{c-1} (the last chunk slot of u* is left to the caller)
+  const int64_t u_index = !p.shifted ? tile_index
+      : first ? (int64_t(b) * p.heads + h) * p.n_sub + sub : tile_index - p.n_sub;
+  float* u1 = (first ? p.u1_first : p.u1) + u_index * int64_t(D) * hidden;
   if constexpr (kDepth == 1) {
     __syncthreads();  // s_df complete
     gemm_tn_store<T, D, D>(s_x, kLdD, s_df, kLdD, ksteps, u1, D, warp, lane);
     if (p.mode == MlpMode::kBackward) mma_reg_a<T, D, D, false>(dx, dfa, s_w1, kLdD, lane);
   } else {
-    float* u2 = p.u2 + tile_index * int64_t(hidden) * D;
+    float* u2 = (first ? p.u2_first : p.u2) + u_index * int64_t(hidden) * D;
     for (int j = n_blocks - 1; j >= 0; --j) {
       __syncthreads();  // previous block's operands and s_h / s_dz reads are done; s_df ready
       if (j != n_blocks - 1) {
@@ -349,7 +358,9 @@ bool memory_mlp_supported(int dim, int hidden, int depth) {
 
 cudaError_t memory_mlp(const MemoryMlpParams& p, cudaStream_t stream, int device) {
   if (!memory_mlp_supported(p.dim, p.hidden, p.depth) || p.n_sub < 1 || p.n_chunks < 1 ||
-      p.batch < 1 || p.heads < 1 || p.batch > 65535 || p.heads > 65535) {
+      p.batch < 1 || p.heads < 1 || p.batch > 65535 || p.heads > 65535 ||
+      (p.shifted && (p.w1_first == nullptr || p.mode == MlpMode::kGrad ||
+                     p.mode == MlpMode::kGradBackward))) {
     return cudaErrorInvalidValue;
   }
   DeviceGuard guard(device);

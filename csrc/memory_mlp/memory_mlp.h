@@ -38,6 +38,17 @@ struct MemoryMlpParams {
   int64_t w1_b_stride, w1_h_stride, w1_c_stride;
   const float* w2;  // layer 2 [.., hidden, D] (depth 2 only)
   int64_t w2_b_stride, w2_h_stride, w2_c_stride;
+  // shifted (kForward, kBackward; per-chunk w1/w2): chunk c reads w*[c - 1] and chunk 0 reads
+  // w*_first [B | 1, H, ...] (b stride 0 broadcasts); kBackward then writes chunk 0's dW to
+  // u*_first [B, H, n_sub, ...] and chunk c's to the tiles of slot c - 1 of u*. This is the
+  // read of the parallel variant (chunk j with W_{j-1}) without concatenating W_0 and W_all.
+  bool shifted;
+  const float* w1_first;
+  int64_t w1_first_b_stride, w1_first_h_stride;
+  const float* w2_first;
+  int64_t w2_first_b_stride, w2_first_h_stride;
+  float* u1_first;
+  float* u2_first;
   const float* ln_weight;  // [H, D] contiguous or nullptr (no LayerNorm)
   const float* ln_bias;    // [H, D] contiguous or nullptr
   float ln_eps;

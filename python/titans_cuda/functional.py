@@ -127,7 +127,7 @@ def memory_forward(x: Tensor, weights: Sequence[Tensor], *, chunk_size: Optional
     device = chk.check_same_device(named)
     if use_kernels(backend, "memory_forward", device, mlp_ops.kernel_reason(x, weights)):
         return mlp_ops.memory_forward_op(x, list(weights), ln_weight, ln_bias, chunk_size,
-                                         activation, residual, ln_eps)
+                                         activation, residual, ln_eps, [])
     return mlp_ref.memory_forward(x, weights, chunk_size=chunk_size, activation=activation,
                                   residual=residual, ln_weight=ln_weight, ln_bias=ln_bias,
                                   ln_eps=ln_eps)
@@ -285,9 +285,15 @@ def parallel_neural_memory(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, forget: 
     w_all, s_last = memory_scan(updates, forget, momentum, initial_weights=weights,
                                 backend=backend)
     w_first = [w0.to(w.dtype).expand(B, H, *w0.shape[-2:]) for w0, w in zip(weights, w_all)]
-    read_weights = tuple(torch.cat([w0.unsqueeze(2), w[:, :, :-1]], dim=2)  # W_{j-1}, chunk j
-                         for w0, w in zip(w_first, w_all))
-    o = memory_forward(q, read_weights, chunk_size=chunk_size, **mem)
+    if backend != "torch" and mlp_ops.kernel_reason(q, w_all) is None:
+        # the kernel reads chunk j with W_{j-1} in place (no concatenated copy of W_all)
+        o = mlp_ops.memory_forward_op(q, list(w_all), ln_weight, ln_bias, chunk_size,
+                                      activation, residual, ln_eps,
+                                      first_weights=[w.to(torch.float32) for w in weights])
+    else:
+        read_weights = tuple(torch.cat([w0.unsqueeze(2), w[:, :, :-1]], dim=2)  # W_{j-1}
+                             for w0, w in zip(w_first, w_all))
+        o = memory_forward(q, read_weights, chunk_size=chunk_size, **mem)
     if not output_final_state:
         return o
     w_last = tuple(w[:, :, -1] if n_chunks else w0.contiguous() for w0, w in zip(w_first, w_all))

@@ -85,10 +85,13 @@ def _tiling(T: int, chunk: int):
 
 def _launch(mode: str, x: Tensor, weights: List[Tensor], chunk: int,
             activation: str, residual: bool, ln_weight, ln_bias, ln_eps: float, *, v=None,
-            lr=None, grad_y=None, grad_u=None, out: Optional[dict] = None) -> dict:
+            lr=None, grad_y=None, grad_u=None, first_weights=None,
+            out: Optional[dict] = None) -> dict:
     """Runs the kernel; returns the raw outputs by name: y (forward); u1, u2 (U, or dW per
     tile); grad_x, grad_v, grad_lr; grad_ln per tile. ``out``: preallocated outputs by name
-    (the tests pass NaN-poisoned ones)."""
+    (the tests pass NaN-poisoned ones). ``first_weights``: the shifted read (memory_mlp.h):
+    chunk c uses weights[:, :, c - 1], chunk 0 first_weights; a backward then also returns
+    u1_first / u2_first [B, H, n_sub, ...] and leaves the last chunk's slot of u1 / u2 zero."""
     B, T, H, D = x.shape
     x = _rows(x)
     depth = len(weights)
@@ -112,6 +115,14 @@ def _launch(mode: str, x: Tensor, weights: List[Tensor], chunk: int,
                      f"w{i + 1}_h_stride": sh, f"w{i + 1}_c_stride": sc})
     if depth == 1:
         args.update(w2=0, w2_b_stride=0, w2_h_stride=0, w2_c_stride=0)
+    args.update(shifted=first_weights is not None, w1_first=0, w1_first_b_stride=0,
+                w1_first_h_stride=0, w2_first=0, w2_first_b_stride=0, w2_first_h_stride=0,
+                u1_first=0, u2_first=0)
+    for i, w in enumerate(first_weights or ()):
+        w, sb, sh, _ = _weight_strides(w.to(torch.float32))
+        keep.append(w)
+        args.update({f"w{i + 1}_first": w.data_ptr(), f"w{i + 1}_first_b_stride": sb,
+                     f"w{i + 1}_first_h_stride": sh})
     ln_w = None if ln_weight is None else ln_weight.to(torch.float32).contiguous()
     ln_b = None if ln_bias is None or ln_w is None else ln_bias.to(torch.float32).contiguous()
     keep += [t for t in (ln_w, ln_b) if t is not None]
@@ -121,11 +132,15 @@ def _launch(mode: str, x: Tensor, weights: List[Tensor], chunk: int,
         out.setdefault("y", torch.empty(B, T, H, D, dtype=x.dtype, device=dev))
         args["y"] = out["y"].data_ptr()
     else:
-        out.setdefault("u1", torch.empty(B, H, n_tiles, D, hidden, **f32))
-        args["u1"] = out["u1"].data_ptr()
-        if depth == 2:
-            out.setdefault("u2", torch.empty(B, H, n_tiles, hidden, D, **f32))
-            args["u2"] = out["u2"].data_ptr()
+        shapes = [(D, hidden), (hidden, D)][:depth]
+        for i, shape in enumerate(shapes):
+            name = f"u{i + 1}"
+            out.setdefault(name, torch.empty(B, H, n_tiles, *shape, **f32))
+            args[name] = out[name].data_ptr()
+            if first_weights is not None:
+                out[name][:, :, n_tiles - n_sub:].zero_()  # W_NC reads nothing
+                out.setdefault(name + "_first", torch.empty(B, H, n_sub, *shape, **f32))
+                args[name + "_first"] = out[name + "_first"].data_ptr()
     if mode in ("grad", "grad_backward"):
         v = _rows(v.to(x.dtype))
         lr = lr.to(torch.float32)
@@ -198,22 +213,47 @@ def _chunk_for(T: int, chunk_size: Optional[int], weights) -> int:
 # memory_forward
 # ------------------------------------------------------------------------------------------
 
+def _shifted_weights(weights, first_weights):
+    """The weights chunk j reads in the shifted layout: first_weights for j = 0, weights[j - 1]
+    after (the parallel variant's W_{j-1}), as concatenated per-chunk tensors."""
+    out = []
+    for w, w0 in zip(weights, first_weights):
+        B, H = w.shape[:2]
+        w0 = w0.to(w.dtype).expand(B, H, *w0.shape[-2:]).unsqueeze(2)
+        out.append(torch.cat([w0, w[:, :, :-1]], dim=2))
+    return out
+
+
+def _forward_reference(x, weights, ln_weight, ln_bias, chunk_size, activation, residual,
+                       ln_eps, first_weights=None):
+    if first_weights is not None:
+        weights = _shifted_weights(weights, first_weights)
+    return ref.memory_forward(x, weights, chunk_size=chunk_size, activation=activation,
+                              residual=residual, ln_weight=ln_weight, ln_bias=ln_bias,
+                              ln_eps=ln_eps)
+
+
 @torch.library.custom_op("titans_cuda::memory_forward", mutates_args=())
 def memory_forward_op(x: Tensor, weights: List[Tensor], ln_weight: Optional[Tensor],
                       ln_bias: Optional[Tensor], chunk_size: Optional[int],
-                      activation: str, residual: bool, ln_eps: float) -> Tensor:
-    """y [B, T, H, D] (x's dtype) = M_W(x); weights as the module docstring says."""
+                      activation: str, residual: bool, ln_eps: float,
+                      first_weights: List[Tensor]) -> Tensor:
+    """y [B, T, H, D] (x's dtype) = M_W(x); weights as the module docstring says. With
+    ``first_weights`` ([H | B, H, d_in, d_out] per layer) the weights are per chunk and chunk j
+    reads weights[:, :, j - 1], chunk 0 first_weights (the parallel variant's read, without
+    concatenating); an empty list means none."""
+    firsts = list(first_weights) or None
     if kernel_reason(x, weights) is None:
         chunk = _chunk_for(x.shape[1], chunk_size, weights)
         return _launch("forward", x, weights, chunk, activation, residual, ln_weight,
-                       ln_bias, ln_eps)["y"]
-    return ref.memory_forward(x, weights, chunk_size=chunk_size,
-                              activation=activation, residual=residual, ln_weight=ln_weight,
-                              ln_bias=ln_bias, ln_eps=ln_eps).contiguous()
+                       ln_bias, ln_eps, first_weights=firsts)["y"]
+    return _forward_reference(x, weights, ln_weight, ln_bias, chunk_size, activation, residual,
+                              ln_eps, firsts).contiguous()
 
 
 @memory_forward_op.register_fake
-def _(x, weights, ln_weight, ln_bias, chunk_size, activation, residual, ln_eps):
+def _(x, weights, ln_weight, ln_bias, chunk_size, activation, residual, ln_eps,
+      first_weights):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -237,64 +277,77 @@ def _reference_vjp(fn, inputs, grads):
 def memory_forward_bwd_op(grad_y: Tensor, x: Tensor, weights: List[Tensor],
                           ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
                           chunk_size: Optional[int], activation: str, residual: bool,
-                          ln_eps: float) -> Tuple[Tensor, List[Tensor], Tensor, Tensor]:
-    """(dx like x, dW per layer like weights, d ln_weight [H, D], d ln_bias [H, D]); the LN
-    gradients are zeros when there is no LayerNorm."""
+                          ln_eps: float, first_weights: List[Tensor]
+                          ) -> Tuple[Tensor, List[Tensor], Tensor, Tensor, List[Tensor]]:
+    """(dx like x, dW per layer like weights, d ln_weight [H, D], d ln_bias [H, D], d
+    first_weights per layer (empty without them)); the LN gradients are zeros without LN."""
     H, D = x.shape[2], x.shape[3]
+    firsts = list(first_weights)
     if kernel_reason(x, weights) is None:
         chunk = _chunk_for(x.shape[1], chunk_size, weights)
         o = _launch("backward", x, weights, chunk, activation, residual, ln_weight,
-                    ln_bias, ln_eps, grad_y=grad_y)
+                    ln_bias, ln_eps, grad_y=grad_y, first_weights=firsts or None)
         n_chunks, n_sub = o["n_chunks"], o["n_sub"]
         lead = weights[0].dim() - 2
         d_w = [_sum_tiles(o[f"u{i + 1}"], n_chunks, n_sub, lead).to(w.dtype)
                for i, w in enumerate(weights)]
+        d_first = [_sum_tiles(o[f"u{i + 1}_first"], 1, n_sub, w0.dim() - 2).to(w0.dtype)
+                   for i, w0 in enumerate(firsts)]
         d_gamma, d_beta = _ln_grads(o, ln_weight, ln_bias, H, D, x.device)
-        return o["grad_x"], d_w, d_gamma, d_beta
+        return o["grad_x"], d_w, d_gamma, d_beta, d_first
+
+    n = len(weights)
 
     def fn(x_, lnw_, lnb_, *ws):
-        return ref.memory_forward(x_, ws, chunk_size=chunk_size,
-                                  activation=activation, residual=residual, ln_weight=lnw_,
-                                  ln_bias=lnb_, ln_eps=ln_eps)
-    g = _reference_vjp(fn, [x, ln_weight, ln_bias, *weights], [grad_y])
+        return _forward_reference(x_, ws[:n], lnw_, lnb_, chunk_size, activation, residual,
+                                  ln_eps, ws[n:] or None)
+    g = _reference_vjp(fn, [x, ln_weight, ln_bias, *weights, *firsts], [grad_y])
     zeros = x.new_zeros(H, D, dtype=torch.float32)
     d_gamma = zeros if g[1] is None else g[1]
     d_beta = zeros.clone() if g[2] is None else g[2]
-    d_w = [gw if gw is not None else torch.zeros_like(w) for gw, w in zip(g[3:], weights)]
-    return (g[0].contiguous(), [d.contiguous() for d in d_w], d_gamma.contiguous(),
-            d_beta.contiguous())
+    d_all = [gw.contiguous() for gw in g[3:]]
+    return (g[0].contiguous(), d_all[:n], d_gamma.contiguous(), d_beta.contiguous(), d_all[n:])
 
 
 @memory_forward_bwd_op.register_fake
-def _(grad_y, x, weights, ln_weight, ln_bias, chunk_size, activation, residual, ln_eps):
+def _(grad_y, x, weights, ln_weight, ln_bias, chunk_size, activation, residual, ln_eps,
+      first_weights):
     H, D = x.shape[2], x.shape[3]
     gamma_dtype = torch.float32 if ln_weight is None else ln_weight.dtype
     beta_dtype = torch.float32 if ln_bias is None else ln_bias.dtype
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights],
-            x.new_empty(H, D, dtype=gamma_dtype), x.new_empty(H, D, dtype=beta_dtype))
+    like = lambda ts: [torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa
+                       for t in ts or []]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), like(weights),
+            x.new_empty(H, D, dtype=gamma_dtype), x.new_empty(H, D, dtype=beta_dtype),
+            like(first_weights))
 
 
 def _fwd_setup(ctx, inputs, output):
-    x, weights, ln_weight, ln_bias, chunk_size, activation, residual, ln_eps = inputs
+    x, weights, ln_weight, ln_bias, chunk_size, activation, residual, ln_eps, \
+        first_weights = inputs
     ctx.n_layers = len(weights)
+    ctx.has_first = len(first_weights) > 0
     ctx.has_ln = ln_weight is not None
     ctx.has_bias = ln_bias is not None
     ctx.kw = dict(chunk_size=chunk_size, activation=activation, residual=residual,
                   ln_eps=ln_eps)
-    ctx.save_for_backward(x, *weights, *(t for t in (ln_weight, ln_bias) if t is not None))
+    ctx.save_for_backward(x, *weights, *first_weights,
+                          *(t for t in (ln_weight, ln_bias) if t is not None))
 
 
 def _fwd_backward(ctx, grad_y):
     x, *rest = ctx.saved_tensors
-    weights = rest[:ctx.n_layers]
-    extra = rest[ctx.n_layers:]
+    n = ctx.n_layers
+    weights = rest[:n]
+    firsts = list(rest[n:2 * n]) if ctx.has_first else []
+    extra = rest[2 * n if ctx.has_first else n:]
     ln_weight = extra[0] if ctx.has_ln else None
     ln_bias = extra[1 if ctx.has_ln else 0] if ctx.has_bias else None
-    d_x, d_w, d_gamma, d_beta = memory_forward_bwd_op(
-        grad_y, x, list(weights), ln_weight, ln_bias, **ctx.kw)
+    d_x, d_w, d_gamma, d_beta, d_first = memory_forward_bwd_op(
+        grad_y, x, list(weights), ln_weight, ln_bias, first_weights=firsts, **ctx.kw)
     return (d_x, list(d_w), d_gamma if ctx.has_ln else None,
-            d_beta if ctx.has_bias else None, None, None, None, None)
+            d_beta if ctx.has_bias else None, None, None, None, None,
+            list(d_first) if ctx.has_first else [])
 
 
 memory_forward_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
