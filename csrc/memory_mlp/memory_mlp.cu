@@ -101,19 +101,7 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_kernel(const MemoryMlpPar
     stage_block(j);
     __syncthreads();
     if constexpr (kDepth == 2) {
-      float z[kNtH][4] = {};
-      mma_smem_a_kmajor_b<T, D, HB>(z, s_x, kLdD, m0, s_w1, kLdH, lane);
-      uint32_t ha[HB / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < HB / 16; ++kk) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          z[2 * kk][e] = activation_fn(z[2 * kk][e], p.activation);
-          z[2 * kk + 1][e] = activation_fn(z[2 * kk + 1][e], p.activation);
-        }
-        pack_a<T>(ha[kk], z[2 * kk], z[2 * kk + 1]);
-      }
-      mma_reg_a<T, HB, D, true>(f, ha, s_w2, kLdD, lane);
+      mlp_block_forward<T, D, HB>(f, s_x, kLdD, s_w1, kLdH, s_w2, kLdD, m0, lane, p.activation);
     } else {
       mma_smem_a_kmajor_b<T, D, D>(f, s_x, kLdD, m0, s_w1, kLdD, lane);
     }
@@ -159,20 +147,11 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_kernel(const MemoryMlpPar
   };
 
   if (!grad) {
-    T* yg = static_cast<T*>(p.y);
 #pragma unroll
-    for (int nt = 0; nt < kNtD; ++nt) {
-      const int col = nt * 8 + 2 * (lane % 4);
+    for (int nt = 0; nt < kNtD; ++nt)
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int row = half == 0 ? row_lo : row_hi;
-        if (row < valid) {
-          const int64_t off = ((int64_t(b) * p.seqlen + t0 + row) * p.heads + h) * D + col;
-          *reinterpret_cast<uint32_t*>(yg + off) =
-              MmaOps<T>::pack(y_of(nt, 2 * half), y_of(nt, 2 * half + 1));
-        }
-      }
-    }
+      for (int e = 0; e < 4; ++e) f[nt][e] = y_of(nt, e);
+    store_rows<T, D>(p.y, p, b, h, t0, row_lo, valid, f, lane);
     return;
   }
 
@@ -290,18 +269,15 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_kernel(const MemoryMlpPar
         stage_block(j);
         __syncthreads();
       }
-      float z[kNtH][4] = {};
+      float z[kNtH][4] = {}, pz[kNtH][4];
       mma_smem_a_kmajor_b<T, D, HB>(z, s_x, kLdD, m0, s_w1, kLdH, lane);
+      activate<kNtH, false>(z, pz, pz, p.activation);
       float dh[kNtH][4] = {};
       mma_reg_a<T, D, HB, false>(dh, dfa, s_w2, kLdD, lane);
 #pragma unroll
-      for (int nt = 0; nt < kNtH; ++nt) {
+      for (int nt = 0; nt < kNtH; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          dh[nt][e] *= activation_grad(z[nt][e], p.activation);
-          z[nt][e] = activation_fn(z[nt][e], p.activation);
-        }
-      }
+        for (int e = 0; e < 4; ++e) dh[nt][e] *= pz[nt][e];
       store_acc_smem<T, HB>(s_h, kLdH, row_lo, z, lane);
       store_acc_smem<T, HB>(s_dz, kLdH, row_lo, dh, lane);
       if (p.mode == MlpMode::kBackward) {
@@ -318,34 +294,15 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_kernel(const MemoryMlpPar
   }
 
   if (p.mode == MlpMode::kBackward) {
-    T* gx = static_cast<T*>(p.grad_x);
-#pragma unroll
-    for (int nt = 0; nt < kNtD; ++nt) {
-      const int col = nt * 8 + 2 * (lane % 4);
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int row = half == 0 ? row_lo : row_hi;
-        if (row < valid) {
-          const int64_t off = ((int64_t(b) * p.seqlen + t0 + row) * p.heads + h) * D + col;
-          *reinterpret_cast<uint32_t*>(gx + off) =
-              MmaOps<T>::pack(dx[nt][2 * half], dx[nt][2 * half + 1]);
-        }
-      }
-    }
+    store_rows<T, D>(p.grad_x, p, b, h, t0, row_lo, valid, dx, lane);
   }
 }
 
 struct Launcher {
   template <typename T, int D, int HB, int kDepth>
   static cudaError_t run(const MemoryMlpParams& p, cudaStream_t stream) {
-    const size_t smem = Smem<D, HB, kDepth>::bytes(sizeof(T));
-    auto kernel = memory_mlp_kernel<T, D, HB, kDepth>;
-    TITANS_RETURN_IF_ERROR(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    const dim3 grid(unsigned(p.n_chunks) * unsigned(p.n_sub), unsigned(p.heads),
-                    unsigned(p.batch));
-    kernel<<<grid, kThreads, smem, stream>>>(p);
-    return cudaGetLastError();
+    return launch_tiles(memory_mlp_kernel<T, D, HB, kDepth>,
+                        Smem<D, HB, kDepth>::bytes(sizeof(T)), p, stream);
   }
 };
 

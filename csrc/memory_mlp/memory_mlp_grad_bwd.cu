@@ -119,19 +119,7 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_grad_bwd_kernel(const Mem
     if (kDepth == 1) stage_g(0);
     __syncthreads();
     if constexpr (kDepth == 2) {
-      float z[kNtH][4] = {};
-      mma_smem_a_kmajor_b<T, D, HB>(z, s_x, kLdD, m0, s_w1, kLdH, lane);
-      uint32_t ha[HB / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < HB / 16; ++kk) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          z[2 * kk][e] = activation_fn(z[2 * kk][e], p.activation);
-          z[2 * kk + 1][e] = activation_fn(z[2 * kk + 1][e], p.activation);
-        }
-        pack_a<T>(ha[kk], z[2 * kk], z[2 * kk + 1]);
-      }
-      mma_reg_a<T, HB, D, true>(f, ha, s_w2, kLdD, lane);
+      mlp_block_forward<T, D, HB>(f, s_x, kLdD, s_w1, kLdH, s_w2, kLdD, m0, lane, p.activation);
     } else {
       mma_smem_a_kmajor_b<T, D, D>(f, s_x, kLdD, m0, s_w1, kLdD, lane);
     }
@@ -246,13 +234,7 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_grad_bwd_kernel(const Mem
       float acc[kNtH][4] = {}, pz[kNtH][4];
       uint32_t ha[HB / 16][4], dza[HB / 16][4], dhba[HB / 16][4];
       mma_smem_a_kmajor_b<T, D, HB>(acc, s_x, kLdD, m0, s_w1, kLdH, lane);  // z
-#pragma unroll
-      for (int nt = 0; nt < kNtH; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          pz[nt][e] = activation_grad(acc[nt][e], p.activation);
-          acc[nt][e] = activation_fn(acc[nt][e], p.activation);
-        }
+      activate<kNtH, false>(acc, pz, pz, p.activation);
 #pragma unroll
       for (int kk = 0; kk < HB / 16; ++kk) pack_a<T>(ha[kk], acc[2 * kk], acc[2 * kk + 1]);
 #pragma unroll
@@ -370,22 +352,12 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_grad_bwd_kernel(const Mem
       }
     }
     // v_bar = -y_bar; residual: k_bar += y_bar
-    T* gv = static_cast<T*>(p.grad_v);
+    store_rows<T, D>(p.grad_v, p, b, h, t0, row_lo, valid, ebar, lane, -1.f);
+    if (p.residual) {
 #pragma unroll
-    for (int nt = 0; nt < kNtD; ++nt) {
+      for (int nt = 0; nt < kNtD; ++nt)
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int row = row_of(2 * half);
-        if (row < valid) {
-          const int64_t off =
-              ((int64_t(b) * p.seqlen + t0 + row) * p.heads + h) * D + col_of(nt, 0);
-          *reinterpret_cast<uint32_t*>(gv + off) =
-              MmaOps<T>::pack(-ebar[nt][2 * half], -ebar[nt][2 * half + 1]);
-        }
-      }
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        if (p.residual) xbar[nt][e] += ebar[nt][e];
+        for (int e = 0; e < 4; ++e) xbar[nt][e] += ebar[nt][e];
     }
     if (ln) column_partials<D>(s_red, gy, ebar, warp, lane);
     store_acc_smem<T, D>(s_fbar, kLdD, row_lo, df, lane);
@@ -407,14 +379,7 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_grad_bwd_kernel(const Mem
       }
       float acc[kNtH][4] = {}, pz[kNtH][4], p2[kNtH][4], dh[kNtH][4] = {};
       mma_smem_a_kmajor_b<T, D, HB>(acc, s_x, kLdD, m0, s_w1, kLdH, lane);  // z
-#pragma unroll
-      for (int nt = 0; nt < kNtH; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          pz[nt][e] = activation_grad(acc[nt][e], p.activation);
-          p2[nt][e] = activation_grad2(acc[nt][e], p.activation);
-          acc[nt][e] = activation_fn(acc[nt][e], p.activation);
-        }
+      activate<kNtH, true>(acc, pz, p2, p.activation);
       store_acc_smem<T, HB>(s_h, kLdH, row_lo, acc, lane);
       mma_reg_a<T, D, HB, false>(dh, ea, s_w2, kLdD, lane);  // dh = e W2^T
 #pragma unroll
@@ -455,32 +420,14 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_grad_bwd_kernel(const Mem
   }
   if (ln) column_partials_store<D>(p.grad_ln + tile_index * 2 * D, s_red);
 
-  T* gx = static_cast<T*>(p.grad_x);
-#pragma unroll
-  for (int nt = 0; nt < kNtD; ++nt) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int row = row_of(2 * half);
-      if (row < valid) {
-        const int64_t off = ((int64_t(b) * p.seqlen + t0 + row) * p.heads + h) * D + col_of(nt, 0);
-        *reinterpret_cast<uint32_t*>(gx + off) =
-            MmaOps<T>::pack(xbar[nt][2 * half], xbar[nt][2 * half + 1]);
-      }
-    }
-  }
+  store_rows<T, D>(p.grad_x, p, b, h, t0, row_lo, valid, xbar, lane);
 }
 
 struct Launcher {
   template <typename T, int D, int HB, int kDepth>
   static cudaError_t run(const MemoryMlpParams& p, cudaStream_t stream) {
-    const size_t smem = GradBwdSmem<D, HB, kDepth>::bytes(sizeof(T));
-    auto kernel = memory_mlp_grad_bwd_kernel<T, D, HB, kDepth>;
-    TITANS_RETURN_IF_ERROR(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    const dim3 grid(unsigned(p.n_chunks) * unsigned(p.n_sub), unsigned(p.heads),
-                    unsigned(p.batch));
-    kernel<<<grid, kThreads, smem, stream>>>(p);
-    return cudaGetLastError();
+    return launch_tiles(memory_mlp_grad_bwd_kernel<T, D, HB, kDepth>,
+                        GradBwdSmem<D, HB, kDepth>::bytes(sizeof(T)), p, stream);
   }
 };
 

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "../common/cuda_check.h"
 #include "../common/mma.cuh"
 #include "memory_mlp.h"
 
@@ -36,6 +37,20 @@ __device__ __forceinline__ float activation_grad2(float z, int kind) {
     return s * (1.f - s) * (2.f + z * (1.f - 2.f * s));
   }
   return __expf(-0.5f * z * z) * 0.39894228040143268f * (2.f - z * z);
+}
+
+// In place z -> phi(z) with d1 = phi'(z) (and d2 = phi''(z) when kSecond; d2 untouched else).
+template <int N, bool kSecond>
+__device__ __forceinline__ void activate(float (&z)[N][4], float (&d1)[N][4], float (&d2)[N][4],
+                                         int kind) {
+#pragma unroll
+  for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      d1[nt][e] = activation_grad(z[nt][e], kind);
+      if constexpr (kSecond) d2[nt][e] = activation_grad2(z[nt][e], kind);
+      z[nt][e] = activation_fn(z[nt][e], kind);
+    }
 }
 
 // fp32 rows [0, R) x cols [0, Cc) of `src` (leading dim ld) -> shared [R][LD] of T. Loads are
@@ -150,8 +165,8 @@ __device__ __forceinline__ void mma_reg_a(float (&acc)[N / 8][4], const uint32_t
 
 // Writes accumulators (rows r, r + 8 of this lane) as T pairs into shared [64][ld].
 template <typename T, int N>
-__device__ __forceinline__ void store_acc_smem(T* dst, int ld, int row, const float (&acc)[N / 8][4],
-                                               int lane) {
+__device__ __forceinline__ void store_acc_smem(T* dst, int ld, int row,
+                                               const float (&acc)[N / 8][4], int lane) {
 #pragma unroll
   for (int nt = 0; nt < N / 8; ++nt) {
     const int col = nt * 8 + 2 * (lane % 4);
@@ -214,6 +229,63 @@ __device__ __forceinline__ void column_partials_store(float* __restrict__ out,
     for (int w = 0; w < kWarps; ++w) acc += s_red[(w * 2 + which) * D + col];
     out[i] = acc;
   }
+}
+
+// f += phi(x W1[:, block]) W2[block, :] for this warp's 16 rows: z in registers, phi applied
+// there and re-packed as the A operand of the second product.
+template <typename T, int D, int HB>
+__device__ __forceinline__ void mlp_block_forward(float (&f)[D / 8][4], const T* s_x, int ldx,
+                                                  const T* s_w1, int ldw1, const T* s_w2,
+                                                  int ldw2, int m0, int lane, int kind) {
+  float z[HB / 8][4] = {};
+  mma_smem_a_kmajor_b<T, D, HB>(z, s_x, ldx, m0, s_w1, ldw1, lane);
+  uint32_t ha[HB / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < HB / 16; ++kk) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      z[2 * kk][e] = activation_fn(z[2 * kk][e], kind);
+      z[2 * kk + 1][e] = activation_fn(z[2 * kk + 1][e], kind);
+    }
+    pack_a<T>(ha[kk], z[2 * kk], z[2 * kk + 1]);
+  }
+  mma_reg_a<T, HB, D, true>(f, ha, s_w2, ldw2, lane);
+}
+
+// Stores a lane's accumulators (rows row_lo and row_lo + 8 of the tile, scaled by `scale`) as
+// T pairs into a contiguous [B, T, H, D] tensor, rows >= valid skipped.
+template <typename T, int D>
+__device__ __forceinline__ void store_rows(void* out, const MemoryMlpParams& p, int b, int h,
+                                           int t0, int row_lo, int valid,
+                                           const float (&acc)[D / 8][4], int lane,
+                                           float scale = 1.f) {
+  T* base = static_cast<T*>(out);
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
+    const int col = nt * 8 + 2 * (lane % 4);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row_lo + 8 * half;
+      if (row < valid) {
+        const int64_t off = ((int64_t(b) * p.seqlen + t0 + row) * p.heads + h) * D + col;
+        *reinterpret_cast<uint32_t*>(base + off) =
+            MmaOps<T>::pack(scale * acc[nt][2 * half], scale * acc[nt][2 * half + 1]);
+      }
+    }
+  }
+}
+
+// Launches a tile kernel over (n_chunks * n_sub, H, B) CTAs with `smem` bytes of dynamic
+// shared memory.
+template <typename Kernel>
+cudaError_t launch_tiles(Kernel kernel, size_t smem, const MemoryMlpParams& p,
+                         cudaStream_t stream) {
+  TITANS_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  const dim3 grid(unsigned(p.n_chunks) * unsigned(p.n_sub), unsigned(p.heads),
+                  unsigned(p.batch));
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
 }
 
 // Host side: the compiled (dtype, D, hidden block, depth) instances. Launcher::run<T, D, HB,
