@@ -43,15 +43,10 @@ struct Smem {
   static constexpr int kDZ = kDepth == 2 ? kRows * kLdH : 0;           // dz1 block [64][HB]
   static constexpr int kElems = kX + kW1 + kW2 + kDF + kH + kDZ;
   static constexpr int kRedFloats = kWarps * 2 * D;                    // LN grad partials
-  // kForward reads x and the weight blocks only
-  static constexpr size_t bytes(size_t elem, bool forward_only) {
-    return forward_only ? (kX + kW1 + kW2) * elem : kElems * elem + kRedFloats * 4;
-  }
+  static constexpr size_t bytes(size_t elem) { return kElems * elem + kRedFloats * 4; }
 };
 
-// kForwardOnly: the kForward instance, compiled apart so that it carries none of the gradient
-// modes' registers (more CTAs per SM) and needs only x and the weight blocks in shared memory.
-template <typename T, int D, int HB, int kDepth, bool kForwardOnly>
+template <typename T, int D, int HB, int kDepth>
 __global__ void __launch_bounds__(kThreads) memory_mlp_kernel(const MemoryMlpParams p) {
   using S = Smem<D, HB, kDepth>;
   constexpr int kLdD = S::kLdD, kLdH = S::kLdH;
@@ -73,7 +68,7 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_kernel(const MemoryMlpPar
   const int valid = max(0, min(kRows, min(p.chunk - sub * kRows, p.seqlen - t0)));
   const int hidden = kDepth == 2 ? p.hidden : D;
   const int n_blocks = kDepth == 2 ? hidden / HB : 1;
-  const bool grad = !kForwardOnly && p.mode != MlpMode::kForward;
+  const bool grad = p.mode != MlpMode::kForward;
 
   // ---- x tile -> shared (rows past the tile's end are zero) ----
   load_rows<T, D>(s_x, kLdD, static_cast<const T*>(p.x) + b * p.x_b_stride +
@@ -151,7 +146,7 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_kernel(const MemoryMlpPar
     return y;
   };
 
-  if (kForwardOnly || !grad) {
+  if (!grad) {
 #pragma unroll
     for (int nt = 0; nt < kNtD; ++nt)
 #pragma unroll
@@ -159,7 +154,6 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_kernel(const MemoryMlpPar
     store_rows<T, D>(p.y, p, b, h, t0, row_lo, valid, f, lane);
     return;
   }
-  if constexpr (!kForwardOnly) {
 
   // ---- dl/dy, LN backward, token weights ----
   float dy[kNtD][4];
@@ -306,21 +300,13 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_kernel(const MemoryMlpPar
   if (p.mode == MlpMode::kBackward) {
     store_rows<T, D>(p.grad_x, p, b, h, t0, row_lo, valid, dx, lane);
   }
-  }  // if constexpr (!kForwardOnly)
 }
 
 struct Launcher {
   template <typename T, int D, int HB, int kDepth>
   static cudaError_t run(const MemoryMlpParams& p, cudaStream_t stream) {
-    if (p.mode == MlpMode::kForward) {
-      // hidden blocks of at most 32 columns: half the z registers (101 instead of 157 at D = 64,
-      // five CTAs per SM instead of three); hidden % 64 == 0 implies hidden % 32 == 0
-      constexpr int kHb = HB > 32 ? 32 : HB;
-      return launch_tiles(memory_mlp_kernel<T, D, kHb, kDepth, true>,
-                          Smem<D, kHb, kDepth>::bytes(sizeof(T), true), p, stream);
-    }
-    return launch_tiles(memory_mlp_kernel<T, D, HB, kDepth, false>,
-                        Smem<D, HB, kDepth>::bytes(sizeof(T), false), p, stream);
+    return launch_tiles(memory_mlp_kernel<T, D, HB, kDepth>,
+                        Smem<D, HB, kDepth>::bytes(sizeof(T)), p, stream);
   }
 };
 
