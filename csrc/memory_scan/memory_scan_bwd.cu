@@ -61,19 +61,33 @@ __global__ void __launch_bounds__(kThreads) memory_scan_bwd_kernel(const MemoryS
   const int n_ckpt = int(ceil_div(n_chunks, kEvery));
   float* ckpt = p.checkpoints + head * n_ckpt * E + e;
 
-  // pass 1: S forward, checkpoints of S_{j-1} at j = 0, kEvery, 2 kEvery, ...
+  // pass 1: S forward, checkpoints of S_{j-1} at j = 0, kEvery, 2 kEvery, ...; a segment's
+  // kEvery updates are loaded before the first is used (kEvery loads in flight per thread,
+  // not one: the loads cannot move above the checkpoint store by themselves)
   Frag<kVec> s = zeros<kVec>();
   if (active && p.initial_momentum != nullptr) {
     s = load<kVec, Cache::kReadOnly>(p.initial_momentum + b * p.initial_momentum_b_stride +
                                      h * p.initial_momentum_h_stride + e);
   }
-  for (int j = 0; j < n_chunks; ++j) {
-    if (active) {
-      if (j % kEvery == 0) store<kVec, Cache::kDefault>(ckpt + int64_t(j / kEvery) * E, s);
-      const Frag<kVec> u = load<kVec, Cache::kReadOnly>(u_ptr + j * p.updates_c_stride);
-      const float eta = __ldg(momentum + j * p.momentum_c_stride);
+  for (int g = 0; g < n_ckpt && active; ++g) {
+    const int j0 = g * kEvery;
+    const int len = min(kEvery, n_chunks - j0);
+    Frag<kVec> u[kEvery];
+    float eta[kEvery];
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) s.v[i] = eta * s.v[i] - u.v[i];
+    for (int r = 0; r < kEvery; ++r) {
+      if (r < len) {
+        u[r] = load<kVec, Cache::kReadOnly>(u_ptr + (j0 + r) * p.updates_c_stride);
+        eta[r] = __ldg(momentum + (j0 + r) * p.momentum_c_stride);
+      }
+    }
+    store<kVec, Cache::kDefault>(ckpt + int64_t(g) * E, s);
+#pragma unroll
+    for (int r = 0; r < kEvery; ++r) {
+      if (r < len) {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) s.v[i] = eta[r] * s.v[i] - u[r].v[i];
+      }
     }
   }
 
