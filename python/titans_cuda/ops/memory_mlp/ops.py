@@ -204,6 +204,14 @@ def _ln_grads(o: dict, ln_weight, ln_bias, H: int, D: int, device):
     return d_gamma, d_beta
 
 
+def _ln_grads_or_zeros(d_gamma, d_beta, H: int, D: int, device):
+    """The reference VJP's LN gradients (None for an absent parameter -> float32 zeros, as the
+    ops' schemas return), contiguous."""
+    zeros = lambda: torch.zeros(H, D, dtype=torch.float32, device=device)  # noqa: E731
+    return ((zeros() if d_gamma is None else d_gamma.contiguous()),
+            (zeros() if d_beta is None else d_beta.contiguous()))
+
+
 def _chunk_for(T: int, chunk_size: Optional[int], weights) -> int:
     """Tokens per kernel chunk: the weights' chunk when they are per chunk, else one chunk."""
     return chunk_size if weights[0].dim() == 5 else max(T, 1)
@@ -302,11 +310,9 @@ def memory_forward_bwd_op(grad_y: Tensor, x: Tensor, weights: List[Tensor],
         return _forward_reference(x_, ws[:n], lnw_, lnb_, chunk_size, activation, residual,
                                   ln_eps, ws[n:] or None)
     g = _reference_vjp(fn, [x, ln_weight, ln_bias, *weights, *firsts], [grad_y])
-    zeros = x.new_zeros(H, D, dtype=torch.float32)
-    d_gamma = zeros if g[1] is None else g[1]
-    d_beta = zeros.clone() if g[2] is None else g[2]
+    d_gamma, d_beta = _ln_grads_or_zeros(g[1], g[2], H, D, x.device)
     d_all = [gw.contiguous() for gw in g[3:]]
-    return (g[0].contiguous(), d_all[:n], d_gamma.contiguous(), d_beta.contiguous(), d_all[n:])
+    return g[0].contiguous(), d_all[:n], d_gamma, d_beta, d_all[n:]
 
 
 @memory_forward_bwd_op.register_fake
@@ -410,14 +416,9 @@ def memory_grad_bwd_op(grad_u: List[Tensor], k: Tensor, v: Tensor, lr: Tensor,
                                      residual, ln_eps))
     g = _reference_vjp(fn, [k, v, lr, ln_weight, ln_bias, *weights],
                        [gu.to(ref.compute_dtype(k, v, *weights)) for gu in grad_u])
-    zeros = k.new_zeros(H, D, dtype=torch.float32)
-    out = [g[0], g[1], g[2]]
-    out = [t.contiguous() for t in out]
-    d_w = [(gw if gw is not None else torch.zeros_like(w)).contiguous()
-           for gw, w in zip(g[5:], weights)]
-    d_gamma = zeros if g[3] is None else g[3].contiguous()
-    d_beta = zeros.clone() if g[4] is None else g[4].contiguous()
-    return out[0], out[1], out[2], d_w, d_gamma, d_beta
+    d_gamma, d_beta = _ln_grads_or_zeros(g[3], g[4], H, D, k.device)
+    d_k, d_v, d_lr, *d_w = [t.contiguous() for t in g[:3] + g[5:]]
+    return d_k, d_v, d_lr, d_w, d_gamma, d_beta
 
 
 @memory_grad_bwd_op.register_fake
