@@ -45,6 +45,16 @@ def _scan_inputs(B, H, NC, di, do, with_s0, per_row, device=DEV, dtype=torch.flo
     return U, alpha, eta, W0, S0
 
 
+def _first_layer(case, device=DEV):
+    """The first layer of _scan_inputs(*case) in the ops' flat layout: U [B, H, NC, E], the
+    gates, W0 broadcast to [B, H, E] and S0 [B, H, E] or None."""
+    B, H, NC, di, do, _, _ = case
+    U, alpha, eta, W0, S0 = _scan_inputs(*case, device=device)
+    E = di * do
+    return (U[0].reshape(B, H, NC, E), alpha, eta, W0[0].reshape(-1, H, E).expand(B, H, E),
+            None if S0 is None else S0[0].reshape(B, H, E))
+
+
 def _dbl(ts):
     return None if ts is None else tuple(t.double() for t in ts)
 
@@ -66,12 +76,8 @@ def test_memory_scan_kernel_matches_float64_reference(case):
 def test_memory_scan_kernel_writes_every_element(case):
     """Outputs pre-filled with NaN: any element the kernel skips stays NaN."""
     _needs_kernel()
-    B, H, NC, di, do, with_s0, per_row = case
-    U, alpha, eta, W0, S0 = _scan_inputs(*case)
-    E = di * do
-    u = U[0].reshape(B, H, NC, E)
-    w0 = W0[0].reshape(-1, H, E).expand(B, H, E)
-    s0 = None if S0 is None else S0[0].reshape(B, H, E)
+    u, alpha, eta, w0, s0 = _first_layer(case)
+    B, H, NC, E = u.shape
     out = (torch.full((B, H, NC, E), float("nan"), device=DEV),
            torch.full((B, H, E), float("nan"), device=DEV))
     launch(u, alpha, eta, w0, s0, out=out)
@@ -85,12 +91,8 @@ def test_memory_scan_kernel_writes_every_element(case):
 def test_memory_scan_backward_kernel_matches_float64_and_writes_everything(case):
     """The reverse-scan kernel into NaN-poisoned outputs, against the float64 reverse scan."""
     _needs_kernel()
-    B, H, NC, di, do, with_s0, per_row = case
-    U, alpha, eta, W0, S0 = _scan_inputs(*case)
-    E = di * do
-    u = U[0].reshape(B, H, NC, E)
-    w0 = W0[0].reshape(-1, H, E).expand(B, H, E)
-    s0 = None if S0 is None else S0[0].reshape(B, H, E)
+    u, alpha, eta, w0, s0 = _first_layer(case)
+    B, H, NC, E = u.shape
     w_all, _ = launch(u, alpha, eta, w0, s0)
     g_w, g_s = torch.randn(B, H, NC, E, device=DEV), torch.randn(B, H, E, device=DEV)
     nan = dict(fill_value=float("nan"), device=DEV)
