@@ -18,12 +18,12 @@ from titans_cuda.ops.memory_mlp import ops as mlp_ops
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
-TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
+TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-5}
 
 DIMS = (16, 32, 64, 128)
 SHAPES = [(D, e, 2) for D in DIMS for e in (1, 2, 4)] + [(D, 1, 1) for D in DIMS]  # 16
 LAYOUTS = ("shared", "row", "chunk")
-DTYPES = (torch.bfloat16, torch.float16)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # (chunk, T) pairs: chunk 1, chunks below / at / above the 64-row tile, partial last chunks,
 # a chunk longer than the sequence.
 CHUNKS = [(1, 7), (16, 64), (48, 100), (64, 200), (100, 130), (256, 300), (64, 64), (128, 90),
@@ -41,7 +41,7 @@ def _grid():
         residual, ln, bias = HEADS[(i // 3) % len(HEADS)]
         act = ("silu", "gelu")[(i // 2) % 2]
         cases.append((D, e * D, depth, act, residual, ln, bias, layout, dtype, chunk, T))
-    # every head option with both activations at the default shape, both dtypes
+    # every head option with both activations at the default shape, every dtype
     for (residual, ln, bias), act, dtype in itertools.product(HEADS, ("silu", "gelu"), DTYPES):
         cases.append((64, 256, 2, act, residual, ln, bias, "chunk", dtype, 64, 192))
     return cases
@@ -336,3 +336,34 @@ def test_memory_forward_kernel_shifted_read(first_lead, chunk, T):
     assert torch.equal(g[0], g_cat[0])
     for a, b in zip(g[1:], g_cat[1:]):
         assert rel_err(a, b) <= 1e-6
+
+
+def test_every_kernel_fits_this_gpu_and_small_gpus_fall_back(monkeypatch):
+    """Each compiled instance's shared memory fits this GPU (H100: 227 KiB); on a GPU with less
+    (simulated: sm_86's 99 KiB), calls whose kernel would not fit run the reference, with the
+    reason named, instead of failing at launch."""
+    _needs_kernel()
+    limit = _lib.smem_per_block_optin(torch.cuda.current_device())
+    sizes = {}
+    for dtype, D, hidden, depth, mode in itertools.product(
+            range(3), DIMS, (16, 32, 48, 64, 128, 256, 512), (1, 2), range(4)):
+        sizes[dtype, D, hidden, depth, mode] = _lib._C.memory_mlp_smem_bytes(
+            dtype=dtype, dim=D, hidden=hidden, depth=depth, mode=mode)
+    assert all(0 < s <= limit for s in sizes.values()), max(sizes.values())
+    assert _lib._C.memory_mlp_smem_bytes(dtype=0, dim=24, hidden=64, depth=2, mode=0) == 0
+    # fp32 operands take more shared memory than bf16 ones
+    assert sizes[2, 128, 512, 2, 3] > sizes[0, 128, 512, 2, 3]
+
+    x, k, v, lr, weights, mem, chunk = _case_inputs((128, 128, 2, "silu", True, True, None,
+                                                     "chunk", torch.float32, 64, 70))
+    monkeypatch.setattr(_lib, "smem_per_block_optin", lambda index: 99 * 1024)
+    reason = mlp_ops.kernel_reason(k, weights, second_order=True)
+    assert reason is not None and "shared memory" in reason and "99 KiB" in reason
+    with pytest.raises(RuntimeError, match="shared memory"):
+        memory_grad(k, v, lr, tuple(weights), chunk_size=chunk, backend="cuda", **mem)
+    with pytest.warns(RuntimeWarning, match="shared memory"):
+        U = memory_grad(k, v, lr, tuple(weights), chunk_size=chunk, backend="auto", **mem)
+    U_ref = memory_grad(k.double(), v.double(), lr.double(), tuple(w.double() for w in weights),
+                        chunk_size=chunk, backend="torch", **_double(mem))
+    for a, b in zip(U, U_ref):
+        assert rel_err(a, b) <= 1e-5

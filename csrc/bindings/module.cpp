@@ -197,6 +197,14 @@ void memory_mlp(const py::dict& a) {
   check(status, "memory_mlp");
 }
 
+size_t memory_mlp_smem_bytes(int dtype, int dim, int hidden, int depth, int mode) {
+  titans::MemoryMlpParams p{};
+  p.dtype = static_cast<titans::MlpDtype>(dtype);
+  p.dim = dim, p.hidden = hidden, p.depth = depth;
+  p.mode = static_cast<titans::MlpMode>(mode);
+  return titans::memory_mlp_smem_bytes(p);
+}
+
 // Whether the kernels in this binary can run on `device`: asks the runtime for the attributes
 // of one kernel, which fails with cudaErrorNoKernelImageForDevice when no compiled
 // architecture fits. Returns a dict with ok, error, binary_version and ptx_version.
@@ -234,6 +242,13 @@ py::dict build_info() {
   out["cuda_driver"] = driver;  // 0 when no driver is installed
   out["cudart_static"] = true;
   return out;
+}
+
+int smem_per_block_optin(int device) {
+  int bytes = 0;
+  check(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+        "cudaDeviceGetAttribute");
+  return bytes;
 }
 
 int device_count() {
@@ -282,8 +297,13 @@ PYBIND11_MODULE(_C, m) {
         "memory_mlp.h).");
   m.def("memory_mlp_supported", &titans::memory_mlp_supported, py::arg("dim"),
         py::arg("hidden"), py::arg("depth"));
+  m.def("memory_mlp_smem_bytes", &memory_mlp_smem_bytes, py::arg("dtype"), py::arg("dim"),
+        py::arg("hidden"), py::arg("depth"), py::arg("mode"),
+        "Dynamic shared memory (bytes) of the memory-MLP kernel for this configuration; 0 when "
+        "unsupported.");
   m.def("memory_mlp_tile_rows", [] { return titans::kMlpTileRows; });
   m.def("kernel_image", &kernel_image, py::arg("device"));
   m.def("build_info", &build_info);
   m.def("device_count", &device_count);
+  m.def("smem_per_block_optin", &smem_per_block_optin, py::arg("device"));
 }

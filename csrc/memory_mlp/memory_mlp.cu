@@ -171,9 +171,7 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_kernel(const MemoryMlpPar
         const int row = half == 0 ? row_lo : row_hi;
         float2 g = make_float2(0.f, 0.f);
         if (row < valid) {
-          const uint32_t raw = *reinterpret_cast<const uint32_t*>(
-              src + b * sb + int64_t(t0 + row) * st + h * sh + col);
-          g = MmaOps<T>::unpack(raw);
+          g = load2(src + b * sb + int64_t(t0 + row) * st + h * sh + col);
           if (!backward) {  // 2 (y - v)
             g.x = 2.f * (y_of(nt, 2 * half) - g.x);
             g.y = 2.f * (y_of(nt, 2 * half + 1) - g.y);
@@ -247,9 +245,9 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_kernel(const MemoryMlpPar
     column_partials_store<D>(p.grad_ln + tile_index * 2 * D, s_red);
   }
   store_acc_smem<T, D>(s_df, kLdD, row_lo, dy, lane);
-  uint32_t dfa[D / 16][4];
+  FragA<T> dfa[D / 16];
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) pack_a<T>(dfa[kk], dy[2 * kk], dy[2 * kk + 1]);
+  for (int kk = 0; kk < D / 16; ++kk) pack_a(dfa[kk], dy[2 * kk], dy[2 * kk + 1]);
 
   const int ksteps = (valid + 15) / 16;
   // per-tile sums; shifted: chunk 0's go to u*_first [B, H, n_sub, ...], chunk c's to the slot
@@ -279,15 +277,15 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_kernel(const MemoryMlpPar
       for (int nt = 0; nt < kNtH; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          dh[nt][e] *= activation_grad(z[nt][e], p.activation);
-          z[nt][e] = activation_fn(z[nt][e], p.activation);
+          dh[nt][e] *= activation_grad<T>(z[nt][e], p.activation);
+          z[nt][e] = activation_fn<T>(z[nt][e], p.activation);
         }
       store_acc_smem<T, HB>(s_h, kLdH, row_lo, z, lane);
       store_acc_smem<T, HB>(s_dz, kLdH, row_lo, dh, lane);
       if (p.mode == MlpMode::kBackward) {
-        uint32_t dza[HB / 16][4];
+        FragA<T> dza[HB / 16];
 #pragma unroll
-        for (int kk = 0; kk < HB / 16; ++kk) pack_a<T>(dza[kk], dh[2 * kk], dh[2 * kk + 1]);
+        for (int kk = 0; kk < HB / 16; ++kk) pack_a(dza[kk], dh[2 * kk], dh[2 * kk + 1]);
         mma_reg_a<T, HB, D, false>(dx, dza, s_w1, kLdH, lane);
       }
       __syncthreads();
@@ -310,7 +308,20 @@ struct Launcher {
   }
 };
 
+struct SmemBytes {
+  template <typename T, int D, int HB, int kDepth>
+  static size_t run(const MemoryMlpParams&, cudaStream_t) {
+    return Smem<D, HB, kDepth>::bytes(sizeof(T));
+  }
+};
+
 }  // namespace
+
+size_t memory_mlp_smem_bytes(const MemoryMlpParams& p) {
+  if (!memory_mlp_supported(p.dim, p.hidden, p.depth)) return 0;
+  if (p.mode == MlpMode::kGradBackward) return memory_mlp_grad_bwd_smem_bytes(p);
+  return dispatch<SmemBytes>(p, nullptr);
+}
 
 bool memory_mlp_supported(int dim, int hidden, int depth) {
   const bool dim_ok = dim == 16 || dim == 32 || dim == 64 || dim == 128;
@@ -320,6 +331,7 @@ bool memory_mlp_supported(int dim, int hidden, int depth) {
 cudaError_t memory_mlp(const MemoryMlpParams& p, cudaStream_t stream, int device) {
   if (!memory_mlp_supported(p.dim, p.hidden, p.depth) || p.n_sub < 1 || p.n_chunks < 1 ||
       p.batch < 1 || p.heads < 1 || p.batch > 65535 || p.heads > 65535 ||
+      int(p.dtype) < 0 || int(p.dtype) > int(MlpDtype::kFloat32) ||
       (p.shifted && (p.w1_first == nullptr || p.mode == MlpMode::kGrad ||
                      p.mode == MlpMode::kGradBackward))) {
     return cudaErrorInvalidValue;

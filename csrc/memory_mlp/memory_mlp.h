@@ -1,5 +1,7 @@
 // memory_mlp: the memory MLP of SPEC §1 on 64-token tiles, with tensor cores (mma.sync, bf16 or
-// fp16 operands, fp32 accumulation, fp32 weights converted to the operand type in shared memory).
+// fp16 operands, fp32 accumulation, fp32 weights converted to the operand type in shared memory;
+// fp32 inputs keep fp32 operands and take split "3xTF32" products, accurate to fp32 rounding
+// level, see common/mma.cuh).
 //
 // One kernel, three modes (what a tile computes; f = the MLP's last pre-activation):
 //   kForward  y = [x +] [LN](f)                                          (memory_forward)
@@ -14,6 +16,7 @@
 // spans several tiles (or weights are shared over tiles) the caller sums the tile axis.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -21,7 +24,7 @@
 namespace titans {
 
 enum class MlpMode : int { kForward = 0, kGrad = 1, kBackward = 2, kGradBackward = 3 };
-enum class MlpDtype : int { kBFloat16 = 0, kFloat16 = 1 };
+enum class MlpDtype : int { kBFloat16 = 0, kFloat16 = 1, kFloat32 = 2 };
 
 // Strides are in elements; the feature axis of x/v/dy and the inner two axes of each weight
 // are contiguous. Outputs are contiguous.
@@ -78,7 +81,14 @@ bool memory_mlp_supported(int dim, int hidden, int depth);
 
 cudaError_t memory_mlp(const MemoryMlpParams& params, cudaStream_t stream, int device);
 
+// Dynamic shared memory (bytes) of the kernel that memory_mlp() would launch for params'
+// (dtype, dim, hidden, depth, mode); 0 when unsupported. Every instance fits the 227 KB of
+// sm_90/sm_100 and most fit the 163 KB of sm_80; callers compare it with the device's opt-in
+// limit and use the reference where it does not fit (e.g. D = 128 on sm_86/sm_89's 99 KB).
+size_t memory_mlp_smem_bytes(const MemoryMlpParams& params);
+
 // kGradBackward's launcher (memory_mlp_grad_bwd.cu); memory_mlp() routes to it.
 cudaError_t memory_mlp_grad_bwd(const MemoryMlpParams& params, cudaStream_t stream);
+size_t memory_mlp_grad_bwd_smem_bytes(const MemoryMlpParams& params);
 
 }  // namespace titans

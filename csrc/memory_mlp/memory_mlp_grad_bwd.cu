@@ -38,10 +38,11 @@ struct GradBwdSmem {
   static constexpr int kX = kRows * kLdD;
   static constexpr int kW1 = D * (kDepth == 2 ? kLdH : kLdD);  // W1 / G1 blocks [D][HB | D]
   static constexpr int kW2 = kDepth == 2 ? HB * kLdD : 0;      // W2 / G2 blocks [HB][D]
-  static constexpr int kRowsD = kRows * kLdD;                  // e, f_bar [64][D]
+  static constexpr int kRowsD = kRows * kLdD;                  // f_bar [64][D]
+  static constexpr int kE = kDepth == 2 ? kRowsD : 0;          // e [64][D]
   static constexpr int kHid = kDepth == 2 ? kRows * kLdH : 0;  // h, dh_bar, z_bar [64][HB]
   static constexpr int kEarly = kX + 2 * kW1 + 2 * kW2;        // operands of every sweep
-  static constexpr int kLate = 2 * kRowsD + 3 * kHid;          // sweep 3's, over the stash
+  static constexpr int kLate = kRowsD + kE + 3 * kHid;         // sweep 3's, over the stash
   static constexpr size_t kStashBytes = size_t(kRows) * D * 4;
   static constexpr size_t round16(size_t n) { return (n + 15) / 16 * 16; }
   static constexpr size_t kLateBytes(size_t elem) {
@@ -66,9 +67,9 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_grad_bwd_kernel(const Mem
   T* s_g2 = s_w2 + S::kW2;
   unsigned char* late = smem_raw + S::round16(S::kEarly * sizeof(T));
   float* s_stash = reinterpret_cast<float*>(late);  // f, thread-private, until head 2
-  T* s_e = reinterpret_cast<T*>(late);              // from head 2 on
-  T* s_fbar = s_e + S::kRowsD;
-  T* s_h = s_fbar + S::kRowsD;
+  T* s_fbar = reinterpret_cast<T*>(late);           // from head 2 on
+  T* s_e = s_fbar + S::kRowsD;                      // (depth 2)
+  T* s_h = s_e + S::kE;
   T* s_dhbar = s_h + S::kHid;
   T* s_zbar = s_dhbar + S::kHid;
   float* s_red = reinterpret_cast<float*>(late + S::kLateBytes(sizeof(T)));
@@ -160,8 +161,7 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_grad_bwd_kernel(const Mem
       for (int nt = 0; nt < kNtD; ++nt) {
         float2 vv = make_float2(0.f, 0.f);
         if (row < valid) {
-          vv = MmaOps<T>::unpack(*reinterpret_cast<const uint32_t*>(
-              vg + int64_t(t0 + row) * p.v_t_stride + col_of(nt, 0)));
+          vv = load2(vg + int64_t(t0 + row) * p.v_t_stride + col_of(nt, 0));
         }
 #pragma unroll
         for (int e = 2 * half; e < 2 * half + 2; ++e) {
@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_grad_bwd_kernel(const Mem
   }
 
   // ---- head 1: e = w df as A fragments (written to shared for sweep 3 after head 2) ----
-  uint32_t ea[D / 16][4];
+  FragA<T> ea[D / 16];
   {
     float gy[kNtD][4], df[kNtD][4];
     errors(f, gy, df);
@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_grad_bwd_kernel(const Mem
 #pragma unroll
       for (int e = 0; e < 4; ++e) df[nt][e] *= wrow[e / 2];
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) pack_a<T>(ea[kk], df[2 * kk], df[2 * kk + 1]);
+    for (int kk = 0; kk < D / 16; ++kk) pack_a(ea[kk], df[2 * kk], df[2 * kk + 1]);
   }
 
   // ---- sweep 2: e_bar, and k_bar's dz G1^T part ----
@@ -232,11 +232,11 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_grad_bwd_kernel(const Mem
       stage_g(j);
       __syncthreads();
       float acc[kNtH][4] = {}, pz[kNtH][4];
-      uint32_t ha[HB / 16][4], dza[HB / 16][4], dhba[HB / 16][4];
+      FragA<T> ha[HB / 16], dza[HB / 16], dhba[HB / 16];
       mma_smem_a_kmajor_b<T, D, HB>(acc, s_x, kLdD, m0, s_w1, kLdH, lane);  // z
-      activate<kNtH, false>(acc, pz, pz, p.activation);
+      activate<T, kNtH, false>(acc, pz, pz, p.activation);
 #pragma unroll
-      for (int kk = 0; kk < HB / 16; ++kk) pack_a<T>(ha[kk], acc[2 * kk], acc[2 * kk + 1]);
+      for (int kk = 0; kk < HB / 16; ++kk) pack_a(ha[kk], acc[2 * kk], acc[2 * kk + 1]);
 #pragma unroll
       for (int nt = 0; nt < kNtH; ++nt)
 #pragma unroll
@@ -247,7 +247,7 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_grad_bwd_kernel(const Mem
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[nt][e] *= pz[nt][e];  // dz
 #pragma unroll
-      for (int kk = 0; kk < HB / 16; ++kk) pack_a<T>(dza[kk], acc[2 * kk], acc[2 * kk + 1]);
+      for (int kk = 0; kk < HB / 16; ++kk) pack_a(dza[kk], acc[2 * kk], acc[2 * kk + 1]);
 #pragma unroll
       for (int nt = 0; nt < kNtH; ++nt)
 #pragma unroll
@@ -258,7 +258,7 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_grad_bwd_kernel(const Mem
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[nt][e] *= pz[nt][e];  // dh_bar
 #pragma unroll
-      for (int kk = 0; kk < HB / 16; ++kk) pack_a<T>(dhba[kk], acc[2 * kk], acc[2 * kk + 1]);
+      for (int kk = 0; kk < HB / 16; ++kk) pack_a(dhba[kk], acc[2 * kk], acc[2 * kk + 1]);
       mma_reg_a<T, HB, D, true>(ebar, ha, s_g2, kLdD, lane);     // += h G2
       mma_reg_a<T, HB, D, true>(ebar, dhba, s_w2, kLdD, lane);   // += dh_bar W2
       mma_reg_a<T, HB, D, false>(xbar, dza, s_g1, kLdH, lane);   // += dz G1^T
@@ -269,7 +269,7 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_grad_bwd_kernel(const Mem
   }
 
   // ---- head 2: w_bar, LN second order -> f_bar, v_bar, d gamma, d beta ----
-  uint32_t fba[D / 16][4];
+  FragA<T> fba[D / 16];
   {
     float xf[kNtD][4], gy[kNtD][4], df[kNtD][4];
 #pragma unroll
@@ -278,12 +278,9 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_grad_bwd_kernel(const Mem
       for (int e = 0; e < 4; ++e) xf[nt][e] = s_stash[(nt * 4 + e) * kThreads + threadIdx.x];
     __syncthreads();  // every stash is read: its space now holds e, f_bar, h, dh_bar, z_bar
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {  // e (the A fragments' rows / columns) -> shared
-      const int col = kk * 16 + 2 * (lane % 4);
-      *reinterpret_cast<uint32_t*>(s_e + row_lo * kLdD + col) = ea[kk][0];
-      *reinterpret_cast<uint32_t*>(s_e + row_hi * kLdD + col) = ea[kk][1];
-      *reinterpret_cast<uint32_t*>(s_e + row_lo * kLdD + col + 8) = ea[kk][2];
-      *reinterpret_cast<uint32_t*>(s_e + row_hi * kLdD + col + 8) = ea[kk][3];
+    if constexpr (kDepth == 2) {  // e (the A fragments' rows / columns) -> shared
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) store_a(s_e, kLdD, row_lo, kk * 16, ea[kk], lane);
     }
     errors(xf, gy, df);
 #pragma unroll
@@ -362,7 +359,7 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_grad_bwd_kernel(const Mem
     if (ln) column_partials<D>(s_red, gy, ebar, warp, lane);
     store_acc_smem<T, D>(s_fbar, kLdD, row_lo, df, lane);
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) pack_a<T>(fba[kk], df[2 * kk], df[2 * kk + 1]);
+    for (int kk = 0; kk < D / 16; ++kk) pack_a(fba[kk], df[2 * kk], df[2 * kk + 1]);
   }
 
   // ---- sweep 3: z_bar, k_bar, weight gradients ----
@@ -379,7 +376,7 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_grad_bwd_kernel(const Mem
       }
       float acc[kNtH][4] = {}, pz[kNtH][4], p2[kNtH][4], dh[kNtH][4] = {};
       mma_smem_a_kmajor_b<T, D, HB>(acc, s_x, kLdD, m0, s_w1, kLdH, lane);  // z
-      activate<kNtH, true>(acc, pz, p2, p.activation);
+      activate<T, kNtH, true>(acc, pz, p2, p.activation);
       store_acc_smem<T, HB>(s_h, kLdH, row_lo, acc, lane);
       mma_reg_a<T, D, HB, false>(dh, ea, s_w2, kLdD, lane);  // dh = e W2^T
 #pragma unroll
@@ -398,14 +395,14 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_grad_bwd_kernel(const Mem
       store_acc_smem<T, HB>(s_dhbar, kLdH, row_lo, acc, lane);
       mma_reg_a<T, D, HB, false>(dh, ea, s_g2, kLdD, lane);   // h_bar = e G2^T
       mma_reg_a<T, D, HB, false>(dh, fba, s_w2, kLdD, lane);  //       + f_bar W2^T
-      uint32_t zba[HB / 16][4];
+      FragA<T> zba[HB / 16];
 #pragma unroll
       for (int nt = 0; nt < kNtH; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) dh[nt][e] = dh[nt][e] * pz[nt][e] + p2[nt][e];  // z_bar
       store_acc_smem<T, HB>(s_zbar, kLdH, row_lo, dh, lane);
 #pragma unroll
-      for (int kk = 0; kk < HB / 16; ++kk) pack_a<T>(zba[kk], dh[2 * kk], dh[2 * kk + 1]);
+      for (int kk = 0; kk < HB / 16; ++kk) pack_a(zba[kk], dh[2 * kk], dh[2 * kk + 1]);
       mma_reg_a<T, HB, D, false>(xbar, zba, s_w1, kLdH, lane);  // k_bar += z_bar W1^T
       __syncthreads();
       gemm_tn_store<T, HB, D>(s_dhbar, kLdH, s_e, kLdD, ksteps, dw2 + int64_t(j) * HB * D, D,
@@ -431,10 +428,21 @@ struct Launcher {
   }
 };
 
+struct SmemBytes {
+  template <typename T, int D, int HB, int kDepth>
+  static size_t run(const MemoryMlpParams&, cudaStream_t) {
+    return GradBwdSmem<D, HB, kDepth>::bytes(sizeof(T));
+  }
+};
+
 }  // namespace
 
 cudaError_t memory_mlp_grad_bwd(const MemoryMlpParams& p, cudaStream_t stream) {
   return dispatch<Launcher>(p, stream);
+}
+
+size_t memory_mlp_grad_bwd_smem_bytes(const MemoryMlpParams& p) {
+  return dispatch<SmemBytes>(p, nullptr);
 }
 
 }  // namespace titans

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../common/cuda_check.h"
 #include "../common/mma.cuh"
@@ -16,40 +17,54 @@ constexpr int kThreads = 128;
 constexpr int kRows = kMlpTileRows;
 constexpr int kWarps = kThreads / 32;
 
+// exp for the activations: the fast approximation for 16-bit operands, expf (about 1 ulp)
+// for fp32 ones, whose results are held to 1e-5.
+template <typename T>
+__device__ __forceinline__ float act_exp(float x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return expf(x);
+  } else {
+    return __expf(x);
+  }
+}
+
+template <typename T>
 __device__ __forceinline__ float activation_fn(float z, int kind) {
-  if (kind == 0) return z / (1.f + __expf(-z));
+  if (kind == 0) return z / (1.f + act_exp<T>(-z));
   return 0.5f * z * (1.f + erff(z * 0.70710678118654752f));
 }
 
+template <typename T>
 __device__ __forceinline__ float activation_grad(float z, int kind) {
   if (kind == 0) {
-    const float s = 1.f / (1.f + __expf(-z));
+    const float s = 1.f / (1.f + act_exp<T>(-z));
     return s * (1.f + z * (1.f - s));
   }
   return 0.5f * (1.f + erff(z * 0.70710678118654752f)) +
-         z * __expf(-0.5f * z * z) * 0.39894228040143268f;
+         z * act_exp<T>(-0.5f * z * z) * 0.39894228040143268f;
 }
 
 // phi''(z): silu s (1 - s) (2 + z (1 - 2 s)); gelu pdf(z) (2 - z^2).
+template <typename T>
 __device__ __forceinline__ float activation_grad2(float z, int kind) {
   if (kind == 0) {
-    const float s = 1.f / (1.f + __expf(-z));
+    const float s = 1.f / (1.f + act_exp<T>(-z));
     return s * (1.f - s) * (2.f + z * (1.f - 2.f * s));
   }
-  return __expf(-0.5f * z * z) * 0.39894228040143268f * (2.f - z * z);
+  return act_exp<T>(-0.5f * z * z) * 0.39894228040143268f * (2.f - z * z);
 }
 
 // In place z -> phi(z) with d1 = phi'(z) (and d2 = phi''(z) when kSecond; d2 untouched else).
-template <int N, bool kSecond>
+template <typename T, int N, bool kSecond>
 __device__ __forceinline__ void activate(float (&z)[N][4], float (&d1)[N][4], float (&d2)[N][4],
                                          int kind) {
 #pragma unroll
   for (int nt = 0; nt < N; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      d1[nt][e] = activation_grad(z[nt][e], kind);
-      if constexpr (kSecond) d2[nt][e] = activation_grad2(z[nt][e], kind);
-      z[nt][e] = activation_fn(z[nt][e], kind);
+      d1[nt][e] = activation_grad<T>(z[nt][e], kind);
+      if constexpr (kSecond) d2[nt][e] = activation_grad2<T>(z[nt][e], kind);
+      z[nt][e] = activation_fn<T>(z[nt][e], kind);
     }
 }
 
@@ -77,10 +92,7 @@ __device__ __forceinline__ void stage_weights(T* dst, const float* __restrict__ 
     for (int u = 0; u < kGroup; ++u) {
       const int i = (g0 + u) * kThreads + threadIdx.x;
       if (kTotal % kThreads == 0 || i < kTotal) {
-        uint2 packed;
-        packed.x = MmaOps<T>::pack(w[u].x, w[u].y);
-        packed.y = MmaOps<T>::pack(w[u].z, w[u].w);
-        *reinterpret_cast<uint2*>(dst + (i / (Cc / 4)) * LD + (i % (Cc / 4)) * 4) = packed;
+        store4(dst + (i / (Cc / 4)) * LD + (i % (Cc / 4)) * 4, w[u]);
       }
     }
   }
@@ -101,16 +113,17 @@ __device__ __forceinline__ void gemm_tn_store(const T* sa, int lda, const T* sb,
     const int m0 = (item / kTilesN) * 16, n0 = (item % kTilesN) * 16;
     float acc[2][4] = {};
     for (int ks = 0; ks < ksteps; ++ks) {
-      uint32_t a[4], b[4];
-      ldmatrix_x4_trans(a, a_addr_kmajor(sa, lda, m0, ks * 16, lane));
-      ldmatrix_x4_trans(b, b_addr_kmajor(sb, ldb, ks * 16, n0, lane));
-      MmaOps<T>::mma(acc[0], a, b[0], b[1]);
-      MmaOps<T>::mma(acc[1], a, b[2], b[3]);
+      FragA<T> a;
+      FragB<T> b[2];
+      load_a_kmajor(a, sa, lda, m0, ks * 16, lane);
+      load_b2_kmajor(b, sb, ldb, ks * 16, n0, lane);
+      mma(acc[0], a, b[0]);
+      mma(acc[1], a, b[1]);
       if (sa2 != nullptr) {
-        ldmatrix_x4_trans(a, a_addr_kmajor(sa2, lda2, m0, ks * 16, lane));
-        ldmatrix_x4_trans(b, b_addr_kmajor(sb2, ldb2, ks * 16, n0, lane));
-        MmaOps<T>::mma(acc[0], a, b[0], b[1]);
-        MmaOps<T>::mma(acc[1], a, b[2], b[3]);
+        load_a_kmajor(a, sa2, lda2, m0, ks * 16, lane);
+        load_b2_kmajor(b, sb2, ldb2, ks * 16, n0, lane);
+        mma(acc[0], a, b[0]);
+        mma(acc[1], a, b[1]);
       }
     }
     const int row = m0 + lane / 4;
@@ -130,14 +143,14 @@ __device__ __forceinline__ void mma_smem_a_kmajor_b(float (&acc)[N / 8][4], cons
                                                     int m0, const T* sb, int ldb, int lane) {
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
-    uint32_t a[4];
-    ldmatrix_x4(a, a_addr(sa, lda, m0, kk * 16, lane));
+    FragA<T> a;
+    load_a(a, sa, lda, m0, kk * 16, lane);
 #pragma unroll
     for (int np = 0; np < N / 16; ++np) {
-      uint32_t b[4];
-      ldmatrix_x4_trans(b, b_addr_kmajor(sb, ldb, kk * 16, np * 16, lane));
-      MmaOps<T>::mma(acc[2 * np], a, b[0], b[1]);
-      MmaOps<T>::mma(acc[2 * np + 1], a, b[2], b[3]);
+      FragB<T> b[2];
+      load_b2_kmajor(b, sb, ldb, kk * 16, np * 16, lane);
+      mma(acc[2 * np], a, b[0]);
+      mma(acc[2 * np + 1], a, b[1]);
     }
   }
 }
@@ -145,20 +158,20 @@ __device__ __forceinline__ void mma_smem_a_kmajor_b(float (&acc)[N / 8][4], cons
 // acc[n-tiles of N] += A (register fragments, K / 16 of them) * B; B from shared stored [k][n]
 // (kKMajor) or [n][k].
 template <typename T, int K, int N, bool kKMajor>
-__device__ __forceinline__ void mma_reg_a(float (&acc)[N / 8][4], const uint32_t (&a)[K / 16][4],
+__device__ __forceinline__ void mma_reg_a(float (&acc)[N / 8][4], const FragA<T> (&a)[K / 16],
                                           const T* sb, int ldb, int lane) {
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
 #pragma unroll
     for (int np = 0; np < N / 16; ++np) {
-      uint32_t b[4];
+      FragB<T> b[2];
       if constexpr (kKMajor) {
-        ldmatrix_x4_trans(b, b_addr_kmajor(sb, ldb, kk * 16, np * 16, lane));
+        load_b2_kmajor(b, sb, ldb, kk * 16, np * 16, lane);
       } else {
-        ldmatrix_x4(b, b_addr(sb, ldb, kk * 16, np * 16, lane));
+        load_b2(b, sb, ldb, kk * 16, np * 16, lane);
       }
-      MmaOps<T>::mma(acc[2 * np], a[kk], b[0], b[1]);
-      MmaOps<T>::mma(acc[2 * np + 1], a[kk], b[2], b[3]);
+      mma(acc[2 * np], a[kk], b[0]);
+      mma(acc[2 * np + 1], a[kk], b[1]);
     }
   }
 }
@@ -170,9 +183,8 @@ __device__ __forceinline__ void store_acc_smem(T* dst, int ld, int row,
 #pragma unroll
   for (int nt = 0; nt < N / 8; ++nt) {
     const int col = nt * 8 + 2 * (lane % 4);
-    *reinterpret_cast<uint32_t*>(dst + row * ld + col) = MmaOps<T>::pack(acc[nt][0], acc[nt][1]);
-    *reinterpret_cast<uint32_t*>(dst + (row + 8) * ld + col) =
-        MmaOps<T>::pack(acc[nt][2], acc[nt][3]);
+    store2(dst + row * ld + col, acc[nt][0], acc[nt][1]);
+    store2(dst + (row + 8) * ld + col, acc[nt][2], acc[nt][3]);
   }
 }
 
@@ -186,8 +198,9 @@ __device__ __forceinline__ float quad_sum(float v) {
 template <typename T, int D>
 __device__ __forceinline__ void load_rows(T* dst, int ld, const T* __restrict__ src,
                                           int64_t row_stride, int valid) {
-  for (int i = threadIdx.x; i < kRows * D / 8; i += kThreads) {
-    const int r = i / (D / 8), c = (i % (D / 8)) * 8;
+  constexpr int kVec = 16 / sizeof(T);
+  for (int i = threadIdx.x; i < kRows * D / kVec; i += kThreads) {
+    const int r = i / (D / kVec), c = (i % (D / kVec)) * kVec;
     uint4 val = make_uint4(0, 0, 0, 0);
     if (r < valid) val = *reinterpret_cast<const uint4*>(src + r * row_stride + c);
     *reinterpret_cast<uint4*>(dst + r * ld + c) = val;
@@ -239,15 +252,15 @@ __device__ __forceinline__ void mlp_block_forward(float (&f)[D / 8][4], const T*
                                                   int ldw2, int m0, int lane, int kind) {
   float z[HB / 8][4] = {};
   mma_smem_a_kmajor_b<T, D, HB>(z, s_x, ldx, m0, s_w1, ldw1, lane);
-  uint32_t ha[HB / 16][4];
+  FragA<T> ha[HB / 16];
 #pragma unroll
   for (int kk = 0; kk < HB / 16; ++kk) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      z[2 * kk][e] = activation_fn(z[2 * kk][e], kind);
-      z[2 * kk + 1][e] = activation_fn(z[2 * kk + 1][e], kind);
+      z[2 * kk][e] = activation_fn<T>(z[2 * kk][e], kind);
+      z[2 * kk + 1][e] = activation_fn<T>(z[2 * kk + 1][e], kind);
     }
-    pack_a<T>(ha[kk], z[2 * kk], z[2 * kk + 1]);
+    pack_a(ha[kk], z[2 * kk], z[2 * kk + 1]);
   }
   mma_reg_a<T, HB, D, true>(f, ha, s_w2, ldw2, lane);
 }
@@ -268,8 +281,7 @@ __device__ __forceinline__ void store_rows(void* out, const MemoryMlpParams& p, 
       const int row = row_lo + 8 * half;
       if (row < valid) {
         const int64_t off = ((int64_t(b) * p.seqlen + t0 + row) * p.heads + h) * D + col;
-        *reinterpret_cast<uint32_t*>(base + off) =
-            MmaOps<T>::pack(scale * acc[nt][2 * half], scale * acc[nt][2 * half + 1]);
+        store2(base + off, scale * acc[nt][2 * half], scale * acc[nt][2 * half + 1]);
       }
     }
   }
@@ -290,23 +302,21 @@ cudaError_t launch_tiles(Kernel kernel, size_t smem, const MemoryMlpParams& p,
 
 // Host side: the compiled (dtype, D, hidden block, depth) instances. Launcher::run<T, D, HB,
 // kDepth>(params, stream) launches one; hidden blocks are 64 columns when hidden allows, else
-// 32 or 16 (memory_mlp_supported admits hidden % 16 == 0).
-inline int hidden_block(int hidden) {
-  return hidden % 64 == 0 ? 64 : hidden % 32 == 0 ? 32 : 16;
-}
-
+// 32 or 16 (memory_mlp_supported admits hidden % 16 == 0). fp32 operands use at most 32: their
+// fragments and shared tiles are twice the size.
+// (Launcher::run may return anything: a launch's cudaError_t, or SmemBytes' byte count.)
 template <typename Launcher, typename T, int D>
-cudaError_t dispatch_depth(const MemoryMlpParams& p, cudaStream_t stream) {
+auto dispatch_depth(const MemoryMlpParams& p, cudaStream_t stream) {
   if (p.depth == 1) return Launcher::template run<T, D, D, 1>(p, stream);
-  switch (hidden_block(p.hidden)) {
-    case 64: return Launcher::template run<T, D, 64, 2>(p, stream);
-    case 32: return Launcher::template run<T, D, 32, 2>(p, stream);
-    default: return Launcher::template run<T, D, 16, 2>(p, stream);
+  if constexpr (!std::is_same_v<T, float>) {
+    if (p.hidden % 64 == 0) return Launcher::template run<T, D, 64, 2>(p, stream);
   }
+  if (p.hidden % 32 == 0) return Launcher::template run<T, D, 32, 2>(p, stream);
+  return Launcher::template run<T, D, 16, 2>(p, stream);
 }
 
 template <typename Launcher>
-cudaError_t dispatch(const MemoryMlpParams& p, cudaStream_t stream) {
+auto dispatch(const MemoryMlpParams& p, cudaStream_t stream) {
   auto by_dim = [&](auto type_tag) {
     using T = decltype(type_tag);
     switch (p.dim) {
@@ -316,7 +326,11 @@ cudaError_t dispatch(const MemoryMlpParams& p, cudaStream_t stream) {
       default: return dispatch_depth<Launcher, T, 128>(p, stream);
     }
   };
-  return p.dtype == MlpDtype::kBFloat16 ? by_dim(__nv_bfloat16{}) : by_dim(__half{});
+  switch (p.dtype) {
+    case MlpDtype::kBFloat16: return by_dim(__nv_bfloat16{});
+    case MlpDtype::kFloat16: return by_dim(__half{});
+    default: return by_dim(float{});
+  }
 }
 
 }  // namespace mlp

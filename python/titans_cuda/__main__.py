@@ -97,7 +97,9 @@ def _mlp_cases():
     return [(2, 256, 4, 64, 256, 2, 64, "chunk", torch.bfloat16, True, True, "silu"),
             (1, 100, 2, 32, 64, 2, 48, "shared", torch.float16, False, True, "gelu"),
             (2, 130, 2, 128, 512, 2, 100, "row", torch.bfloat16, True, False, "silu"),
-            (1, 70, 3, 16, 16, 1, 16, "chunk", torch.float16, True, True, "gelu")]
+            (1, 70, 3, 16, 16, 1, 16, "chunk", torch.float16, True, True, "gelu"),
+            (2, 200, 2, 64, 256, 2, 64, "chunk", torch.float32, True, True, "silu"),
+            (1, 90, 2, 128, 128, 1, 32, "shared", torch.float32, True, False, "gelu")]
 
 
 SPEC_TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-5}

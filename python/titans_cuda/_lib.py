@@ -58,5 +58,11 @@ def kernels_unavailable_reason(device: torch.device) -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def smem_per_block_optin(device_index: int) -> int:
+    """Bytes of shared memory one block may opt into on that GPU (227 KiB on H100)."""
+    return _C.smem_per_block_optin(device_index)
+
+
 def stream_handle(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream

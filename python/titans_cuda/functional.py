@@ -154,7 +154,8 @@ def memory_grad(k: Tensor, v: Tensor, lr: Tensor, weights: Sequence[Tensor], *, 
     named = {"k": k, "v": v, "lr": lr, "ln_weight": ln_weight, "ln_bias": ln_bias}
     named.update({f"weights[{i}]": w for i, w in enumerate(weights)})
     device = chk.check_same_device(named)
-    if use_kernels(backend, "memory_grad", device, mlp_ops.kernel_reason(k, weights)):
+    reason = mlp_ops.kernel_reason(k, weights, second_order=True)
+    if use_kernels(backend, "memory_grad", device, reason):
         return tuple(mlp_ops.memory_grad_op(k, v, lr, list(weights), ln_weight, ln_bias,
                                             chunk_size, activation, residual, ln_eps))
     return mlp_ref.memory_grad(k, v, lr, weights, chunk_size=chunk_size, activation=activation,

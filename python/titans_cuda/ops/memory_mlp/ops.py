@@ -5,14 +5,17 @@
   titans_cuda::memory_grad         U_j per chunk                        (kernel mode kGrad)
   titans_cuda::memory_grad_bwd     the second-order terms of memory_grad  (mode kGradBackward)
 
-Each op runs the kernel on CUDA bf16/fp16 inputs of a supported shape (``kernel_reason`` is
-None) and the reference otherwise, so opcheck and the CPU tests exercise the same ops.
+Each op runs the kernel on CUDA bf16/fp16/fp32 inputs of a supported shape (``kernel_reason``
+is None) and the reference otherwise, so opcheck and the CPU tests exercise the same ops.
+bf16/fp16 inputs take one tensor-core product in their own type; fp32 inputs keep fp32 operands
+and take split TF32 products (3xTF32, fp32-level accuracy: SPEC §7's 1e-5), never plain TF32.
 Weights are a list of one (depth 1) or two (depth 2) fp32 tensors laid out as
 [H | B, H | B, H, NC, d_in, d_out]; chunk_size matters to memory_forward only for the last.
 The kernel writes per-tile sums; the tile axis is summed here (torch.sum: fixed order).
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -22,7 +25,7 @@ from ... import _lib
 from ..activations import ACTIVATIONS
 from . import reference as ref
 
-KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # MlpDtype's order
 KERNEL_DIMS = (16, 32, 64, 128)
 TILE_ROWS = 64  # kMlpTileRows in memory_mlp.h (a test checks they agree)
 _MODE = {"forward": 0, "grad": 1, "backward": 2, "grad_backward": 3}
@@ -35,16 +38,40 @@ def shape_supported(dim: int, hidden: int, depth: int) -> bool:
                                                   and hidden % 16 == 0))
 
 
-def kernel_reason(x: Tensor, weights) -> Optional[str]:
-    """None when the tile kernel handles this call, else why not (for warnings and errors)."""
+@functools.lru_cache(maxsize=None)
+def _smem_bytes(dtype: torch.dtype, dim: int, hidden: int, depth: int, mode: str) -> int:
+    return _lib._C.memory_mlp_smem_bytes(KERNEL_DTYPES.index(dtype), dim, hidden, depth,
+                                         _MODE[mode])
+
+
+def _smem_reason(x: Tensor, hidden: int, depth: int, second_order: bool) -> Optional[str]:
+    """Why the kernels' shared memory does not fit this GPU (None when it does). The custom ops
+    ask this eagerly; under torch.compile tracing the answer is left to them."""
+    if torch.compiler.is_compiling():
+        return None
+    B, T, H, D = x.shape
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    limit = _lib.smem_per_block_optin(index)
+    modes = ("forward", "grad_backward") if second_order else ("forward",)
+    need = max(_smem_bytes(x.dtype, D, hidden, depth, m) for m in modes)
+    if need > limit:
+        return (f"the memory-MLP kernel for D={D}, hidden={hidden}, depth={depth}, {x.dtype} "
+                f"needs {need // 1024} KiB of shared memory per block; cuda:{index} allows "
+                f"{limit // 1024} KiB")
+    return None
+
+
+def kernel_reason(x: Tensor, weights, second_order: bool = False) -> Optional[str]:
+    """None when the tile kernel handles this call, else why not (for warnings and errors).
+    ``second_order``: also the kernel of memory_grad's backward (memory_grad calls)."""
     if not x.is_cuda:
         return "the inputs are not on a CUDA device"
     reason = _lib.kernels_unavailable_reason(x.device)
     if reason is not None:
         return reason
     if x.dtype not in KERNEL_DTYPES:
-        return (f"the memory-MLP kernels take bf16/fp16 inputs (tensor cores); {x.dtype} inputs "
-                f"run on the reference (fp32 without TF32 is not implemented in the kernels)")
+        return (f"the memory-MLP kernels take bf16/fp16/fp32 inputs; {x.dtype} inputs run on "
+                f"the reference")
     if any(w.dtype != torch.float32 for w in weights):
         return "the memory-MLP kernels take float32 weights"
     B, T, H, D = x.shape
@@ -55,13 +82,14 @@ def kernel_reason(x: Tensor, weights) -> Optional[str]:
                 f"{KERNEL_DIMS}, depth 1, or depth 2 with hidden a multiple of 16)")
     if T == 0 or B > 65535 or H > 65535:
         return f"no memory-MLP kernel for B={B}, T={T}, H={H}"
-    return None
+    return _smem_reason(x, hidden if depth == 2 else D, depth, second_order)
 
 
 def _rows(t: Tensor) -> Tensor:
     """[B, T, H, D] with D contiguous and 16-byte aligned rows (what the kernel reads)."""
+    vec = 16 // t.element_size()
     ok = (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-          and all(s % 8 == 0 for s in t.stride()[:-1]))
+          and all(s % vec == 0 for s in t.stride()[:-1]))
     return t if ok else t.contiguous()
 
 
@@ -401,7 +429,7 @@ def memory_grad_bwd_op(grad_u: List[Tensor], k: Tensor, v: Tensor, lr: Tensor,
     """Second-order terms (dk, dv, dlr, dW per layer, d ln_weight, d ln_bias): the kernel
     (memory_mlp_grad_bwd.cu) where memory_grad has one, else the reference's graph."""
     H, D = k.shape[2], k.shape[3]
-    if kernel_reason(k, weights) is None:
+    if kernel_reason(k, weights, second_order=True) is None:
         o = _launch("grad_backward", k, weights, chunk_size, activation, residual, ln_weight,
                     ln_bias, ln_eps, v=v, lr=lr, grad_u=grad_u)
         lead = weights[0].dim() - 2
