@@ -11,6 +11,7 @@ On a machine without a GPU it says so and times a tiny CPU shape.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -218,14 +219,14 @@ def bench_mlp(s: Shape, device, block, layout, backward_only, backend="cuda"):
 
 def mlp_counts(s: Shape, block, layout, backward_only):
     """(FLOPs, bytes) floors of a block at the shape: useful FLOPs (a backward counts 2x its
-    forward), and the bytes every implementation must move (bf16 activations, fp32 weights,
-    updates and weight gradients; what a kernel re-reads or writes as per-tile partials beyond
-    that is its own overhead)."""
+    forward), and the bytes every implementation must move (activations in the shape's dtype,
+    fp32 weights, updates and weight gradients; what a kernel re-reads or writes as per-tile
+    partials beyond that is its own overhead)."""
     n = s.B * s.T * s.H
     n_chunks = -(-s.T // s.chunk)
     E = 2 * s.D * s.hidden
     w_bytes = 4 * E * (s.B * s.H * n_chunks if layout == "chunk" else s.H)
-    act = 2 * n * s.D  # one bf16 [B, T, H, D] tensor
+    act = torch.finfo(getattr(torch, s.dtype)).bits // 8 * n * s.D  # one [B, T, H, D] tensor
     u_bytes = 4 * E * s.B * s.H * n_chunks
     if block == "memory_forward":
         fl = flops.memory_forward(s.D, s.hidden) * n
@@ -389,6 +390,8 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks/results", help="folder for bench.json/bench.png")
     p.add_argument("--blocks", action="store_true",
                    help="only the building blocks (memory_scan, memory_forward, memory_grad)")
+    p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                   help="q/k/v dtype (default: the shape's, bf16 on the GPU)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
@@ -401,6 +404,8 @@ def main(argv=None):
         print("No CUDA GPU: timing a tiny CPU shape with the reference only (numbers say "
               "nothing about GPU speed).")
     shape = SHAPES[args.shape or ("default" if gpu else "cpu")]
+    if args.dtype is not None:
+        shape = dataclasses.replace(shape, dtype=args.dtype)
     rows = []
     if not args.blocks:
         run_shape(shape, device, methods_for(device, not args.no_titans_pytorch), rows,
