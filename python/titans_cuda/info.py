@@ -13,7 +13,8 @@ from ._version import __version__
 KERNELS = {
     "memory_scan": "forward and backward kernels: float32 updates, any L, d_in, d_out, B, H, "
                    "NC (float4 path when d_in*d_out % 4 == 0)",
-    "memory_forward": "forward and backward kernels (tensor cores): bf16/fp16 x, float32 weights "
+    "memory_forward": "forward and backward kernels (tensor cores): bf16/fp16 x (one product) or "
+                      "fp32 x (3xTF32 split products), float32 weights "
                       "(shared, per row, per chunk), D in (16, 32, 64, 128), depth 1, or depth 2 "
                       "with hidden % 16 == 0; silu/gelu, residual, LayerNorm",
     "memory_grad": "forward and backward (second-order terms) kernels, same configurations as "
