@@ -300,8 +300,8 @@ def test_reference_on_gpu_within_spec_tolerance(dtype, tol, ln, read):
         assert rel_err(a, e) <= bound, (name, rel_err(a, e), rel_err(c, e))
 
 
-def test_neural_memory_backend_cuda_raises_until_the_fused_kernel_lands():
-    B, T, H, D = 1, 8, 2, 16
+def test_neural_memory_backend_cuda_raises_for_long_calls_until_the_fused_kernel_lands():
+    B, T, H, D = 1, 40, 2, 16
     args = make_inputs(B, T, H, D, dtype=torch.float32, device=DEV)
     weights = make_weights(H, D, 32, 2, dtype=torch.float32, device=DEV)
     with pytest.raises(RuntimeError, match="no fused CUDA kernel"):

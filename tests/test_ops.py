@@ -248,3 +248,57 @@ def test_memory_mlp_fake_tensor_shapes():
                                               1e-6)
     assert y.shape == x.shape
     assert [tuple(u.shape) for u in U] == [tuple(w.shape) for w in weights]
+
+
+def _decode_op_args(dtype=torch.float64, with_state=True, T=3, C=4, N=2, H=2, D=4, hidden=8):
+    from titans_cuda import MemoryState
+    q, k, v, lr, forget, momentum = make_inputs(N, T, H, D, dtype=dtype)
+    weights = make_weights(H, D, hidden, 2, dtype=dtype)
+    gamma, beta = 1 + 0.1 * torch.randn(H, D, dtype=dtype), 0.1 * torch.randn(H, D, dtype=dtype)
+    st = None
+    if with_state:
+        w = [t.unsqueeze(0).expand(N, *t.shape) + 0.1 * torch.randn(N, *t.shape, dtype=dtype)
+             for t in weights]
+        st = MemoryState(tuple(w), tuple(0.1 * torch.randn_like(t) for t in w),
+                         tuple(t + 0.1 * torch.randn_like(t) for t in w),
+                         torch.tensor([C - 1, 1][:N]))
+    leaves = [t.requires_grad_() for t in (q, k, v, lr, forget, momentum)]
+    lists = [[t.requires_grad_() for t in getattr(st, f)] if st else []
+             for f in ("weights", "momentum", "chunk_weights")]
+    args = (*leaves, [w.requires_grad_() for w in weights], gamma.requires_grad_(),
+            beta.requires_grad_(), *lists, st.offset if st else None, C, "gelu", True, 1e-6,
+            "token")
+    return args, st
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_opcheck_neural_memory_decode_op(with_state):
+    """The decode op's registration (fake, autograd through the reference's VJP, schema) on
+    the CPU, where it runs the reference."""
+    args, _ = _decode_op_args(with_state=with_state)
+    torch.library.opcheck(torch.ops.titans_cuda.neural_memory_decode.default, args)
+
+
+def test_neural_memory_decode_op_gradcheck_and_reference():
+    """Outputs equal the reference's (o and the final state) and gradients (inputs, weights,
+    LayerNorm, every initial-state tensor) pass finite differences."""
+    from titans_cuda.ops.neural_memory import ops as nm_ops
+    args, st = _decode_op_args(T=2, C=2, D=4, hidden=4)
+    outs = torch.ops.titans_cuda.neural_memory_decode(*args)
+    o, st_ref = neural_memory(*args[:6], tuple(args[6]), initial_state=st, chunk_size=2,
+                              activation="gelu", residual=True, ln_weight=args[7],
+                              ln_bias=args[8], output_final_state=True, backend="torch")
+    for a, b in zip(outs, (o, *st_ref.weights, *st_ref.momentum, *st_ref.chunk_weights)):
+        assert torch.equal(a, b)
+    o_api, st_api = nm_ops.decode(*args[:6], args[6], chunk_size=2, activation="gelu",
+                                  residual=True, ln_weight=args[7], ln_bias=args[8], ln_eps=1e-6,
+                                  read="token", initial_state=st)
+    assert torch.equal(o_api, o) and torch.equal(st_api.offset, st_ref.offset)
+    tensors = [*args[:6], *args[6], args[7], args[8], *args[9], *args[10], *args[11]]
+
+    def fn(*ts):
+        q, k, v, lr, fo, mo, w1, w2, g, b, *rest = ts
+        return tuple(torch.ops.titans_cuda.neural_memory_decode(
+            q, k, v, lr, fo, mo, [w1, w2], g, b, rest[0:2], rest[2:4], rest[4:6], st.offset, 2,
+            "gelu", True, 1e-6, "token"))
+    assert torch.autograd.gradcheck(fn, tensors)

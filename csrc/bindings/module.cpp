@@ -5,12 +5,15 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "../memory_mlp/memory_mlp.h"
 #include "../memory_scan/memory_scan.h"
+#include "../neural_memory/decode.h"
 
 namespace py = pybind11;
 
@@ -130,11 +133,11 @@ py::dict memory_scan_bwd_scratch(int batch, int heads, int n_chunks, int64_t ele
   return out;
 }
 
-// The memory-MLP kernel takes many optional operands, so its arguments come as one dict:
-// pointers (0 = absent) and element strides by name, as memory_mlp.h documents them.
+// The memory-MLP and decode kernels take many optional operands, so their arguments come as one
+// dict: pointers (0 = absent) and element strides by name, as their headers document them.
 template <typename T>
 T arg(const py::dict& args, const char* name) {
-  if (!args.contains(name)) throw std::invalid_argument(std::string("memory_mlp: missing ") + name);
+  if (!args.contains(name)) throw std::invalid_argument(std::string("titans_cuda._C: missing argument ") + name);
   return args[name].cast<T>();
 }
 
@@ -195,6 +198,68 @@ void memory_mlp(const py::dict& a) {
     status = titans::memory_mlp(p, stream, device);
   }
   check(status, "memory_mlp");
+}
+
+// neural_memory_decode from a dict of addresses / strides / sizes (ops/neural_memory/ops.py);
+// per-layer pointers come as lists of length depth.
+void neural_memory_decode(const py::dict& a) {
+  titans::DecodeParams p{};
+  auto ptr = [&](const char* name) { return arg<std::uintptr_t>(a, name); };
+  auto i64 = [&](const char* name) { return arg<int64_t>(a, name); };
+  auto i32 = [&](const char* name) { return arg<int>(a, name); };
+  auto layers = [&](const char* name) { return arg<std::vector<int64_t>>(a, name); };
+  p.q = as_ptr<const void>(ptr("q"));
+  p.k = as_ptr<const void>(ptr("k"));
+  p.v = as_ptr<const void>(ptr("v"));
+  p.q_n_stride = i64("q_n_stride"), p.q_t_stride = i64("q_t_stride");
+  p.q_h_stride = i64("q_h_stride");
+  p.k_n_stride = i64("k_n_stride"), p.k_t_stride = i64("k_t_stride");
+  p.k_h_stride = i64("k_h_stride");
+  p.v_n_stride = i64("v_n_stride"), p.v_t_stride = i64("v_t_stride");
+  p.v_h_stride = i64("v_h_stride");
+  p.lr = as_ptr<const float>(ptr("lr"));
+  p.forget = as_ptr<const float>(ptr("forget"));
+  p.momentum = as_ptr<const float>(ptr("momentum"));
+  p.depth = i32("depth");
+  if (p.depth < 1 || p.depth > titans::kDecodeMaxLayers) {
+    throw std::invalid_argument("titans_cuda.neural_memory_decode: depth must be 1 or 2");
+  }
+  const auto w_in = layers("w_in"), w_in_n = layers("w_in_n_stride");
+  const auto w_in_h = layers("w_in_h_stride"), s_in = layers("s_in"), cw_in = layers("cw_in");
+  const auto w_out = layers("w_out"), s_out = layers("s_out"), cw_out = layers("cw_out");
+  for (const auto* v : {&w_in, &w_in_n, &w_in_h, &s_in, &cw_in, &w_out, &s_out, &cw_out}) {
+    if (v->size() != size_t(p.depth)) {
+      throw std::invalid_argument("titans_cuda.neural_memory_decode: one entry per layer");
+    }
+  }
+  for (int l = 0; l < p.depth; ++l) {
+    p.w_in[l] = as_ptr<const float>(std::uintptr_t(w_in[l]));
+    p.w_in_n_stride[l] = w_in_n[l], p.w_in_h_stride[l] = w_in_h[l];
+    p.s_in[l] = as_ptr<const float>(std::uintptr_t(s_in[l]));
+    p.cw_in[l] = as_ptr<const float>(std::uintptr_t(cw_in[l]));
+    p.w_out[l] = as_ptr<float>(std::uintptr_t(w_out[l]));
+    p.s_out[l] = as_ptr<float>(std::uintptr_t(s_out[l]));
+    p.cw_out[l] = as_ptr<float>(std::uintptr_t(cw_out[l]));
+  }
+  p.offset = as_ptr<const int>(ptr("offset"));
+  p.ln_weight = as_ptr<const float>(ptr("ln_weight"));
+  p.ln_bias = as_ptr<const float>(ptr("ln_bias"));
+  p.ln_eps = arg<float>(a, "ln_eps");
+  p.o = as_ptr<void>(ptr("o"));
+  p.n_seq = i32("n_seq"), p.seqlen = i32("seqlen"), p.heads = i32("heads");
+  p.dim = i32("dim"), p.hidden = i32("hidden"), p.chunk = i32("chunk");
+  p.activation = i32("activation");
+  p.residual = arg<bool>(a, "residual");
+  p.read_chunk = arg<bool>(a, "read_chunk");
+  p.dtype = i32("dtype");
+  const auto stream = reinterpret_cast<cudaStream_t>(ptr("stream"));
+  const int device = i32("device");
+  cudaError_t status;
+  {
+    py::gil_scoped_release release;
+    status = titans::neural_memory_decode(p, stream, device);
+  }
+  check(status, "neural_memory_decode");
 }
 
 size_t memory_mlp_smem_bytes(int dtype, int dim, int hidden, int depth, int mode) {
@@ -301,6 +366,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("hidden"), py::arg("depth"), py::arg("mode"),
         "Dynamic shared memory (bytes) of the memory-MLP kernel for this configuration; 0 when "
         "unsupported.");
+  m.def("neural_memory_decode", &neural_memory_decode, py::arg("args"),
+        "Token-by-token neural memory on the state for short calls (decode.h).");
+  m.def("neural_memory_decode_supported", &titans::neural_memory_decode_supported,
+        py::arg("dim"), py::arg("hidden"), py::arg("depth"));
   m.def("memory_mlp_tile_rows", [] { return titans::kMlpTileRows; });
   m.def("kernel_image", &kernel_image, py::arg("device"));
   m.def("build_info", &build_info);

@@ -12,14 +12,14 @@ from .ops.memory_mlp import ops as mlp_ops
 from .ops.memory_mlp import reference as mlp_ref
 from .ops.memory_scan import reference as scan_ref
 from .ops.memory_scan.ops import memory_scan_op
+from .ops.neural_memory import ops as nm_ops
 from .ops.neural_memory import reference as nm_ref
 from .state import MemoryState
 
-# The fused neural_memory kernel is the next issue's work; until it lands, neural_memory has no
-# kernel for any configuration.
-_NO_FUSED_KERNEL = "no fused CUDA kernel for neural_memory exists in this version yet"
 
-
+# neural_memory's kernels: the streaming-decode kernel for calls of at most
+# nm_ops.DECODE_MAX_T tokens; longer calls run the reference until the chunked fused kernel
+# lands.
 def neural_memory(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, forget: Tensor,
                   momentum: Tensor, weights: Sequence[Tensor], *, chunk_size: int = 64,
                   activation: str = "silu", residual: bool = False,
@@ -85,7 +85,13 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, forget: Tensor,
                       for i, w in enumerate(initial_state.weights)})
         named["initial_state.offset"] = initial_state.offset
     device = chk.check_same_device(named)
-    use_kernels(backend, "neural_memory", device, _NO_FUSED_KERNEL)
+    reason = nm_ops.decode_reason(q, weights, cu_seqlens, initial_state)
+    if use_kernels(backend, "neural_memory", device, reason):
+        o, state = nm_ops.decode(q, k, v, lr, forget, momentum, weights, chunk_size=chunk_size,
+                                 activation=activation, residual=residual, ln_weight=ln_weight,
+                                 ln_bias=ln_bias, ln_eps=ln_eps, read=read,
+                                 initial_state=initial_state)
+        return o, state if output_final_state else None
     return nm_ref.neural_memory(
         q, k, v, lr, forget, momentum, weights, chunk_size=chunk_size, activation=activation,
         residual=residual, ln_weight=ln_weight, ln_bias=ln_bias, ln_eps=ln_eps, read=read,

@@ -203,10 +203,10 @@ def neural_memory(q, k, v, lr, forget, momentum, weights, *, chunk_size=64, acti
         outs.append(o)
         if output_final_state:
             is_last = timeline.is_last_chunk(j)
-            if isinstance(is_last, bool):
-                cw = wg if is_last else cw
-            else:
+            if isinstance(is_last, torch.Tensor):  # per sequence (packed timeline)
                 cw = [torch.where(is_last, g, prev) for g, prev in zip(wg, cw)]
+            else:  # the same for every row: a bool (or a SymBool when traced with dynamic T)
+                cw = wg if is_last else cw
 
     if n_chunks:
         o = timeline.unlay(torch.stack(outs, dim=2)).reshape(B, T, H, D)

@@ -1,0 +1,411 @@
+// neural_memory_decode (decode.h): one CTA of kThreads threads per (sequence, head) walks the
+// call's tokens; per token, with Wc the chunk weights and W, S the running state:
+//
+//   1. keys      z = k Wc1, h = phi(z), f = h Wc2   (column sums: thread (row lane, float4
+//                column group) partials in shared memory, summed over lanes in a fixed order)
+//   2. head      warp 0: y = [k +] [LN](f), dl/dy = 2 (y - v), LN backward -> dF
+//   3. errors    dh = Wc2 dF (row sums: D / 4 lanes per row, shuffle tree), dz = dh phi'(z)
+//   4. write     layer 1: S1 = eta S1 - theta k^T dz,  W1 = (1 - alpha) W1 + S1
+//                layer 2: S2 = eta S2 - theta h^T dF,  W2 = (1 - alpha) W2 + S2
+//                (one float4 pass each, the read "token" products q W1 and phi(q W1) W2 summed
+//                 on the fly; the open chunk's weights written alongside when they change)
+//   5. read      o = [q +] [LN](f_q)
+// Depth 1 drops the hidden layer (f = k W1, u = k^T dF). read "chunk" evaluates M_Wc(q) in
+// steps 1-2 instead. Tokens after the first read W and S back from the outputs, which the
+// previous token wrote (the same CTA; __syncthreads orders them).
+#include "decode.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "../common/cuda_check.h"
+
+namespace titans {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(float x) { return x; }
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ float from_float(float x) { return x; }
+
+__device__ __forceinline__ float act(float z, int kind) {
+  if (kind == 0) return z / (1.f + expf(-z));
+  return 0.5f * z * (1.f + erff(z * 0.70710678118654752f));
+}
+__device__ __forceinline__ float act_grad(float z, int kind) {
+  if (kind == 0) {
+    const float s = 1.f / (1.f + expf(-z));
+    return s * (1.f + z * (1.f - s));
+  }
+  return 0.5f * (1.f + erff(z * 0.70710678118654752f)) +
+         z * expf(-0.5f * z * z) * 0.39894228040143268f;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+__device__ __forceinline__ float4 ld4(const float* p) {
+  return *reinterpret_cast<const float4*>(p);
+}
+__device__ __forceinline__ void st4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
+__device__ __forceinline__ void fma4(float4& acc, float a, float4 w) {
+  acc.x = fmaf(a, w.x, acc.x);
+  acc.y = fmaf(a, w.y, acc.y);
+  acc.z = fmaf(a, w.z, acc.z);
+  acc.w = fmaf(a, w.w, acc.w);
+}
+
+struct Smem {
+  float q[kDecodeMaxDim], k[kDecodeMaxDim], v[kDecodeMaxDim];
+  float f[kDecodeMaxDim], fq[kDecodeMaxDim], df[kDecodeMaxDim];
+  float z[kDecodeMaxHidden], hk[kDecodeMaxHidden], dphi[kDecodeMaxHidden];
+  float zq[kDecodeMaxHidden], hq[kDecodeMaxHidden], dz[kDecodeMaxHidden];
+  float red[2 * 4 * kThreads];
+};
+
+// Thread (row lane rl, float4 column group cg) of a row-major [R][Cn] matrix: G = Cn / 4
+// groups, RL = kThreads / G lanes; lane rl covers rows rl, rl + RL, ...
+struct Lanes {
+  int G, RL, rl, cg;
+  __device__ explicit Lanes(int Cn)
+      : G(Cn / 4), RL(kThreads / (Cn / 4)), rl(threadIdx.x / (Cn / 4)),
+        cg(threadIdx.x % (Cn / 4)) {}
+  __device__ bool active() const { return rl < RL; }
+};
+
+// Per-lane float4 partials -> out[c] = sum over lanes (fixed order). `red` holds RL * Cn
+// floats per output.
+__device__ void finish_columns(const Lanes& L, int Cn, const float4& a, float* out,
+                               const float4* a2, float* out2, float* red) {
+  if (L.active()) {
+    st4(red + L.rl * Cn + 4 * L.cg, a);
+    if (a2 != nullptr) st4(red + (L.RL + L.rl) * Cn + 4 * L.cg, *a2);
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < Cn; c += kThreads) {
+    float s = 0.f, s2 = 0.f;
+    for (int l = 0; l < L.RL; ++l) {
+      s += red[l * Cn + c];
+      if (out2 != nullptr) s2 += red[(L.RL + l) * Cn + c];
+    }
+    out[c] = s;
+    if (out2 != nullptr) out2[c] = s2;
+  }
+  __syncthreads();
+}
+
+// out[c] = sum_r x[r] W[r][c] (and out2 with x2 when given) over [R][Cn].
+__device__ void col_products(const float* W, int R, int Cn, const float* x, float* out,
+                             const float* x2, float* out2, float* red) {
+  const Lanes L(Cn);
+  float4 a = make_float4(0.f, 0.f, 0.f, 0.f), a2 = a;
+  if (L.active()) {
+    const float* base = W + 4 * L.cg;
+    int r = L.rl;
+    for (; r + 3 * L.RL < R; r += 4 * L.RL) {
+      float4 w[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) w[u] = ld4(base + int64_t(r + u * L.RL) * Cn);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        fma4(a, x[r + u * L.RL], w[u]);
+        if (x2 != nullptr) fma4(a2, x2[r + u * L.RL], w[u]);
+      }
+    }
+    for (; r < R; r += L.RL) {
+      const float4 w = ld4(base + int64_t(r) * Cn);
+      fma4(a, x[r], w);
+      if (x2 != nullptr) fma4(a2, x2[r], w);
+    }
+  }
+  finish_columns(L, Cn, a, out, x2 != nullptr ? &a2 : nullptr, out2, red);
+}
+
+// out[r] = mul[r] * sum_c W[r][c] y[c] over [R][Cn], Cn / 4 lanes per row (Cn <= 128).
+__device__ void row_products(const float* W, int R, int Cn, const float* y, const float* mul,
+                             float* out) {
+  const int G = Cn / 4, rows = 32 / G;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, sub = lane / G, lg = lane % G;
+  const float4 yy = make_float4(y[4 * lg], y[4 * lg + 1], y[4 * lg + 2], y[4 * lg + 3]);
+  constexpr int kUnroll = 4;
+  for (int r0 = warp * rows; r0 < R; r0 += kUnroll * kWarps * rows) {
+    float4 w[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int r = r0 + u * kWarps * rows + sub;
+      w[u] = r < R ? ld4(W + int64_t(r) * Cn + 4 * lg) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int r = r0 + u * kWarps * rows + sub;
+      float s = w[u].x * yy.x + w[u].y * yy.y + w[u].z * yy.z + w[u].w * yy.w;
+      for (int off = G / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+      if (r < R && lg == 0) out[r] = s * mul[r];
+    }
+  }
+  __syncthreads();
+}
+
+// What a layer's write pass stores into the open chunk's weights.
+enum class ChunkCopy : int { kNone, kOld, kSource, kNew };
+
+// The write of one layer [R][Cn]: S = eta S - theta a^T b, W = decay W + S (both written),
+// the open chunk's weights per `copy`, and out[c] = sum_r xq[r] W_new[r][c] when xq is given.
+// w_src may alias w_dst and s_src s_dst (each element is read, then written, by one thread).
+__device__ void write_layer(const float* w_src, const float* s_src, const float* cw_src,
+                            float* w_dst, float* s_dst, float* cw_dst, ChunkCopy copy, int R,
+                            int Cn, const float* a, const float* b, float theta, float eta,
+                            float decay, const float* xq, float* out, float* red) {
+  const Lanes L(Cn);
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (L.active()) {
+    const int c = 4 * L.cg;
+    const float4 bb = make_float4(theta * b[c], theta * b[c + 1], theta * b[c + 2],
+                                  theta * b[c + 3]);
+    constexpr int kUnroll = 4;
+    for (int r0 = L.rl; r0 < R; r0 += kUnroll * L.RL) {
+      float4 w[kUnroll], s[kUnroll], cw[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int r = r0 + u * L.RL;
+        if (r < R) {
+          const int64_t e = int64_t(r) * Cn + c;
+          w[u] = ld4(w_src + e);
+          s[u] = s_src != nullptr ? ld4(s_src + e) : make_float4(0.f, 0.f, 0.f, 0.f);
+          if (copy == ChunkCopy::kSource) cw[u] = ld4(cw_src + e);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int r = r0 + u * L.RL;
+        if (r < R) {
+          const int64_t e = int64_t(r) * Cn + c;
+          const float ar = a[r];
+          if (copy == ChunkCopy::kOld) st4(cw_dst + e, w[u]);
+          float4 sn, wn;
+          sn.x = fmaf(eta, s[u].x, -ar * bb.x);
+          sn.y = fmaf(eta, s[u].y, -ar * bb.y);
+          sn.z = fmaf(eta, s[u].z, -ar * bb.z);
+          sn.w = fmaf(eta, s[u].w, -ar * bb.w);
+          wn.x = fmaf(decay, w[u].x, sn.x);
+          wn.y = fmaf(decay, w[u].y, sn.y);
+          wn.z = fmaf(decay, w[u].z, sn.z);
+          wn.w = fmaf(decay, w[u].w, sn.w);
+          st4(s_dst + e, sn);
+          st4(w_dst + e, wn);
+          if (copy == ChunkCopy::kSource) st4(cw_dst + e, cw[u]);
+          if (copy == ChunkCopy::kNew) st4(cw_dst + e, wn);
+          if (xq != nullptr) fma4(acc, xq[r], wn);
+        }
+      }
+    }
+  }
+  if (xq != nullptr) {
+    finish_columns(L, Cn, acc, out, nullptr, nullptr, red);
+  } else {
+    __syncthreads();
+  }
+}
+
+// Warp 0's row head on f [D]: with `target` (the key's v) writes dF = dl/df of
+// ||[x +] [LN](f) - target||^2 into df; without, writes y = [x +] [LN](f) to o (global).
+template <typename T>
+__device__ void row_head(const float* f, const float* x, const float* target, float* df,
+                         T* o, const DecodeParams& p, int h) {
+  const int D = p.dim, lane = threadIdx.x % 32;
+  constexpr int kPer = kDecodeMaxDim / 32;
+  const float* gamma = p.ln_weight != nullptr ? p.ln_weight + h * D : nullptr;
+  const float* beta = p.ln_bias != nullptr ? p.ln_bias + h * D : nullptr;
+  float xh[kPer], g[kPer];
+  float rstd = 1.f;
+  if (gamma != nullptr) {
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int d = lane + 32 * i;
+      if (d < D) s += f[d];
+    }
+    const float mean = warp_sum(s) / D;
+    float sq = 0.f;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int d = lane + 32 * i;
+      xh[i] = d < D ? f[d] - mean : 0.f;
+      sq += xh[i] * xh[i];
+    }
+    rstd = rsqrtf(warp_sum(sq) / D + p.ln_eps);
+  }
+  float mg = 0.f, mgx = 0.f;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int d = lane + 32 * i;
+    if (d >= D) continue;
+    float y;
+    if (gamma != nullptr) {
+      xh[i] *= rstd;
+      y = xh[i] * gamma[d] + (beta != nullptr ? beta[d] : 0.f);
+    } else {
+      y = f[d];
+    }
+    if (p.residual) y += x[d];
+    if (target == nullptr) {
+      o[d] = from_float<T>(y);
+      continue;
+    }
+    g[i] = 2.f * (y - target[d]);
+    if (gamma != nullptr) {
+      g[i] *= gamma[d];
+      mg += g[i];
+      mgx += g[i] * xh[i];
+    }
+  }
+  if (target == nullptr) return;
+  if (gamma != nullptr) {
+    mg = warp_sum(mg) / D;
+    mgx = warp_sum(mgx) / D;
+  }
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int d = lane + 32 * i;
+    if (d < D) df[d] = gamma != nullptr ? rstd * (g[i] - mg - xh[i] * mgx) : g[i];
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) {
+  __shared__ __align__(16) Smem sm;
+  const int n = blockIdx.x, h = blockIdx.y;
+  const int D = p.dim, depth = p.depth;
+  const int hid = depth == 2 ? p.hidden : D;  // layer 1's output width
+  const int off = p.offset != nullptr ? p.offset[n] : 0;
+  const int64_t nh = int64_t(n) * p.heads + h;
+  int64_t size[kDecodeMaxLayers] = {int64_t(D) * hid, int64_t(hid) * D};
+  const float* w_first[kDecodeMaxLayers];
+  float *w_dst[kDecodeMaxLayers], *s_dst[kDecodeMaxLayers], *cw_dst[kDecodeMaxLayers];
+#pragma unroll
+  for (int l = 0; l < kDecodeMaxLayers; ++l) {
+    if (l >= depth) break;
+    w_first[l] = p.w_in[l] + n * p.w_in_n_stride[l] + h * p.w_in_h_stride[l];
+    w_dst[l] = p.w_out[l] + nh * size[l];
+    s_dst[l] = p.s_out[l] + nh * size[l];
+    cw_dst[l] = p.cw_out[l] + nh * size[l];
+  }
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+
+  for (int t = 0; t < p.seqlen; ++t) {
+    const int pos = off + t;
+    const bool new_chunk = pos % p.chunk == 0;
+    const bool last = t == p.seqlen - 1;
+    const bool closes = (pos + 1) % p.chunk == 0;
+    ChunkCopy copy = ChunkCopy::kNone;
+    if (last && closes) {
+      copy = ChunkCopy::kNew;  // the final state has no open chunk: its weights are W
+    } else if (new_chunk) {
+      copy = ChunkCopy::kOld;  // this chunk takes its gradients at the weights before t
+    } else if (t == 0) {
+      copy = ChunkCopy::kSource;  // the state's open chunk continues
+    }
+    const float *w_src[kDecodeMaxLayers], *s_src[kDecodeMaxLayers], *gw[kDecodeMaxLayers],
+        *cw_src[kDecodeMaxLayers];
+#pragma unroll
+    for (int l = 0; l < kDecodeMaxLayers; ++l) {
+      if (l >= depth) break;
+      w_src[l] = t == 0 ? w_first[l] : w_dst[l];
+      s_src[l] = t == 0 ? (p.s_in[l] != nullptr ? p.s_in[l] + nh * size[l] : nullptr)
+                        : s_dst[l];
+      cw_src[l] = p.cw_in[l] != nullptr ? p.cw_in[l] + nh * size[l] : nullptr;
+      gw[l] = new_chunk ? w_src[l] : (t == 0 ? cw_src[l] : cw_dst[l]);
+    }
+    if (threadIdx.x < D) {
+      const int d = threadIdx.x;
+      sm.q[d] = to_float(q[n * p.q_n_stride + t * p.q_t_stride + h * p.q_h_stride + d]);
+      sm.k[d] = to_float(k[n * p.k_n_stride + t * p.k_t_stride + h * p.k_h_stride + d]);
+      sm.v[d] = to_float(v[n * p.v_n_stride + t * p.v_t_stride + h * p.v_h_stride + d]);
+    }
+    const int64_t gate = (int64_t(n) * p.seqlen + t) * p.heads + h;
+    const float theta = p.lr[gate], decay = 1.f - p.forget[gate], eta = p.momentum[gate];
+    T* o_row = static_cast<T*>(p.o) + gate * D;
+    __syncthreads();
+
+    // 1-3: the key's errors at the chunk weights (and read "chunk")
+    const float* xq2 = p.read_chunk ? sm.q : nullptr;
+    if (depth == 2) {
+      col_products(gw[0], D, hid, sm.k, sm.z, xq2, sm.zq, sm.red);
+      for (int j = threadIdx.x; j < hid; j += kThreads) {
+        sm.hk[j] = act(sm.z[j], p.activation);
+        sm.dphi[j] = act_grad(sm.z[j], p.activation);
+        if (p.read_chunk) sm.hq[j] = act(sm.zq[j], p.activation);
+      }
+      __syncthreads();
+      col_products(gw[1], hid, D, sm.hk, sm.f, p.read_chunk ? sm.hq : nullptr, sm.fq, sm.red);
+    } else {
+      col_products(gw[0], D, D, sm.k, sm.f, xq2, sm.fq, sm.red);
+    }
+    if (threadIdx.x < 32) {
+      row_head<T>(sm.f, sm.k, sm.v, sm.df, static_cast<T*>(nullptr), p, h);
+      if (p.read_chunk) row_head<T>(sm.fq, sm.q, nullptr, nullptr, o_row, p, h);
+    }
+    __syncthreads();
+    if (depth == 2) row_products(gw[1], hid, D, sm.df, sm.dphi, sm.dz);
+
+    // 4-5: the write, and read "token"
+    const bool tok = !p.read_chunk;
+    if (depth == 2) {
+      write_layer(w_src[0], s_src[0], cw_src[0], w_dst[0], s_dst[0], cw_dst[0], copy, D, hid,
+                  sm.k, sm.dz, theta, eta, decay, tok ? sm.q : nullptr, sm.zq, sm.red);
+      if (tok) {
+        for (int j = threadIdx.x; j < hid; j += kThreads) sm.hq[j] = act(sm.zq[j], p.activation);
+        __syncthreads();
+      }
+      write_layer(w_src[1], s_src[1], cw_src[1], w_dst[1], s_dst[1], cw_dst[1], copy, hid, D,
+                  sm.hk, sm.df, theta, eta, decay, tok ? sm.hq : nullptr, sm.fq, sm.red);
+    } else {
+      write_layer(w_src[0], s_src[0], cw_src[0], w_dst[0], s_dst[0], cw_dst[0], copy, D, D,
+                  sm.k, sm.df, theta, eta, decay, tok ? sm.q : nullptr, sm.fq, sm.red);
+    }
+    if (tok && threadIdx.x < 32) row_head<T>(sm.fq, sm.q, nullptr, nullptr, o_row, p, h);
+    __syncthreads();  // this token's state and shared vectors are complete before the next
+  }
+}
+
+}  // namespace
+
+bool neural_memory_decode_supported(int dim, int hidden, int depth) {
+  const bool dim_ok = dim == 16 || dim == 32 || dim == 64 || dim == 128;
+  return dim_ok && (depth == 1 || (depth == 2 && hidden >= 4 && hidden % 4 == 0 &&
+                                   hidden <= kDecodeMaxHidden));
+}
+
+cudaError_t neural_memory_decode(const DecodeParams& p, cudaStream_t stream, int device) {
+  if (!neural_memory_decode_supported(p.dim, p.hidden, p.depth) || p.n_seq < 1 ||
+      p.heads < 1 || p.heads > 65535 || p.seqlen < 1 || p.chunk < 1 || p.dtype < 0 ||
+      p.dtype > 2) {
+    return cudaErrorInvalidValue;
+  }
+  DeviceGuard guard(device);
+  TITANS_RETURN_IF_ERROR(guard.status());
+  const dim3 grid(unsigned(p.n_seq), unsigned(p.heads));
+  switch (p.dtype) {
+    case 0: decode_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p); break;
+    case 1: decode_kernel<__half><<<grid, kThreads, 0, stream>>>(p); break;
+    default: decode_kernel<float><<<grid, kThreads, 0, stream>>>(p); break;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace titans

@@ -1,0 +1,289 @@
+"""Custom op over the streaming-decode kernel (csrc/neural_memory/decode.cu):
+
+  titans_cuda::neural_memory_decode   neural_memory for a short call (T <= DECODE_MAX_T tokens)
+                                      on the state, token by token: (o, W, S, chunk weights)
+
+The kernel covers the forward pass and the final state. Gradients (rarely wanted while decoding)
+come from the reference through ``torch.func.vjp``: exact, not fast. Off the kernel path (CPU,
+float64, unsupported shapes) the op runs the reference, so opcheck runs in CPU CI.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from ... import _lib
+from ...state import MemoryState
+from ..activations import ACTIVATIONS
+from ..memory_mlp.ops import KERNEL_DTYPES, _reference_vjp
+from ..memory_mlp.reference import compute_dtype
+from . import reference as ref
+
+DECODE_MAX_T = 16  # longer calls wait for the chunked fused kernel
+DECODE_DIMS = (16, 32, 64, 128)
+DECODE_MAX_HIDDEN = 512  # kDecodeMaxHidden in decode.h
+
+
+def decode_shape_supported(dim: int, hidden: int, depth: int) -> bool:
+    """The rule of neural_memory_decode_supported (decode.h); a GPU test checks they agree."""
+    return dim in DECODE_DIMS and (depth == 1 or (depth == 2 and 4 <= hidden <= DECODE_MAX_HIDDEN
+                                                  and hidden % 4 == 0))
+
+
+def decode_reason(q: Tensor, weights, cu_seqlens, initial_state) -> Optional[str]:
+    """None when the decode kernel handles this neural_memory call, else why not."""
+    if not q.is_cuda:
+        return "the inputs are not on a CUDA device"
+    reason = _lib.kernels_unavailable_reason(q.device)
+    if reason is not None:
+        return reason
+    T = q.shape[1]
+    if T > DECODE_MAX_T:
+        return (f"no fused CUDA kernel for neural_memory calls of T={T} > {DECODE_MAX_T} tokens "
+                f"exists in this version yet (the streaming-decode kernel takes T <= "
+                f"{DECODE_MAX_T})")
+    if T == 0:
+        return "the call has no tokens"
+    if cu_seqlens is not None:
+        return "the decode kernel does not take cu_seqlens yet (pass [N, T, H, D] batches)"
+    if q.dtype not in KERNEL_DTYPES:
+        return f"the decode kernel takes bf16/fp16/fp32 inputs, got {q.dtype}"
+    tensors = list(weights) + ([] if initial_state is None else
+                               [*initial_state.weights, *initial_state.momentum,
+                                *initial_state.chunk_weights])
+    if any(t.dtype == torch.float64 for t in tensors):
+        return "float64 weights or states run on the reference"
+    D = q.shape[-1]
+    depth = len(weights)
+    hidden = weights[0].shape[-1]
+    if not decode_shape_supported(D, hidden, depth):
+        return (f"no decode kernel for D={D}, hidden={hidden}, depth={depth} (supported: D in "
+                f"{DECODE_DIMS}, depth 1, or depth 2 with hidden a multiple of 4 up to "
+                f"{DECODE_MAX_HIDDEN})")
+    N, H = q.shape[0], q.shape[2]
+    if H > 65535:
+        return f"no decode kernel for H={H} > 65535"
+    return None
+
+
+def _f32(t: Tensor) -> Tensor:
+    """fp32, contiguous, 16-byte aligned (the kernel reads float4)."""
+    t = t.to(torch.float32).contiguous()
+    return t.clone() if t.data_ptr() % 16 else t
+
+
+def _qkv(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
+            state_momentum, state_chunk_weights, state_offset, chunk_size, activation,
+            residual, ln_eps, read, out: Optional[List[Tensor]] = None) -> List[Tensor]:
+    """Runs the kernel: [o, W..., S..., chunk weights...]. ``out``: preallocated outputs in
+    that order (the tests pass NaN-poisoned ones)."""
+    N, T, H, D = q.shape
+    depth = len(weights)
+    dev = q.device
+    q, k, v = _qkv(q), _qkv(k), _qkv(v)
+    gates = [_f32(g) for g in (lr, forget, momentum)]
+    keep = [q, k, v, *gates]
+    args = dict(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
+                lr=gates[0].data_ptr(), forget=gates[1].data_ptr(),
+                momentum=gates[2].data_ptr())
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        args.update({f"{name}_n_stride": t.stride(0), f"{name}_t_stride": t.stride(1),
+                     f"{name}_h_stride": t.stride(2)})
+    w_in, w_n, w_h, s_in, cw_in = [], [], [], [], []
+    outs_w, outs_s, outs_cw = [], [], []
+    for layer, w in enumerate(weights):
+        shape = (N, H, w.shape[-2], w.shape[-1])
+        if state_weights:
+            src = _f32(state_weights[layer])
+            s = _f32(state_momentum[layer])
+            cw = _f32(state_chunk_weights[layer])
+            keep += [src, s, cw]
+            w_in.append(src.data_ptr())
+            w_n.append(src.stride(0))
+            w_h.append(src.stride(1))
+            s_in.append(s.data_ptr())
+            cw_in.append(cw.data_ptr())
+        else:
+            src = _f32(w)
+            keep.append(src)
+            w_in.append(src.data_ptr())
+            w_n.append(0)
+            w_h.append(src.stride(0))
+            s_in.append(0)
+            cw_in.append(0)
+        for lst in (outs_w, outs_s, outs_cw):
+            lst.append(torch.empty(shape, dtype=torch.float32, device=dev))
+    o = torch.empty(N, T, H, D, dtype=q.dtype, device=dev)
+    if out is not None:
+        o, outs_w, outs_s, outs_cw = (out[0], out[1:1 + depth], out[1 + depth:1 + 2 * depth],
+                                      out[1 + 2 * depth:])
+    offset = None
+    if state_offset is not None and state_weights:
+        offset = state_offset.to(device=dev, dtype=torch.int32).contiguous()
+        keep.append(offset)
+    ln_w = None if ln_weight is None else _f32(ln_weight)
+    ln_b = None if ln_bias is None or ln_w is None else _f32(ln_bias)
+    keep += [t for t in (ln_w, ln_b) if t is not None]
+    args.update(w_in=w_in, w_in_n_stride=w_n, w_in_h_stride=w_h, s_in=s_in, cw_in=cw_in,
+                w_out=[t.data_ptr() for t in outs_w], s_out=[t.data_ptr() for t in outs_s],
+                cw_out=[t.data_ptr() for t in outs_cw],
+                offset=0 if offset is None else offset.data_ptr(),
+                ln_weight=0 if ln_w is None else ln_w.data_ptr(),
+                ln_bias=0 if ln_b is None else ln_b.data_ptr(), ln_eps=float(ln_eps),
+                o=o.data_ptr(), n_seq=N, seqlen=T, heads=H, dim=D,
+                hidden=weights[0].shape[-1] if depth == 2 else D, depth=depth,
+                chunk=int(chunk_size), activation=ACTIVATIONS.index(activation),
+                residual=bool(residual), read_chunk=read == "chunk",
+                dtype=KERNEL_DTYPES.index(q.dtype), stream=_lib.stream_handle(dev),
+                device=dev.index if dev.index is not None else torch.cuda.current_device())
+    _lib._C.neural_memory_decode(args)
+    return [o, *outs_w, *outs_s, *outs_cw]
+
+
+def _state(state_weights, state_momentum, state_chunk_weights, state_offset):
+    if not state_weights:
+        return None
+    return MemoryState(tuple(state_weights), tuple(state_momentum), tuple(state_chunk_weights),
+                       state_offset)
+
+
+def _reference(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
+               state_momentum, state_chunk_weights, state_offset, chunk_size, activation,
+               residual, ln_eps, read) -> List[Tensor]:
+    o, st = ref.neural_memory(
+        q, k, v, lr, forget, momentum, tuple(weights), chunk_size=chunk_size,
+        activation=activation, residual=residual, ln_weight=ln_weight, ln_bias=ln_bias,
+        ln_eps=ln_eps, read=read,
+        initial_state=_state(state_weights, state_momentum, state_chunk_weights, state_offset),
+        output_final_state=True)
+    return [o, *st.weights, *st.momentum, *st.chunk_weights]
+
+
+@torch.library.custom_op("titans_cuda::neural_memory_decode", mutates_args=())
+def decode_op(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, forget: Tensor, momentum: Tensor,
+              weights: List[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+              state_weights: List[Tensor], state_momentum: List[Tensor],
+              state_chunk_weights: List[Tensor], state_offset: Optional[Tensor],
+              chunk_size: int, activation: str, residual: bool, ln_eps: float,
+              read: str) -> List[Tensor]:
+    """[o, W per layer, S per layer, chunk weights per layer] after the call's tokens: o
+    [N, T, H, D] (q's dtype), states [N, H, d_in, d_out] (fp32; the reference's compute dtype
+    off the kernel path). The state lists are empty without an initial state."""
+    args = (q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
+            state_momentum, state_chunk_weights, state_offset, chunk_size, activation,
+            residual, ln_eps, read)
+    state = _state(state_weights, state_momentum, state_chunk_weights, state_offset)
+    if decode_reason(q, weights, None, state) is None:
+        return _launch(*args)
+    inputs = {id(t) for t in (q, k, v, *weights, *state_weights, *state_momentum,
+                              *state_chunk_weights)}
+    # outputs must not alias inputs: the reference may hand an input state back unchanged
+    return [t.clone() if id(t) in inputs or t._base is not None else t.contiguous()
+            for t in _reference(*args)]
+
+
+@decode_op.register_fake
+def _(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
+      state_momentum, state_chunk_weights, state_offset, chunk_size, activation, residual,
+      ln_eps, read):
+    N, _, H, _ = q.shape
+    tensors = [q, k, v, *weights, *state_weights, *state_momentum, *state_chunk_weights]
+    dtype = compute_dtype(*tensors)
+    states = [q.new_empty(N, H, w.shape[-2], w.shape[-1], dtype=dtype) for w in weights]
+    return [torch.empty_like(q, memory_format=torch.contiguous_format),
+            *states, *[torch.empty_like(s) for s in states],
+            *[torch.empty_like(s) for s in states]]
+
+
+@torch.library.custom_op("titans_cuda::neural_memory_decode_bwd", mutates_args=())
+def decode_bwd_op(grads: List[Tensor], q: Tensor, k: Tensor, v: Tensor, lr: Tensor,
+                  forget: Tensor, momentum: Tensor, weights: List[Tensor],
+                  ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+                  state_weights: List[Tensor], state_momentum: List[Tensor],
+                  state_chunk_weights: List[Tensor], state_offset: Optional[Tensor],
+                  chunk_size: int, activation: str, residual: bool, ln_eps: float,
+                  read: str) -> List[Tensor]:
+    """Gradients of decode_op's outputs against ``grads`` (one per output, zeros for none):
+    [dq, dk, dv, dlr, dforget, dmomentum, dW per layer, d ln_weight, d ln_bias (zeros [H, D]
+    when absent), d state weights, d state momentum, d state chunk weights (per layer, none
+    without a state)]. The reference's VJP: an opaque op, so that traced backward graphs never
+    see the reference's data-dependent handling of offsets."""
+    L, n_state = len(weights), len(state_weights)
+    H, D = q.shape[2], q.shape[3]
+
+    def fn(q_, k_, v_, lr_, fo_, mo_, lnw_, lnb_, *ts):
+        ws, ts = list(ts[:L]), ts[L:]
+        sw_, sm_, scw_ = (list(ts[i * n_state:(i + 1) * n_state]) for i in range(3))
+        return tuple(_reference(q_, k_, v_, lr_, fo_, mo_, ws, lnw_, lnb_, sw_, sm_, scw_,
+                                state_offset, chunk_size, activation, residual, ln_eps, read))
+    inputs = [q, k, v, lr, forget, momentum, ln_weight, ln_bias, *weights, *state_weights,
+              *state_momentum, *state_chunk_weights]
+    g = _reference_vjp(fn, inputs, list(grads))
+    ln = [torch.zeros(H, D, dtype=torch.float32, device=q.device) if t is None else t
+          for t in g[6:8]]
+    return [t.contiguous() for t in (*g[:6], *g[8:8 + L], *ln, *g[8 + L:])]
+
+
+@decode_bwd_op.register_fake
+def _(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
+      state_momentum, state_chunk_weights, state_offset, chunk_size, activation, residual,
+      ln_eps, read):
+    H, D = q.shape[2], q.shape[3]
+    ln = [torch.empty_like(t) if t is not None else q.new_empty(H, D, dtype=torch.float32)
+          for t in (ln_weight, ln_bias)]
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in
+            (q, k, v, lr, forget, momentum, *weights)] + ln + [
+        torch.empty_like(t, memory_format=torch.contiguous_format)
+        for t in (*state_weights, *state_momentum, *state_chunk_weights)]
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:6], *inputs[6], *inputs[9], *inputs[10], *inputs[11])
+    ctx.rest = inputs[7], inputs[8], inputs[12:]
+    ctx.counts = len(inputs[6]), len(inputs[9])
+    ctx.out_like = [(o.shape, o.dtype, o.device) for o in output]
+
+
+def _backward(ctx, grads):
+    L, n_state = ctx.counts
+    saved = ctx.saved_tensors
+    weights = list(saved[6:6 + L])
+    sw, sm, scw = (list(saved[6 + L + i * n_state:6 + L + (i + 1) * n_state])
+                   for i in range(3))
+    ln_weight, ln_bias, (state_offset, *options) = ctx.rest
+    grads = [g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
+             for g, (shape, dtype, device) in zip(grads, ctx.out_like)]
+    g = decode_bwd_op(grads, *saved[:6], weights, ln_weight, ln_bias, sw, sm, scw, state_offset,
+                      *options)
+    g_ws, g_ln, g_st = g[6:6 + L], g[6 + L:8 + L], g[8 + L:]
+    return (*g[:6], g_ws, g_ln[0] if ln_weight is not None else None,
+            g_ln[1] if ln_bias is not None else None, g_st[:n_state],
+            g_st[n_state:2 * n_state], g_st[2 * n_state:], None, None, None, None, None, None)
+
+
+decode_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def decode(q, k, v, lr, forget, momentum, weights, *, chunk_size, activation, residual,
+           ln_weight, ln_bias, ln_eps, read, initial_state):
+    """neural_memory through the decode op: (o, MemoryState)."""
+    st = initial_state
+    outs = decode_op(q, k, v, lr, forget, momentum, list(weights), ln_weight, ln_bias,
+                     [] if st is None else list(st.weights),
+                     [] if st is None else list(st.momentum),
+                     [] if st is None else list(st.chunk_weights),
+                     None if st is None else st.offset, chunk_size, activation, residual,
+                     ln_eps, read)
+    L = len(weights)
+    N, T = q.shape[0], q.shape[1]
+    offset = (torch.zeros(N, dtype=torch.long, device=q.device) if st is None
+              else st.offset.to(device=q.device, dtype=torch.long))
+    final_offset = (offset + T) % chunk_size
+    return outs[0], MemoryState(tuple(outs[1:1 + L]), tuple(outs[1 + L:1 + 2 * L]),
+                                tuple(outs[1 + 2 * L:]), final_offset)

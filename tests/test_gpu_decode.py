@@ -1,0 +1,275 @@
+"""GPU tests of the streaming-decode kernel (neural_memory for calls of at most DECODE_MAX_T
+tokens; marked ``gpu``, skipped without CUDA): outputs and the whole final state against the
+float64 reference on the same rounded inputs within SPEC §7, over a grid of every option the
+kernel takes (D, expansion, depth, dtype, activation, residual, LayerNorm +- bias, both reads,
+with and without an initial state, offsets that open / continue / close chunks, chunk sizes
+1..64, alpha = 1 resets); any-split streaming equality; gradients (through the reference);
+full writes, determinism, CUDA graphs, torch.compile and opcheck on the kernel path."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from conftest import make_inputs, make_weights, rel_err
+from titans_cuda import MemoryState, _lib, neural_memory
+from titans_cuda.ops.neural_memory import ops as nm_ops
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-5}
+STATE_TOL = 1e-5  # the state is fp32 math on the rounded inputs, whatever their dtype
+
+SHAPES = [(D, e, 2) for D in (16, 32, 64, 128) for e in (1, 2, 4)] + \
+    [(D, 1, 1) for D in (16, 32, 64, 128)]  # 16
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# (T, chunk, state): state None = from the weights; "open" = a random state with offsets
+# spread over [0, C) (chunks continuing, closing within the call, starting)
+CALLS = [(1, 64, "open"), (1, 4, "open"), (5, 4, "open"), (3, 1, "open"), (16, 16, None),
+         (2, 2, "open"), (7, 64, None), (4, 3, "open")]
+HEADS = [(False, False, None), (True, True, "bias"), (True, False, None), (False, True, None)]
+
+
+def _grid():
+    cases = []
+    for i, ((D, e, depth), dtype) in enumerate(itertools.product(SHAPES, DTYPES)):
+        for j in range(2):
+            T, C, state = CALLS[(2 * i + j) % len(CALLS)]
+            residual, ln, bias = HEADS[(i + j) % len(HEADS)]
+            act = ("silu", "gelu")[(i + j) % 2]
+            read = ("token", "chunk")[(i // 2 + j) % 2]
+            cases.append((D, e * D, depth, dtype, act, residual, ln, bias, read, T, C, state))
+    return cases
+
+
+GRID = _grid()
+
+
+def _id(c):
+    D, hid, depth, dtype, act, res, ln, bias, read, T, C, state = c
+    return (f"D{D}-h{hid}-L{depth}-{str(dtype).split('.')[-1]}-{act}-"
+            f"{'res' if res else 'nores'}-{'ln' + ('b' if bias else '') if ln else 'noln'}-"
+            f"{read}-T{T}-C{C}-{state or 'fresh'}")
+
+
+def _needs_kernel():
+    reason = _lib.kernels_unavailable_reason(torch.device(DEV)) if torch.cuda.is_available() \
+        else "no GPU"
+    if reason is not None:
+        pytest.fail(f"the kernels cannot run on this GPU: {reason}")
+
+
+def _random_state(N, H, weights, C):
+    """A state as a previous call leaves it: W, S, chunk weights all different, offsets over
+    [0, C) with C - 1 (the next token closes the chunk) and 0 (it opens one) included."""
+    w = tuple(t.unsqueeze(0).expand(N, *t.shape) + 0.1 * torch.randn(N, *t.shape, device=DEV)
+              for t in weights)
+    s = tuple(0.05 * torch.randn_like(t) for t in w)
+    cw = tuple(t + 0.05 * torch.randn_like(t) for t in w)
+    off = torch.randint(0, C, (N,), device=DEV)
+    off[0] = C - 1
+    if N > 1:
+        off[1] = 0
+    return MemoryState(w, s, cw, off.long())
+
+
+def _case(case, N=3, H=2):
+    D, hid, depth, dtype, act, residual, ln, bias, read, T, C, state = case
+    q, k, v, lr, forget, momentum = make_inputs(N, T, H, D, dtype=torch.float32, device=DEV)
+    if T == 1:
+        forget[1, 0, 0] = 1.0  # an exact reset in a one-token call too
+    weights = make_weights(H, D, hid, depth, dtype=torch.float32, device=DEV)
+    st = _random_state(N, H, weights, C) if state == "open" else None
+    mem = dict(chunk_size=C, activation=act, residual=residual, read=read,
+               ln_weight=(1 + 0.2 * torch.randn(H, D, device=DEV)) if ln else None,
+               ln_bias=(0.2 * torch.randn(H, D, device=DEV)) if ln and bias else None)
+    return [t.to(dtype) for t in (q, k, v)] + [lr, forget, momentum], weights, st, mem
+
+
+def _double_state(st):
+    if st is None:
+        return None
+    return MemoryState(tuple(t.double() for t in st.weights),
+                       tuple(t.double() for t in st.momentum),
+                       tuple(t.double() for t in st.chunk_weights), st.offset)
+
+
+def _double_mem(mem):
+    return {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in mem.items()}
+
+
+def _compare(o, st, o_ref, st_ref, tol):
+    assert rel_err(o, o_ref) <= tol, ("o", rel_err(o, o_ref))
+    for name in ("weights", "momentum", "chunk_weights"):
+        for layer, (a, b) in enumerate(zip(getattr(st, name), getattr(st_ref, name))):
+            assert a.dtype == torch.float32 and a.shape == b.shape
+            assert rel_err(a, b) <= STATE_TOL, (name, layer, rel_err(a, b))
+    assert torch.equal(st.offset.cpu(), st_ref.offset.cpu())
+
+
+@pytest.mark.parametrize("case", GRID, ids=[_id(c) for c in GRID])
+def test_decode_kernel_matches_reference(case):
+    _needs_kernel()
+    args, weights, st, mem = _case(case)
+    o, st_out = neural_memory(*args, weights, initial_state=st, output_final_state=True,
+                              backend="cuda", **mem)
+    assert o.dtype == args[0].dtype and o.shape == args[0].shape
+    o_ref, st_ref = neural_memory(*(t.double() for t in args), tuple(w.double() for w in weights),
+                                  initial_state=_double_state(st), output_final_state=True,
+                                  backend="torch", **_double_mem(mem))
+    _compare(o, st_out, o_ref, st_ref, TOL[args[0].dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("read", ["token", "chunk"])
+def test_decode_streaming_any_split_equals_one_call(dtype, read):
+    """A 23-token sequence fed as one-token calls, and as pieces [3, 1, 5, 7, 2, 5], each with
+    the previous call's state, equals one float64 reference call (outputs and final state)."""
+    _needs_kernel()
+    N, T, H, D, C = 2, 23, 3, 64, 8
+    q, k, v, lr, forget, momentum = make_inputs(N, T, H, D, dtype=torch.float32, device=DEV)
+    weights = make_weights(H, D, 128, 2, dtype=torch.float32, device=DEV)
+    mem = dict(chunk_size=C, activation="gelu", residual=True, read=read,
+               ln_weight=1 + 0.2 * torch.randn(H, D, device=DEV),
+               ln_bias=0.2 * torch.randn(H, D, device=DEV))
+    qkv = [t.to(dtype) for t in (q, k, v)]
+    o_ref, st_ref = neural_memory(*(t.double() for t in qkv), lr.double(), forget.double(),
+                                  momentum.double(), tuple(w.double() for w in weights),
+                                  output_final_state=True, backend="torch",
+                                  **_double_mem(mem))
+    for pieces in ([1] * T, [3, 1, 5, 7, 2, 5]):
+        st, outs, t0 = None, [], 0
+        for n in pieces:
+            sl = slice(t0, t0 + n)
+            o, st = neural_memory(*(t[:, sl] for t in qkv), lr[:, sl], forget[:, sl],
+                                  momentum[:, sl], weights, initial_state=st,
+                                  output_final_state=True, backend="cuda", **mem)
+            outs.append(o)
+            t0 += n
+        _compare(torch.cat(outs, dim=1), st, o_ref, st_ref, TOL[dtype])
+
+
+def test_decode_gradients_through_the_reference():
+    """Every input and initial-state gradient of a decode call (the reference's VJP) against
+    float64, including gradients flowing into the returned state."""
+    _needs_kernel()
+    args, weights, st, mem = _case((32, 64, 2, torch.float32, "silu", True, True, "bias",
+                                    "token", 3, 4, "open"))
+    leaves = [t.detach().clone().requires_grad_(True)
+              for t in (*args, *weights, *st.weights, *st.momentum, *st.chunk_weights)]
+
+    def run(ls, backend, to=None):
+        ls = [t.to(to) if to else t for t in ls]
+        state = MemoryState(tuple(ls[8:10]), tuple(ls[10:12]), tuple(ls[12:14]), st.offset)
+        m = _double_mem(mem) if to else mem
+        o, s = neural_memory(*ls[:6], tuple(ls[6:8]), initial_state=state,
+                             output_final_state=True, backend=backend, **m)
+        return (o * cot.to(o.dtype)).sum() + (s.weights[1] * cw.to(o.dtype)).sum()
+    cot = torch.randn(args[0].shape, device=DEV, dtype=torch.float64)
+    cw = torch.randn(st.weights[1].shape, device=DEV, dtype=torch.float64)
+    g = torch.autograd.grad(run(leaves, "cuda"), leaves)
+    g_ref = torch.autograd.grad(run(leaves, "torch", torch.float64), leaves)
+    for i, (a, b) in enumerate(zip(g, g_ref)):
+        assert rel_err(a, b) <= 1e-5, (i, rel_err(a, b))
+
+
+def test_decode_kernel_writes_every_element():
+    _needs_kernel()
+    for case in ([64, 256, 2, torch.bfloat16, "silu", True, True, "bias", "token", 5, 4, "open"],
+                 [32, 32, 1, torch.float32, "gelu", False, False, None, "chunk", 1, 64, None]):
+        args, weights, st, mem = _case(case)
+        N, _, H, _ = args[0].shape
+        nan = float("nan")
+        out = [torch.full_like(args[0], nan)] + [
+            torch.full((N, H, *w.shape[-2:]), nan, device=DEV) for _ in range(3) for w in weights]
+        got = nm_ops._launch(*args, list(weights), mem["ln_weight"], mem["ln_bias"],
+                             [] if st is None else list(st.weights),
+                             [] if st is None else list(st.momentum),
+                             [] if st is None else list(st.chunk_weights),
+                             None if st is None else st.offset, mem["chunk_size"],
+                             mem["activation"], mem["residual"], 1e-6, mem["read"], out=out)
+        for i, t in enumerate(got):
+            assert torch.isfinite(t).all(), i
+
+
+def _default_decode(T=1, dtype=torch.bfloat16):
+    return _case((64, 256, 2, dtype, "silu", True, True, "bias", "token", T, 64, "open"), N=4,
+                 H=4)
+
+
+def test_decode_is_deterministic():
+    _needs_kernel()
+    args, weights, st, mem = _default_decode(T=4)
+    runs = [neural_memory(*args, weights, initial_state=st, output_final_state=True,
+                          backend="cuda", **mem) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    for a, b in zip(runs[0][1].weights + runs[0][1].momentum + runs[0][1].chunk_weights,
+                    runs[1][1].weights + runs[1][1].momentum + runs[1][1].chunk_weights):
+        assert torch.equal(a, b)
+
+
+def _op_args(args, weights, st, mem):
+    return (*args, list(weights), mem["ln_weight"], mem["ln_bias"], list(st.weights),
+            list(st.momentum), list(st.chunk_weights), st.offset, mem["chunk_size"],
+            mem["activation"], mem["residual"], 1e-6, mem["read"])
+
+
+def test_decode_op_cuda_graph_capture_and_replay():
+    """The decode op (no host synchronisation) captured once and replayed on new inputs."""
+    _needs_kernel()
+    args, weights, st, mem = _default_decode()
+    static = [t.clone() for t in args]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        nm_ops.decode_op(*_op_args(static, weights, st, mem))
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_g = nm_ops.decode_op(*_op_args(static, weights, st, mem))
+    new_args = _default_decode()[0]
+    for dst, src in zip(static, new_args):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    out_e = nm_ops.decode_op(*_op_args(new_args, weights, st, mem))
+    for a, b in zip(out_g, out_e):
+        assert torch.equal(a, b)
+
+
+def test_decode_op_torch_compile_fullgraph():
+    _needs_kernel()
+    args, weights, st, mem = _default_decode(T=2)
+    fn = torch.compile(lambda *a: nm_ops.decode_op(*a), fullgraph=True)
+    got = fn(*_op_args(args, weights, st, mem))
+    want = nm_ops.decode_op(*_op_args(args, weights, st, mem))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_opcheck_decode_op_on_gpu():
+    _needs_kernel()
+    args, weights, st, mem = _case((32, 64, 2, torch.float32, "gelu", True, True, None, "token",
+                                    2, 4, "open"), N=2)
+    leaves = [t.requires_grad_() for t in args]
+    torch.library.opcheck(nm_ops.decode_op, _op_args(leaves, weights, st, mem))
+
+
+def test_decode_support_rule_matches_the_extension():
+    _needs_kernel()
+    for D, hidden, depth in itertools.product((8, 16, 24, 32, 64, 128, 256),
+                                              (2, 4, 16, 48, 512, 516, 1024), (1, 2, 3)):
+        assert nm_ops.decode_shape_supported(D, hidden, depth) == \
+            _lib._C.neural_memory_decode_supported(dim=D, hidden=hidden, depth=depth)
+
+
+def test_long_calls_and_cu_seqlens_fall_back_with_the_reason():
+    _needs_kernel()
+    args, weights, st, mem = _default_decode(T=nm_ops.DECODE_MAX_T + 1)
+    with pytest.raises(RuntimeError, match="no fused CUDA kernel"):
+        neural_memory(*args, weights, initial_state=st, backend="cuda", **mem)
+    packed = [t[:1] for t in _default_decode(T=4)[0]]
+    cu = torch.tensor([0, 1, 4], device=DEV, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="cu_seqlens"):
+        neural_memory(*packed, weights, cu_seqlens=cu, backend="cuda", **mem)
