@@ -326,6 +326,66 @@ def scan_methods(device):
     return m
 
 
+DECODE_BATCHES = (2, 8, 64)
+DECODE_GRAPH_STEPS = 10  # steps per graph replay (one replay's launch gap spread over them)
+
+
+def decode_bytes(s: Shape) -> int:
+    """Bytes a decode step must move: read the state (W, S, the open chunk's weights) and write
+    the new one, fp32; q, k, v and o are negligible."""
+    return 6 * 4 * 2 * s.D * s.hidden * s.B * s.H
+
+
+def bench_decode(s: Shape, device, mode):
+    """One-token neural_memory calls on a state (T = 1, depth 2, residual + LN, read "token").
+    mode "graph": DECODE_GRAPH_STEPS decode ops captured in a CUDA graph and replayed (the
+    kernel's time, as a serving loop would run it); "eager": the public call with its argument
+    checks; "reference": the same call on the PyTorch reference."""
+    from titans_cuda import MemoryState
+    from titans_cuda.ops.neural_memory import ops as nm_ops
+    q, k, v, lr, fg, mo, w1, w2, gamma, beta = make_memory_inputs(s.with_T(1), device, False)
+    g = torch.Generator(device=device).manual_seed(5)
+    w = [t.unsqueeze(0) + 0.01 * torch.randn(s.B, *t.shape, device=device, generator=g)
+         for t in (w1, w2)]
+    st = MemoryState(tuple(w), tuple(0.01 * torch.randn_like(t) for t in w),
+                     tuple(t.clone() for t in w),
+                     torch.randint(0, s.chunk, (s.B,), device=device, generator=g))
+    backend = "torch" if mode == "reference" else "cuda"
+    if mode in ("eager", "reference"):
+        return lambda: neural_memory(q, k, v, lr, fg, mo, (w1, w2), chunk_size=s.chunk,
+                                     residual=True, ln_weight=gamma, ln_bias=beta,
+                                     initial_state=st, output_final_state=True,
+                                     backend=backend)
+    args = (q, k, v, lr, fg, mo, [w1, w2], gamma, beta, list(st.weights), list(st.momentum),
+            list(st.chunk_weights), st.offset, s.chunk, "silu", True, 1e-6, "token")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        nm_ops.decode_op(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(DECODE_GRAPH_STEPS):
+            nm_ops.decode_op(*args)
+    return graph.replay
+
+
+def decode_rows(s: Shape, device, rows):
+    """Decode-step rows at batches DECODE_BATCHES: time, GB/s against decode_bytes and the
+    fraction of the HBM bound."""
+    for B in DECODE_BATCHES:
+        sb = dataclasses.replace(s, name=f"decode B{B}", B=B, T=1)
+        for mode in ("graph", "eager", "reference"):
+            ms, _ = time_fn(bench_decode(sb, device, mode), device)
+            ms /= DECODE_GRAPH_STEPS if mode == "graph" else 1
+            nbytes = decode_bytes(sb)
+            rows.append(dict(shape=sb.name, B=B, T=1, H=s.H, D=s.D, hidden=s.hidden,
+                             chunk=s.chunk, dtype=s.dtype, method=f"decode {mode}",
+                             pass_="fwd", ms=ms, tokens_per_s=B / (ms / 1e3), peak_mib=None,
+                             gb_per_s=nbytes / (ms / 1e3) / 1e9,
+                             roofline_fraction=(nbytes / HBM_BYTES_PER_S) / (ms / 1e3)))
+
+
 def mlp_methods(device):
     """The memory-MLP blocks: kernels on the GPU (both weight layouts), forward and backward."""
     if device.type != "cuda" or titans_cuda._lib.kernels_unavailable_reason(device) is not None:
@@ -390,6 +450,7 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks/results", help="folder for bench.json/bench.png")
     p.add_argument("--blocks", action="store_true",
                    help="only the building blocks (memory_scan, memory_forward, memory_grad)")
+    p.add_argument("--decode", action="store_true", help="only the decode-step rows")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
                    help="q/k/v dtype (default: the shape's, bf16 on the GPU)")
     args = p.parse_args(argv)
@@ -407,6 +468,11 @@ def main(argv=None):
     if args.dtype is not None:
         shape = dataclasses.replace(shape, dtype=args.dtype)
     rows = []
+    if gpu and titans_cuda._lib.kernels_unavailable_reason(device) is None:
+        decode_rows(shape, device, rows)
+    if args.decode:
+        print_table(rows)
+        return 0
     if not args.blocks:
         run_shape(shape, device, methods_for(device, not args.no_titans_pytorch), rows,
                   shape.name)

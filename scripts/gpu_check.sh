@@ -58,7 +58,7 @@ fi
 
 if [ -z "${SKIP_SANITIZER:-}" ]; then
   step "compute-sanitizer memcheck + racecheck (kernel subset)"
-  SUBSET="tests/test_gpu.py tests/test_gpu_mlp.py"
+  SUBSET="tests/test_gpu.py tests/test_gpu_mlp.py tests/test_gpu_decode.py"
   compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest $SUBSET -q \
     -p no:cacheprovider -k "writes_every or strided or side_stream" >"$OUT/sanitizer.log" 2>&1
   rc=$?
@@ -66,6 +66,9 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
   compute-sanitizer --tool racecheck --error-exitcode 3 $PY -m pytest tests/test_gpu_mlp.py -q \
     -p no:cacheprovider -k "writes_every and (C48 or D64-h256 or D16-h16-L1)" >>"$OUT/sanitizer.log" 2>&1
   rc=$?
+  compute-sanitizer --tool racecheck --error-exitcode 3 $PY -m pytest tests/test_gpu_decode.py -q \
+    -p no:cacheprovider -k "writes_every" >>"$OUT/sanitizer.log" 2>&1
+  rc=$((rc | $?))
   status[racecheck]="$(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1) rc=$rc; $(grep -E 'passed|failed' "$OUT/sanitizer.log" | tail -1)"
 fi
 
