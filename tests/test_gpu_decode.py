@@ -19,7 +19,10 @@ from titans_cuda.ops.neural_memory import ops as nm_ops
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
 TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-5}
-STATE_TOL = 1e-5  # the state is fp32 math on the rounded inputs, whatever their dtype
+# The state is fp32 math on the rounded inputs whatever their dtype, so it is held to fp32's
+# 1e-5, or to twice the fp32 reference's own error where a draw is ill-conditioned (LayerNorm
+# of an almost erased memory, README: precision), as tests/test_gpu.py does.
+STATE_TOL = 1e-5
 
 SHAPES = [(D, e, 2) for D in (16, 32, 64, 128) for e in (1, 2, 4)] + \
     [(D, 1, 1) for D in (16, 32, 64, 128)]  # 16
@@ -99,12 +102,22 @@ def _double_mem(mem):
     return {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in mem.items()}
 
 
-def _compare(o, st, o_ref, st_ref, tol):
-    assert rel_err(o, o_ref) <= tol, ("o", rel_err(o, o_ref))
-    for name in ("weights", "momentum", "chunk_weights"):
-        for layer, (a, b) in enumerate(zip(getattr(st, name), getattr(st_ref, name))):
+def _fields(st):
+    return [("weights", st.weights), ("momentum", st.momentum),
+            ("chunk_weights", st.chunk_weights)]
+
+
+def _compare(o, st, o_ref, st_ref, tol, o32=None, st32=None):
+    """Kernel (o, st) against float64 (o_ref, st_ref); (o32, st32): the fp32 reference on the
+    same inputs, whose own error widens the bound where a draw is ill-conditioned."""
+    bound = max(tol, 2 * rel_err(o32, o_ref)) if o32 is not None else tol
+    assert rel_err(o, o_ref) <= bound, ("o", rel_err(o, o_ref), bound)
+    for (name, got), (_, want), (_, f32) in zip(_fields(st), _fields(st_ref),
+                                                _fields(st32 or st_ref)):
+        for layer, (a, b, c) in enumerate(zip(got, want, f32)):
             assert a.dtype == torch.float32 and a.shape == b.shape
-            assert rel_err(a, b) <= STATE_TOL, (name, layer, rel_err(a, b))
+            bound = max(STATE_TOL, 2 * rel_err(c, b)) if st32 is not None else STATE_TOL
+            assert rel_err(a, b) <= bound, (name, layer, rel_err(a, b), bound)
     assert torch.equal(st.offset.cpu(), st_ref.offset.cpu())
 
 
@@ -118,7 +131,9 @@ def test_decode_kernel_matches_reference(case):
     o_ref, st_ref = neural_memory(*(t.double() for t in args), tuple(w.double() for w in weights),
                                   initial_state=_double_state(st), output_final_state=True,
                                   backend="torch", **_double_mem(mem))
-    _compare(o, st_out, o_ref, st_ref, TOL[args[0].dtype])
+    o32, st32 = neural_memory(*(t.float() for t in args), weights, initial_state=st,
+                              output_final_state=True, backend="torch", **mem)
+    _compare(o, st_out, o_ref, st_ref, TOL[args[0].dtype], o32, st32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -138,6 +153,8 @@ def test_decode_streaming_any_split_equals_one_call(dtype, read):
                                   momentum.double(), tuple(w.double() for w in weights),
                                   output_final_state=True, backend="torch",
                                   **_double_mem(mem))
+    o32, st32 = neural_memory(*(t.float() for t in qkv), lr, forget, momentum, weights,
+                              output_final_state=True, backend="torch", **mem)
     for pieces in ([1] * T, [3, 1, 5, 7, 2, 5]):
         st, outs, t0 = None, [], 0
         for n in pieces:
@@ -147,24 +164,26 @@ def test_decode_streaming_any_split_equals_one_call(dtype, read):
                                   output_final_state=True, backend="cuda", **mem)
             outs.append(o)
             t0 += n
-        _compare(torch.cat(outs, dim=1), st, o_ref, st_ref, TOL[dtype])
+        _compare(torch.cat(outs, dim=1), st, o_ref, st_ref, TOL[dtype], o32, st32)
 
 
 def test_decode_gradients_through_the_reference():
     """Every input and initial-state gradient of a decode call (the reference's VJP) against
-    float64, including gradients flowing into the returned state."""
+    float64, including gradients flowing into the returned state. (The learned initial
+    weights are unused when a state is given.)"""
     _needs_kernel()
     args, weights, st, mem = _case((32, 64, 2, torch.float32, "silu", True, True, "bias",
                                     "token", 3, 4, "open"))
     leaves = [t.detach().clone().requires_grad_(True)
-              for t in (*args, *weights, *st.weights, *st.momentum, *st.chunk_weights)]
+              for t in (*args, *st.weights, *st.momentum, *st.chunk_weights)]
 
     def run(ls, backend, to=None):
         ls = [t.to(to) if to else t for t in ls]
-        state = MemoryState(tuple(ls[8:10]), tuple(ls[10:12]), tuple(ls[12:14]), st.offset)
+        state = MemoryState(tuple(ls[6:8]), tuple(ls[8:10]), tuple(ls[10:12]), st.offset)
         m = _double_mem(mem) if to else mem
-        o, s = neural_memory(*ls[:6], tuple(ls[6:8]), initial_state=state,
-                             output_final_state=True, backend=backend, **m)
+        ws = tuple(w.to(to) if to else w for w in weights)
+        o, s = neural_memory(*ls[:6], ws, initial_state=state, output_final_state=True,
+                             backend=backend, **m)
         return (o * cot.to(o.dtype)).sum() + (s.weights[1] * cw.to(o.dtype)).sum()
     cot = torch.randn(args[0].shape, device=DEV, dtype=torch.float64)
     cw = torch.randn(st.weights[1].shape, device=DEV, dtype=torch.float64)
@@ -273,3 +292,37 @@ def test_long_calls_and_cu_seqlens_fall_back_with_the_reason():
     cu = torch.tensor([0, 1, 4], device=DEV, dtype=torch.int32)
     with pytest.raises(RuntimeError, match="cu_seqlens"):
         neural_memory(*packed, weights, cu_seqlens=cu, backend="cuda", **mem)
+
+
+@pytest.mark.parametrize("case", [
+    (64, 256, 2, torch.bfloat16, "silu", True, True, "bias", "token", 3, 4, "open"),
+    (128, 128, 2, torch.float32, "gelu", False, True, None, "chunk", 2, 2, "open"),
+    (32, 32, 1, torch.float32, "silu", True, False, None, "token", 5, 3, "open"),
+    (16, 64, 2, torch.float16, "gelu", True, True, "bias", "token", 1, 8, None)],
+    ids=["D64-h256-bf16", "D128-h128-f32-chunk", "D32-L1-f32", "D16-h64-f16"])
+def test_decode_every_cluster_split_matches_the_reference(case):
+    """The CTAs of one (sequence, head) split the hidden units (a thread-block cluster on
+    sm_90): every split the launcher may pick (1, 2, 4, 8, where the slice stays a multiple of
+    4 wide) gives the reference's outputs and state."""
+    _needs_kernel()
+    args, weights, st, mem = _case(case)
+    o_ref, st_ref = neural_memory(*(t.double() for t in args), tuple(w.double() for w in weights),
+                                  initial_state=_double_state(st), output_final_state=True,
+                                  backend="torch", **_double_mem(mem))
+    width = weights[0].shape[-1] if len(weights) == 2 else args[0].shape[-1]
+    major = torch.cuda.get_device_capability()[0]
+    splits = [s for s in (1, 2, 4, 8) if width % (4 * s) == 0 and (s == 1 or major >= 9)]
+    assert len(splits) >= 2
+    N = args[0].shape[0]
+    for split in splits:
+        outs = nm_ops._launch(*args, list(weights), mem["ln_weight"], mem["ln_bias"],
+                              [] if st is None else list(st.weights),
+                              [] if st is None else list(st.momentum),
+                              [] if st is None else list(st.chunk_weights),
+                              None if st is None else st.offset, mem["chunk_size"],
+                              mem["activation"], mem["residual"], 1e-6, mem["read"], split=split)
+        L = len(weights)
+        off = (torch.zeros(N, dtype=torch.long, device=DEV) if st is None else st.offset)
+        state = MemoryState(tuple(outs[1:1 + L]), tuple(outs[1 + L:1 + 2 * L]),
+                            tuple(outs[1 + 2 * L:]), (off + args[0].shape[1]) % mem["chunk_size"])
+        _compare(outs[0], state, o_ref, st_ref, TOL[args[0].dtype])

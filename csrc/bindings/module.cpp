@@ -252,6 +252,7 @@ void neural_memory_decode(const py::dict& a) {
   p.residual = arg<bool>(a, "residual");
   p.read_chunk = arg<bool>(a, "read_chunk");
   p.dtype = i32("dtype");
+  p.split = i32("split");
   const auto stream = reinterpret_cast<cudaStream_t>(ptr("stream"));
   const int device = i32("device");
   cudaError_t status;

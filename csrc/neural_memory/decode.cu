@@ -15,6 +15,7 @@
 // previous token wrote (the same CTA; __syncthreads orders them).
 #include "decode.h"
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -23,6 +24,7 @@
 namespace titans {
 namespace {
 
+namespace cg = cooperative_groups;
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 
@@ -107,9 +109,9 @@ __device__ void finish_columns(const Lanes& L, int Cn, const float4& a, float* o
   __syncthreads();
 }
 
-// out[c] = sum_r x[r] W[r][c] (and out2 with x2 when given) over [R][Cn].
-__device__ void col_products(const float* W, int R, int Cn, const float* x, float* out,
-                             const float* x2, float* out2, float* red) {
+// out[c] = sum_r x[r] W[r][c] (and out2 with x2 when given) over [R][Cn] (row stride ld).
+__device__ void col_products(const float* W, int R, int Cn, int64_t ld, const float* x,
+                             float* out, const float* x2, float* out2, float* red) {
   const Lanes L(Cn);
   float4 a = make_float4(0.f, 0.f, 0.f, 0.f), a2 = a;
   if (L.active()) {
@@ -118,7 +120,7 @@ __device__ void col_products(const float* W, int R, int Cn, const float* x, floa
     for (; r + 3 * L.RL < R; r += 4 * L.RL) {
       float4 w[4];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) w[u] = ld4(base + int64_t(r + u * L.RL) * Cn);
+      for (int u = 0; u < 4; ++u) w[u] = ld4(base + (r + u * L.RL) * ld);
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         fma4(a, x[r + u * L.RL], w[u]);
@@ -126,7 +128,7 @@ __device__ void col_products(const float* W, int R, int Cn, const float* x, floa
       }
     }
     for (; r < R; r += L.RL) {
-      const float4 w = ld4(base + int64_t(r) * Cn);
+      const float4 w = ld4(base + r * ld);
       fma4(a, x[r], w);
       if (x2 != nullptr) fma4(a2, x2[r], w);
     }
@@ -162,12 +164,14 @@ __device__ void row_products(const float* W, int R, int Cn, const float* y, cons
 // What a layer's write pass stores into the open chunk's weights.
 enum class ChunkCopy : int { kNone, kOld, kSource, kNew };
 
-// The write of one layer [R][Cn]: S = eta S - theta a^T b, W = decay W + S (both written),
+// The write of one layer slice [R][Cn] (row stride ld): S = eta S - theta a^T b,
+// W = decay W + S (both written),
 // the open chunk's weights per `copy`, and out[c] = sum_r xq[r] W_new[r][c] when xq is given.
 // w_src may alias w_dst and s_src s_dst (each element is read, then written, by one thread).
 __device__ void write_layer(const float* w_src, const float* s_src, const float* cw_src,
                             float* w_dst, float* s_dst, float* cw_dst, ChunkCopy copy, int R,
-                            int Cn, const float* a, const float* b, float theta, float eta,
+                            int Cn, int64_t ld, const float* a, const float* b, float theta,
+                            float eta,
                             float decay, const float* xq, float* out, float* red) {
   const Lanes L(Cn);
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -182,7 +186,7 @@ __device__ void write_layer(const float* w_src, const float* s_src, const float*
       for (int u = 0; u < kUnroll; ++u) {
         const int r = r0 + u * L.RL;
         if (r < R) {
-          const int64_t e = int64_t(r) * Cn + c;
+          const int64_t e = r * ld + c;
           w[u] = ld4(w_src + e);
           s[u] = s_src != nullptr ? ld4(s_src + e) : make_float4(0.f, 0.f, 0.f, 0.f);
           if (copy == ChunkCopy::kSource) cw[u] = ld4(cw_src + e);
@@ -192,7 +196,7 @@ __device__ void write_layer(const float* w_src, const float* s_src, const float*
       for (int u = 0; u < kUnroll; ++u) {
         const int r = r0 + u * L.RL;
         if (r < R) {
-          const int64_t e = int64_t(r) * Cn + c;
+          const int64_t e = r * ld + c;
           const float ar = a[r];
           if (copy == ChunkCopy::kOld) st4(cw_dst + e, w[u]);
           float4 sn, wn;
@@ -284,28 +288,78 @@ __device__ void row_head(const float* f, const float* x, const float* target, fl
   }
 }
 
+// The CTAs of one (sequence, head): a thread-block cluster of `split` CTAs on sm_90+, each
+// owning a slice of the hidden units (depth 2: columns of W1, rows of W2; depth 1: columns of
+// W1), so that a small batch still spreads its state over many SMs. A token needs two vectors
+// summed over the slices (f of the key, f of the query); each CTA adds the others' partials from
+// their shared memory (DSMEM) in rank order, so every CTA holds the same bits.
+struct Group {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cg::cluster_group cluster = cg::this_cluster();
+  __device__ void sync() { cluster.sync(); }
+  __device__ const float* remote(const float* local, int rank) {
+    return cluster.map_shared_rank(local, rank);
+  }
+#else
+  __device__ void sync() { __syncthreads(); }  // split is 1 below sm_90
+  __device__ const float* remote(const float* local, int) { return local; }
+#endif
+};
+
+// vec[d] (and vec2[d] when given) <- sum over the group's CTAs, in rank order.
+__device__ void group_sum(Group& g, int split, int D, float* vec, float* vec2, float* tmp) {
+  if (split == 1) {
+    __syncthreads();
+    return;
+  }
+  g.sync();  // every partial written
+  for (int d = threadIdx.x; d < D; d += kThreads) {
+    float s = 0.f, s2 = 0.f;
+    for (int r = 0; r < split; ++r) {
+      s += g.remote(vec, r)[d];
+      if (vec2 != nullptr) s2 += g.remote(vec2, r)[d];
+    }
+    tmp[d] = s;
+    tmp[kDecodeMaxDim + d] = s2;
+  }
+  g.sync();  // every remote read done before any CTA overwrites its partial
+  for (int d = threadIdx.x; d < D; d += kThreads) {
+    vec[d] = tmp[d];
+    if (vec2 != nullptr) vec2[d] = tmp[kDecodeMaxDim + d];
+  }
+  __syncthreads();
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) {
   __shared__ __align__(16) Smem sm;
-  const int n = blockIdx.x, h = blockIdx.y;
+  Group group;
+  const int split = p.split, rank = blockIdx.x % p.split;
+  const int n = blockIdx.x / p.split, h = blockIdx.y;
   const int D = p.dim, depth = p.depth;
   const int hid = depth == 2 ? p.hidden : D;  // layer 1's output width
+  // this CTA's slice: depth 2, hidden units [j0, j0 + hs); depth 1, output columns of W1
+  const int hs = hid / split, j0 = rank * hs;
   const int off = p.offset != nullptr ? p.offset[n] : 0;
   const int64_t nh = int64_t(n) * p.heads + h;
-  int64_t size[kDecodeMaxLayers] = {int64_t(D) * hid, int64_t(hid) * D};
+  const int64_t size[kDecodeMaxLayers] = {int64_t(D) * hid, int64_t(hid) * D};
+  // slice start inside each layer's matrix, and row stride
+  const int64_t slice[kDecodeMaxLayers] = {j0, int64_t(j0) * D};
+  const int64_t ld[kDecodeMaxLayers] = {hid, D};
   const float* w_first[kDecodeMaxLayers];
   float *w_dst[kDecodeMaxLayers], *s_dst[kDecodeMaxLayers], *cw_dst[kDecodeMaxLayers];
 #pragma unroll
   for (int l = 0; l < kDecodeMaxLayers; ++l) {
     if (l >= depth) break;
-    w_first[l] = p.w_in[l] + n * p.w_in_n_stride[l] + h * p.w_in_h_stride[l];
-    w_dst[l] = p.w_out[l] + nh * size[l];
-    s_dst[l] = p.s_out[l] + nh * size[l];
-    cw_dst[l] = p.cw_out[l] + nh * size[l];
+    w_first[l] = p.w_in[l] + n * p.w_in_n_stride[l] + h * p.w_in_h_stride[l] + slice[l];
+    w_dst[l] = p.w_out[l] + nh * size[l] + slice[l];
+    s_dst[l] = p.s_out[l] + nh * size[l] + slice[l];
+    cw_dst[l] = p.cw_out[l] + nh * size[l] + slice[l];
   }
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
+  float* tmp = sm.red;  // group_sum's scratch (2 * kDecodeMaxDim floats)
 
   for (int t = 0; t < p.seqlen; ++t) {
     const int pos = off + t;
@@ -326,60 +380,75 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
     for (int l = 0; l < kDecodeMaxLayers; ++l) {
       if (l >= depth) break;
       w_src[l] = t == 0 ? w_first[l] : w_dst[l];
-      s_src[l] = t == 0 ? (p.s_in[l] != nullptr ? p.s_in[l] + nh * size[l] : nullptr)
+      s_src[l] = t == 0 ? (p.s_in[l] != nullptr ? p.s_in[l] + nh * size[l] + slice[l] : nullptr)
                         : s_dst[l];
-      cw_src[l] = p.cw_in[l] != nullptr ? p.cw_in[l] + nh * size[l] : nullptr;
+      cw_src[l] = p.cw_in[l] != nullptr ? p.cw_in[l] + nh * size[l] + slice[l] : nullptr;
       gw[l] = new_chunk ? w_src[l] : (t == 0 ? cw_src[l] : cw_dst[l]);
     }
-    if (threadIdx.x < D) {
-      const int d = threadIdx.x;
+    for (int d = threadIdx.x; d < D; d += kThreads) {
       sm.q[d] = to_float(q[n * p.q_n_stride + t * p.q_t_stride + h * p.q_h_stride + d]);
       sm.k[d] = to_float(k[n * p.k_n_stride + t * p.k_t_stride + h * p.k_h_stride + d]);
       sm.v[d] = to_float(v[n * p.v_n_stride + t * p.v_t_stride + h * p.v_h_stride + d]);
+      sm.f[d] = 0.f;  // depth 1 with a split: the slice's columns only, the rest summed in
+      sm.fq[d] = 0.f;
     }
     const int64_t gate = (int64_t(n) * p.seqlen + t) * p.heads + h;
     const float theta = p.lr[gate], decay = 1.f - p.forget[gate], eta = p.momentum[gate];
-    T* o_row = static_cast<T*>(p.o) + gate * D;
+    T* o_row = rank == 0 ? static_cast<T*>(p.o) + gate * D : nullptr;
     __syncthreads();
 
     // 1-3: the key's errors at the chunk weights (and read "chunk")
-    const float* xq2 = p.read_chunk ? sm.q : nullptr;
+    const bool rc = p.read_chunk;
     if (depth == 2) {
-      col_products(gw[0], D, hid, sm.k, sm.z, xq2, sm.zq, sm.red);
-      for (int j = threadIdx.x; j < hid; j += kThreads) {
+      col_products(gw[0], D, hs, ld[0], sm.k, sm.z, rc ? sm.q : nullptr, sm.zq, sm.red);
+      for (int j = threadIdx.x; j < hs; j += kThreads) {
         sm.hk[j] = act(sm.z[j], p.activation);
         sm.dphi[j] = act_grad(sm.z[j], p.activation);
-        if (p.read_chunk) sm.hq[j] = act(sm.zq[j], p.activation);
+        if (rc) sm.hq[j] = act(sm.zq[j], p.activation);
       }
       __syncthreads();
-      col_products(gw[1], hid, D, sm.hk, sm.f, p.read_chunk ? sm.hq : nullptr, sm.fq, sm.red);
+      col_products(gw[1], hs, D, ld[1], sm.hk, sm.f, rc ? sm.hq : nullptr, sm.fq, sm.red);
     } else {
-      col_products(gw[0], D, D, sm.k, sm.f, xq2, sm.fq, sm.red);
+      col_products(gw[0], D, hs, ld[0], sm.k, sm.f + j0, rc ? sm.q : nullptr, sm.fq + j0,
+                   sm.red);
     }
+    group_sum(group, split, D, sm.f, rc ? sm.fq : nullptr, tmp);
     if (threadIdx.x < 32) {
       row_head<T>(sm.f, sm.k, sm.v, sm.df, static_cast<T*>(nullptr), p, h);
-      if (p.read_chunk) row_head<T>(sm.fq, sm.q, nullptr, nullptr, o_row, p, h);
+      if (rc && o_row != nullptr) row_head<T>(sm.fq, sm.q, nullptr, nullptr, o_row, p, h);
     }
     __syncthreads();
-    if (depth == 2) row_products(gw[1], hid, D, sm.df, sm.dphi, sm.dz);
+    if (depth == 2) row_products(gw[1], hs, D, sm.df, sm.dphi, sm.dz);
 
     // 4-5: the write, and read "token"
-    const bool tok = !p.read_chunk;
+    const bool tok = !rc;
+    if (tok) {
+      for (int d = threadIdx.x; d < D; d += kThreads) sm.fq[d] = 0.f;
+      __syncthreads();
+    }
     if (depth == 2) {
-      write_layer(w_src[0], s_src[0], cw_src[0], w_dst[0], s_dst[0], cw_dst[0], copy, D, hid,
-                  sm.k, sm.dz, theta, eta, decay, tok ? sm.q : nullptr, sm.zq, sm.red);
+      write_layer(w_src[0], s_src[0], cw_src[0], w_dst[0], s_dst[0], cw_dst[0], copy, D, hs,
+                  ld[0], sm.k, sm.dz, theta, eta, decay, tok ? sm.q : nullptr, sm.zq, sm.red);
       if (tok) {
-        for (int j = threadIdx.x; j < hid; j += kThreads) sm.hq[j] = act(sm.zq[j], p.activation);
+        for (int j = threadIdx.x; j < hs; j += kThreads) sm.hq[j] = act(sm.zq[j], p.activation);
         __syncthreads();
       }
-      write_layer(w_src[1], s_src[1], cw_src[1], w_dst[1], s_dst[1], cw_dst[1], copy, hid, D,
-                  sm.hk, sm.df, theta, eta, decay, tok ? sm.hq : nullptr, sm.fq, sm.red);
+      write_layer(w_src[1], s_src[1], cw_src[1], w_dst[1], s_dst[1], cw_dst[1], copy, hs, D,
+                  ld[1], sm.hk, sm.df, theta, eta, decay, tok ? sm.hq : nullptr, sm.fq, sm.red);
     } else {
-      write_layer(w_src[0], s_src[0], cw_src[0], w_dst[0], s_dst[0], cw_dst[0], copy, D, D,
-                  sm.k, sm.df, theta, eta, decay, tok ? sm.q : nullptr, sm.fq, sm.red);
+      write_layer(w_src[0], s_src[0], cw_src[0], w_dst[0], s_dst[0], cw_dst[0], copy, D, hs,
+                  ld[0], sm.k, sm.df + j0, theta, eta, decay, tok ? sm.q : nullptr, sm.fq + j0,
+                  sm.red);
     }
-    if (tok && threadIdx.x < 32) row_head<T>(sm.fq, sm.q, nullptr, nullptr, o_row, p, h);
-    __syncthreads();  // this token's state and shared vectors are complete before the next
+    if (tok) {
+      group_sum(group, split, D, sm.fq, nullptr, tmp);
+      if (threadIdx.x < 32 && o_row != nullptr) {
+        row_head<T>(sm.fq, sm.q, nullptr, nullptr, o_row, p, h);
+      }
+    }
+    // this token's state and shared vectors are complete before the next token (group_sum's
+    // second cluster barrier already ordered every remote read before any overwrite or exit)
+    __syncthreads();
   }
 }
 
@@ -391,21 +460,53 @@ bool neural_memory_decode_supported(int dim, int hidden, int depth) {
                                    hidden <= kDecodeMaxHidden));
 }
 
-cudaError_t neural_memory_decode(const DecodeParams& p, cudaStream_t stream, int device) {
+int neural_memory_decode_split(const DecodeParams& p, int device) {
+  int major = 0, sms = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    cudaGetLastError();
+    return 1;
+  }
+  if (major < 9) return 1;
+  const int width = p.depth == 2 ? p.hidden : p.dim;  // what the CTAs split
+  const int64_t pairs = int64_t(p.n_seq) * p.heads;
+  int split = 1;
+  // up to 8 CTAs (a portable cluster size) while the grid stays under ~2 waves of CTAs and
+  // each slice keeps a multiple of 4 columns (float4)
+  while (split < 8 && pairs * split * 2 <= 2 * sms && width % (8 * split) == 0) split *= 2;
+  return split;
+}
+
+cudaError_t neural_memory_decode(const DecodeParams& params, cudaStream_t stream, int device) {
+  DecodeParams p = params;
   if (!neural_memory_decode_supported(p.dim, p.hidden, p.depth) || p.n_seq < 1 ||
       p.heads < 1 || p.heads > 65535 || p.seqlen < 1 || p.chunk < 1 || p.dtype < 0 ||
-      p.dtype > 2) {
+      p.dtype > 2 || int64_t(p.n_seq) * kDecodeMaxSplit > 0x7fffffffLL) {
     return cudaErrorInvalidValue;
   }
   DeviceGuard guard(device);
   TITANS_RETURN_IF_ERROR(guard.status());
-  const dim3 grid(unsigned(p.n_seq), unsigned(p.heads));
-  switch (p.dtype) {
-    case 0: decode_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p); break;
-    case 1: decode_kernel<__half><<<grid, kThreads, 0, stream>>>(p); break;
-    default: decode_kernel<float><<<grid, kThreads, 0, stream>>>(p); break;
+  if (p.split < 1) p.split = neural_memory_decode_split(p, device);
+  const int width = p.depth == 2 ? p.hidden : p.dim;
+  if (p.split > kDecodeMaxSplit || width % (4 * p.split) != 0) return cudaErrorInvalidValue;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(unsigned(p.n_seq) * unsigned(p.split), unsigned(p.heads));
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  if (p.split > 1) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = unsigned(p.split);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
   }
-  return cudaGetLastError();
+  switch (p.dtype) {
+    case 0: return cudaLaunchKernelEx(&config, decode_kernel<__nv_bfloat16>, p);
+    case 1: return cudaLaunchKernelEx(&config, decode_kernel<__half>, p);
+    default: return cudaLaunchKernelEx(&config, decode_kernel<float>, p);
+  }
 }
 
 }  // namespace titans

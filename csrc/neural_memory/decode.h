@@ -1,5 +1,5 @@
 // neural_memory_decode: the exact neural memory of SPEC §2-4 for short calls (streaming
-// decode), token by token on the state, one CTA per (sequence, head).
+// decode), token by token on the state, one CTA (or a cluster of CTAs) per (sequence, head).
 //
 // For each token t of a call (position p = offset + t in its sequence's chunk grid):
 //   chunk weights   Wc = W (the weights before t) when p % C == 0, else the open chunk's
@@ -22,6 +22,7 @@ namespace titans {
 constexpr int kDecodeMaxLayers = 2;
 constexpr int kDecodeMaxDim = 128;
 constexpr int kDecodeMaxHidden = 512;
+constexpr int kDecodeMaxSplit = 8;
 
 struct DecodeParams {
   // q, k, v [N, T, H, D] in the input dtype; strides in elements, feature axis contiguous
@@ -55,10 +56,17 @@ struct DecodeParams {
   bool residual;
   bool read_chunk;
   int dtype;       // 0 bf16, 1 fp16, 2 fp32
+  // CTAs per (sequence, head), a thread-block cluster on sm_90+ (each owns a slice of the
+  // hidden units); 0 picks one from the batch size and the GPU (neural_memory_decode_split),
+  // 1 is one CTA (sm_80). A slice must be a multiple of 4 wide.
+  int split;
 };
 
 // dim in {16, 32, 64, 128}; depth 1, or depth 2 with hidden % 4 == 0 and hidden <= 512.
 bool neural_memory_decode_supported(int dim, int hidden, int depth);
+
+// The split `neural_memory_decode` uses when params.split is 0 (1 below sm_90).
+int neural_memory_decode_split(const DecodeParams& params, int device);
 
 cudaError_t neural_memory_decode(const DecodeParams& params, cudaStream_t stream, int device);
 

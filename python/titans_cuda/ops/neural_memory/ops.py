@@ -80,9 +80,11 @@ def _qkv(t: Tensor) -> Tensor:
 
 def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
             state_momentum, state_chunk_weights, state_offset, chunk_size, activation,
-            residual, ln_eps, read, out: Optional[List[Tensor]] = None) -> List[Tensor]:
+            residual, ln_eps, read, out: Optional[List[Tensor]] = None,
+            split: int = 0) -> List[Tensor]:
     """Runs the kernel: [o, W..., S..., chunk weights...]. ``out``: preallocated outputs in
-    that order (the tests pass NaN-poisoned ones)."""
+    that order (the tests pass NaN-poisoned ones); ``split``: CTAs per (sequence, head), 0 lets
+    the launcher choose (decode.h)."""
     N, T, H, D = q.shape
     depth = len(weights)
     dev = q.device
@@ -140,7 +142,8 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
                 hidden=weights[0].shape[-1] if depth == 2 else D, depth=depth,
                 chunk=int(chunk_size), activation=ACTIVATIONS.index(activation),
                 residual=bool(residual), read_chunk=read == "chunk",
-                dtype=KERNEL_DTYPES.index(q.dtype), stream=_lib.stream_handle(dev),
+                dtype=KERNEL_DTYPES.index(q.dtype), split=int(split),
+                stream=_lib.stream_handle(dev),
                 device=dev.index if dev.index is not None else torch.cuda.current_device())
     _lib._C.neural_memory_decode(args)
     return [o, *outs_w, *outs_s, *outs_cw]
