@@ -339,8 +339,9 @@ def decode_bytes(s: Shape) -> int:
 def bench_decode(s: Shape, device, mode):
     """One-token neural_memory calls on a state (T = 1, depth 2, residual + LN, read "token").
     mode "graph": DECODE_GRAPH_STEPS decode ops captured in a CUDA graph and replayed (the
-    kernel's time, as a serving loop would run it); "eager": the public call with its argument
-    checks; "reference": the same call on the PyTorch reference."""
+    kernel's time, as a serving loop would run it); "split<n>": the same with n CTAs per
+    (sequence, head) forced; "eager": the public call with its argument checks; "reference":
+    the same call on the PyTorch reference."""
     from titans_cuda import MemoryState
     from titans_cuda.ops.neural_memory import ops as nm_ops
     q, k, v, lr, fg, mo, w1, w2, gamma, beta = make_memory_inputs(s.with_T(1), device, False)
@@ -350,23 +351,27 @@ def bench_decode(s: Shape, device, mode):
     st = MemoryState(tuple(w), tuple(0.01 * torch.randn_like(t) for t in w),
                      tuple(t.clone() for t in w),
                      torch.randint(0, s.chunk, (s.B,), device=device, generator=g))
-    backend = "torch" if mode == "reference" else "cuda"
     if mode in ("eager", "reference"):
+        backend = "torch" if mode == "reference" else "cuda"
         return lambda: neural_memory(q, k, v, lr, fg, mo, (w1, w2), chunk_size=s.chunk,
                                      residual=True, ln_weight=gamma, ln_bias=beta,
                                      initial_state=st, output_final_state=True,
                                      backend=backend)
     args = (q, k, v, lr, fg, mo, [w1, w2], gamma, beta, list(st.weights), list(st.momentum),
             list(st.chunk_weights), st.offset, s.chunk, "silu", True, 1e-6, "token")
+    if mode.startswith("split"):  # the kernel at a fixed CTA split
+        run = lambda: nm_ops._launch(*args, split=int(mode[5:]))  # noqa: E731
+    else:
+        run = lambda: nm_ops.decode_op(*args)  # noqa: E731
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        nm_ops.decode_op(*args)
+        run()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(DECODE_GRAPH_STEPS):
-            nm_ops.decode_op(*args)
+            run()
     return graph.replay
 
 
@@ -375,9 +380,10 @@ def decode_rows(s: Shape, device, rows):
     fraction of the HBM bound."""
     for B in DECODE_BATCHES:
         sb = dataclasses.replace(s, name=f"decode B{B}", B=B, T=1)
-        for mode in ("graph", "eager", "reference"):
+        splits = [f"split{p}" for p in (1, 2, 4, 8)] if B == DECODE_BATCHES[0] else []
+        for mode in ["graph", "eager", "reference"] + splits:
             ms, _ = time_fn(bench_decode(sb, device, mode), device)
-            ms /= DECODE_GRAPH_STEPS if mode == "graph" else 1
+            ms /= DECODE_GRAPH_STEPS if mode not in ("eager", "reference") else 1
             nbytes = decode_bytes(sb)
             rows.append(dict(shape=sb.name, B=B, T=1, H=s.H, D=s.D, hidden=s.hidden,
                              chunk=s.chunk, dtype=s.dtype, method=f"decode {mode}",

@@ -53,21 +53,22 @@ __device__ __forceinline__ float act_grad(float z, int kind) {
          z * expf(-0.5f * z * z) * 0.39894228040143268f;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
 __device__ __forceinline__ float4 ld4(const float* p) {
   return *reinterpret_cast<const float4*>(p);
 }
 __device__ __forceinline__ void st4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
-__device__ __forceinline__ void fma4(float4& acc, float a, float4 w) {
-  acc.x = fmaf(a, w.x, acc.x);
-  acc.y = fmaf(a, w.y, acc.y);
-  acc.z = fmaf(a, w.z, acc.z);
-  acc.w = fmaf(a, w.w, acc.w);
+// Dot products over the state accumulate in fp64: LayerNorm amplifies the rounding of its
+// input wherever f's spread is small against its terms (README, precision), and the kernel is
+// memory-bound, so the extra precision is free. Inputs and results stay fp32.
+struct Acc4 {
+  double x = 0., y = 0., z = 0., w = 0.;
+};
+__device__ __forceinline__ void fma4(Acc4& acc, float a, float4 w) {
+  const double ad = a;
+  acc.x = fma(ad, double(w.x), acc.x);
+  acc.y = fma(ad, double(w.y), acc.y);
+  acc.z = fma(ad, double(w.z), acc.z);
+  acc.w = fma(ad, double(w.w), acc.w);
 }
 
 struct Smem {
@@ -75,7 +76,7 @@ struct Smem {
   float f[kDecodeMaxDim], fq[kDecodeMaxDim], df[kDecodeMaxDim];
   float z[kDecodeMaxHidden], hk[kDecodeMaxHidden], dphi[kDecodeMaxHidden];
   float zq[kDecodeMaxHidden], hq[kDecodeMaxHidden], dz[kDecodeMaxHidden];
-  float red[2 * 4 * kThreads];
+  double red[2 * 4 * kThreads];  // column partials; group_sum's scratch when free
 };
 
 // Thread (row lane rl, float4 column group cg) of a row-major [R][Cn] matrix: G = Cn / 4
@@ -90,30 +91,37 @@ struct Lanes {
 
 // Per-lane float4 partials -> out[c] = sum over lanes (fixed order). `red` holds RL * Cn
 // floats per output.
-__device__ void finish_columns(const Lanes& L, int Cn, const float4& a, float* out,
-                               const float4* a2, float* out2, float* red) {
+__device__ __forceinline__ void st4(double* p, const Acc4& v) {
+  p[0] = v.x;
+  p[1] = v.y;
+  p[2] = v.z;
+  p[3] = v.w;
+}
+
+__device__ void finish_columns(const Lanes& L, int Cn, const Acc4& a, float* out,
+                               const Acc4* a2, float* out2, double* red) {
   if (L.active()) {
     st4(red + L.rl * Cn + 4 * L.cg, a);
     if (a2 != nullptr) st4(red + (L.RL + L.rl) * Cn + 4 * L.cg, *a2);
   }
   __syncthreads();
   for (int c = threadIdx.x; c < Cn; c += kThreads) {
-    float s = 0.f, s2 = 0.f;
+    double s = 0., s2 = 0.;
     for (int l = 0; l < L.RL; ++l) {
       s += red[l * Cn + c];
       if (out2 != nullptr) s2 += red[(L.RL + l) * Cn + c];
     }
-    out[c] = s;
-    if (out2 != nullptr) out2[c] = s2;
+    out[c] = float(s);
+    if (out2 != nullptr) out2[c] = float(s2);
   }
   __syncthreads();
 }
 
 // out[c] = sum_r x[r] W[r][c] (and out2 with x2 when given) over [R][Cn] (row stride ld).
 __device__ void col_products(const float* W, int R, int Cn, int64_t ld, const float* x,
-                             float* out, const float* x2, float* out2, float* red) {
+                             float* out, const float* x2, float* out2, double* red) {
   const Lanes L(Cn);
-  float4 a = make_float4(0.f, 0.f, 0.f, 0.f), a2 = a;
+  Acc4 a, a2;
   if (L.active()) {
     const float* base = W + 4 * L.cg;
     int r = L.rl;
@@ -153,9 +161,10 @@ __device__ void row_products(const float* W, int R, int Cn, const float* y, cons
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int r = r0 + u * kWarps * rows + sub;
-      float s = w[u].x * yy.x + w[u].y * yy.y + w[u].z * yy.z + w[u].w * yy.w;
+      double s = double(w[u].x) * yy.x + double(w[u].y) * yy.y + double(w[u].z) * yy.z +
+                 double(w[u].w) * yy.w;
       for (int off = G / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-      if (r < R && lg == 0) out[r] = s * mul[r];
+      if (r < R && lg == 0) out[r] = float(s) * mul[r];
     }
   }
   __syncthreads();
@@ -172,9 +181,9 @@ __device__ void write_layer(const float* w_src, const float* s_src, const float*
                             float* w_dst, float* s_dst, float* cw_dst, ChunkCopy copy, int R,
                             int Cn, int64_t ld, const float* a, const float* b, float theta,
                             float eta,
-                            float decay, const float* xq, float* out, float* red) {
+                            float decay, const float* xq, float* out, double* red) {
   const Lanes L(Cn);
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  Acc4 acc;
   if (L.active()) {
     const int c = 4 * L.cg;
     const float4 bb = make_float4(theta * b[c], theta * b[c + 1], theta * b[c + 2],
@@ -224,8 +233,15 @@ __device__ void write_layer(const float* w_src, const float* s_src, const float*
   }
 }
 
-// Warp 0's row head on f [D]: with `target` (the key's v) writes dF = dl/df of
-// ||[x +] [LN](f) - target||^2 into df; without, writes y = [x +] [LN](f) to o (global).
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// Warp 0's row head on f [D] (statistics in fp64, like the dot products): with `target` (the
+// key's v) writes dF = dl/df of ||[x +] [LN](f) - target||^2 into df; without, writes
+// y = [x +] [LN](f) to o (global).
 template <typename T>
 __device__ void row_head(const float* f, const float* x, const float* target, float* df,
                          T* o, const DecodeParams& p, int h) {
@@ -233,31 +249,31 @@ __device__ void row_head(const float* f, const float* x, const float* target, fl
   constexpr int kPer = kDecodeMaxDim / 32;
   const float* gamma = p.ln_weight != nullptr ? p.ln_weight + h * D : nullptr;
   const float* beta = p.ln_bias != nullptr ? p.ln_bias + h * D : nullptr;
-  float xh[kPer], g[kPer];
-  float rstd = 1.f;
+  double xh[kPer], g[kPer];
+  double rstd = 1.;
   if (gamma != nullptr) {
-    float s = 0.f;
+    double s = 0.;
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       const int d = lane + 32 * i;
       if (d < D) s += f[d];
     }
-    const float mean = warp_sum(s) / D;
-    float sq = 0.f;
+    const double mean = warp_sum(s) / D;
+    double sq = 0.;
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       const int d = lane + 32 * i;
-      xh[i] = d < D ? f[d] - mean : 0.f;
+      xh[i] = d < D ? f[d] - mean : 0.;
       sq += xh[i] * xh[i];
     }
-    rstd = rsqrtf(warp_sum(sq) / D + p.ln_eps);
+    rstd = 1. / sqrt(warp_sum(sq) / D + double(p.ln_eps));
   }
-  float mg = 0.f, mgx = 0.f;
+  double mg = 0., mgx = 0.;
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
     const int d = lane + 32 * i;
     if (d >= D) continue;
-    float y;
+    double y;
     if (gamma != nullptr) {
       xh[i] *= rstd;
       y = xh[i] * gamma[d] + (beta != nullptr ? beta[d] : 0.f);
@@ -266,10 +282,10 @@ __device__ void row_head(const float* f, const float* x, const float* target, fl
     }
     if (p.residual) y += x[d];
     if (target == nullptr) {
-      o[d] = from_float<T>(y);
+      o[d] = from_float<T>(float(y));
       continue;
     }
-    g[i] = 2.f * (y - target[d]);
+    g[i] = 2. * (y - target[d]);
     if (gamma != nullptr) {
       g[i] *= gamma[d];
       mg += g[i];
@@ -284,7 +300,7 @@ __device__ void row_head(const float* f, const float* x, const float* target, fl
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
     const int d = lane + 32 * i;
-    if (d < D) df[d] = gamma != nullptr ? rstd * (g[i] - mg - xh[i] * mgx) : g[i];
+    if (d < D) df[d] = float(gamma != nullptr ? rstd * (g[i] - mg - xh[i] * mgx) : g[i]);
   }
 }
 
@@ -359,7 +375,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
-  float* tmp = sm.red;  // group_sum's scratch (2 * kDecodeMaxDim floats)
+  float* tmp = reinterpret_cast<float*>(sm.red);  // group_sum's scratch (2 * kDecodeMaxDim)
 
   for (int t = 0; t < p.seqlen; ++t) {
     const int pos = off + t;
@@ -471,9 +487,11 @@ int neural_memory_decode_split(const DecodeParams& p, int device) {
   const int width = p.depth == 2 ? p.hidden : p.dim;  // what the CTAs split
   const int64_t pairs = int64_t(p.n_seq) * p.heads;
   int split = 1;
-  // up to 8 CTAs (a portable cluster size) while the grid stays under ~2 waves of CTAs and
-  // each slice keeps a multiple of 4 columns (float4)
-  while (split < 8 && pairs * split * 2 <= 2 * sms && width % (8 * split) == 0) split *= 2;
+  // up to 8 CTAs (a portable cluster size) while the grid stays within one wave (a CTA of
+  // 512 threads at 128 registers fills an SM) and each slice keeps a multiple of 4 columns
+  while (split < kDecodeMaxSplit && pairs * split * 2 <= sms && width % (8 * split) == 0) {
+    split *= 2;
+  }
   return split;
 }
 
