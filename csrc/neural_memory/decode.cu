@@ -170,6 +170,16 @@ __device__ void row_products(const float* W, int R, int Cn, const float* y, cons
   __syncthreads();
 }
 
+// Asks L2 for a [R][Cn] slice (row stride ld), one request per 128-byte line, without waiting.
+__device__ void prefetch_l2(const float* base, int R, int Cn, int64_t ld) {
+  if (base == nullptr) return;
+  const int per_row = (Cn * 4 + 127) / 128;
+  for (int i = threadIdx.x; i < R * per_row; i += kThreads) {
+    const float* line = base + (i / per_row) * ld + (i % per_row) * 32;
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(line));
+  }
+}
+
 // What a layer's write pass stores into the open chunk's weights.
 enum class ChunkCopy : int { kNone, kOld, kSource, kNew };
 
@@ -401,6 +411,16 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
       cw_src[l] = p.cw_in[l] != nullptr ? p.cw_in[l] + nh * size[l] + slice[l] : nullptr;
       gw[l] = new_chunk ? w_src[l] : (t == 0 ? cw_src[l] : cw_dst[l]);
     }
+    // the state this token rewrites is fetched into L2 while the key's products run, so the
+    // write pass waits on L2 rather than DRAM
+#pragma unroll
+    for (int l = 0; l < kDecodeMaxLayers; ++l) {
+      if (l >= depth) break;
+      const int rows = l == 0 ? D : hs, cols = l == 0 ? hs : D;
+      prefetch_l2(w_src[l], rows, cols, ld[l]);
+      prefetch_l2(s_src[l], rows, cols, ld[l]);
+      if (copy == ChunkCopy::kSource) prefetch_l2(cw_src[l], rows, cols, ld[l]);
+    }
     for (int d = threadIdx.x; d < D; d += kThreads) {
       sm.q[d] = to_float(q[n * p.q_n_stride + t * p.q_t_stride + h * p.q_h_stride + d]);
       sm.k[d] = to_float(k[n * p.k_n_stride + t * p.k_t_stride + h * p.k_h_stride + d]);
@@ -476,25 +496,6 @@ bool neural_memory_decode_supported(int dim, int hidden, int depth) {
                                    hidden <= kDecodeMaxHidden));
 }
 
-int neural_memory_decode_split(const DecodeParams& p, int device) {
-  int major = 0, sms = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    cudaGetLastError();
-    return 1;
-  }
-  if (major < 9) return 1;
-  const int width = p.depth == 2 ? p.hidden : p.dim;  // what the CTAs split
-  const int64_t pairs = int64_t(p.n_seq) * p.heads;
-  int split = 1;
-  // up to 8 CTAs (a portable cluster size) while the grid stays within one wave (a CTA of
-  // 512 threads at 128 registers fills an SM) and each slice keeps a multiple of 4 columns
-  while (split < kDecodeMaxSplit && pairs * split * 2 <= sms && width % (8 * split) == 0) {
-    split *= 2;
-  }
-  return split;
-}
-
 cudaError_t neural_memory_decode(const DecodeParams& params, cudaStream_t stream, int device) {
   DecodeParams p = params;
   if (!neural_memory_decode_supported(p.dim, p.hidden, p.depth) || p.n_seq < 1 ||
@@ -504,7 +505,7 @@ cudaError_t neural_memory_decode(const DecodeParams& params, cudaStream_t stream
   }
   DeviceGuard guard(device);
   TITANS_RETURN_IF_ERROR(guard.status());
-  if (p.split < 1) p.split = neural_memory_decode_split(p, device);
+  if (p.split < 1) p.split = 1;  // clusters did not pay when measured (decode.h)
   const int width = p.depth == 2 ? p.hidden : p.dim;
   if (p.split > kDecodeMaxSplit || width % (4 * p.split) != 0) return cudaErrorInvalidValue;
   cudaLaunchConfig_t config = {};

@@ -57,16 +57,14 @@ struct DecodeParams {
   bool read_chunk;
   int dtype;       // 0 bf16, 1 fp16, 2 fp32
   // CTAs per (sequence, head), a thread-block cluster on sm_90+ (each owns a slice of the
-  // hidden units); 0 picks one from the batch size and the GPU (neural_memory_decode_split),
-  // 1 is one CTA (sm_80). A slice must be a multiple of 4 wide.
+  // hidden units; 1 below sm_90); a slice must be a multiple of 4 wide. 0 means 1: on H100 at
+  // B = 2, H = 16, D = 64, hidden 256 (2026-11-26) splits 1 / 2 / 4 / 8 took 26 / 25 / 40 /
+  // 55 us per token, the cluster barriers costing more than the extra SMs bring.
   int split;
 };
 
 // dim in {16, 32, 64, 128}; depth 1, or depth 2 with hidden % 4 == 0 and hidden <= 512.
 bool neural_memory_decode_supported(int dim, int hidden, int depth);
-
-// The split `neural_memory_decode` uses when params.split is 0 (1 below sm_90).
-int neural_memory_decode_split(const DecodeParams& params, int device);
 
 cudaError_t neural_memory_decode(const DecodeParams& params, cudaStream_t stream, int device);
 
