@@ -170,16 +170,6 @@ __device__ void row_products(const float* W, int R, int Cn, const float* y, cons
   __syncthreads();
 }
 
-// Asks L2 for a [R][Cn] slice (row stride ld), one request per 128-byte line, without waiting.
-__device__ void prefetch_l2(const float* base, int R, int Cn, int64_t ld) {
-  if (base == nullptr) return;
-  const int per_row = (Cn * 4 + 127) / 128;
-  for (int i = threadIdx.x; i < R * per_row; i += kThreads) {
-    const float* line = base + (i / per_row) * ld + (i % per_row) * 32;
-    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(line));
-  }
-}
-
 // What a layer's write pass stores into the open chunk's weights.
 enum class ChunkCopy : int { kNone, kOld, kSource, kNew };
 
@@ -410,16 +400,6 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
                         : s_dst[l];
       cw_src[l] = p.cw_in[l] != nullptr ? p.cw_in[l] + nh * size[l] + slice[l] : nullptr;
       gw[l] = new_chunk ? w_src[l] : (t == 0 ? cw_src[l] : cw_dst[l]);
-    }
-    // the state this token rewrites is fetched into L2 while the key's products run, so the
-    // write pass waits on L2 rather than DRAM
-#pragma unroll
-    for (int l = 0; l < kDecodeMaxLayers; ++l) {
-      if (l >= depth) break;
-      const int rows = l == 0 ? D : hs, cols = l == 0 ? hs : D;
-      prefetch_l2(w_src[l], rows, cols, ld[l]);
-      prefetch_l2(s_src[l], rows, cols, ld[l]);
-      if (copy == ChunkCopy::kSource) prefetch_l2(cw_src[l], rows, cols, ld[l]);
     }
     for (int d = threadIdx.x; d < D; d += kThreads) {
       sm.q[d] = to_float(q[n * p.q_n_stride + t * p.q_t_stride + h * p.q_h_stride + d]);
