@@ -144,6 +144,16 @@ def test_mlp_check_rows_logic_on_cpu():
         assert err <= tol, (name, err, tol)
 
 
+def test_decode_check_rows_logic_on_cpu():
+    """The decode rows of `--check`, with the fp32 reference on the CPU: every row computed
+    and within its tolerance."""
+    from titans_cuda.__main__ import _decode_cases, decode_rows
+    rows = decode_rows(torch.device("cpu"), "torch", _decode_cases())
+    assert len(rows) == 2 * len(_decode_cases())
+    for name, err, tol in rows:
+        assert err <= tol, (name, err, tol)
+
+
 # ---- the memory-MLP custom ops (their reference path on the CPU) ----
 
 def _mlp_op_args(layout, ln, depth=2, B=2, T=10, H=2, D=4, hidden=8, C=4, dtype=torch.float64):

@@ -150,9 +150,54 @@ def mlp_rows(device: torch.device, backend: str, cases=None):
     return rows
 
 
+def _decode_cases():
+    # (N, T, H, D, hidden, depth, chunk, dtype, LN, residual, activation, read)
+    return [(2, 1, 4, 64, 256, 2, 64, torch.bfloat16, True, True, "silu", "token"),
+            (3, 5, 2, 32, 64, 2, 4, torch.float32, True, False, "gelu", "chunk"),
+            (2, 3, 2, 16, 16, 1, 2, torch.float16, False, True, "silu", "token")]
+
+
+def decode_rows(device: torch.device, backend: str, cases=None):
+    """neural_memory on short calls (the decode kernel under backend "cuda") from a random
+    state with open chunks, against the float64 reference: (name, rel err, tol) for o, and
+    for the final state (fp32 math: 1e-5 whatever the input dtype)."""
+    from . import MemoryState, neural_memory
+    rows = []
+    g = torch.Generator(device=device).manual_seed(99)
+    for N, T, H, D, hid, depth, C, dtype, ln, res, act, read in cases or _decode_cases():
+        kw = dict(device=device, generator=g)
+        dims = [D] + [hid] * (depth - 1) + [D]
+        ws = [torch.randn(H, a, b_, **kw) / a ** 0.5 for a, b_ in zip(dims[:-1], dims[1:])]
+        w = [t + 0.1 * torch.randn(N, *t.shape, **kw) for t in ws]
+        st = MemoryState(tuple(w), tuple(0.05 * torch.randn(t.shape, **kw) for t in w),
+                         tuple(t + 0.05 * torch.randn(t.shape, **kw) for t in w),
+                         torch.randint(0, C, (N,), **kw))
+        x = [torch.randn(N, T, H, D, **kw).to(dtype) for _ in range(3)]
+        gates = [0.5 * torch.rand(N, T, H, **kw), torch.rand(N, T, H, **kw) ** 3,
+                 torch.rand(N, T, H, **kw)]
+        gamma = 1 + 0.2 * torch.randn(H, D, **kw) if ln else None
+
+        def run(to, be):
+            cast = (lambda t: t.to(to)) if to else (lambda t: t)  # noqa: E731
+            s = MemoryState(*(tuple(cast(t) for t in f) for f in (st.weights, st.momentum,
+                                                                   st.chunk_weights)), st.offset)
+            return neural_memory(*(cast(t) for t in x + gates), tuple(cast(t) for t in ws),
+                                 chunk_size=C, activation=act, residual=res, read=read,
+                                 ln_weight=None if gamma is None else cast(gamma),
+                                 initial_state=s, output_final_state=True, backend=be)
+        (o, s), (o_ref, s_ref) = run(None, backend), run(torch.float64, "torch")
+        name = f"N={N} T={T} D={D} h={hid} L={depth} C={C} {read} {str(dtype)[6:]}"
+        rows.append((f"decode out   {name}", _rel(o, o_ref), SPEC_TOL[dtype]))
+        rows.append((f"decode state {name}", max(
+            _rel(a, b) for a, b in zip(s.weights + s.momentum + s.chunk_weights,
+                                       s_ref.weights + s_ref.momentum + s_ref.chunk_weights)),
+            1e-5))
+    return rows
+
+
 def check(device: torch.device) -> bool:
     """Every kernel against the float64 reference on fresh random inputs, within SPEC §7 (fp32
-    1e-5 for memory_scan; bf16 2e-2 and fp16 5e-3 for the memory-MLP kernels)."""
+    1e-5; bf16 2e-2 and fp16 5e-3 for the outputs of bf16 / fp16 inputs)."""
     from ._lib import kernels_unavailable_reason
     reason = kernels_unavailable_reason(device)
     if reason is not None:
@@ -160,6 +205,7 @@ def check(device: torch.device) -> bool:
         return True
     rows = [(name, err, 1e-5) for name, err in scan_rows(device, "cuda")]
     rows += mlp_rows(device, "cuda")
+    rows += decode_rows(device, "cuda")
     width = max(len(r[0]) for r in rows)
     print(f"{'kernel check (vs float64 reference)':<{width}}  {'rel err':>9}  {'tol':>7}  result")
     for name, err, tol in rows:
