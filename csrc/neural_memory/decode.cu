@@ -89,8 +89,6 @@ struct Lanes {
   __device__ bool active() const { return rl < RL; }
 };
 
-// Per-lane float4 partials -> out[c] = sum over lanes (fixed order). `red` holds RL * Cn
-// floats per output.
 __device__ __forceinline__ void st4(double* p, const Acc4& v) {
   p[0] = v.x;
   p[1] = v.y;
@@ -98,6 +96,8 @@ __device__ __forceinline__ void st4(double* p, const Acc4& v) {
   p[3] = v.w;
 }
 
+// Per-lane partials -> out[c] = sum over lanes (fixed order). `red` holds RL * Cn doubles per
+// output.
 __device__ void finish_columns(const Lanes& L, int Cn, const Acc4& a, float* out,
                                const Acc4* a2, float* out2, double* red) {
   if (L.active()) {
