@@ -67,3 +67,14 @@ def make_inputs(B, T, H, D, dtype=torch.float64, device="cpu", resets=True, lr_m
         momentum[..., T // 3, -1] = 0.0
         lr[..., 1, 0] = 0.0
     return q, k, v, lr, forget, momentum
+
+
+def needs_kernels(device="cuda"):
+    """Fails (not skips) a GPU test when the kernels cannot run on this GPU: on a GPU runner
+    that is a broken build, not a reason to pass quietly."""
+    import pytest
+    from titans_cuda import _lib
+    reason = _lib.kernels_unavailable_reason(torch.device(device)) \
+        if torch.cuda.is_available() else "no GPU"
+    if reason is not None:
+        pytest.fail(f"the kernels cannot run on this GPU: {reason}")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_inputs, make_weights, rel_err
-from titans_cuda import _lib, memory_scan, neural_memory
+from conftest import make_inputs, make_weights, needs_kernels, rel_err
+from titans_cuda import memory_scan, neural_memory
 from titans_cuda.ops.memory_scan.ops import launch, launch_backward
 from titans_cuda.ops.memory_scan.reference import scan_backward, scan_forward
 
@@ -16,11 +16,6 @@ DEV = "cuda"
 TOL_FP32 = 1e-5
 
 
-def _needs_kernel():
-    reason = _lib.kernels_unavailable_reason(torch.device(DEV)) if torch.cuda.is_available() \
-        else "no GPU"
-    if reason is not None:
-        pytest.fail(f"the memory_scan kernel cannot run on this GPU: {reason}")
 
 
 # (B, H, NC, d_in, d_out, S0, per-row W0): odd sizes take the scalar path, E % 4 == 0 float4
@@ -61,7 +56,7 @@ def _dbl(ts):
 
 @pytest.mark.parametrize("case", SCAN_CASES, ids=[str(c) for c in SCAN_CASES])
 def test_memory_scan_kernel_matches_float64_reference(case):
-    _needs_kernel()
+    needs_kernels()
     U, alpha, eta, W0, S0 = _scan_inputs(*case)
     w_all, s_last = memory_scan(U, alpha, eta, initial_weights=W0, initial_momentum=S0,
                                 backend="cuda")
@@ -75,7 +70,7 @@ def test_memory_scan_kernel_matches_float64_reference(case):
 @pytest.mark.parametrize("case", SCAN_CASES, ids=[str(c) for c in SCAN_CASES])
 def test_memory_scan_kernel_writes_every_element(case):
     """Outputs pre-filled with NaN: any element the kernel skips stays NaN."""
-    _needs_kernel()
+    needs_kernels()
     u, alpha, eta, w0, s0 = _first_layer(case)
     B, H, NC, E = u.shape
     out = (torch.full((B, H, NC, E), float("nan"), device=DEV),
@@ -90,7 +85,7 @@ def test_memory_scan_kernel_writes_every_element(case):
 @pytest.mark.parametrize("case", SCAN_CASES, ids=[str(c) for c in SCAN_CASES])
 def test_memory_scan_backward_kernel_matches_float64_and_writes_everything(case):
     """The reverse-scan kernel into NaN-poisoned outputs, against the float64 reverse scan."""
-    _needs_kernel()
+    needs_kernels()
     u, alpha, eta, w0, s0 = _first_layer(case)
     B, H, NC, E = u.shape
     w_all, _ = launch(u, alpha, eta, w0, s0)
@@ -113,7 +108,7 @@ def test_memory_scan_backward_kernel_matches_float64_and_writes_everything(case)
 
 
 def test_memory_scan_backward_kernel_is_deterministic():
-    _needs_kernel()
+    needs_kernels()
     U, alpha, eta, W0, S0 = _scan_inputs(2, 16, 64, 64, 256, True, False)
     leaves = [t.clone().requires_grad_(True) for t in (*U, alpha, eta)]
 
@@ -131,7 +126,7 @@ def test_memory_scan_backward_kernel_is_deterministic():
 def test_memory_scan_kernel_strided_inputs():
     """Non-contiguous updates (a slice of a larger buffer), gates transposed, W0 per row with a
     padded head stride: the launcher's strides must be honoured."""
-    _needs_kernel()
+    needs_kernels()
     B, H, NC, di, do = 2, 3, 11, 8, 12
     big = torch.randn(B, H, NC + 4, di, do, device=DEV)
     U = (big[:, :, 2:NC + 2],)
@@ -147,7 +142,7 @@ def test_memory_scan_kernel_strided_inputs():
 
 
 def test_memory_scan_backward_on_gpu_matches_float64():
-    _needs_kernel()
+    needs_kernels()
     U, alpha, eta, W0, S0 = _scan_inputs(2, 3, 20, 8, 16, True, False)
     leaves = [t.clone().requires_grad_(True) for t in (*U, alpha, eta, *W0, *S0)]
 
@@ -167,7 +162,7 @@ def test_memory_scan_backward_on_gpu_matches_float64():
 
 
 def test_memory_scan_kernel_is_deterministic():
-    _needs_kernel()
+    needs_kernels()
     U, alpha, eta, W0, S0 = _scan_inputs(2, 16, 64, 64, 256, True, False)
     first = memory_scan(U, alpha, eta, initial_weights=W0, initial_momentum=S0, backend="cuda")
     for _ in range(3):
@@ -178,7 +173,7 @@ def test_memory_scan_kernel_is_deterministic():
 
 
 def test_memory_scan_kernel_on_side_stream():
-    _needs_kernel()
+    needs_kernels()
     U, alpha, eta, W0, S0 = _scan_inputs(2, 4, 32, 32, 64, True, False)
     ref = memory_scan(U, alpha, eta, initial_weights=W0, initial_momentum=S0, backend="cuda")
     side = torch.cuda.Stream()
@@ -192,7 +187,7 @@ def test_memory_scan_kernel_on_side_stream():
 
 
 def test_memory_scan_cuda_graph_capture_and_replay():
-    _needs_kernel()
+    needs_kernels()
     U, alpha, eta, W0, S0 = _scan_inputs(2, 4, 16, 16, 32, True, False)
     static = [t.clone() for t in (*U, alpha, eta)]
 
@@ -219,7 +214,7 @@ def test_memory_scan_cuda_graph_capture_and_replay():
 
 
 def test_memory_scan_torch_compile_fullgraph():
-    _needs_kernel()
+    needs_kernels()
     U, alpha, eta, W0, S0 = _scan_inputs(2, 4, 16, 16, 32, True, False)
 
     def fn(u0, u1, a, e):
@@ -234,7 +229,7 @@ def test_memory_scan_torch_compile_fullgraph():
 
 
 def test_opcheck_memory_scan_on_gpu():
-    _needs_kernel()
+    needs_kernels()
     B, H, NC, E = 2, 3, 6, 20
     args = [torch.randn(B, H, NC, E, device=DEV), torch.rand(B, NC, H, device=DEV),
             torch.rand(B, NC, H, device=DEV), torch.randn(H, E, device=DEV).expand(B, H, E),
@@ -313,7 +308,7 @@ def test_parallel_neural_memory_on_gpu_within_spec_tolerance(dtype, tol):
     """The composed variant on the kernels (memory_mlp tiles and the scan, forward and
     backward) against the float64 composition on the CPU: output and every input gradient.
     fp32: the bound is SPEC's 1e-5 or twice the CPU fp32 reference's own error, as above."""
-    _needs_kernel()
+    needs_kernels()
     from titans_cuda import parallel_neural_memory
     B, T, H, D, C = 2, 96, 4, 32, 16
     q, k, v, lr, _, _ = make_inputs(B, T, H, D, dtype=torch.float32, lr_max=0.1)

@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import make_inputs, make_weights, rel_err
+from conftest import make_inputs, make_weights, needs_kernels, rel_err
 from titans_cuda import MemoryState, _lib, neural_memory
 from titans_cuda.ops.neural_memory import ops as nm_ops
 
@@ -56,11 +56,6 @@ def _id(c):
             f"{read}-T{T}-C{C}-{state or 'fresh'}")
 
 
-def _needs_kernel():
-    reason = _lib.kernels_unavailable_reason(torch.device(DEV)) if torch.cuda.is_available() \
-        else "no GPU"
-    if reason is not None:
-        pytest.fail(f"the kernels cannot run on this GPU: {reason}")
 
 
 def _random_state(N, H, weights, C):
@@ -88,6 +83,15 @@ def _case(case, N=3, H=2):
                ln_weight=(1 + 0.2 * torch.randn(H, D, device=DEV)) if ln else None,
                ln_bias=(0.2 * torch.randn(H, D, device=DEV)) if ln and bias else None)
     return [t.to(dtype) for t in (q, k, v)] + [lr, forget, momentum], weights, st, mem
+
+
+def _op_args(args, weights, st, mem):
+    """The positional arguments of decode_op (and of nm_ops._launch)."""
+    lists = [[] if st is None else list(getattr(st, f))
+             for f in ("weights", "momentum", "chunk_weights")]
+    return (*args, list(weights), mem["ln_weight"], mem["ln_bias"], *lists,
+            None if st is None else st.offset, mem["chunk_size"], mem["activation"],
+            mem["residual"], 1e-6, mem["read"])
 
 
 def _double_state(st):
@@ -123,7 +127,7 @@ def _compare(o, st, o_ref, st_ref, tol, o32=None, st32=None):
 
 @pytest.mark.parametrize("case", GRID, ids=[_id(c) for c in GRID])
 def test_decode_kernel_matches_reference(case):
-    _needs_kernel()
+    needs_kernels()
     args, weights, st, mem = _case(case)
     o, st_out = neural_memory(*args, weights, initial_state=st, output_final_state=True,
                               backend="cuda", **mem)
@@ -141,7 +145,7 @@ def test_decode_kernel_matches_reference(case):
 def test_decode_streaming_any_split_equals_one_call(dtype, read):
     """A 23-token sequence fed as one-token calls, and as pieces [3, 1, 5, 7, 2, 5], each with
     the previous call's state, equals one float64 reference call (outputs and final state)."""
-    _needs_kernel()
+    needs_kernels()
     N, T, H, D, C = 2, 23, 3, 64, 8
     q, k, v, lr, forget, momentum = make_inputs(N, T, H, D, dtype=torch.float32, device=DEV)
     weights = make_weights(H, D, 128, 2, dtype=torch.float32, device=DEV)
@@ -171,7 +175,7 @@ def test_decode_gradients_through_the_reference():
     """Every input and initial-state gradient of a decode call (the reference's VJP) against
     float64, including gradients flowing into the returned state. (The learned initial
     weights are unused when a state is given.)"""
-    _needs_kernel()
+    needs_kernels()
     args, weights, st, mem = _case((32, 64, 2, torch.float32, "silu", True, True, "bias",
                                     "token", 3, 4, "open"))
     leaves = [t.detach().clone().requires_grad_(True)
@@ -194,7 +198,7 @@ def test_decode_gradients_through_the_reference():
 
 
 def test_decode_kernel_writes_every_element():
-    _needs_kernel()
+    needs_kernels()
     for case in ([64, 256, 2, torch.bfloat16, "silu", True, True, "bias", "token", 5, 4, "open"],
                  [32, 32, 1, torch.float32, "gelu", False, False, None, "chunk", 1, 64, None]):
         args, weights, st, mem = _case(case)
@@ -202,12 +206,7 @@ def test_decode_kernel_writes_every_element():
         nan = float("nan")
         out = [torch.full_like(args[0], nan)] + [
             torch.full((N, H, *w.shape[-2:]), nan, device=DEV) for _ in range(3) for w in weights]
-        got = nm_ops._launch(*args, list(weights), mem["ln_weight"], mem["ln_bias"],
-                             [] if st is None else list(st.weights),
-                             [] if st is None else list(st.momentum),
-                             [] if st is None else list(st.chunk_weights),
-                             None if st is None else st.offset, mem["chunk_size"],
-                             mem["activation"], mem["residual"], 1e-6, mem["read"], out=out)
+        got = nm_ops._launch(*_op_args(args, weights, st, mem), out=out)
         for i, t in enumerate(got):
             assert torch.isfinite(t).all(), i
 
@@ -218,7 +217,7 @@ def _default_decode(T=1, dtype=torch.bfloat16):
 
 
 def test_decode_is_deterministic():
-    _needs_kernel()
+    needs_kernels()
     args, weights, st, mem = _default_decode(T=4)
     runs = [neural_memory(*args, weights, initial_state=st, output_final_state=True,
                           backend="cuda", **mem) for _ in range(2)]
@@ -228,15 +227,11 @@ def test_decode_is_deterministic():
         assert torch.equal(a, b)
 
 
-def _op_args(args, weights, st, mem):
-    return (*args, list(weights), mem["ln_weight"], mem["ln_bias"], list(st.weights),
-            list(st.momentum), list(st.chunk_weights), st.offset, mem["chunk_size"],
-            mem["activation"], mem["residual"], 1e-6, mem["read"])
 
 
 def test_decode_op_cuda_graph_capture_and_replay():
     """The decode op (no host synchronisation) captured once and replayed on new inputs."""
-    _needs_kernel()
+    needs_kernels()
     args, weights, st, mem = _default_decode()
     static = [t.clone() for t in args]
     s = torch.cuda.Stream()
@@ -258,7 +253,7 @@ def test_decode_op_cuda_graph_capture_and_replay():
 
 
 def test_decode_op_torch_compile_fullgraph():
-    _needs_kernel()
+    needs_kernels()
     args, weights, st, mem = _default_decode(T=2)
     fn = torch.compile(lambda *a: nm_ops.decode_op(*a), fullgraph=True)
     got = fn(*_op_args(args, weights, st, mem))
@@ -268,7 +263,7 @@ def test_decode_op_torch_compile_fullgraph():
 
 
 def test_opcheck_decode_op_on_gpu():
-    _needs_kernel()
+    needs_kernels()
     args, weights, st, mem = _case((32, 64, 2, torch.float32, "gelu", True, True, None, "token",
                                     2, 4, "open"), N=2)
     leaves = [t.requires_grad_() for t in args]
@@ -276,7 +271,7 @@ def test_opcheck_decode_op_on_gpu():
 
 
 def test_decode_support_rule_matches_the_extension():
-    _needs_kernel()
+    needs_kernels()
     for D, hidden, depth in itertools.product((8, 16, 24, 32, 64, 128, 256),
                                               (2, 4, 16, 48, 512, 516, 1024), (1, 2, 3)):
         assert nm_ops.decode_shape_supported(D, hidden, depth) == \
@@ -284,7 +279,7 @@ def test_decode_support_rule_matches_the_extension():
 
 
 def test_long_calls_and_cu_seqlens_fall_back_with_the_reason():
-    _needs_kernel()
+    needs_kernels()
     args, weights, st, mem = _default_decode(T=nm_ops.DECODE_MAX_T + 1)
     with pytest.raises(RuntimeError, match="no fused CUDA kernel"):
         neural_memory(*args, weights, initial_state=st, backend="cuda", **mem)
@@ -304,7 +299,7 @@ def test_decode_every_cluster_split_matches_the_reference(case):
     """The CTAs of one (sequence, head) split the hidden units (a thread-block cluster on
     sm_90): every split the launcher may pick (1, 2, 4, 8, where the slice stays a multiple of
     4 wide) gives the reference's outputs and state."""
-    _needs_kernel()
+    needs_kernels()
     args, weights, st, mem = _case(case)
     o_ref, st_ref = neural_memory(*(t.double() for t in args), tuple(w.double() for w in weights),
                                   initial_state=_double_state(st), output_final_state=True,
@@ -315,12 +310,7 @@ def test_decode_every_cluster_split_matches_the_reference(case):
     assert len(splits) >= 2
     N = args[0].shape[0]
     for split in splits:
-        outs = nm_ops._launch(*args, list(weights), mem["ln_weight"], mem["ln_bias"],
-                              [] if st is None else list(st.weights),
-                              [] if st is None else list(st.momentum),
-                              [] if st is None else list(st.chunk_weights),
-                              None if st is None else st.offset, mem["chunk_size"],
-                              mem["activation"], mem["residual"], 1e-6, mem["read"], split=split)
+        outs = nm_ops._launch(*_op_args(args, weights, st, mem), split=split)
         L = len(weights)
         off = (torch.zeros(N, dtype=torch.long, device=DEV) if st is None else st.offset)
         state = MemoryState(tuple(outs[1:1 + L]), tuple(outs[1 + L:1 + 2 * L]),

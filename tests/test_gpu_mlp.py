@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import rel_err
+from conftest import needs_kernels, rel_err
 from titans_cuda import _lib, memory_forward, memory_grad
 from titans_cuda.ops.memory_mlp import ops as mlp_ops
 
@@ -57,11 +57,6 @@ def _id(c):
             f"{str(dtype).split('.')[-1]}-C{chunk}-T{T}")
 
 
-def _needs_kernel():
-    reason = _lib.kernels_unavailable_reason(torch.device(DEV)) if torch.cuda.is_available() \
-        else "no GPU"
-    if reason is not None:
-        pytest.fail(f"the memory-MLP kernels cannot run on this GPU: {reason}")
 
 
 def _case_inputs(case, B=2, H=3):
@@ -91,7 +86,7 @@ def _leaves(tensors):
 
 @pytest.mark.parametrize("case", GRID, ids=[_id(c) for c in GRID])
 def test_memory_forward_kernel_forward_and_backward(case):
-    _needs_kernel()
+    needs_kernels()
     x, _, _, _, weights, mem, chunk = _case_inputs(case)
     tol = TOL[x.dtype]
     cs = chunk if weights[0].dim() == 5 else None
@@ -123,7 +118,7 @@ def test_memory_forward_kernel_forward_and_backward(case):
 
 @pytest.mark.parametrize("case", GRID, ids=[_id(c) for c in GRID])
 def test_memory_grad_kernel_forward_and_backward(case):
-    _needs_kernel()
+    needs_kernels()
     _, k, v, lr, weights, mem, chunk = _case_inputs(case)
     tol = TOL[k.dtype]
     ln = [t for t in (mem["ln_weight"], mem["ln_bias"]) if t is not None]
@@ -159,7 +154,7 @@ WRITE_CASES = [c for c in GRID if c[7] == "chunk"][::3]
 @pytest.mark.parametrize("case", WRITE_CASES, ids=[_id(c) for c in WRITE_CASES])
 def test_memory_mlp_kernel_writes_every_element(case):
     """NaN-poisoned outputs of every mode come back finite (every element written)."""
-    _needs_kernel()
+    needs_kernels()
     x, k, v, lr, weights, mem, chunk = _case_inputs(case)
     T = x.shape[1]
     common = dict(activation=mem["activation"], residual=mem["residual"],
@@ -198,7 +193,7 @@ def _default(dtype=torch.bfloat16, T=256, layout="chunk"):
 
 
 def test_memory_mlp_kernels_are_deterministic():
-    _needs_kernel()
+    needs_kernels()
     x, k, v, lr, weights, mem, chunk = _default(layout="shared")
     leaves = _leaves([x, *weights])
 
@@ -215,7 +210,7 @@ def test_memory_mlp_kernels_are_deterministic():
 def test_memory_mlp_kernels_strided_inputs():
     """Non-contiguous x/k/v (a slice of a wider tensor, a transposed layout) give the same
     results as contiguous copies."""
-    _needs_kernel()
+    needs_kernels()
     x, k, v, lr, weights, mem, chunk = _default(T=130)
     wide = torch.randn(*x.shape[:-1], 2 * x.shape[-1], device=DEV).to(x.dtype)
     wide[..., 16:16 + x.shape[-1]] = x
@@ -234,7 +229,7 @@ def test_memory_mlp_kernels_strided_inputs():
 
 
 def test_memory_mlp_cuda_graph_capture_and_replay():
-    _needs_kernel()
+    needs_kernels()
     x, k, v, lr, weights, mem, chunk = _default()
     mem = dict(mem)
     static = [x.clone(), k.clone(), v.clone(), lr.clone()]
@@ -264,7 +259,7 @@ def test_memory_mlp_cuda_graph_capture_and_replay():
 
 
 def test_memory_mlp_torch_compile_fullgraph():
-    _needs_kernel()
+    needs_kernels()
     x, k, v, lr, weights, mem, chunk = _default()
 
     def fn(x, k, v, lr, w1, w2):
@@ -285,7 +280,7 @@ def test_memory_mlp_torch_compile_fullgraph():
 
 @pytest.mark.parametrize("which", ["forward", "grad"])
 def test_opcheck_memory_mlp_ops_on_gpu(which):
-    _needs_kernel()
+    needs_kernels()
     x, k, v, lr, weights, mem, chunk = _default(T=96)
     kw = (mem["ln_weight"], mem["ln_bias"])
     if which == "forward":
@@ -299,7 +294,7 @@ def test_opcheck_memory_mlp_ops_on_gpu(which):
 
 
 def test_python_support_rule_matches_the_extension():
-    _needs_kernel()
+    needs_kernels()
     for D, hidden, depth in itertools.product((8, 16, 24, 32, 64, 96, 128, 256),
                                               (8, 16, 24, 48, 64, 96, 512), (1, 2, 3)):
         assert mlp_ops.shape_supported(D, hidden, depth) == \
@@ -313,7 +308,7 @@ def test_memory_forward_kernel_shifted_read(first_lead, chunk, T):
     """The parallel variant's read on the kernel (chunk j with W_{j-1}, chunk 0 with the first
     weights) equals the kernel on concatenated weights, forward and every gradient, bitwise
     for y and dx and to fp32 summation order for the weight gradients."""
-    _needs_kernel()
+    needs_kernels()
     x, _, _, _, weights, mem, _ = _case_inputs((64, 128, 2, "gelu", True, True, "bias", "chunk",
                                                 torch.bfloat16, chunk, T))
     B, _, H, _ = x.shape
@@ -342,7 +337,7 @@ def test_every_kernel_fits_this_gpu_and_small_gpus_fall_back(monkeypatch):
     """Each compiled instance's shared memory fits this GPU (H100: 227 KiB); on a GPU with less
     (simulated: sm_86's 99 KiB), calls whose kernel would not fit run the reference, with the
     reason named, instead of failing at launch."""
-    _needs_kernel()
+    needs_kernels()
     limit = _lib.smem_per_block_optin(torch.cuda.current_device())
     sizes = {}
     for dtype, D, hidden, depth, mode in itertools.product(

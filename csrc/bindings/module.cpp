@@ -141,6 +141,20 @@ T arg(const py::dict& args, const char* name) {
   return args[name].cast<T>();
 }
 
+// Runs launch(stream, device) (from the dict's "stream" and "device") with the GIL released;
+// a CUDA error becomes a RuntimeError naming `op`.
+template <typename Launch>
+void launch_released(const py::dict& a, const char* op, Launch&& launch) {
+  const auto stream = reinterpret_cast<cudaStream_t>(arg<std::uintptr_t>(a, "stream"));
+  const int device = arg<int>(a, "device");
+  cudaError_t status;
+  {
+    py::gil_scoped_release release;
+    status = launch(stream, device);
+  }
+  check(status, op);
+}
+
 void memory_mlp(const py::dict& a) {
   titans::MemoryMlpParams p{};
   auto ptr = [&](const char* name) { return arg<std::uintptr_t>(a, name); };
@@ -190,14 +204,9 @@ void memory_mlp(const py::dict& a) {
   p.residual = arg<bool>(a, "residual");
   p.mode = static_cast<titans::MlpMode>(i32("mode"));
   p.dtype = static_cast<titans::MlpDtype>(i32("dtype"));
-  const auto stream = reinterpret_cast<cudaStream_t>(ptr("stream"));
-  const int device = i32("device");
-  cudaError_t status;
-  {
-    py::gil_scoped_release release;
-    status = titans::memory_mlp(p, stream, device);
-  }
-  check(status, "memory_mlp");
+  launch_released(a, "memory_mlp", [&](cudaStream_t stream, int device) {
+    return titans::memory_mlp(p, stream, device);
+  });
 }
 
 // neural_memory_decode from a dict of addresses / strides / sizes (ops/neural_memory/ops.py);
@@ -253,14 +262,9 @@ void neural_memory_decode(const py::dict& a) {
   p.read_chunk = arg<bool>(a, "read_chunk");
   p.dtype = i32("dtype");
   p.split = i32("split");
-  const auto stream = reinterpret_cast<cudaStream_t>(ptr("stream"));
-  const int device = i32("device");
-  cudaError_t status;
-  {
-    py::gil_scoped_release release;
-    status = titans::neural_memory_decode(p, stream, device);
-  }
-  check(status, "neural_memory_decode");
+  launch_released(a, "neural_memory_decode", [&](cudaStream_t stream, int device) {
+    return titans::neural_memory_decode(p, stream, device);
+  });
 }
 
 size_t memory_mlp_smem_bytes(int dtype, int dim, int hidden, int depth, int mode) {

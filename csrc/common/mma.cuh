@@ -226,16 +226,21 @@ __device__ __forceinline__ void load_a_kmajor(FragA<float>& a, const float* s, i
     a.r[2 * i + 1] = q[ld];
   }
 }
+// An ldmatrix x4 of B holds n-tile n0 in r[0..1] and n0 + 8 in r[2..3].
+template <typename T>
+__device__ __forceinline__ void unpack_b2(FragB<T> (&b)[2], const uint32_t (&r)[4]) {
+  b[0].r[0] = r[0];
+  b[0].r[1] = r[1];
+  b[1].r[0] = r[2];
+  b[1].r[1] = r[3];
+}
 // Two B fragments (k 16 x n 16 at (k0, n0): n-tiles n0 and n0 + 8) of a tile stored [n][k].
 template <typename T>
 __device__ __forceinline__ void load_b2(FragB<T> (&b)[2], const T* s, int ld, int k0, int n0,
                                         int lane) {
   uint32_t r[4];
   ldmatrix_x4(r, b_addr(s, ld, k0, n0, lane));
-  b[0].r[0] = r[0];
-  b[0].r[1] = r[1];
-  b[1].r[0] = r[2];
-  b[1].r[1] = r[3];
+  unpack_b2(b, r);
 }
 __device__ __forceinline__ void load_b2(FragB<float> (&b)[2], const float* s, int ld, int k0,
                                         int n0, int lane) {
@@ -255,10 +260,7 @@ __device__ __forceinline__ void load_b2_kmajor(FragB<T> (&b)[2], const T* s, int
                                                int n0, int lane) {
   uint32_t r[4];
   ldmatrix_x4_trans(r, b_addr_kmajor(s, ld, k0, n0, lane));
-  b[0].r[0] = r[0];
-  b[0].r[1] = r[1];
-  b[1].r[0] = r[2];
-  b[1].r[1] = r[3];
+  unpack_b2(b, r);
 }
 __device__ __forceinline__ void load_b2_kmajor(FragB<float> (&b)[2], const float* s, int ld,
                                                int k0, int n0, int lane) {

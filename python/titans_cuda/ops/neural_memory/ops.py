@@ -62,7 +62,7 @@ def decode_reason(q: Tensor, weights, cu_seqlens, initial_state) -> Optional[str
         return (f"no decode kernel for D={D}, hidden={hidden}, depth={depth} (supported: D in "
                 f"{DECODE_DIMS}, depth 1, or depth 2 with hidden a multiple of 4 up to "
                 f"{DECODE_MAX_HIDDEN})")
-    N, H = q.shape[0], q.shape[2]
+    H = q.shape[2]
     if H > 65535:
         return f"no decode kernel for H={H} > 65535"
     return None
