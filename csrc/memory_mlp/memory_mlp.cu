@@ -81,13 +81,8 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_kernel(const MemoryMlpPar
   const float* w2g = kDepth != 2 ? nullptr
       : first ? p.w2_first + b * p.w2_first_b_stride + h * p.w2_first_h_stride
               : p.w2 + b * p.w2_b_stride + h * p.w2_h_stride + wchunk * p.w2_c_stride;
-  auto stage_block = [&](int j) {
-    if constexpr (kDepth == 2) {
-      stage_weights<T, D, HB, kLdH>(s_w1, w1g + j * HB, hidden);
-      stage_weights<T, HB, D, kLdD>(s_w2, w2g + int64_t(j) * HB * D, D);
-    } else {
-      stage_weights<T, D, D, kLdD>(s_w1, w1g, D);
-    }
+  auto stage_w = [&](int j) {
+    stage_block<T, D, HB, kDepth, kLdD, kLdH>(s_w1, s_w2, w1g, w2g, j, hidden);
   };
 
   const int m0 = warp * 16;                 // this warp's first row
@@ -98,7 +93,7 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_kernel(const MemoryMlpPar
   float f[kNtD][4] = {};
   for (int j = 0; j < n_blocks; ++j) {
     if (j > 0) __syncthreads();  // the previous block's operands are no longer read
-    stage_block(j);
+    stage_w(j);
     __syncthreads();
     if constexpr (kDepth == 2) {
       mlp_block_forward<T, D, HB>(f, s_x, kLdD, s_w1, kLdH, s_w2, kLdD, m0, lane, p.activation);
@@ -264,7 +259,7 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_kernel(const MemoryMlpPar
     for (int j = n_blocks - 1; j >= 0; --j) {
       __syncthreads();  // previous block's operands and s_h / s_dz reads are done; s_df ready
       if (j != n_blocks - 1) {
-        stage_block(j);
+        stage_w(j);
         __syncthreads();
       }
       // (phi' is applied as dh is consumed: holding a phi' array while dh accumulates costs

@@ -96,20 +96,10 @@ __global__ void __launch_bounds__(kThreads) memory_mlp_grad_bwd_kernel(const Mem
   const float* g1g = p.grad_u1 + bhc * D * hidden;
   const float* g2g = kDepth == 2 ? p.grad_u2 + bhc * hidden * D : nullptr;
   auto stage_w = [&](int j) {
-    if constexpr (kDepth == 2) {
-      stage_weights<T, D, HB, kLdH>(s_w1, w1g + j * HB, hidden);
-      stage_weights<T, HB, D, kLdD>(s_w2, w2g + int64_t(j) * HB * D, D);
-    } else {
-      stage_weights<T, D, D, kLdD>(s_w1, w1g, D);
-    }
+    stage_block<T, D, HB, kDepth, kLdD, kLdH>(s_w1, s_w2, w1g, w2g, j, hidden);
   };
   auto stage_g = [&](int j) {
-    if constexpr (kDepth == 2) {
-      stage_weights<T, D, HB, kLdH>(s_g1, g1g + j * HB, hidden);
-      stage_weights<T, HB, D, kLdD>(s_g2, g2g + int64_t(j) * HB * D, D);
-    } else {
-      stage_weights<T, D, D, kLdD>(s_g1, g1g, D);
-    }
+    stage_block<T, D, HB, kDepth, kLdD, kLdH>(s_g1, s_g2, g1g, g2g, j, hidden);
   };
 
   // ---- sweep 1: f ----

@@ -98,6 +98,20 @@ __device__ __forceinline__ void stage_weights(T* dst, const float* __restrict__ 
   }
 }
 
+// Hidden block j of a layer pair into shared memory: depth 2, W1[:, block] -> [D][HB] (ld
+// kLdH) and W2[block, :] -> [HB][D] (ld kLdD) from fp32 w1 [D][hidden] and w2 [hidden][D];
+// depth 1, the whole D x D w1 (ld kLdD). Used for the weights and for dL/dU alike.
+template <typename T, int D, int HB, int kDepth, int kLdD, int kLdH>
+__device__ __forceinline__ void stage_block(T* s_w1, T* s_w2, const float* w1, const float* w2,
+                                            int j, int hidden) {
+  if constexpr (kDepth == 2) {
+    stage_weights<T, D, HB, kLdH>(s_w1, w1 + j * HB, hidden);
+    stage_weights<T, HB, D, kLdD>(s_w2, w2 + int64_t(j) * HB * D, D);
+  } else {
+    stage_weights<T, D, D, kLdD>(s_w1, w1, D);
+  }
+}
+
 // out[m][n] = sum_k A[k][m] B[k][n] over ksteps * 16 rows k; A [k][M] and B [k][N] in shared
 // memory (k-major), out fp32 global with leading dim ldo. 16 x 16 output tiles round-robin
 // over the warps.
