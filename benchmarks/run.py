@@ -112,6 +112,18 @@ def bench_reference(s: Shape, device, backward):
     return run
 
 
+def bench_fused(s: Shape, device, backward):
+    """neural_memory on the chunked kernel (forward; its backward is the reference's VJP)."""
+    q, k, v, lr, fg, mo, w1, w2, gamma, beta = make_memory_inputs(s, device, backward)
+
+    def run():
+        o, _ = neural_memory(q, k, v, lr, fg, mo, (w1, w2), chunk_size=s.chunk, residual=True,
+                             ln_weight=gamma, ln_bias=beta, backend="cuda")
+        if backward:
+            o.float().sum().backward()
+    return run
+
+
 def bench_parallel(s: Shape, device, backward):
     """Our fully parallel variant (the same math as titans-pytorch's default)."""
     q, k, v, lr, _, _, w1, w2, gamma, beta = make_memory_inputs(s, device, backward)
@@ -249,7 +261,7 @@ def scan_bytes(s: Shape, backward_only=False) -> int:
 
 def _forward_flops(method, s: Shape):
     """Forward FLOPs per token and head of a method (None where no count applies)."""
-    if method == "reference":
+    if method in ("reference", "fused (ours)"):
         return flops.neural_memory_forward(s.D, s.hidden, s.chunk)
     if method in ("parallel (ours)", "titans-pytorch"):
         return flops.parallel_neural_memory_forward(s.D, s.hidden, s.chunk)
@@ -307,6 +319,8 @@ def methods_for(device, include_titans=True):
     m = [("reference", bench_reference, False, None), ("reference", bench_reference, True, None),
          ("parallel (ours)", bench_parallel, False, None),
          ("parallel (ours)", bench_parallel, True, None)]
+    if titans_cuda._lib.kernels_unavailable_reason(device) is None:
+        m += [("fused (ours)", bench_fused, False, None), ("fused (ours)", bench_fused, True, None)]
     if device.type == "cuda":
         m += [("sdpa-causal", bench_sdpa, False, None), ("sdpa-causal", bench_sdpa, True, None)]
         if include_titans:

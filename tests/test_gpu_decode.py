@@ -278,15 +278,15 @@ def test_decode_support_rule_matches_the_extension():
             _lib._C.neural_memory_decode_supported(dim=D, hidden=hidden, depth=depth)
 
 
-def test_long_calls_and_cu_seqlens_fall_back_with_the_reason():
+def test_long_calls_and_cu_seqlens_go_to_the_chunked_kernel():
     needs_kernels()
     args, weights, st, mem = _default_decode(T=nm_ops.DECODE_MAX_T + 1)
-    with pytest.raises(RuntimeError, match="no fused CUDA kernel"):
-        neural_memory(*args, weights, initial_state=st, backend="cuda", **mem)
+    assert "no fused CUDA kernel" in nm_ops.decode_reason(args[0], weights, None, st)
+    assert nm_ops.chunked_reason(args[0], weights, mem["chunk_size"], None, st) is None
     packed = [t[:1] for t in _default_decode(T=4)[0]]
     cu = torch.tensor([0, 1, 4], device=DEV, dtype=torch.int32)
-    with pytest.raises(RuntimeError, match="cu_seqlens"):
-        neural_memory(*packed, weights, cu_seqlens=cu, backend="cuda", **mem)
+    assert "cu_seqlens" in nm_ops.decode_reason(packed[0], weights, cu, None)
+    assert nm_ops.chunked_reason(packed[0], weights, mem["chunk_size"], cu, None) is None
 
 
 @pytest.mark.parametrize("case", [

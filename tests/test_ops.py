@@ -312,3 +312,54 @@ def test_neural_memory_decode_op_gradcheck_and_reference():
             q, k, v, lr, fo, mo, [w1, w2], g, b, rest[0:2], rest[2:4], rest[4:6], st.offset, 2,
             "gelu", True, 1e-6, "token"))
     assert torch.autograd.gradcheck(fn, tensors)
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_opcheck_neural_memory_chunked_op(with_state):
+    """The chunked op's registration (fake, autograd through the reference's VJP, schema) on
+    the CPU, with cu_seqlens packing two sequences of 5 and 2 tokens."""
+    args, _ = _decode_op_args(with_state=with_state, T=7, N=1)
+    if with_state:  # one state row per packed sequence
+        args = list(args)
+        for i in (9, 10, 11):
+            args[i] = [torch.cat([t, t.flip(0)]).detach().requires_grad_() for t in args[i]]
+        args[12] = torch.tensor([3, 1])
+    cu = torch.tensor([0, 5, 7], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.titans_cuda.neural_memory_chunked.default, (*args, cu))
+
+
+def test_neural_memory_chunked_op_gradcheck_and_reference():
+    """Packed sequences through the chunked op: outputs equal the reference's, the returned
+    offsets count each sequence, and gradients pass finite differences."""
+    from titans_cuda import MemoryState
+    from titans_cuda.ops.neural_memory import ops as nm_ops
+    args, st = _decode_op_args(T=5, N=1, C=2, D=4, hidden=4)
+    st = MemoryState(*(tuple(torch.cat([t, t.flip(0)]).detach() for t in f)
+                       for f in (st.weights, st.momentum, st.chunk_weights)),
+                     torch.tensor([1, 0]))
+    args = list(args)
+    args[9:13] = [list(st.weights), list(st.momentum), list(st.chunk_weights), st.offset]
+    args[13] = 2
+    cu = torch.tensor([0, 3, 5])
+    outs = torch.ops.titans_cuda.neural_memory_chunked(*args, cu)
+    o, st_ref = neural_memory(*args[:6], tuple(args[6]), initial_state=st, chunk_size=2,
+                              activation="gelu", residual=True, ln_weight=args[7],
+                              ln_bias=args[8], output_final_state=True, cu_seqlens=cu,
+                              backend="torch")
+    for a, b in zip(outs, (o, *st_ref.weights, *st_ref.momentum, *st_ref.chunk_weights)):
+        assert torch.equal(a, b)
+    o_api, st_api = nm_ops.fused(*args[:6], args[6], chunk_size=2, activation="gelu",
+                                 residual=True, ln_weight=args[7], ln_bias=args[8], ln_eps=1e-6,
+                                 read="token", initial_state=st, cu_seqlens=cu,
+                                 kernel="chunked")
+    assert torch.equal(o_api, o) and st_api.offset.tolist() == st_ref.offset.tolist() == [0, 0]
+    tensors = [*args[:6], *args[6], args[7], args[8], *[t.requires_grad_() for t in
+                                                        (*st.weights, *st.momentum,
+                                                         *st.chunk_weights)]]
+
+    def fn(*ts):
+        q, k, v, lr, fo, mo, w1, w2, g, b, *rest = ts
+        return tuple(torch.ops.titans_cuda.neural_memory_chunked(
+            q, k, v, lr, fo, mo, [w1, w2], g, b, rest[0:2], rest[2:4], rest[4:6], st.offset, 2,
+            "gelu", True, 1e-6, "token", cu))
+    assert torch.autograd.gradcheck(fn, tensors)

@@ -13,6 +13,7 @@
 
 #include "../memory_mlp/memory_mlp.h"
 #include "../memory_scan/memory_scan.h"
+#include "../neural_memory/chunked.h"
 #include "../neural_memory/decode.h"
 
 namespace py = pybind11;
@@ -209,10 +210,10 @@ void memory_mlp(const py::dict& a) {
   });
 }
 
-// neural_memory_decode from a dict of addresses / strides / sizes (ops/neural_memory/ops.py);
-// per-layer pointers come as lists of length depth.
-void neural_memory_decode(const py::dict& a) {
-  titans::DecodeParams p{};
+// NeuralMemoryParams (neural_memory/params.h) from a dict of addresses / strides / sizes
+// (ops/neural_memory/ops.py); per-layer pointers come as lists of length depth.
+titans::NeuralMemoryParams neural_memory_params(const py::dict& a, const char* op) {
+  titans::NeuralMemoryParams p{};
   auto ptr = [&](const char* name) { return arg<std::uintptr_t>(a, name); };
   auto i64 = [&](const char* name) { return arg<int64_t>(a, name); };
   auto i32 = [&](const char* name) { return arg<int>(a, name); };
@@ -229,17 +230,17 @@ void neural_memory_decode(const py::dict& a) {
   p.lr = as_ptr<const float>(ptr("lr"));
   p.forget = as_ptr<const float>(ptr("forget"));
   p.momentum = as_ptr<const float>(ptr("momentum"));
+  p.cu_seqlens = as_ptr<const int64_t>(ptr("cu_seqlens"));
   p.depth = i32("depth");
-  if (p.depth < 1 || p.depth > titans::kDecodeMaxLayers) {
-    throw std::invalid_argument("titans_cuda.neural_memory_decode: depth must be 1 or 2");
+  const std::string name = std::string("titans_cuda.") + op;
+  if (p.depth < 1 || p.depth > titans::kNeuralMemoryMaxLayers) {
+    throw std::invalid_argument(name + ": depth must be 1 or 2");
   }
   const auto w_in = layers("w_in"), w_in_n = layers("w_in_n_stride");
   const auto w_in_h = layers("w_in_h_stride"), s_in = layers("s_in"), cw_in = layers("cw_in");
   const auto w_out = layers("w_out"), s_out = layers("s_out"), cw_out = layers("cw_out");
   for (const auto* v : {&w_in, &w_in_n, &w_in_h, &s_in, &cw_in, &w_out, &s_out, &cw_out}) {
-    if (v->size() != size_t(p.depth)) {
-      throw std::invalid_argument("titans_cuda.neural_memory_decode: one entry per layer");
-    }
+    if (v->size() != size_t(p.depth)) throw std::invalid_argument(name + ": one entry per layer");
   }
   for (int l = 0; l < p.depth; ++l) {
     p.w_in[l] = as_ptr<const float>(std::uintptr_t(w_in[l]));
@@ -262,8 +263,20 @@ void neural_memory_decode(const py::dict& a) {
   p.read_chunk = arg<bool>(a, "read_chunk");
   p.dtype = i32("dtype");
   p.split = i32("split");
+  return p;
+}
+
+void neural_memory_decode(const py::dict& a) {
+  const auto p = neural_memory_params(a, "neural_memory_decode");
   launch_released(a, "neural_memory_decode", [&](cudaStream_t stream, int device) {
     return titans::neural_memory_decode(p, stream, device);
+  });
+}
+
+void neural_memory_chunked(const py::dict& a) {
+  const auto p = neural_memory_params(a, "neural_memory_chunked");
+  launch_released(a, "neural_memory_chunked", [&](cudaStream_t stream, int device) {
+    return titans::neural_memory_chunked(p, stream, device);
   });
 }
 
@@ -375,6 +388,12 @@ PYBIND11_MODULE(_C, m) {
         "Token-by-token neural memory on the state for short calls (decode.h).");
   m.def("neural_memory_decode_supported", &titans::neural_memory_decode_supported,
         py::arg("dim"), py::arg("hidden"), py::arg("depth"));
+  m.def("neural_memory_chunked", &neural_memory_chunked, py::arg("args"),
+        "The chunked neural memory, one CTA per (sequence, head) (chunked.h).");
+  m.def("neural_memory_chunked_supported", &titans::neural_memory_chunked_supported,
+        py::arg("dim"), py::arg("hidden"), py::arg("depth"), py::arg("chunk"), py::arg("dtype"));
+  m.def("neural_memory_chunked_smem_bytes", &titans::neural_memory_chunked_smem_bytes,
+        py::arg("dim"), py::arg("hidden"), py::arg("depth"), py::arg("chunk"), py::arg("dtype"));
   m.def("memory_mlp_tile_rows", [] { return titans::kMlpTileRows; });
   m.def("kernel_image", &kernel_image, py::arg("device"));
   m.def("build_info", &build_info);

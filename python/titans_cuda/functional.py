@@ -17,9 +17,8 @@ from .ops.neural_memory import reference as nm_ref
 from .state import MemoryState
 
 
-# neural_memory's kernels: the streaming-decode kernel for calls of at most
-# nm_ops.DECODE_MAX_T tokens; longer calls run the reference until the chunked fused kernel
-# lands.
+# neural_memory's kernels: the streaming-decode kernel for dense calls of at most
+# nm_ops.DECODE_MAX_T tokens, the chunked kernel for every other supported call.
 def neural_memory(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, forget: Tensor,
                   momentum: Tensor, weights: Sequence[Tensor], *, chunk_size: int = 64,
                   activation: str = "silu", residual: bool = False,
@@ -85,12 +84,17 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, forget: Tensor,
                       for i, w in enumerate(initial_state.weights)})
         named["initial_state.offset"] = initial_state.offset
     device = chk.check_same_device(named)
+    kernel = "decode"
     reason = nm_ops.decode_reason(q, weights, cu_seqlens, initial_state)
+    if reason is not None:
+        kernel = "chunked"
+        reason = nm_ops.chunked_reason(q, weights, chunk_size, cu_seqlens, initial_state)
     if use_kernels(backend, "neural_memory", device, reason):
-        o, state = nm_ops.decode(q, k, v, lr, forget, momentum, weights, chunk_size=chunk_size,
-                                 activation=activation, residual=residual, ln_weight=ln_weight,
-                                 ln_bias=ln_bias, ln_eps=ln_eps, read=read,
-                                 initial_state=initial_state)
+        o, state = nm_ops.fused(q, k, v, lr, forget, momentum, weights, chunk_size=chunk_size,
+                                activation=activation, residual=residual, ln_weight=ln_weight,
+                                ln_bias=ln_bias, ln_eps=ln_eps, read=read,
+                                initial_state=initial_state, cu_seqlens=cu_seqlens,
+                                kernel=kernel)
         return o, state if output_final_state else None
     return nm_ref.neural_memory(
         q, k, v, lr, forget, momentum, weights, chunk_size=chunk_size, activation=activation,

@@ -1,11 +1,14 @@
-"""Custom op over the streaming-decode kernel (csrc/neural_memory/decode.cu):
+"""Custom ops over the neural_memory kernels:
 
-  titans_cuda::neural_memory_decode   neural_memory for a short call (T <= DECODE_MAX_T tokens)
-                                      on the state, token by token: (o, W, S, chunk weights)
+  titans_cuda::neural_memory_decode   a short call (T <= DECODE_MAX_T tokens, dense batch) on
+                                      the state, token by token (csrc/neural_memory/decode.cu)
+  titans_cuda::neural_memory_chunked  any call, chunk by chunk through the dual form
+                                      (csrc/neural_memory/chunked.cu), cu_seqlens included
 
-The kernel covers the forward pass and the final state. Gradients (rarely wanted while decoding)
-come from the reference through ``torch.func.vjp``: exact, not fast. Off the kernel path (CPU,
-float64, unsupported shapes) the op runs the reference, so opcheck runs in CPU CI.
+Both return [o, W per layer, S per layer, chunk weights per layer]. The kernels cover the forward
+pass and the final state; gradients come from the reference through ``torch.func.vjp`` (the
+``*_bwd`` ops): exact, not fast. Off the kernel path (CPU, float64, unsupported shapes) the ops
+run the reference, so opcheck runs in CPU CI.
 """
 from __future__ import annotations
 
@@ -68,6 +71,63 @@ def decode_reason(q: Tensor, weights, cu_seqlens, initial_state) -> Optional[str
     return None
 
 
+CHUNKED_DTYPES = (torch.bfloat16, torch.float16)
+CHUNKED_DIMS = (32, 64, 128)
+CHUNKED_CHUNKS = (16, 32, 64, 128)
+
+
+def chunked_hidden_block(dim: int) -> int:
+    """The hidden block of the chunked kernel (hidden_block in chunked_kernel.cuh)."""
+    return 32 if dim == 32 else 64
+
+
+def chunked_shape_supported(dim: int, hidden: int, depth: int, chunk: int) -> bool:
+    """The rule of neural_memory_chunked_supported (chunked.cu) for bf16/fp16; a GPU test
+    checks they agree. Whether the shared-memory plan fits the GPU is checked apart."""
+    hb = chunked_hidden_block(dim)
+    return (dim in CHUNKED_DIMS and chunk in CHUNKED_CHUNKS and
+            (depth == 1 or (depth == 2 and hb <= hidden <= 512 and hidden % hb == 0)))
+
+
+def chunked_reason(q: Tensor, weights, chunk_size: int, cu_seqlens,
+                   initial_state) -> Optional[str]:
+    """None when the chunked kernel handles this neural_memory call, else why not."""
+    if not q.is_cuda:
+        return "the inputs are not on a CUDA device"
+    reason = _lib.kernels_unavailable_reason(q.device)
+    if reason is not None:
+        return reason
+    if q.dtype not in CHUNKED_DTYPES:
+        return (f"the chunked kernel takes bf16/fp16 inputs in this version, got {q.dtype} "
+                f"(fp32 runs on the reference)")
+    tensors = list(weights) + ([] if initial_state is None else
+                               [*initial_state.weights, *initial_state.momentum,
+                                *initial_state.chunk_weights])
+    if any(t.dtype == torch.float64 for t in tensors):
+        return "float64 weights or states run on the reference"
+    if q.shape[1] == 0:
+        return "the call has no tokens"
+    D, depth = q.shape[-1], len(weights)
+    hidden = weights[0].shape[-1]
+    if not chunked_shape_supported(D, hidden, depth, chunk_size):
+        return (f"no chunked kernel for D={D}, hidden={hidden}, depth={depth}, "
+                f"chunk_size={chunk_size} (supported: D in {CHUNKED_DIMS}, chunk_size in "
+                f"{CHUNKED_CHUNKS}, depth 1, or depth 2 with hidden a multiple of "
+                f"{chunked_hidden_block(D)} up to 512)")
+    smem = _lib._C.neural_memory_chunked_smem_bytes(dim=D, hidden=hidden, depth=depth,
+                                                     chunk=chunk_size, dtype=0)
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    limit = _lib.smem_per_block_optin(index)
+    if smem > limit:
+        return (f"the chunked kernel for D={D}, hidden={hidden}, depth={depth}, "
+                f"chunk_size={chunk_size} needs {smem // 1024} KiB of shared memory per block "
+                f"and this GPU allows {limit // 1024} KiB")
+    n_seq = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    if q.shape[2] > 65535 or n_seq > 65535:
+        return f"no chunked kernel for H={q.shape[2]} or {n_seq} sequences > 65535"
+    return None
+
+
 def _f32(t: Tensor) -> Tensor:
     """fp32, contiguous, 16-byte aligned (the kernel reads float4)."""
     t = t.to(torch.float32).contiguous()
@@ -80,12 +140,14 @@ def _qkv(t: Tensor) -> Tensor:
 
 def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
             state_momentum, state_chunk_weights, state_offset, chunk_size, activation,
-            residual, ln_eps, read, out: Optional[List[Tensor]] = None,
-            split: int = 0) -> List[Tensor]:
-    """Runs the kernel: [o, W..., S..., chunk weights...]. ``out``: preallocated outputs in
-    that order (the tests pass NaN-poisoned ones); ``split``: CTAs per (sequence, head), 0 lets
-    the launcher choose (decode.h)."""
-    N, T, H, D = q.shape
+            residual, ln_eps, read, cu_seqlens: Optional[Tensor] = None,
+            out: Optional[List[Tensor]] = None, split: int = 0,
+            kernel: str = "decode") -> List[Tensor]:
+    """Runs a kernel ("decode" or "chunked"): [o, W..., S..., chunk weights...]. ``out``:
+    preallocated outputs in that order (the tests pass NaN-poisoned ones); ``split``: CTAs per
+    (sequence, head) of the decode kernel, 0 lets the launcher choose (decode.h)."""
+    B, T, H, D = q.shape
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     depth = len(weights)
     dev = q.device
     q, k, v = _qkv(q), _qkv(k), _qkv(v)
@@ -121,7 +183,7 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
             cw_in.append(0)
         for lst in (outs_w, outs_s, outs_cw):
             lst.append(torch.empty(shape, dtype=torch.float32, device=dev))
-    o = torch.empty(N, T, H, D, dtype=q.dtype, device=dev)
+    o = torch.empty(B, T, H, D, dtype=q.dtype, device=dev)
     if out is not None:
         o, outs_w, outs_s, outs_cw = (out[0], out[1:1 + depth], out[1 + depth:1 + 2 * depth],
                                       out[1 + 2 * depth:])
@@ -132,7 +194,11 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
     ln_w = None if ln_weight is None else _f32(ln_weight)
     ln_b = None if ln_bias is None or ln_w is None else _f32(ln_bias)
     keep += [t for t in (ln_w, ln_b) if t is not None]
-    args.update(w_in=w_in, w_in_n_stride=w_n, w_in_h_stride=w_h, s_in=s_in, cw_in=cw_in,
+    cu = None
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to(device=dev, dtype=torch.int64).contiguous()
+        keep.append(cu)
+    args.update(cu_seqlens=0 if cu is None else cu.data_ptr(),w_in=w_in, w_in_n_stride=w_n, w_in_h_stride=w_h, s_in=s_in, cw_in=cw_in,
                 w_out=[t.data_ptr() for t in outs_w], s_out=[t.data_ptr() for t in outs_s],
                 cw_out=[t.data_ptr() for t in outs_cw],
                 offset=0 if offset is None else offset.data_ptr(),
@@ -145,7 +211,7 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
                 dtype=KERNEL_DTYPES.index(q.dtype), split=int(split),
                 stream=_lib.stream_handle(dev),
                 device=dev.index if dev.index is not None else torch.cuda.current_device())
-    _lib._C.neural_memory_decode(args)
+    (_lib._C.neural_memory_decode if kernel == "decode" else _lib._C.neural_memory_chunked)(args)
     return [o, *outs_w, *outs_s, *outs_cw]
 
 
@@ -158,14 +224,68 @@ def _state(state_weights, state_momentum, state_chunk_weights, state_offset):
 
 def _reference(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
                state_momentum, state_chunk_weights, state_offset, chunk_size, activation,
-               residual, ln_eps, read) -> List[Tensor]:
+               residual, ln_eps, read, cu_seqlens=None) -> List[Tensor]:
     o, st = ref.neural_memory(
         q, k, v, lr, forget, momentum, tuple(weights), chunk_size=chunk_size,
         activation=activation, residual=residual, ln_weight=ln_weight, ln_bias=ln_bias,
         ln_eps=ln_eps, read=read,
         initial_state=_state(state_weights, state_momentum, state_chunk_weights, state_offset),
-        output_final_state=True)
+        output_final_state=True, cu_seqlens=cu_seqlens)
     return [o, *st.weights, *st.momentum, *st.chunk_weights]
+
+
+def _forward(kernel: str, reason: Optional[str], args, cu_seqlens=None) -> List[Tensor]:
+    """The body of both forward ops: the kernel when ``reason`` is None, else the reference."""
+    if reason is None:
+        return _launch(*args, cu_seqlens=cu_seqlens, kernel=kernel)
+    q, k, v, _, _, _, weights, _, _, sw, sm, scw = args[:12]
+    inputs = {id(t) for t in (q, k, v, *weights, *sw, *sm, *scw)}
+    # outputs must not alias inputs: the reference may hand an input state back unchanged
+    return [t.clone() if id(t) in inputs or t._base is not None else t.contiguous()
+            for t in _reference(*args, cu_seqlens=cu_seqlens)]
+
+
+def _fake(q, k, v, weights, state_weights, state_momentum, state_chunk_weights, cu_seqlens=None):
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    H = q.shape[2]
+    tensors = [q, k, v, *weights, *state_weights, *state_momentum, *state_chunk_weights]
+    dtype = compute_dtype(*tensors)
+    states = [q.new_empty(N, H, w.shape[-2], w.shape[-1], dtype=dtype) for w in weights]
+    return [torch.empty_like(q, memory_format=torch.contiguous_format),
+            *states, *[torch.empty_like(s) for s in states],
+            *[torch.empty_like(s) for s in states]]
+
+
+def _reference_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias,
+                     state_weights, state_momentum, state_chunk_weights, state_offset, chunk_size,
+                     activation, residual, ln_eps, read, cu_seqlens=None) -> List[Tensor]:
+    """The body of both backward ops: the reference's VJP, in the order the ops document."""
+    L, n_state = len(weights), len(state_weights)
+    H, D = q.shape[2], q.shape[3]
+
+    def fn(q_, k_, v_, lr_, fo_, mo_, lnw_, lnb_, *ts):
+        ws, ts = list(ts[:L]), ts[L:]
+        sw_, sm_, scw_ = (list(ts[i * n_state:(i + 1) * n_state]) for i in range(3))
+        return tuple(_reference(q_, k_, v_, lr_, fo_, mo_, ws, lnw_, lnb_, sw_, sm_, scw_,
+                                state_offset, chunk_size, activation, residual, ln_eps, read,
+                                cu_seqlens))
+    inputs = [q, k, v, lr, forget, momentum, ln_weight, ln_bias, *weights, *state_weights,
+              *state_momentum, *state_chunk_weights]
+    g = _reference_vjp(fn, inputs, list(grads))
+    ln = [torch.zeros(H, D, dtype=torch.float32, device=q.device) if t is None else t
+          for t in g[6:8]]
+    return [t.contiguous() for t in (*g[:6], *g[8:8 + L], *ln, *g[8 + L:])]
+
+
+def _fake_grads(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
+                state_momentum, state_chunk_weights):
+    H, D = q.shape[2], q.shape[3]
+    ln = [torch.empty_like(t) if t is not None else q.new_empty(H, D, dtype=torch.float32)
+          for t in (ln_weight, ln_bias)]
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in
+            (q, k, v, lr, forget, momentum, *weights)] + ln + [
+        torch.empty_like(t, memory_format=torch.contiguous_format)
+        for t in (*state_weights, *state_momentum, *state_chunk_weights)]
 
 
 @torch.library.custom_op("titans_cuda::neural_memory_decode", mutates_args=())
@@ -182,26 +302,39 @@ def decode_op(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, forget: Tensor, momen
             state_momentum, state_chunk_weights, state_offset, chunk_size, activation,
             residual, ln_eps, read)
     state = _state(state_weights, state_momentum, state_chunk_weights, state_offset)
-    if decode_reason(q, weights, None, state) is None:
-        return _launch(*args)
-    inputs = {id(t) for t in (q, k, v, *weights, *state_weights, *state_momentum,
-                              *state_chunk_weights)}
-    # outputs must not alias inputs: the reference may hand an input state back unchanged
-    return [t.clone() if id(t) in inputs or t._base is not None else t.contiguous()
-            for t in _reference(*args)]
+    return _forward("decode", decode_reason(q, weights, None, state), args)
 
 
 @decode_op.register_fake
 def _(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
       state_momentum, state_chunk_weights, state_offset, chunk_size, activation, residual,
       ln_eps, read):
-    N, _, H, _ = q.shape
-    tensors = [q, k, v, *weights, *state_weights, *state_momentum, *state_chunk_weights]
-    dtype = compute_dtype(*tensors)
-    states = [q.new_empty(N, H, w.shape[-2], w.shape[-1], dtype=dtype) for w in weights]
-    return [torch.empty_like(q, memory_format=torch.contiguous_format),
-            *states, *[torch.empty_like(s) for s in states],
-            *[torch.empty_like(s) for s in states]]
+    return _fake(q, k, v, weights, state_weights, state_momentum, state_chunk_weights)
+
+
+@torch.library.custom_op("titans_cuda::neural_memory_chunked", mutates_args=())
+def chunked_op(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, forget: Tensor, momentum: Tensor,
+               weights: List[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+               state_weights: List[Tensor], state_momentum: List[Tensor],
+               state_chunk_weights: List[Tensor], state_offset: Optional[Tensor],
+               chunk_size: int, activation: str, residual: bool, ln_eps: float, read: str,
+               cu_seqlens: Optional[Tensor]) -> List[Tensor]:
+    """decode_op for any call, cu_seqlens included (then q, k, v are [1, total, H, D] and the
+    states have one row per sequence)."""
+    args = (q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
+            state_momentum, state_chunk_weights, state_offset, chunk_size, activation,
+            residual, ln_eps, read)
+    state = _state(state_weights, state_momentum, state_chunk_weights, state_offset)
+    return _forward("chunked", chunked_reason(q, weights, chunk_size, cu_seqlens, state), args,
+                    cu_seqlens)
+
+
+@chunked_op.register_fake
+def _(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
+      state_momentum, state_chunk_weights, state_offset, chunk_size, activation, residual,
+      ln_eps, read, cu_seqlens):
+    return _fake(q, k, v, weights, state_weights, state_momentum, state_chunk_weights,
+                 cu_seqlens)
 
 
 @torch.library.custom_op("titans_cuda::neural_memory_decode_bwd", mutates_args=())
@@ -217,33 +350,39 @@ def decode_bwd_op(grads: List[Tensor], q: Tensor, k: Tensor, v: Tensor, lr: Tens
     when absent), d state weights, d state momentum, d state chunk weights (per layer, none
     without a state)]. The reference's VJP: an opaque op, so that traced backward graphs never
     see the reference's data-dependent handling of offsets."""
-    L, n_state = len(weights), len(state_weights)
-    H, D = q.shape[2], q.shape[3]
-
-    def fn(q_, k_, v_, lr_, fo_, mo_, lnw_, lnb_, *ts):
-        ws, ts = list(ts[:L]), ts[L:]
-        sw_, sm_, scw_ = (list(ts[i * n_state:(i + 1) * n_state]) for i in range(3))
-        return tuple(_reference(q_, k_, v_, lr_, fo_, mo_, ws, lnw_, lnb_, sw_, sm_, scw_,
-                                state_offset, chunk_size, activation, residual, ln_eps, read))
-    inputs = [q, k, v, lr, forget, momentum, ln_weight, ln_bias, *weights, *state_weights,
-              *state_momentum, *state_chunk_weights]
-    g = _reference_vjp(fn, inputs, list(grads))
-    ln = [torch.zeros(H, D, dtype=torch.float32, device=q.device) if t is None else t
-          for t in g[6:8]]
-    return [t.contiguous() for t in (*g[:6], *g[8:8 + L], *ln, *g[8 + L:])]
+    return _reference_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias,
+                            state_weights, state_momentum, state_chunk_weights, state_offset,
+                            chunk_size, activation, residual, ln_eps, read)
 
 
 @decode_bwd_op.register_fake
 def _(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
       state_momentum, state_chunk_weights, state_offset, chunk_size, activation, residual,
       ln_eps, read):
-    H, D = q.shape[2], q.shape[3]
-    ln = [torch.empty_like(t) if t is not None else q.new_empty(H, D, dtype=torch.float32)
-          for t in (ln_weight, ln_bias)]
-    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in
-            (q, k, v, lr, forget, momentum, *weights)] + ln + [
-        torch.empty_like(t, memory_format=torch.contiguous_format)
-        for t in (*state_weights, *state_momentum, *state_chunk_weights)]
+    return _fake_grads(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias,
+                       state_weights, state_momentum, state_chunk_weights)
+
+
+@torch.library.custom_op("titans_cuda::neural_memory_chunked_bwd", mutates_args=())
+def chunked_bwd_op(grads: List[Tensor], q: Tensor, k: Tensor, v: Tensor, lr: Tensor,
+                   forget: Tensor, momentum: Tensor, weights: List[Tensor],
+                   ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+                   state_weights: List[Tensor], state_momentum: List[Tensor],
+                   state_chunk_weights: List[Tensor], state_offset: Optional[Tensor],
+                   chunk_size: int, activation: str, residual: bool, ln_eps: float, read: str,
+                   cu_seqlens: Optional[Tensor]) -> List[Tensor]:
+    """decode_bwd_op for chunked_op (the reference's VJP, cu_seqlens included)."""
+    return _reference_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias,
+                            state_weights, state_momentum, state_chunk_weights, state_offset,
+                            chunk_size, activation, residual, ln_eps, read, cu_seqlens)
+
+
+@chunked_bwd_op.register_fake
+def _(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
+      state_momentum, state_chunk_weights, state_offset, chunk_size, activation, residual,
+      ln_eps, read, cu_seqlens):
+    return _fake_grads(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias,
+                       state_weights, state_momentum, state_chunk_weights)
 
 
 def _setup_context(ctx, inputs, output):
@@ -253,40 +392,51 @@ def _setup_context(ctx, inputs, output):
     ctx.out_like = [(o.shape, o.dtype, o.device) for o in output]
 
 
-def _backward(ctx, grads):
-    L, n_state = ctx.counts
-    saved = ctx.saved_tensors
-    weights = list(saved[6:6 + L])
-    sw, sm, scw = (list(saved[6 + L + i * n_state:6 + L + (i + 1) * n_state])
-                   for i in range(3))
-    ln_weight, ln_bias, (state_offset, *options) = ctx.rest
-    grads = [g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
-             for g, (shape, dtype, device) in zip(grads, ctx.out_like)]
-    g = decode_bwd_op(grads, *saved[:6], weights, ln_weight, ln_bias, sw, sm, scw, state_offset,
-                      *options)
-    g_ws, g_ln, g_st = g[6:6 + L], g[6 + L:8 + L], g[8 + L:]
-    return (*g[:6], g_ws, g_ln[0] if ln_weight is not None else None,
-            g_ln[1] if ln_bias is not None else None, g_st[:n_state],
-            g_st[n_state:2 * n_state], g_st[2 * n_state:], None, None, None, None, None, None)
+def _make_backward(bwd_op):
+    """The autograd formula of a forward op whose backward op is ``bwd_op`` (the same
+    arguments, with the output gradients in front)."""
+    def backward(ctx, grads):
+        L, n_state = ctx.counts
+        saved = ctx.saved_tensors
+        weights = list(saved[6:6 + L])
+        sw, sm, scw = (list(saved[6 + L + i * n_state:6 + L + (i + 1) * n_state])
+                       for i in range(3))
+        ln_weight, ln_bias, trailing = ctx.rest
+        grads = [g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
+                 for g, (shape, dtype, device) in zip(grads, ctx.out_like)]
+        g = bwd_op(grads, *saved[:6], weights, ln_weight, ln_bias, sw, sm, scw, *trailing)
+        g_ws, g_ln, g_st = g[6:6 + L], g[6 + L:8 + L], g[8 + L:]
+        return (*g[:6], g_ws, g_ln[0] if ln_weight is not None else None,
+                g_ln[1] if ln_bias is not None else None, g_st[:n_state],
+                g_st[n_state:2 * n_state], g_st[2 * n_state:], *([None] * len(trailing)))
+    return backward
 
 
-decode_op.register_autograd(_backward, setup_context=_setup_context)
+decode_op.register_autograd(_make_backward(decode_bwd_op), setup_context=_setup_context)
+chunked_op.register_autograd(_make_backward(chunked_bwd_op), setup_context=_setup_context)
 
 
-def decode(q, k, v, lr, forget, momentum, weights, *, chunk_size, activation, residual,
-           ln_weight, ln_bias, ln_eps, read, initial_state):
-    """neural_memory through the decode op: (o, MemoryState)."""
+def fused(q, k, v, lr, forget, momentum, weights, *, chunk_size, activation, residual,
+          ln_weight, ln_bias, ln_eps, read, initial_state, cu_seqlens=None, kernel="decode"):
+    """neural_memory through decode_op (kernel="decode") or chunked_op: (o, MemoryState)."""
     st = initial_state
-    outs = decode_op(q, k, v, lr, forget, momentum, list(weights), ln_weight, ln_bias,
-                     [] if st is None else list(st.weights),
-                     [] if st is None else list(st.momentum),
-                     [] if st is None else list(st.chunk_weights),
-                     None if st is None else st.offset, chunk_size, activation, residual,
-                     ln_eps, read)
+    args = (q, k, v, lr, forget, momentum, list(weights), ln_weight, ln_bias,
+            [] if st is None else list(st.weights), [] if st is None else list(st.momentum),
+            [] if st is None else list(st.chunk_weights), None if st is None else st.offset,
+            chunk_size, activation, residual, ln_eps, read)
+    outs = decode_op(*args) if kernel == "decode" else chunked_op(*args, cu_seqlens)
     L = len(weights)
-    N, T = q.shape[0], q.shape[1]
-    offset = (torch.zeros(N, dtype=torch.long, device=q.device) if st is None
+    if cu_seqlens is None:
+        lengths = torch.full((q.shape[0],), q.shape[1], dtype=torch.long, device=q.device)
+    else:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=q.device, dtype=torch.long)
+    offset = (torch.zeros_like(lengths) if st is None
               else st.offset.to(device=q.device, dtype=torch.long))
-    final_offset = (offset + T) % chunk_size
+    final_offset = (offset + lengths) % chunk_size
     return outs[0], MemoryState(tuple(outs[1:1 + L]), tuple(outs[1 + L:1 + 2 * L]),
                                 tuple(outs[1 + 2 * L:]), final_offset)
+
+
+def decode(q, k, v, lr, forget, momentum, weights, **kw):
+    """neural_memory through the decode op: (o, MemoryState)."""
+    return fused(q, k, v, lr, forget, momentum, weights, kernel="decode", **kw)

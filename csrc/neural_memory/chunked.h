@@ -1,0 +1,36 @@
+// neural_memory_chunked: the exact chunked neural memory of SPEC §2-4 (the dual form of
+// python/titans_cuda/ops/neural_memory/README.md), one CTA per (sequence, head) walking the
+// sequence's chunks. Per chunk, with W0, S0 the state before it and Wg the weights its
+// gradients are taken at (W0, or the open chunk's weights of an initial state):
+//
+//   1. gates   N, G (C x C) and m, beta, c by running products along each column (no ratios)
+//   2. keys    forward of the chunk's keys at Wg, head, dl/dy = 2 (y - v), errors dz per layer
+//   3. read    "token": z_t = beta_t (h_t W0) + c_t (h_t S0) - sum_j G[t,j] (h_t . hk_j) dz_j,
+//              layer by layer; "chunk": M_Wg(q)
+//   4. state   W = beta_C W0 + c_C S0 - hk^T (G[C,:] dz),  S = m_C S0 - hk^T (N[C,:] dz)
+//
+// The fp32 state lives in the output tensors (L2-resident between chunks); every product takes
+// bf16/fp16 operands staged in shared memory (hidden blocks of HB columns) with fp32
+// accumulation on the tensor cores (mma.sync m16n8k16). Supported: bf16/fp16 inputs, D in
+// {32, 64, 128}, depth 1, or depth 2 with hidden a multiple of the hidden block (32 at D = 32,
+// else 64) up to 512, chunk in {16, 32, 64, 128}, and a shared-memory plan that fits the GPU
+// (neural_memory_chunked_smem_bytes).
+#pragma once
+
+#include <cstddef>
+
+#include <cuda_runtime.h>
+
+#include "params.h"
+
+namespace titans {
+
+bool neural_memory_chunked_supported(int dim, int hidden, int depth, int chunk, int dtype);
+
+// Dynamic shared memory one CTA needs (0 when the configuration is unsupported).
+size_t neural_memory_chunked_smem_bytes(int dim, int hidden, int depth, int chunk, int dtype);
+
+cudaError_t neural_memory_chunked(const NeuralMemoryParams& params, cudaStream_t stream,
+                                  int device);
+
+}  // namespace titans

@@ -1,0 +1,56 @@
+// NeuralMemoryParams: the arguments of the neural_memory kernels (decode.h: short calls token
+// by token; chunked.h: the chunked dual form). Pointers are device addresses (nullptr = absent),
+// strides are in elements.
+#pragma once
+
+#include <cstdint>
+
+namespace titans {
+
+constexpr int kNeuralMemoryMaxLayers = 2;
+
+struct NeuralMemoryParams {
+  // q, k, v [B, T, H, D] in the input dtype, feature axis contiguous. Sequence n's token t is at
+  // n * n_stride + (start_n + t) * t_stride + h * h_stride, with start_n = cu_seqlens[n] when
+  // cu_seqlens is given (then B = 1 and n_stride is unused), else 0.
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_n_stride, q_t_stride, q_h_stride;
+  int64_t k_n_stride, k_t_stride, k_h_stride;
+  int64_t v_n_stride, v_t_stride, v_h_stride;
+  // gates theta, alpha, eta: fp32 [B, T, H] contiguous
+  const float* lr;
+  const float* forget;
+  const float* momentum;
+  // [N + 1] int64 sequence starts in the packed token axis (chunked kernel only), or nullptr:
+  // N = B rows of `seqlen` tokens
+  const int64_t* cu_seqlens;
+  // state in, per layer [N, H, d_in, d_out] fp32 with contiguous inner matrix; n stride 0
+  // broadcasts (the learned initial weights); s_in / cw_in nullptr: zero momentum / no open
+  // chunk (then every offset must be 0)
+  const float* w_in[kNeuralMemoryMaxLayers];
+  int64_t w_in_n_stride[kNeuralMemoryMaxLayers], w_in_h_stride[kNeuralMemoryMaxLayers];
+  const float* s_in[kNeuralMemoryMaxLayers];
+  const float* cw_in[kNeuralMemoryMaxLayers];  // s_in / cw_in: contiguous [N, H, d_in, d_out]
+  const int* offset;                           // [N] or nullptr (all 0)
+  const float* ln_weight;                      // [H, D] or nullptr (no LayerNorm)
+  const float* ln_bias;                        // [H, D] or nullptr
+  float ln_eps;
+  void* o;                                     // contiguous [B, T, H, D], input dtype
+  float* w_out[kNeuralMemoryMaxLayers];        // contiguous [N, H, d_in, d_out]
+  float* s_out[kNeuralMemoryMaxLayers];
+  float* cw_out[kNeuralMemoryMaxLayers];
+  int n_seq, seqlen, heads, dim, hidden, depth, chunk;
+  int activation;  // 0 silu, 1 gelu (erf)
+  bool residual;
+  bool read_chunk;
+  int dtype;       // 0 bf16, 1 fp16, 2 fp32
+  // decode only: CTAs per (sequence, head), a thread-block cluster on sm_90+ (each owns a
+  // slice of the hidden units; 1 below sm_90); a slice must be a multiple of 4 wide. 0 means 1:
+  // on H100 at B = 2, H = 16, D = 64, hidden 256 (2026-11-26) splits 1 / 2 / 4 / 8 took 26 /
+  // 25 / 40 / 55 us per token, the cluster barriers costing more than the extra SMs bring.
+  int split;
+};
+
+}  // namespace titans

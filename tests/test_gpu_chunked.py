@@ -1,0 +1,315 @@
+"""GPU tests of the chunked neural_memory kernel (csrc/neural_memory/chunked.cu; marked ``gpu``,
+skipped without CUDA): outputs and the whole final state against the float64 reference on the
+same rounded inputs within SPEC §7, over a grid of 328 configurations (every (D, expansion,
+depth, chunk) whose shared-memory plan fits an H100, both dtypes, four call kinds each: fresh,
+an initial state with open chunks, cu_seqlens with lengths that are not multiples of C and an
+empty sequence, read "chunk"; activation, residual, LayerNorm +- bias cycled; alpha = 1 resets
+and eta = 0 in every draw), gradients on a quarter of the grid (the reference's VJP), any-split
+streaming equality, a 1,048,576-token sequence, full writes, determinism, CUDA graphs,
+torch.compile and opcheck on the kernel path, and the fallbacks."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from conftest import make_inputs, make_weights, needs_kernels, rel_err
+from test_gpu_decode import TOL, _compare, _double_mem, _double_state, _random_state
+from titans_cuda import MemoryState, _lib, neural_memory
+from titans_cuda.ops.neural_memory import ops as nm_ops
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+DTYPES = (torch.bfloat16, torch.float16)
+SHAPES = [(D, e, 2) for D in (32, 64, 128) for e in (1, 2, 4)] + [(D, 1, 1) for D in (32, 64, 128)]
+CHUNKS = (16, 32, 64, 128)
+H100_SMEM = 227 * 1024
+HEADS = [(False, False, None), (True, True, "bias"), (True, False, None), (False, True, None)]
+KINDS = ("fresh", "open", "varlen", "chunk-read")
+
+
+def _smem(D, hidden, depth, C):
+    """The kernel's shared-memory plan (make_layout in chunked_kernel.cuh), in bytes."""
+    hb = nm_ops.chunked_hidden_block(D)
+    ld_d, bw, ld_h = D + 8, (hb if depth == 2 else D), (hidden if depth == 2 else D) + 8
+    sizes = [C * ld_d * 2, C * ld_d * 2, C * ld_h * 2 if depth == 2 else 0, C * ld_h * 2,
+             C * ld_d * 2 if depth == 2 else 0, D * (bw + 8) * 2, D * (bw + 8) * 2,
+             hb * ld_d * 2 if depth == 2 else 0, hb * ld_d * 2 if depth == 2 else 0,
+             C * (C + 4) * 4, 9 * C * 4]
+    return sum(-(-s // 16) * 16 for s in sizes)
+
+
+def _shapes(fit):
+    return [(D, e * D, depth, C) for (D, e, depth), C in itertools.product(SHAPES, CHUNKS)
+            if (_smem(D, e * D, depth, C) <= H100_SMEM) == fit]
+
+
+FITTING, TOO_BIG = _shapes(True), _shapes(False)
+
+
+def _grid():
+    cases = []
+    for i, ((D, hid, depth, C), dtype) in enumerate(itertools.product(FITTING, DTYPES)):
+        for j, kind in enumerate(KINDS):
+            residual, ln, bias = HEADS[(i + j) % len(HEADS)]
+            act = ("silu", "gelu")[(i + j) % 2]
+            cases.append((D, hid, depth, C, dtype, act, residual, ln, bias, kind))
+    return cases
+
+
+GRID = _grid()
+assert len(GRID) >= 300, len(GRID)
+
+
+def _id(c):
+    D, hid, depth, C, dtype, act, res, ln, bias, kind = c
+    return (f"D{D}-h{hid}-L{depth}-C{C}-{str(dtype).split('.')[-1]}-{act}-"
+            f"{'res' if res else 'nores'}-{'ln' + ('b' if bias else '') if ln else 'noln'}-{kind}")
+
+
+def _case(case, H=2):
+    """(args [q, k, v in dtype, fp32 gates], weights, state, mem keywords, cu_seqlens)."""
+    D, hid, depth, C, dtype, act, residual, ln, bias, kind = case
+    cu = None
+    if kind == "varlen":  # lengths not multiples of C, one empty, one shorter than a chunk
+        lengths = [C + 3, 0, 2 * C - 1, 5]
+        cu = torch.tensor([0] + list(itertools.accumulate(lengths)), device=DEV)
+        B, T, N = 1, sum(lengths), len(lengths)
+    else:
+        B, T = 3, (2 * C + 5 if kind != "open" else C + 3)
+        N = B
+    q, k, v, lr, forget, momentum = make_inputs(B, T, H, D, dtype=torch.float32, device=DEV)
+    forget[0, T - 2, 1] = 1.0  # an exact reset near the end too
+    weights = make_weights(H, D, hid, depth, dtype=torch.float32, device=DEV)
+    st = _random_state(N, H, weights, C) if kind in ("open", "varlen") else None
+    mem = dict(chunk_size=C, activation=act, residual=residual,
+               read="chunk" if kind == "chunk-read" else "token",
+               ln_weight=(1 + 0.2 * torch.randn(H, D, device=DEV)) if ln else None,
+               ln_bias=(0.2 * torch.randn(H, D, device=DEV)) if ln and bias else None)
+    return [t.to(dtype) for t in (q, k, v)] + [lr, forget, momentum], weights, st, mem, cu
+
+
+def _references(args, weights, st, mem, cu):
+    ref = neural_memory(*(t.double() for t in args), tuple(w.double() for w in weights),
+                        initial_state=_double_state(st), output_final_state=True,
+                        backend="torch", cu_seqlens=cu, **_double_mem(mem))
+    r32 = neural_memory(*(t.float() for t in args), weights, initial_state=st,
+                        output_final_state=True, backend="torch", cu_seqlens=cu, **mem)
+    return ref, r32
+
+
+@pytest.mark.parametrize("case", GRID, ids=[_id(c) for c in GRID])
+def test_chunked_kernel_matches_reference(case):
+    needs_kernels()
+    args, weights, st, mem, cu = _case(case)
+    assert nm_ops.chunked_reason(args[0], weights, mem["chunk_size"], cu, st) is None
+    o, st_out = neural_memory(*args, weights, initial_state=st, output_final_state=True,
+                              backend="cuda", cu_seqlens=cu, **mem)
+    assert o.dtype == args[0].dtype and o.shape == args[0].shape
+    (o_ref, st_ref), (o32, st32) = _references(args, weights, st, mem, cu)
+    _compare(o, st_out, o_ref, st_ref, TOL[args[0].dtype], o32, st32)
+    if GRID.index(case) % 4 == 0:
+        _check_gradients(args, weights, st, mem, cu)
+
+
+def _check_gradients(args, weights, st, mem, cu):
+    """Every input, weight and initial-state gradient of a kernel call (the reference's VJP)
+    against float64, with a cotangent on o and on the returned state."""
+    n_w = len(weights)
+    state_leaves = [] if st is None else [*st.weights, *st.momentum, *st.chunk_weights]
+    leaves = [t.detach().clone().requires_grad_(True)
+              for t in (*args, *weights, *state_leaves)]
+    cot = torch.randn(args[0].shape, device=DEV, dtype=torch.float64)
+
+    def run(ls, backend, to=None):
+        ls = [t.to(to) if to else t for t in ls]
+        ws = tuple(ls[6:6 + n_w])
+        rest = ls[6 + n_w:]
+        state = None if st is None else MemoryState(
+            tuple(rest[:n_w]), tuple(rest[n_w:2 * n_w]), tuple(rest[2 * n_w:]), st.offset)
+        o, s = neural_memory(*ls[:6], ws, initial_state=state, output_final_state=True,
+                             backend=backend, cu_seqlens=cu, **(_double_mem(mem) if to else mem))
+        cw = torch.linspace(-1, 1, s.weights[-1].numel(), device=DEV).view_as(s.weights[-1])
+        return (o * cot.to(o.dtype)).sum() + (s.weights[-1] * cw.to(o.dtype)).sum()
+    g = torch.autograd.grad(run(leaves, "cuda"), leaves, allow_unused=True)
+    g_ref = torch.autograd.grad(run(leaves, "torch", torch.float64), leaves, allow_unused=True)
+    for i, (a, b) in enumerate(zip(g, g_ref)):
+        if b is None:  # the learned initial weights are unused when a state is given
+            assert a is None or not a.any(), i
+            continue
+        assert rel_err(a, b) <= TOL[args[0].dtype], (i, rel_err(a, b))
+
+
+@pytest.mark.parametrize("shape", TOO_BIG, ids=[f"D{c[0]}-h{c[1]}-L{c[2]}-C{c[3]}"
+                                                for c in TOO_BIG])
+def test_chunked_configurations_past_shared_memory_fall_back(shape):
+    """Shapes whose plan exceeds the GPU's shared memory run the reference (auto) or raise
+    naming the limit (cuda)."""
+    needs_kernels()
+    D, hid, depth, C = shape
+    args, weights, st, mem, cu = _case((D, hid, depth, C, torch.bfloat16, "silu", False, False,
+                                        None, "fresh"))
+    limit = _lib.smem_per_block_optin(torch.cuda.current_device())
+    if _smem(D, hid, depth, C) <= limit:
+        pytest.skip(f"this GPU allows {limit} bytes per block")
+    with pytest.raises(RuntimeError, match="shared memory"):
+        neural_memory(*args, weights, backend="cuda", **mem)
+
+
+def test_chunked_smem_plan_matches_the_extension():
+    needs_kernels()
+    for (D, e, depth), C in itertools.product(SHAPES, CHUNKS):
+        assert _smem(D, e * D, depth, C) == _lib._C.neural_memory_chunked_smem_bytes(
+            dim=D, hidden=e * D, depth=depth, chunk=C, dtype=0)
+
+
+def test_chunked_support_rule_matches_the_extension():
+    needs_kernels()
+    for D, hidden, depth, C in itertools.product((16, 32, 48, 64, 128, 256),
+                                                 (16, 32, 48, 64, 96, 128, 512, 576),
+                                                 (1, 2, 3), (8, 16, 32, 64, 100, 128, 256)):
+        for dtype in (0, 1, 2):
+            want = nm_ops.chunked_shape_supported(D, hidden, depth, C) and dtype < 2
+            assert want == _lib._C.neural_memory_chunked_supported(
+                dim=D, hidden=hidden, depth=depth, chunk=C, dtype=dtype), (D, hidden, depth, C)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("read", ["token", "chunk"])
+def test_chunked_streaming_any_split_equals_one_call(dtype, read):
+    """A 150-token sequence fed in pieces [37, 1, 64, 20, 28] (the short ones through the decode
+    kernel, the rest through the chunked one) and in pieces [40, 50, 60], each with the
+    previous call's state, equals one float64 reference call."""
+    needs_kernels()
+    N, T, H, D, C = 2, 150, 3, 64, 32
+    q, k, v, lr, forget, momentum = make_inputs(N, T, H, D, dtype=torch.float32, device=DEV)
+    weights = make_weights(H, D, 128, 2, dtype=torch.float32, device=DEV)
+    mem = dict(chunk_size=C, activation="gelu", residual=True, read=read,
+               ln_weight=1 + 0.2 * torch.randn(H, D, device=DEV),
+               ln_bias=0.2 * torch.randn(H, D, device=DEV))
+    qkv = [t.to(dtype) for t in (q, k, v)]
+    args = [*qkv, lr, forget, momentum]
+    (o_ref, st_ref), (o32, st32) = _references(args, weights, None, mem, None)
+    for pieces in ([37, 1, 64, 20, 28], [40, 50, 60]):
+        st, outs, t0 = None, [], 0
+        for n in pieces:
+            sl = slice(t0, t0 + n)
+            o, st = neural_memory(*(t[:, sl] for t in args), weights, initial_state=st,
+                                  output_final_state=True, backend="cuda", **mem)
+            outs.append(o)
+            t0 += n
+        _compare(torch.cat(outs, dim=1), st, o_ref, st_ref, TOL[dtype], o32, st32)
+
+
+@pytest.mark.slow
+def test_chunked_one_million_tokens():
+    """One sequence of 2^20 tokens (B = 1, H = 2, D = 64, hidden 256, C = 64, bf16): finite and
+    within bf16's bound of the float64 reference, outputs and final state. A contractive
+    setting (no LayerNorm, lr <= 0.1), since long LayerNorm runs are chaotic for any rounding."""
+    needs_kernels()
+    T, H, D = 1 << 20, 2, 64
+    q, k, v, lr, forget, momentum = make_inputs(1, T, H, D, dtype=torch.float32, device=DEV,
+                                                lr_max=0.1)
+    forget[0, ::100_003, 0] = 1.0  # resets along the way
+    weights = make_weights(H, D, 4 * D, 2, dtype=torch.float32, device=DEV)
+    mem = dict(chunk_size=64, activation="silu", residual=True)
+    args = [t.to(torch.bfloat16) for t in (q, k, v)] + [lr, forget, momentum]
+    o, st = neural_memory(*args, weights, output_final_state=True, backend="cuda", **mem)
+    assert torch.isfinite(o).all()
+    for t in st.weights + st.momentum:
+        assert torch.isfinite(t).all()
+    o_ref, st_ref = neural_memory(*(t.double() for t in args), tuple(w.double() for w in weights),
+                                  output_final_state=True, backend="torch", **mem)
+    assert rel_err(o, o_ref) <= TOL[torch.bfloat16], rel_err(o, o_ref)
+    for a, b in zip(st.weights + st.momentum, st_ref.weights + st_ref.momentum):
+        assert rel_err(a, b) <= 1e-3, rel_err(a, b)
+
+
+def _default_case(T=300, dtype=torch.bfloat16, kind="open"):
+    return _case((64, 256, 2, 64, dtype, "silu", True, True, "bias", kind), H=4)
+
+
+def _op_args(args, weights, st, mem, cu):
+    lists = [[] if st is None else list(getattr(st, f))
+             for f in ("weights", "momentum", "chunk_weights")]
+    return (*args, list(weights), mem["ln_weight"], mem["ln_bias"], *lists,
+            None if st is None else st.offset, mem["chunk_size"], mem["activation"],
+            mem["residual"], 1e-6, mem["read"], cu)
+
+
+def test_chunked_kernel_writes_every_element():
+    needs_kernels()
+    for kind in ("open", "varlen", "chunk-read"):
+        args, weights, st, mem, cu = _default_case(kind=kind)
+        B, _, H, _ = args[0].shape
+        N = B if cu is None else cu.numel() - 1
+        nan = float("nan")
+        out = [torch.full_like(args[0], nan)] + [
+            torch.full((N, H, *w.shape[-2:]), nan, device=DEV) for _ in range(3) for w in weights]
+        got = nm_ops._launch(*_op_args(args, weights, st, mem, None)[:-1], cu_seqlens=cu,
+                             out=out, kernel="chunked")
+        for i, t in enumerate(got):
+            assert torch.isfinite(t).all(), (kind, i)
+
+
+def test_chunked_is_deterministic():
+    needs_kernels()
+    args, weights, st, mem, cu = _default_case(kind="varlen")
+    runs = [neural_memory(*args, weights, initial_state=st, output_final_state=True,
+                          backend="cuda", cu_seqlens=cu, **mem) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    for a, b in zip(runs[0][1].weights + runs[0][1].momentum + runs[0][1].chunk_weights,
+                    runs[1][1].weights + runs[1][1].momentum + runs[1][1].chunk_weights):
+        assert torch.equal(a, b)
+
+
+def test_chunked_op_cuda_graph_capture_and_replay():
+    """The chunked op (no host synchronisation) captured once and replayed on new inputs."""
+    needs_kernels()
+    args, weights, st, mem, cu = _default_case(kind="varlen")
+    static = [t.clone() for t in args]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        nm_ops.chunked_op(*_op_args(static, weights, st, mem, cu))
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_g = nm_ops.chunked_op(*_op_args(static, weights, st, mem, cu))
+    new_args = _default_case(kind="varlen")[0]
+    for dst, src in zip(static, new_args):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    out_e = nm_ops.chunked_op(*_op_args(new_args, weights, st, mem, cu))
+    for a, b in zip(out_g, out_e):
+        assert torch.equal(a, b)
+
+
+def test_chunked_op_torch_compile_fullgraph():
+    needs_kernels()
+    args, weights, st, mem, cu = _default_case()
+    fn = torch.compile(lambda *a: nm_ops.chunked_op(*a), fullgraph=True)
+    got = fn(*_op_args(args, weights, st, mem, cu))
+    want = nm_ops.chunked_op(*_op_args(args, weights, st, mem, cu))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_opcheck_chunked_op_on_gpu():
+    needs_kernels()
+    args, weights, st, mem, cu = _case((32, 64, 2, 16, torch.bfloat16, "gelu", True, True, None,
+                                        "varlen"))
+    leaves = [t.requires_grad_() for t in args]
+    torch.library.opcheck(nm_ops.chunked_op, _op_args(leaves, weights, st, mem, cu))
+
+
+def test_chunked_fallback_reasons():
+    needs_kernels()
+    args, weights, st, mem, cu = _default_case()
+    with pytest.raises(RuntimeError, match="bf16/fp16"):
+        neural_memory(*(t.float() if i < 3 else t for i, t in enumerate(args)), weights,
+                      initial_state=st, backend="cuda", **mem)
+    with pytest.raises(RuntimeError, match="chunk_size=8"):
+        neural_memory(*args, weights, backend="cuda", **{**mem, "chunk_size": 8})
