@@ -21,7 +21,7 @@ cudaError_t by_dim(const NeuralMemoryParams& p, cudaStream_t stream) {
 bool neural_memory_chunked_supported(int dim, int hidden, int depth, int chunk, int dtype) {
   const bool dim_ok = dim == 32 || dim == 64 || dim == 128;
   const bool chunk_ok = chunk == 16 || chunk == 32 || chunk == 64 || chunk == 128;
-  const int hb = chunked::hidden_block(dim);
+  const int hb = chunked::kHB;
   const bool depth_ok = depth == 1 || (depth == 2 && hidden >= hb && hidden <= 512 &&
                                        hidden % hb == 0);
   return dim_ok && chunk_ok && depth_ok && (dtype == 0 || dtype == 1);
@@ -29,8 +29,7 @@ bool neural_memory_chunked_supported(int dim, int hidden, int depth, int chunk, 
 
 size_t neural_memory_chunked_smem_bytes(int dim, int hidden, int depth, int chunk, int dtype) {
   if (!neural_memory_chunked_supported(dim, hidden, depth, chunk, dtype)) return 0;
-  return chunked::make_layout(dim, chunk, depth, chunked::hidden_block(dim),
-                              depth == 2 ? hidden : dim, 2).total;
+  return chunked::make_layout(dim, chunk, depth).total;
 }
 
 cudaError_t neural_memory_chunked(const NeuralMemoryParams& p, cudaStream_t stream, int device) {

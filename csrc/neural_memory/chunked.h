@@ -10,11 +10,11 @@
 //   4. state   W = beta_C W0 + c_C S0 - hk^T (G[C,:] dz),  S = m_C S0 - hk^T (N[C,:] dz)
 //
 // The fp32 state lives in the output tensors (L2-resident between chunks); every product takes
-// bf16/fp16 operands staged in shared memory (hidden blocks of HB columns) with fp32
-// accumulation on the tensor cores (mma.sync m16n8k16). Supported: bf16/fp16 inputs, D in
-// {32, 64, 128}, depth 1, or depth 2 with hidden a multiple of the hidden block (32 at D = 32,
-// else 64) up to 512, chunk in {16, 32, 64, 128}, and a shared-memory plan that fits the GPU
-// (neural_memory_chunked_smem_bytes).
+// split-bf16 operands (hi + lo, three mma.sync m16n8k16 per product, fp32 accumulation) staged
+// in shared memory, the hidden axis in blocks of 32. Supported: bf16/fp16 inputs, D in
+// {32, 64, 128}, depth 1, or depth 2 with hidden a multiple of 32 up to 512, chunk in
+// {16, 32, 64, 128}, and a shared-memory plan that fits the GPU
+// (neural_memory_chunked_smem_bytes; it does not depend on hidden).
 #pragma once
 
 #include <cstddef>

@@ -1,35 +1,47 @@
 // The kernel of neural_memory_chunked (chunked.h), included by the per-(dtype, D) instance
-// files chunked_*.cu and by chunked.cu (shared-memory plan). One CTA per (sequence, head) walks its chunks.
+// files chunked_<dtype>_d<D>.cu and by chunked.cu (shared-memory plan). One CTA per (sequence,
+// head) walks its chunks.
+//
+// Precision. Every operand is held as two bf16 planes, x = hi + lo with hi = bf16(x) and
+// lo = bf16(x - hi), and every product as hi*hi + hi*lo + lo*hi with fp32 accumulation
+// ("bf16x3": about 16 significant bits per operand, where one bf16 keeps 8). A single bf16
+// rounding of the fp32 state, of the keys' activations or of the errors dz is amplified by
+// LayerNorm in ill-conditioned draws beyond SPEC §7's bound (measured 0.14 against 2e-2, see
+// docs/perf_notes.md); the split keeps the kernel within ~1e-4 of float64. fp16 inputs are
+// exact as a split pair (11 significant bits); bf16 inputs have lo = 0.
 //
 // Warp w < C / 16 owns chunk rows 16w..16w+15 for the row-local products (keys, head, read);
-// all warps share the staging and the state update. Per chunk (C rows, D features, hidden Dh
-// streamed in blocks of HB columns):
+// all warps share the staging and the state update. Per chunk (C rows, D features, the hidden
+// axis in blocks of 32 columns):
 //
 //   load     q, k rows of the chunk's slots -> shared (inactive slots: zero rows), gates
 //   gates    thread j runs column j of N and G down the chunk:
 //              N[j,j] = theta_j,  N[t,j] = eta_t N[t-1,j];  G[t,j] = a_t G[t-1,j] + act_t N[t,j]
 //            (a = 1 - alpha, act = slot is a token), and one thread m, beta, c (c_t = a_t
 //            c_{t-1} + act_t m_t): the running products of SPEC §2, never a ratio
-//   keys     per hidden block: W1g[:, blk], W2g[blk, :] staged; zk = k W1g (registers), hk =
-//            phi(zk) and phi'(zk) stored for the chunk; fk += hk W2g (hk re-packed in registers)
+//   keys     per hidden block (Wg blocks staged): hk = phi(k W1g), fk += hk W2g (registers)
 //   head     y = [k +] [LN](fk), dl/dy = 2 (y - v), LN backward -> dz2 (the last layer's error)
-//   errors   per block (reverse): dz1 = (dz2 W2g^T) * phi'(zk)
-//   read     A1 = -G * (q k^T) (registers); per block: z1 = (beta q) W0 + (c q) S0 + A1 dz1,
-//            h1 = phi(z1); z2 += (beta h1) W0 + (c h1) S0, P += h1 hk^T; then z2 += (-G * P)
-//            dz2 and o = [q +] [LN](z2). read "chunk": o = M_Wg(q), evaluated in the keys pass.
-//   state    16 x 16 tiles of every layer: W = beta_C W0 + c_C S0 + (k^T diag(-g)) dz,
-//            S = m_C S0 + (k^T diag(-n)) dz (g, n = the chunk's last rows of G, N), read from
-//            and written to the fp32 state in global memory
+//   blocks   per hidden block, with W0 / S0 (and Wg) blocks staged:
+//              hk = phi(k W1g), dz1 = (dz2 W2g^T) * phi'(k W1g) recomputed for the block;
+//              read "token": z1 = (beta q) W0 + (c q) S0 + A1 dz1 (A1 = -G * q k^T), h1 =
+//              phi(z1), z2 += (beta h1) W0 + (c h1) S0, P += h1 hk^T;
+//              state: W[:, blk] / W[blk, :] = beta_C W0 + c_C S0 + (x^T diag(-g)) dz and S
+//              = m_C S0 + (x^T diag(-n)) dz (g, n: the last rows of G, N), 16 x 16 tiles over
+//              all warps, read from and written to the fp32 state in global memory
+//   read     z2 += (-G * P) dz2, o = [q +] [LN](z2); read "chunk": o = M_Wg(q) in the keys pass
 //
-// Depth 1 is the same with one layer (dz1 = the head's error). Every sum is a fixed-order mma
-// chain or shuffle tree: the kernel is deterministic. The state is read with ld.global.cg
-// (L2): the same CTA wrote it in the previous chunk.
+// Every block of the state is read (staged) before the warps write it back, and the next block
+// is disjoint, so the update runs in place. Depth 1 is the same with one D x D block (dz =
+// the head's error). Every sum is a fixed-order mma chain or shuffle tree: deterministic. The
+// state is read with ld.global.cg (L2): the same CTA wrote it in the previous chunk.
 #pragma once
-
-#include "chunked.h"
 
 #include <type_traits>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "chunked.h"
 #include "../common/cuda_check.h"
 #include "../common/mma.cuh"
 #include "../memory_mlp/tile.cuh"
@@ -39,8 +51,10 @@ namespace chunked {
 
 using mlp::activation_fn;
 using mlp::activation_grad;
-using mlp::mma_reg_a;
 using mlp::quad_sum;
+using bf16 = __nv_bfloat16;
+
+constexpr int kHB = 32;  // hidden block (columns of W1, rows of W2)
 
 template <int C>
 struct Threads {
@@ -48,50 +62,181 @@ struct Threads {
   static constexpr int kThreads = 32 * kWarps;
 };
 
-// The hidden block of a depth-2 memory: 32 columns at D = 32, else 64.
-template <int D>
-constexpr int hidden_block() {
-  return D == 32 ? 32 : 64;
-}
-inline int hidden_block(int dim) { return dim == 32 ? 32 : 64; }
-
-// Shared-memory plan in bytes; rows padded by 8 elements (16 bytes) against bank conflicts.
+// Shared-memory plan in bytes. Each operand buffer holds its hi plane then its lo plane; rows
+// padded by 8 elements (16 bytes) so that the 8 rows of an ldmatrix phase hit distinct banks.
 struct Layout {
-  size_t q, k, hk, dz1, dz2, b1, b3, b2, b4, g, vec, total;
+  size_t q, k, dz2, hk, dz1, w1, s1, w2, s2, g, vec, total;
+  int plane_q, plane_hk, plane_w1, plane_w2;  // plane sizes in elements
 };
 
-__host__ __device__ inline Layout make_layout(int D, int C, int depth, int HB, int hidden,
-                                              int elem) {
-  const int ld_d = D + 8;
-  const int bw = depth == 2 ? HB : D;
-  const int ld_h = (depth == 2 ? hidden : D) + 8;
+__host__ __device__ inline Layout make_layout(int D, int C, int depth) {
+  const int bw = depth == 2 ? kHB : D;  // layer-1 block width
   Layout l{};
+  l.plane_q = C * (D + 8);
+  l.plane_hk = C * (kHB + 8);
+  l.plane_w1 = D * (bw + 8);
+  l.plane_w2 = kHB * (D + 8);
   size_t at = 0;
   auto take = [&](size_t bytes) {
     const size_t here = at;
     at += (bytes + 15) / 16 * 16;
     return here;
   };
-  l.q = take(size_t(C) * ld_d * elem);
-  l.k = take(size_t(C) * ld_d * elem);
-  l.hk = take(depth == 2 ? size_t(C) * ld_h * elem : 0);
-  l.dz1 = take(size_t(C) * ld_h * elem);
-  l.dz2 = take(depth == 2 ? size_t(C) * ld_d * elem : 0);
-  l.b1 = take(size_t(D) * (bw + 8) * elem);
-  l.b3 = take(size_t(D) * (bw + 8) * elem);
-  l.b2 = take(depth == 2 ? size_t(HB) * ld_d * elem : 0);
-  l.b4 = take(depth == 2 ? size_t(HB) * ld_d * elem : 0);
+  const size_t pair = 2 * sizeof(bf16);
+  l.q = take(pair * l.plane_q);
+  l.k = take(pair * l.plane_q);
+  l.dz2 = take(pair * l.plane_q);
+  l.hk = take(depth == 2 ? pair * l.plane_hk : 0);
+  l.dz1 = take(depth == 2 ? pair * l.plane_hk : 0);
+  l.w1 = take(pair * l.plane_w1);
+  l.s1 = take(pair * l.plane_w1);
+  l.w2 = take(depth == 2 ? pair * l.plane_w2 : 0);
+  l.s2 = take(depth == 2 ? pair * l.plane_w2 : 0);
   l.g = take(size_t(C) * (C + 4) * 4);
   l.vec = take(size_t(9) * C * 4);
   l.total = at;
   return l;
 }
 
-// fp32 rows [0, R) x cols [0, Cc) of `src` (leading dim ld; nullptr reads zeros) -> shared
-// [R][LD] of T. Loads go through L2 (.cg): the state may have been written by this CTA.
+// ---- split bf16 operands ----
+
+// (x, y) -> packed bf16 pairs hi = bf16(x, y), lo = bf16(x - hi, y - hi).
+__device__ __forceinline__ void split2(float x, float y, uint32_t& hi, uint32_t& lo) {
+  hi = MmaOps<bf16>::pack(x, y);
+  const float2 h = MmaOps<bf16>::unpack(hi);
+  lo = MmaOps<bf16>::pack(x - h.x, y - h.y);
+}
+__device__ __forceinline__ float2 join2(uint32_t hi, uint32_t lo) {
+  const float2 h = MmaOps<bf16>::unpack(hi), l = MmaOps<bf16>::unpack(lo);
+  return make_float2(h.x + l.x, h.y + l.y);
+}
+
+// A shared buffer of two planes (hi at p, lo at p + plane), leading dimension ld.
+struct Planes {
+  bf16* p;
+  int plane, ld;
+  __device__ __forceinline__ const bf16* hi() const { return p; }
+  __device__ __forceinline__ const bf16* lo() const { return p + plane; }
+  __device__ __forceinline__ Planes cols(int c0) const { return Planes{p + c0, plane, ld}; }
+  // stores the split of (x, y) at (row, col), (row, col + 1)
+  __device__ __forceinline__ void put2(int row, int col, float x, float y) const {
+    uint32_t h, l;
+    split2(x, y, h, l);
+    *reinterpret_cast<uint32_t*>(p + row * ld + col) = h;
+    *reinterpret_cast<uint32_t*>(p + plane + row * ld + col) = l;
+  }
+  __device__ __forceinline__ float2 get2(int row, int col) const {
+    return join2(*reinterpret_cast<const uint32_t*>(p + row * ld + col),
+                 *reinterpret_cast<const uint32_t*>(p + plane + row * ld + col));
+  }
+};
+
+struct SplitA {
+  FragA<bf16> hi, lo;
+};
+
+// A fragment (16 x 16 at (m0, k0)) of a buffer stored [m][k] / [k][m].
+__device__ __forceinline__ SplitA load_a(const Planes& s, int m0, int k0, int lane) {
+  SplitA a;
+  load_a(a.hi, s.hi(), s.ld, m0, k0, lane);
+  load_a(a.lo, s.lo(), s.ld, m0, k0, lane);
+  return a;
+}
+__device__ __forceinline__ SplitA load_a_kmajor(const Planes& s, int m0, int k0, int lane) {
+  SplitA a;
+  load_a_kmajor(a.hi, s.hi(), s.ld, m0, k0, lane);
+  load_a_kmajor(a.lo, s.lo(), s.ld, m0, k0, lane);
+  return a;
+}
+// The split A fragment of fp32 values: accumulators of two neighbouring n-tiles (pack_a's
+// element order), each element times row scale (lo_s for row g, hi_s for row g + 8).
+__device__ __forceinline__ SplitA split_a(const float (&lo)[4], const float (&hi)[4],
+                                          float row_s = 1.f, float row8_s = 1.f) {
+  SplitA a;
+  split2(lo[0] * row_s, lo[1] * row_s, a.hi.r[0], a.lo.r[0]);
+  split2(lo[2] * row8_s, lo[3] * row8_s, a.hi.r[1], a.lo.r[1]);
+  split2(hi[0] * row_s, hi[1] * row_s, a.hi.r[2], a.lo.r[2]);
+  split2(hi[2] * row8_s, hi[3] * row8_s, a.hi.r[3], a.lo.r[3]);
+  return a;
+}
+// a with row g scaled by row_s, row g + 8 by row8_s, re-split.
+__device__ __forceinline__ SplitA scale_rows(const SplitA& a, float row_s, float row8_s) {
+  SplitA r;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 v = join2(a.hi.r[i], a.lo.r[i]);
+    const float s = (i & 1) ? row8_s : row_s;
+    split2(v.x * s, v.y * s, r.hi.r[i], r.lo.r[i]);
+  }
+  return r;
+}
+// a (k at k0) with column k scaled by s[k], re-split.
+__device__ __forceinline__ SplitA scale_cols(const SplitA& a, const float* s, int k0, int lane) {
+  const int k = k0 + 2 * (lane % 4);
+  const float s0 = s[k], s1 = s[k + 1], s8 = s[k + 8], s9 = s[k + 9];
+  SplitA r;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 v = join2(a.hi.r[i], a.lo.r[i]);
+    if (i < 2) {
+      split2(v.x * s0, v.y * s1, r.hi.r[i], r.lo.r[i]);
+    } else {
+      split2(v.x * s8, v.y * s9, r.hi.r[i], r.lo.r[i]);
+    }
+  }
+  return r;
+}
+
+// acc (two n-tiles at n0, n0 + 8) += A * B(k 16 at k0, n 16 at n0); B stored [k][n] (kKMajor)
+// or [n][k]. Three mmas per n-tile: hi*hi + hi*lo + lo*hi.
+template <bool kKMajor>
+__device__ __forceinline__ void mma_split(float (&acc0)[4], float (&acc1)[4], const SplitA& a,
+                                          const Planes& b, int k0, int n0, int lane) {
+  FragB<bf16> bh[2], bl[2];
+  if constexpr (kKMajor) {
+    load_b2_kmajor(bh, b.hi(), b.ld, k0, n0, lane);
+    load_b2_kmajor(bl, b.lo(), b.ld, k0, n0, lane);
+  } else {
+    load_b2(bh, b.hi(), b.ld, k0, n0, lane);
+    load_b2(bl, b.lo(), b.ld, k0, n0, lane);
+  }
+  mma(acc0, a.hi, bh[0]);
+  mma(acc1, a.hi, bh[1]);
+  mma(acc0, a.hi, bl[0]);
+  mma(acc1, a.hi, bl[1]);
+  mma(acc0, a.lo, bh[0]);
+  mma(acc1, a.lo, bh[1]);
+}
+
+// acc[N / 8][4] += A (16 x K: register fragments) * B (K x N in shared memory).
+template <int K, int N, bool kKMajor>
+__device__ __forceinline__ void gemm_reg(float (&acc)[N / 8][4], const SplitA (&a)[K / 16],
+                                         const Planes& b, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk)
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np)
+      mma_split<kKMajor>(acc[2 * np], acc[2 * np + 1], a[kk], b, kk * 16, np * 16, lane);
+}
+
+// acc[N / 8][4] += A (16 rows at m0 of a shared [m][k] buffer, K wide) * B.
+template <int K, int N, bool kKMajor>
+__device__ __forceinline__ void gemm_rows(float (&acc)[N / 8][4], const Planes& a, int m0,
+                                          const Planes& b, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    const SplitA af = load_a(a, m0, kk * 16, lane);
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np)
+      mma_split<kKMajor>(acc[2 * np], acc[2 * np + 1], af, b, kk * 16, np * 16, lane);
+  }
+}
+
+// fp32 rows [0, R) x cols [0, Cc) of `src` (leading dim ld; nullptr reads zeros) -> the split
+// planes of dst. Loads go through L2 (.cg): the state may have been written by this CTA.
 // Groups of up to 8 float4 per thread are loaded before any is converted.
-template <typename T, int R, int Cc, int LD, int kThreads>
-__device__ __forceinline__ void stage(T* dst, const float* src, int64_t ld) {
+template <int R, int Cc, int kThreads>
+__device__ __forceinline__ void stage(const Planes& dst, const float* src, int64_t ld) {
   static_assert(Cc % 4 == 0, "blocks are read as float4");
   constexpr int kTotal = R * Cc / 4;
   constexpr int kIters = (kTotal + kThreads - 1) / kThreads;
@@ -112,7 +257,9 @@ __device__ __forceinline__ void stage(T* dst, const float* src, int64_t ld) {
     for (int u = 0; u < kGroup; ++u) {
       const int i = (g0 + u) * kThreads + threadIdx.x;
       if (kTotal % kThreads == 0 || i < kTotal) {
-        store4(dst + (i / (Cc / 4)) * LD + (i % (Cc / 4)) * 4, w[u]);
+        const int r = i / (Cc / 4), c = (i % (Cc / 4)) * 4;
+        dst.put2(r, c, w[u].x, w[u].y);
+        dst.put2(r, c + 2, w[u].z, w[u].w);
       }
     }
   }
@@ -128,59 +275,11 @@ __device__ __forceinline__ void copy_state(float* dst, const float* src, int64_t
   }
 }
 
-// acc[N / 8][4] += A (16 rows at m0 of shared [m][k], K wide) * B (K x N): B shared [k][n]
-// (kBKMajor) or [n][k].
-template <typename T, int K, int N, bool kBKMajor>
-__device__ __forceinline__ void mma_smem(float (&acc)[N / 8][4], const T* sa, int lda, int m0,
-                                         const T* sb, int ldb, int lane) {
-#pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) {
-    FragA<T> a;
-    load_a(a, sa, lda, m0, kk * 16, lane);
-#pragma unroll
-    for (int np = 0; np < N / 16; ++np) {
-      FragB<T> b[2];
-      if constexpr (kBKMajor) {
-        load_b2_kmajor(b, sb, ldb, kk * 16, np * 16, lane);
-      } else {
-        load_b2(b, sb, ldb, kk * 16, np * 16, lane);
-      }
-      mma(acc[2 * np], a, b[0]);
-      mma(acc[2 * np + 1], a, b[1]);
-    }
-  }
+__device__ __forceinline__ float2 to_float2(const __nv_bfloat162& v) {
+  return __bfloat1622float2(v);
 }
+__device__ __forceinline__ float2 to_float2(const __half2& v) { return __half22float2(v); }
 
-// An A fragment with row g scaled by lo and row g + 8 by hi (re-rounded to T).
-template <typename T>
-__device__ __forceinline__ FragA<T> scale_rows(const FragA<T>& a, float lo, float hi) {
-  FragA<T> r;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 v = MmaOps<T>::unpack(a.r[i]);
-    const float s = (i & 1) ? hi : lo;
-    r.r[i] = MmaOps<T>::pack(v.x * s, v.y * s);
-  }
-  return r;
-}
-
-// An A fragment (k at k0) with column k scaled by s[k] (re-rounded to T).
-template <typename T>
-__device__ __forceinline__ FragA<T> scale_cols(const FragA<T>& a, const float* s, int k0,
-                                               int lane) {
-  const int k = k0 + 2 * (lane % 4);
-  const float s0 = s[k], s1 = s[k + 1], s8 = s[k + 8], s9 = s[k + 9];
-  FragA<T> r;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 v = MmaOps<T>::unpack(a.r[i]);
-    r.r[i] = (i < 2) ? MmaOps<T>::pack(v.x * s0, v.y * s1) : MmaOps<T>::pack(v.x * s8, v.y * s9);
-  }
-  return r;
-}
-
-// The memory's output head for this lane's rows of a warp's 16-row tile: f (D / 8 n-tiles)
-// -> xhat in place (with LayerNorm), y = [x +] [gamma xhat + beta].
 template <int D>
 struct Head {
   const float* gamma;  // nullptr: no LayerNorm
@@ -214,14 +313,20 @@ struct Head {
     }
   }
 
-  // y for element e of n-tile nt (normalized f), x = this row of the input tile in shared.
-  template <typename T>
-  __device__ __forceinline__ float y(const float (&f)[D / 8][4], int nt, int e, const T* s_x,
-                                     int ldx, int row_lo, int lane) const {
-    const int col = nt * 8 + 2 * (lane % 4) + (e & 1);
-    float v = f[nt][e];
-    if (gamma != nullptr) v = v * __ldg(gamma + col) + (beta != nullptr ? __ldg(beta + col) : 0.f);
-    if (residual) v += static_cast<float>(s_x[(row_lo + (e >> 1) * 8) * ldx + col]);
+  // y at (row, col), (row, col + 1) from the normalized f of n-tile nt, elements e0, e0 + 1;
+  // x = the input tile (split planes in shared memory).
+  __device__ __forceinline__ float2 y2(const float (&f)[D / 8][4], int nt, int e0,
+                                       const Planes& x, int row, int col) const {
+    float2 v = make_float2(f[nt][e0], f[nt][e0 + 1]);
+    if (gamma != nullptr) {
+      v.x = v.x * __ldg(gamma + col) + (beta != nullptr ? __ldg(beta + col) : 0.f);
+      v.y = v.y * __ldg(gamma + col + 1) + (beta != nullptr ? __ldg(beta + col + 1) : 0.f);
+    }
+    if (residual) {
+      const float2 xv = x.get2(row, col);
+      v.x += xv.x;
+      v.y += xv.y;
+    }
     return v;
   }
 
@@ -260,32 +365,33 @@ struct Rows {
   }
 };
 
-template <typename T, int D, int C, int kDepth, int HB>
+
+template <typename TIn, int D, int C, int kDepth>
 __global__ void __launch_bounds__(Threads<C>::kThreads)
     chunked_kernel(const NeuralMemoryParams p) {
   constexpr int kThreads = Threads<C>::kThreads, kWarps = Threads<C>::kWarps;
   constexpr int kRowGroups = C / 16;
-  constexpr int kLdD = D + 8;
-  constexpr int kBW = kDepth == 2 ? HB : D;  // width of a staged layer-1 block
-  constexpr int kLdB = kBW + 8;
+  constexpr int kBW = kDepth == 2 ? kHB : D;  // width of a staged layer-1 block
   constexpr int kLdG = C + 4;
   constexpr int kNtD = D / 8, kNtB = kBW / 8, kNtC = C / 8;
   const int hidden = kDepth == 2 ? p.hidden : D;
-  const int ld_h = hidden + 8;
-  const int n_blocks = kDepth == 2 ? hidden / HB : 1;
+  const int n_blocks = kDepth == 2 ? hidden / kHB : 1;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const Layout lay = make_layout(D, C, kDepth, HB, hidden, sizeof(T));
-  T* s_q = reinterpret_cast<T*>(smem_raw + lay.q);
-  T* s_k = reinterpret_cast<T*>(smem_raw + lay.k);
-  T* s_hk = reinterpret_cast<T*>(smem_raw + lay.hk);    // [C][hidden] phi(zk)   (depth 2)
-  T* s_dz1 = reinterpret_cast<T*>(smem_raw + lay.dz1);  // [C][hidden] phi'(zk), then dz1
-  T* s_dz2 = reinterpret_cast<T*>(smem_raw + lay.dz2);  // [C][D] dz2             (depth 2)
-  T* s_b1 = reinterpret_cast<T*>(smem_raw + lay.b1);    // W1 block [D][kBW]
-  T* s_b3 = reinterpret_cast<T*>(smem_raw + lay.b3);    // S1 block [D][kBW]
-  T* s_b2 = reinterpret_cast<T*>(smem_raw + lay.b2);    // W2 block [HB][D]      (depth 2)
-  T* s_b4 = reinterpret_cast<T*>(smem_raw + lay.b4);    // S2 block [HB][D]      (depth 2)
-  float* s_g = reinterpret_cast<float*>(smem_raw + lay.g);  // G [C][C]
+  const Layout lay = make_layout(D, C, kDepth);
+  auto planes = [&](size_t off, int plane, int ld) {
+    return Planes{reinterpret_cast<bf16*>(smem_raw + off), plane, ld};
+  };
+  const Planes s_q = planes(lay.q, lay.plane_q, D + 8);
+  const Planes s_k = planes(lay.k, lay.plane_q, D + 8);
+  const Planes s_dz2 = planes(lay.dz2, lay.plane_q, D + 8);  // the last layer's error [C][D]
+  const Planes s_hk = planes(lay.hk, lay.plane_hk, kHB + 8);   // block of phi(k W1g) [C][32]
+  const Planes s_dz1 = planes(lay.dz1, lay.plane_hk, kHB + 8);  // block of dz1 [C][32]
+  const Planes s_w1 = planes(lay.w1, lay.plane_w1, kBW + 8);   // W1 block [D][kBW]
+  const Planes s_s1 = planes(lay.s1, lay.plane_w1, kBW + 8);   // S1 block
+  const Planes s_w2 = planes(lay.w2, lay.plane_w2, D + 8);     // W2 block [32][D]
+  const Planes s_s2 = planes(lay.s2, lay.plane_w2, D + 8);     // S2 block
+  float* s_g = reinterpret_cast<float*>(smem_raw + lay.g);     // G [C][C]
   float* s_theta = reinterpret_cast<float*>(smem_raw + lay.vec);
   float* s_a = s_theta + C;
   float* s_eta = s_a + C;
@@ -293,7 +399,7 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
   float* s_m = s_act + C;
   float* s_beta = s_m + C;
   float* s_c = s_beta + C;
-  float* s_gneg = s_c + C;  // -G[C-1, :]
+  float* s_gneg = s_c + C;   // -G[C-1, :]
   float* s_nneg = s_gneg + C;  // -N[C-1, :]
 
   const int h = blockIdx.x, n = blockIdx.y;
@@ -312,10 +418,10 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
   const Rows rk{packed ? 0 : n * p.k_n_stride, start, p.k_t_stride, h * p.k_h_stride};
   const Rows rv{packed ? 0 : n * p.v_n_stride, start, p.v_t_stride, h * p.v_h_stride};
   const Rows ro{0, row_base, int64_t(p.heads) * D, int64_t(h) * D};
-  const T* __restrict__ gq = static_cast<const T*>(p.q);
-  const T* __restrict__ gk = static_cast<const T*>(p.k);
-  const T* __restrict__ gv = static_cast<const T*>(p.v);
-  T* __restrict__ go = static_cast<T*>(p.o);
+  const TIn* __restrict__ gq = static_cast<const TIn*>(p.q);
+  const TIn* __restrict__ gk = static_cast<const TIn*>(p.k);
+  const TIn* __restrict__ gv = static_cast<const TIn*>(p.v);
+  TIn* __restrict__ go = static_cast<TIn*>(p.o);
 
   const int off = p.offset != nullptr ? p.offset[n] : 0;
   const int n_chunks = len > 0 ? int((off + len + C - 1) / C) : 0;
@@ -349,6 +455,25 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
                      p.ln_weight != nullptr && p.ln_bias != nullptr ? p.ln_bias + h * D : nullptr,
                      p.ln_eps, p.residual, {1.f, 1.f}};
 
+  // Stores o (this lane's rows of a warp tile, normalized in place by hd) for active slots.
+  auto store_o = [&](float (&f)[kNtD][4], int64_t t0) {
+    Head<D> hd = head;
+    hd.normalize(f);
+#pragma unroll
+    for (int nt = 0; nt < kNtD; ++nt) {
+      const int col = nt * 8 + 2 * (lane % 4);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = row_lo + 8 * half;
+        const int64_t t = t0 + row;
+        if (t >= 0 && t < len) {
+          const float2 y = hd.y2(f, nt, 2 * half, s_q, row, col);
+          store2(go + ro.at(t) + col, y.x, y.y);
+        }
+      }
+    }
+  };
+
   for (int j = 0; j < n_chunks; ++j) {
     const bool first = j == 0;
     const float *wsrc[2], *ssrc[2], *gsrc[2];
@@ -358,6 +483,7 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
       ssrc[l] = first ? s_src[l] : s_dst[l];
       gsrc[l] = first ? cw_src[l] : w_dst[l];
     }
+    const bool g_is_w = gsrc[0] == wsrc[0];  // the gradient weights are the chunk's W0
     // the open chunk's weights of the final state: this chunk's gradient weights
     if (j == n_chunks - 1 && final_off > 0) {
 #pragma unroll
@@ -367,28 +493,22 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
 
     // ---- load: q, k rows and gates of the chunk's slots ----
     const int64_t t0 = int64_t(j) * C - off;  // token of slot 0
-    {
-      constexpr int kVec = 16 / sizeof(T);
-      for (int i = tid; i < 2 * C * (D / kVec); i += kThreads) {
-        const int which = i / (C * (D / kVec));
-        const int r = (i / (D / kVec)) % C, c = (i % (D / kVec)) * kVec;
-        const int64_t t = t0 + r;
-        uint4 val = make_uint4(0, 0, 0, 0);
-        if (t >= 0 && t < len) {
-          val = which == 0 ? *reinterpret_cast<const uint4*>(gq + rq.at(t) + c)
-                           : *reinterpret_cast<const uint4*>(gk + rk.at(t) + c);
-        }
-        *reinterpret_cast<uint4*>((which == 0 ? s_q : s_k) + r * kLdD + c) = val;
-      }
-      if (tid < C) {
-        const int64_t t = t0 + tid;
-        const bool act = t >= 0 && t < len;
-        const int64_t gi = (row_base + t) * p.heads + h;
-        s_theta[tid] = act ? __ldg(p.lr + gi) : 0.f;
-        s_a[tid] = act ? 1.f - __ldg(p.forget + gi) : 1.f;
-        s_eta[tid] = act ? __ldg(p.momentum + gi) : 1.f;
-        s_act[tid] = act ? 1.f : 0.f;
-      }
+    for (int i = tid; i < 2 * C * (D / 2); i += kThreads) {
+      const int which = i / (C * (D / 2));
+      const int r = (i / (D / 2)) % C, c = (i % (D / 2)) * 2;
+      const int64_t t = t0 + r;
+      float2 x = make_float2(0.f, 0.f);
+      if (t >= 0 && t < len) x = load2(which == 0 ? gq + rq.at(t) + c : gk + rk.at(t) + c);
+      (which == 0 ? s_q : s_k).put2(r, c, x.x, x.y);
+    }
+    if (tid < C) {
+      const int64_t t = t0 + tid;
+      const bool act = t >= 0 && t < len;
+      const int64_t gi = (row_base + t) * p.heads + h;
+      s_theta[tid] = act ? __ldg(p.lr + gi) : 0.f;
+      s_a[tid] = act ? 1.f - __ldg(p.forget + gi) : 1.f;
+      s_eta[tid] = act ? __ldg(p.momentum + gi) : 1.f;
+      s_act[tid] = act ? 1.f : 0.f;
     }
     __syncthreads();
 
@@ -420,61 +540,43 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
       }
     }
 
-    // ---- keys: forward at Wg ----
+    // ---- keys: forward at Wg (and read "chunk": M_Wg(q)) ----
     float fk[kNtD][4] = {}, fq[kNtD][4] = {};
     for (int b = 0; b < n_blocks; ++b) {
       __syncthreads();  // gates done (b = 0) / the previous block's operands are no longer read
       if constexpr (kDepth == 2) {
-        stage<T, D, HB, kLdB, kThreads>(s_b1, gsrc[0] + b * HB, hidden);
-        stage<T, HB, D, kLdD, kThreads>(s_b2, gsrc[1] + int64_t(b) * HB * D, D);
+        stage<D, kHB, kThreads>(s_w1, gsrc[0] + b * kHB, hidden);
+        stage<kHB, D, kThreads>(s_w2, gsrc[1] + int64_t(b) * kHB * D, D);
       } else {
-        stage<T, D, D, kLdB, kThreads>(s_b1, gsrc[0], D);
+        stage<D, D, kThreads>(s_w1, gsrc[0], D);
       }
       __syncthreads();
       if (!row_warp) continue;
       if constexpr (kDepth == 2) {
-        float z[kNtB][4] = {};
-        mma_smem<T, D, HB, true>(z, s_k, kLdD, m0, s_b1, kLdB, lane);
-        FragA<T> ha[HB / 16];
 #pragma unroll
-        for (int nt = 0; nt < kNtB; ++nt) {
-          float d1[4];
+        for (int pass = 0; pass < 2; ++pass) {
+          if (pass == 1 && !p.read_chunk) break;
+          float z[kNtB][4] = {};
+          gemm_rows<D, kHB, true>(z, pass == 0 ? s_k : s_q, m0, s_w1, lane);
+          SplitA ha[kHB / 16];
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            d1[e] = activation_grad<T>(z[nt][e], p.activation);
-            z[nt][e] = activation_fn<T>(z[nt][e], p.activation);
-          }
-          const int col = b * HB + nt * 8 + 2 * (lane % 4);
-          store2(s_hk + row_lo * ld_h + col, z[nt][0], z[nt][1]);
-          store2(s_hk + (row_lo + 8) * ld_h + col, z[nt][2], z[nt][3]);
-          store2(s_dz1 + row_lo * ld_h + col, d1[0], d1[1]);
-          store2(s_dz1 + (row_lo + 8) * ld_h + col, d1[2], d1[3]);
-        }
-#pragma unroll
-        for (int kk = 0; kk < HB / 16; ++kk) pack_a(ha[kk], z[2 * kk], z[2 * kk + 1]);
-        mma_reg_a<T, HB, D, true>(fk, ha, s_b2, kLdD, lane);
-        if (p.read_chunk) {
-          float zq[kNtB][4] = {};
-          mma_smem<T, D, HB, true>(zq, s_q, kLdD, m0, s_b1, kLdB, lane);
-#pragma unroll
-          for (int kk = 0; kk < HB / 16; ++kk) {
+          for (int kk = 0; kk < kHB / 16; ++kk) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              zq[2 * kk][e] = activation_fn<T>(zq[2 * kk][e], p.activation);
-              zq[2 * kk + 1][e] = activation_fn<T>(zq[2 * kk + 1][e], p.activation);
+              z[2 * kk][e] = activation_fn<bf16>(z[2 * kk][e], p.activation);
+              z[2 * kk + 1][e] = activation_fn<bf16>(z[2 * kk + 1][e], p.activation);
             }
-            pack_a(ha[kk], zq[2 * kk], zq[2 * kk + 1]);
+            ha[kk] = split_a(z[2 * kk], z[2 * kk + 1]);
           }
-          mma_reg_a<T, HB, D, true>(fq, ha, s_b2, kLdD, lane);
+          gemm_reg<kHB, D, true>(pass == 0 ? fk : fq, ha, s_w2, lane);
         }
       } else {
-        mma_smem<T, D, D, true>(fk, s_k, kLdD, m0, s_b1, kLdB, lane);
-        if (p.read_chunk) mma_smem<T, D, D, true>(fq, s_q, kLdD, m0, s_b1, kLdB, lane);
+        gemm_rows<D, D, true>(fk, s_k, m0, s_w1, lane);
+        if (p.read_chunk) gemm_rows<D, D, true>(fq, s_q, m0, s_w1, lane);
       }
     }
 
-    // ---- head of the keys: dl/df of the last layer -> shared (and registers, depth 2) ----
-    FragA<T> dfa[D / 16];
+    // ---- head of the keys: dl/df of the last layer -> s_dz2 ----
     if (row_warp) {
       Head<D> hd = head;
       hd.normalize(fk);
@@ -484,148 +586,129 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
         const int col = nt * 8 + 2 * (lane % 4);
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const int64_t t = t0 + row_lo + 8 * half;
+          const int row = row_lo + 8 * half;
+          const int64_t t = t0 + row;
           float2 g = make_float2(0.f, 0.f);
           if (t >= 0 && t < len) {
             const float2 vv = load2(gv + rv.at(t) + col);
-            g.x = 2.f * (hd.y(fk, nt, 2 * half, s_k, kLdD, row_lo, lane) - vv.x);
-            g.y = 2.f * (hd.y(fk, nt, 2 * half + 1, s_k, kLdD, row_lo, lane) - vv.y);
+            const float2 y = hd.y2(fk, nt, 2 * half, s_k, row, col);
+            g = make_float2(2.f * (y.x - vv.x), 2.f * (y.y - vv.y));
           }
           dy[nt][2 * half] = g.x;
           dy[nt][2 * half + 1] = g.y;
         }
       }
       hd.backward(dy, fk, lane);
-      T* s_last = kDepth == 2 ? s_dz2 : s_dz1;
-      const int ld_last = kDepth == 2 ? kLdD : ld_h;
 #pragma unroll
       for (int nt = 0; nt < kNtD; ++nt) {
         const int col = nt * 8 + 2 * (lane % 4);
-        store2(s_last + row_lo * ld_last + col, dy[nt][0], dy[nt][1]);
-        store2(s_last + (row_lo + 8) * ld_last + col, dy[nt][2], dy[nt][3]);
+        s_dz2.put2(row_lo, col, dy[nt][0], dy[nt][1]);
+        s_dz2.put2(row_lo + 8, col, dy[nt][2], dy[nt][3]);
       }
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) pack_a(dfa[kk], dy[2 * kk], dy[2 * kk + 1]);
+      if (p.read_chunk) store_o(fq, t0);
+    }
 
-      if (p.read_chunk) {  // o = M_Wg(q)
-        Head<D> hq = head;
-        hq.normalize(fq);
+    // ---- A1 = -G * (q k^T) for this warp's rows (read "token") ----
+    SplitA a1[C / 16];
+    float beta_r[2] = {0.f, 0.f}, c_r[2] = {0.f, 0.f};
+    if (row_warp && !p.read_chunk) {
+      float acc[kNtC][4] = {};
+      gemm_rows<D, C, false>(acc, s_q, m0, s_k, lane);  // k^T: [k = feature][n = token]
 #pragma unroll
-        for (int nt = 0; nt < kNtD; ++nt) {
-          const int col = nt * 8 + 2 * (lane % 4);
+      for (int nt = 0; nt < kNtC; ++nt)
 #pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const int64_t t = t0 + row_lo + 8 * half;
-            if (t >= 0 && t < len) {
-              store2(go + ro.at(t) + col, hq.y(fq, nt, 2 * half, s_q, kLdD, row_lo, lane),
-                     hq.y(fq, nt, 2 * half + 1, s_q, kLdD, row_lo, lane));
+        for (int e = 0; e < 4; ++e) {
+          const int row = row_lo + (e >> 1) * 8, col = nt * 8 + 2 * (lane % 4) + (e & 1);
+          acc[nt][e] *= -s_g[row * kLdG + col];
+        }
+#pragma unroll
+      for (int kk = 0; kk < C / 16; ++kk) a1[kk] = split_a(acc[2 * kk], acc[2 * kk + 1]);
+      beta_r[0] = s_beta[row_lo], beta_r[1] = s_beta[row_lo + 8];
+      c_r[0] = s_c[row_lo], c_r[1] = s_c[row_lo + 8];
+    }
+
+    // ---- per hidden block: errors of layer 1, read "token", state ----
+    const float beta_c = s_beta[C - 1], c_c = s_c[C - 1], m_c = s_m[C - 1];
+    float z2[kNtD][4] = {}, pp[kNtC][4] = {};
+    for (int b = 0; b < n_blocks; ++b) {
+      __syncthreads();  // s_dz2 complete (b = 0); the previous block's operands are free
+      if constexpr (kDepth == 2) {
+        // hk and dz1 of the block at Wg, into s_hk / s_dz1
+        if (!g_is_w) {
+          stage<D, kHB, kThreads>(s_w1, gsrc[0] + b * kHB, hidden);
+          stage<kHB, D, kThreads>(s_w2, gsrc[1] + int64_t(b) * kHB * D, D);
+          __syncthreads();
+        }
+        auto errors = [&]() {
+          float z[kNtB][4] = {}, dh[kNtB][4] = {};
+          gemm_rows<D, kHB, true>(z, s_k, m0, s_w1, lane);
+          gemm_rows<D, kHB, false>(dh, s_dz2, m0, s_w2, lane);  // W2 block as [n][k]
+#pragma unroll
+          for (int nt = 0; nt < kNtB; ++nt) {
+            const int col = nt * 8 + 2 * (lane % 4);
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              const float z0 = z[nt][2 * half], z1 = z[nt][2 * half + 1];
+              const int row = row_lo + 8 * half;
+              s_hk.put2(row, col, activation_fn<bf16>(z0, p.activation),
+                        activation_fn<bf16>(z1, p.activation));
+              s_dz1.put2(row, col, dh[nt][2 * half] * activation_grad<bf16>(z0, p.activation),
+                         dh[nt][2 * half + 1] * activation_grad<bf16>(z1, p.activation));
             }
           }
+        };
+        if (!g_is_w) {
+          if (row_warp) errors();
+          __syncthreads();  // Wg blocks no longer read
         }
+        stage<D, kHB, kThreads>(s_w1, wsrc[0] + b * kHB, hidden);
+        stage<D, kHB, kThreads>(s_s1, ssrc[0] == nullptr ? nullptr : ssrc[0] + b * kHB, hidden);
+        stage<kHB, D, kThreads>(s_w2, wsrc[1] + int64_t(b) * kHB * D, D);
+        stage<kHB, D, kThreads>(
+            s_s2, ssrc[1] == nullptr ? nullptr : ssrc[1] + int64_t(b) * kHB * D, D);
+        __syncthreads();
+        if (g_is_w) {
+          if (row_warp) errors();
+          __syncthreads();  // every row of the block's hk, dz1
+        }
+      } else {
+        stage<D, D, kThreads>(s_w1, wsrc[0], D);
+        stage<D, D, kThreads>(s_s1, ssrc[0], D);
+        __syncthreads();
       }
-    }
 
-    // ---- errors of layer 1 (depth 2): dz1 = (dz2 W2g^T) * phi'(zk) ----
-    if constexpr (kDepth == 2) {
-      for (int b = n_blocks - 1; b >= 0; --b) {
-        if (b != n_blocks - 1) {
-          __syncthreads();
-          stage<T, HB, D, kLdD, kThreads>(s_b2, gsrc[1] + int64_t(b) * HB * D, D);
-          __syncthreads();
-        }
-        if (!row_warp) continue;
-        float dh[kNtB][4] = {};
-        mma_reg_a<T, D, HB, false>(dh, dfa, s_b2, kLdD, lane);
-#pragma unroll
-        for (int nt = 0; nt < kNtB; ++nt) {
-          const int col = b * HB + nt * 8 + 2 * (lane % 4);
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            T* at = s_dz1 + (row_lo + 8 * half) * ld_h + col;
-            const float2 d1 = load2(at);
-            store2(at, dh[nt][2 * half] * d1.x, dh[nt][2 * half + 1] * d1.y);
-          }
-        }
-      }
-    }
-    __syncthreads();  // dz1, dz2, hk complete for every row
-
-    // ---- read "token" through the dual form ----
-    if (!p.read_chunk) {
-      FragA<T> a1[C / 16], qb[D / 16], qc[D / 16];
-      float beta_r[2] = {0.f, 0.f}, c_r[2] = {0.f, 0.f};
-      if (row_warp) {
-        float acc[kNtC][4] = {};
-        mma_smem<T, D, C, false>(acc, s_q, kLdD, m0, s_k, kLdD, lane);  // q k^T
-#pragma unroll
-        for (int nt = 0; nt < kNtC; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int row = row_lo + (e >> 1) * 8, col = nt * 8 + 2 * (lane % 4) + (e & 1);
-            acc[nt][e] *= -s_g[row * kLdG + col];
-          }
-#pragma unroll
-        for (int kk = 0; kk < C / 16; ++kk) pack_a(a1[kk], acc[2 * kk], acc[2 * kk + 1]);
-        beta_r[0] = s_beta[row_lo], beta_r[1] = s_beta[row_lo + 8];
-        c_r[0] = s_c[row_lo], c_r[1] = s_c[row_lo + 8];
+      // read "token": z1 (block) = (beta q) W0 + (c q) S0 + A1 dz1
+      if (row_warp && !p.read_chunk) {
+        const Planes dz1 = kDepth == 2 ? s_dz1 : s_dz2;
+        float z[kNtB][4] = {};
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-          FragA<T> a;
-          load_a(a, s_q, kLdD, m0, kk * 16, lane);
-          qb[kk] = scale_rows(a, beta_r[0], beta_r[1]);
-          qc[kk] = scale_rows(a, c_r[0], c_r[1]);
-        }
-      }
-      float z2[kNtD][4] = {}, pp[kNtC][4] = {};
-      for (int b = 0; b < n_blocks; ++b) {
-        __syncthreads();  // the previous block's operands are no longer read
-        if constexpr (kDepth == 2) {
-          stage<T, D, HB, kLdB, kThreads>(s_b1, wsrc[0] + b * HB, hidden);
-          stage<T, D, HB, kLdB, kThreads>(s_b3, ssrc[0] == nullptr ? nullptr : ssrc[0] + b * HB,
-                                          hidden);
-          stage<T, HB, D, kLdD, kThreads>(s_b2, wsrc[1] + int64_t(b) * HB * D, D);
-          stage<T, HB, D, kLdD, kThreads>(
-              s_b4, ssrc[1] == nullptr ? nullptr : ssrc[1] + int64_t(b) * HB * D, D);
-        } else {
-          stage<T, D, D, kLdB, kThreads>(s_b1, wsrc[0], D);
-          stage<T, D, D, kLdB, kThreads>(s_b3, ssrc[0], D);
-        }
-        __syncthreads();
-        if (!row_warp) continue;
-        float z[kNtB][4] = {};
-        mma_reg_a<T, D, kBW, true>(z, qb, s_b1, kLdB, lane);
-        mma_reg_a<T, D, kBW, true>(z, qc, s_b3, kLdB, lane);
-        mma_reg_a<T, C, kBW, true>(z, a1, s_dz1 + b * kBW, ld_h, lane);
-        if constexpr (kDepth == 2) {
+          const SplitA qa = load_a(s_q, m0, kk * 16, lane);
+          const SplitA qb = scale_rows(qa, beta_r[0], beta_r[1]);
+          const SplitA qc = scale_rows(qa, c_r[0], c_r[1]);
 #pragma unroll
-          for (int kk = 0; kk < HB / 16; ++kk) {
+          for (int np = 0; np < kBW / 16; ++np) {
+            mma_split<true>(z[2 * np], z[2 * np + 1], qb, s_w1, kk * 16, np * 16, lane);
+            mma_split<true>(z[2 * np], z[2 * np + 1], qc, s_s1, kk * 16, np * 16, lane);
+          }
+        }
+        gemm_reg<C, kBW, true>(z, a1, dz1, lane);
+        if constexpr (kDepth == 2) {
+          SplitA hf[kHB / 16], hb[kHB / 16], hc[kHB / 16];
+#pragma unroll
+          for (int kk = 0; kk < kHB / 16; ++kk) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              z[2 * kk][e] = activation_fn<T>(z[2 * kk][e], p.activation);
-              z[2 * kk + 1][e] = activation_fn<T>(z[2 * kk + 1][e], p.activation);
+              z[2 * kk][e] = activation_fn<bf16>(z[2 * kk][e], p.activation);
+              z[2 * kk + 1][e] = activation_fn<bf16>(z[2 * kk + 1][e], p.activation);
             }
-            FragA<T> hf;
-            pack_a(hf, z[2 * kk], z[2 * kk + 1]);
-            const FragA<T> hb = scale_rows(hf, beta_r[0], beta_r[1]);
-            const FragA<T> hc = scale_rows(hf, c_r[0], c_r[1]);
-#pragma unroll
-            for (int np = 0; np < D / 16; ++np) {
-              FragB<T> bw[2], bs[2];
-              load_b2_kmajor(bw, s_b2, kLdD, kk * 16, np * 16, lane);
-              load_b2_kmajor(bs, s_b4, kLdD, kk * 16, np * 16, lane);
-              mma(z2[2 * np], hb, bw[0]);
-              mma(z2[2 * np + 1], hb, bw[1]);
-              mma(z2[2 * np], hc, bs[0]);
-              mma(z2[2 * np + 1], hc, bs[1]);
-            }
-#pragma unroll
-            for (int np = 0; np < C / 16; ++np) {
-              FragB<T> bh[2];  // hk^T: [k = hidden][n = token], stored [token][hidden]
-              load_b2(bh, s_hk + b * HB, ld_h, kk * 16, np * 16, lane);
-              mma(pp[2 * np], hf, bh[0]);
-              mma(pp[2 * np + 1], hf, bh[1]);
-            }
+            hf[kk] = split_a(z[2 * kk], z[2 * kk + 1]);
+            hb[kk] = split_a(z[2 * kk], z[2 * kk + 1], beta_r[0], beta_r[1]);
+            hc[kk] = split_a(z[2 * kk], z[2 * kk + 1], c_r[0], c_r[1]);
           }
+          gemm_reg<kHB, D, true>(z2, hb, s_w2, lane);
+          gemm_reg<kHB, D, true>(z2, hc, s_s2, lane);
+          gemm_reg<kHB, C, false>(pp, hf, s_hk, lane);  // hk^T: [k = hidden][n = token]
         } else {
 #pragma unroll
           for (int nt = 0; nt < kNtD; ++nt)
@@ -633,60 +716,27 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
             for (int e = 0; e < 4; ++e) z2[nt][e] = z[nt][e];
         }
       }
-      if (row_warp) {
-        if constexpr (kDepth == 2) {
-#pragma unroll
-          for (int nt = 0; nt < kNtC; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int row = row_lo + (e >> 1) * 8, col = nt * 8 + 2 * (lane % 4) + (e & 1);
-              pp[nt][e] *= -s_g[row * kLdG + col];
-            }
-          FragA<T> a2[C / 16];
-#pragma unroll
-          for (int kk = 0; kk < C / 16; ++kk) pack_a(a2[kk], pp[2 * kk], pp[2 * kk + 1]);
-          mma_reg_a<T, C, D, true>(z2, a2, s_dz2, kLdD, lane);
-        }
-        Head<D> hq = head;
-        hq.normalize(z2);
-#pragma unroll
-        for (int nt = 0; nt < kNtD; ++nt) {
-          const int col = nt * 8 + 2 * (lane % 4);
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const int64_t t = t0 + row_lo + 8 * half;
-            if (t >= 0 && t < len) {
-              store2(go + ro.at(t) + col, hq.y(z2, nt, 2 * half, s_q, kLdD, row_lo, lane),
-                     hq.y(z2, nt, 2 * half + 1, s_q, kLdD, row_lo, lane));
-            }
-          }
-        }
-      }
-    }
 
-    // ---- state after the chunk: 16 x 16 tiles of every layer over all warps ----
-    // (every read of W0 / S0 into shared memory happened before the last __syncthreads)
-    {
-      const float beta_c = s_beta[C - 1], c_c = s_c[C - 1], m_c = s_m[C - 1];
-      const int n_tiles1 = (D / 16) * (hidden / 16);
-      const int n_tiles2 = kDepth == 2 ? (hidden / 16) * (D / 16) : 0;
-      for (int item = warp; item < n_tiles1 + n_tiles2; item += kWarps) {
-        const bool l2 = item >= n_tiles1;
-        const int it = l2 ? item - n_tiles1 : item;
-        const int cols = l2 ? D : hidden;
-        const int tm0 = (it / (cols / 16)) * 16, tn0 = (it % (cols / 16)) * 16;
+      // state of the block: layer 1 columns [b * kBW, +kBW), layer 2 rows [b * kHB, +kHB)
+      constexpr int kTiles1 = (D / 16) * (kBW / 16);
+      constexpr int kTiles2 = kDepth == 2 ? (kHB / 16) * (D / 16) : 0;
+      for (int item = warp; item < kTiles1 + kTiles2; item += kWarps) {
+        const bool l2 = item >= kTiles1;
+        const int it = l2 ? item - kTiles1 : item;
+        const int tile_cols = l2 ? D : kBW;
+        const int tm0 = (it / (tile_cols / 16)) * 16, tn0 = (it % (tile_cols / 16)) * 16;
         const int l = l2 ? 1 : 0;
-        const T* sa = l2 ? s_hk : s_k;  // [token][row of W]
-        const int lda = l2 ? ld_h : kLdD;
-        const T* sb = l2 ? s_dz2 : s_dz1;  // [token][col of W]
-        const int ldb = l2 ? kLdD : ld_h;
+        const Planes sa = l2 ? s_hk : s_k;  // [token][row of the tile]
+        const Planes sb = (l2 || kDepth == 1) ? s_dz2 : s_dz1;  // [token][col of the tile]
+        const int cols = l2 ? D : hidden;
+        const int64_t base = l2 ? int64_t(b) * kHB * D : int64_t(b) * kBW;
         float aw[2][4], as[2][4];
         const int r = tm0 + lane / 4;
 #pragma unroll
         for (int t = 0; t < 2; ++t)
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
-            const int64_t at = int64_t(r + 8 * half) * cols + tn0 + t * 8 + 2 * (lane % 4);
+            const int64_t at = base + int64_t(r + 8 * half) * cols + tn0 + t * 8 + 2 * (lane % 4);
             const float2 w = __ldcg(reinterpret_cast<const float2*>(wsrc[l] + at));
             const float2 s = ssrc[l] != nullptr
                 ? __ldcg(reinterpret_cast<const float2*>(ssrc[l] + at)) : make_float2(0.f, 0.f);
@@ -697,28 +747,41 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
           }
 #pragma unroll
         for (int ks = 0; ks < C / 16; ++ks) {
-          FragA<T> a;
-          load_a_kmajor(a, sa, lda, tm0, ks * 16, lane);
-          const FragA<T> ag = scale_cols(a, s_gneg, ks * 16, lane);
-          const FragA<T> an = scale_cols(a, s_nneg, ks * 16, lane);
-          FragB<T> bb[2];
-          load_b2_kmajor(bb, sb, ldb, ks * 16, tn0, lane);
-          mma(aw[0], ag, bb[0]);
-          mma(aw[1], ag, bb[1]);
-          mma(as[0], an, bb[0]);
-          mma(as[1], an, bb[1]);
+          const SplitA a = load_a_kmajor(sa, tm0, ks * 16, lane);
+          const SplitA ag = scale_cols(a, s_gneg, ks * 16, lane);
+          const SplitA an = scale_cols(a, s_nneg, ks * 16, lane);
+          mma_split<true>(aw[0], aw[1], ag, sb, ks * 16, tn0, lane);
+          mma_split<true>(as[0], as[1], an, sb, ks * 16, tn0, lane);
         }
 #pragma unroll
         for (int t = 0; t < 2; ++t)
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
-            const int64_t at = int64_t(r + 8 * half) * cols + tn0 + t * 8 + 2 * (lane % 4);
+            const int64_t at = base + int64_t(r + 8 * half) * cols + tn0 + t * 8 + 2 * (lane % 4);
             *reinterpret_cast<float2*>(w_dst[l] + at) = make_float2(aw[t][2 * half],
                                                                     aw[t][2 * half + 1]);
             *reinterpret_cast<float2*>(s_dst[l] + at) = make_float2(as[t][2 * half],
                                                                     as[t][2 * half + 1]);
           }
       }
+    }
+
+    // ---- read "token": z2 += (-G * P) dz2, o = head(z2) ----
+    if (row_warp && !p.read_chunk) {
+      if constexpr (kDepth == 2) {
+#pragma unroll
+        for (int nt = 0; nt < kNtC; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = row_lo + (e >> 1) * 8, col = nt * 8 + 2 * (lane % 4) + (e & 1);
+            pp[nt][e] *= -s_g[row * kLdG + col];
+          }
+        SplitA a2[C / 16];
+#pragma unroll
+        for (int kk = 0; kk < C / 16; ++kk) a2[kk] = split_a(pp[2 * kk], pp[2 * kk + 1]);
+        gemm_reg<C, D, true>(z2, a2, s_dz2, lane);
+      }
+      store_o(z2, t0);
     }
     __syncthreads();  // the new state is visible to the next chunk's staging
   }
@@ -730,11 +793,10 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
   }
 }
 
-template <typename T, int D, int C, int kDepth>
+template <typename TIn, int D, int C, int kDepth>
 cudaError_t launch(const NeuralMemoryParams& p, cudaStream_t stream) {
-  constexpr int HB = hidden_block<D>();
-  const size_t smem = make_layout(D, C, kDepth, HB, kDepth == 2 ? p.hidden : D, sizeof(T)).total;
-  auto kernel = chunked_kernel<T, D, C, kDepth, HB>;
+  const size_t smem = make_layout(D, C, kDepth).total;
+  auto kernel = chunked_kernel<TIn, D, C, kDepth>;
   TITANS_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   const dim3 grid(unsigned(p.heads), unsigned(p.n_seq));
@@ -743,11 +805,11 @@ cudaError_t launch(const NeuralMemoryParams& p, cudaStream_t stream) {
 }
 
 // The instances of one (dtype, D), compiled in their own translation unit.
-template <typename T, int D>
+template <typename TIn, int D>
 cudaError_t by_chunk(const NeuralMemoryParams& p, cudaStream_t stream) {
   auto by_depth = [&](auto chunk_tag) {
     constexpr int C = decltype(chunk_tag)::value;
-    return p.depth == 1 ? launch<T, D, C, 1>(p, stream) : launch<T, D, C, 2>(p, stream);
+    return p.depth == 1 ? launch<TIn, D, C, 1>(p, stream) : launch<TIn, D, C, 2>(p, stream);
   };
   switch (p.chunk) {
     case 16: return by_depth(std::integral_constant<int, 16>{});

@@ -76,15 +76,13 @@ CHUNKED_DIMS = (32, 64, 128)
 CHUNKED_CHUNKS = (16, 32, 64, 128)
 
 
-def chunked_hidden_block(dim: int) -> int:
-    """The hidden block of the chunked kernel (hidden_block in chunked_kernel.cuh)."""
-    return 32 if dim == 32 else 64
+CHUNKED_HIDDEN_BLOCK = 32  # kHB in chunked_kernel.cuh
 
 
 def chunked_shape_supported(dim: int, hidden: int, depth: int, chunk: int) -> bool:
     """The rule of neural_memory_chunked_supported (chunked.cu) for bf16/fp16; a GPU test
     checks they agree. Whether the shared-memory plan fits the GPU is checked apart."""
-    hb = chunked_hidden_block(dim)
+    hb = CHUNKED_HIDDEN_BLOCK
     return (dim in CHUNKED_DIMS and chunk in CHUNKED_CHUNKS and
             (depth == 1 or (depth == 2 and hb <= hidden <= 512 and hidden % hb == 0)))
 
@@ -113,15 +111,15 @@ def chunked_reason(q: Tensor, weights, chunk_size: int, cu_seqlens,
         return (f"no chunked kernel for D={D}, hidden={hidden}, depth={depth}, "
                 f"chunk_size={chunk_size} (supported: D in {CHUNKED_DIMS}, chunk_size in "
                 f"{CHUNKED_CHUNKS}, depth 1, or depth 2 with hidden a multiple of "
-                f"{chunked_hidden_block(D)} up to 512)")
+                f"{CHUNKED_HIDDEN_BLOCK} up to 512)")
     smem = _lib._C.neural_memory_chunked_smem_bytes(dim=D, hidden=hidden, depth=depth,
                                                      chunk=chunk_size, dtype=0)
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     limit = _lib.smem_per_block_optin(index)
     if smem > limit:
-        return (f"the chunked kernel for D={D}, hidden={hidden}, depth={depth}, "
-                f"chunk_size={chunk_size} needs {smem // 1024} KiB of shared memory per block "
-                f"and this GPU allows {limit // 1024} KiB")
+        return (f"the chunked kernel for D={D}, depth={depth}, chunk_size={chunk_size} needs "
+                f"{smem // 1024} KiB of shared memory per block and this GPU allows "
+                f"{limit // 1024} KiB")
     n_seq = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
     if q.shape[2] > 65535 or n_seq > 65535:
         return f"no chunked kernel for H={q.shape[2]} or {n_seq} sequences > 65535"
