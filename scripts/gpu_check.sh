@@ -58,7 +58,7 @@ fi
 
 if [ -z "${SKIP_SANITIZER:-}" ]; then
   step "compute-sanitizer memcheck + racecheck (kernel subset)"
-  SUBSET="tests/test_gpu.py tests/test_gpu_mlp.py tests/test_gpu_decode.py"
+  SUBSET="tests/test_gpu.py tests/test_gpu_mlp.py tests/test_gpu_decode.py tests/test_gpu_chunked.py"
   compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest $SUBSET -q \
     -p no:cacheprovider -k "writes_every or strided or side_stream" >"$OUT/sanitizer.log" 2>&1
   rc=$?
@@ -67,6 +67,9 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
     -p no:cacheprovider -k "writes_every and (C48 or D64-h256 or D16-h16-L1)" >>"$OUT/sanitizer.log" 2>&1
   rc=$?
   compute-sanitizer --tool racecheck --error-exitcode 3 $PY -m pytest tests/test_gpu_decode.py -q \
+    -p no:cacheprovider -k "writes_every" >>"$OUT/sanitizer.log" 2>&1
+  rc=$((rc | $?))
+  compute-sanitizer --tool racecheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked.py -q \
     -p no:cacheprovider -k "writes_every" >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   status[racecheck]="$(grep -E 'RACECHECK SUMMARY' "$OUT/sanitizer.log" | tr '\n' ' ')rc=$rc; $(grep -E 'passed|failed' "$OUT/sanitizer.log" | tail -2 | tr '\n' ' ')"
