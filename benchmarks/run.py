@@ -471,6 +471,8 @@ def main(argv=None):
     p.add_argument("--blocks", action="store_true",
                    help="only the building blocks (memory_scan, memory_forward, memory_grad)")
     p.add_argument("--decode", action="store_true", help="only the decode-step rows")
+    p.add_argument("--memory", action="store_true",
+                   help="only the neural_memory methods (and the sweep): no decode or block rows")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
                    help="q/k/v dtype (default: the shape's, bf16 on the GPU)")
     args = p.parse_args(argv)
@@ -488,7 +490,7 @@ def main(argv=None):
     if args.dtype is not None:
         shape = dataclasses.replace(shape, dtype=args.dtype)
     rows = []
-    if gpu and titans_cuda._lib.kernels_unavailable_reason(device) is None:
+    if gpu and titans_cuda._lib.kernels_unavailable_reason(device) is None and not args.memory:
         decode_rows(shape, device, rows)
     if args.decode:
         print_table(rows)
@@ -496,8 +498,9 @@ def main(argv=None):
     if not args.blocks:
         run_shape(shape, device, methods_for(device, not args.no_titans_pytorch), rows,
                   shape.name)
-    run_shape(shape, device, scan_methods(device), rows, "memory_scan")
-    run_shape(shape, device, mlp_methods(device), rows, "memory-MLP blocks")
+    if not args.memory:
+        run_shape(shape, device, scan_methods(device), rows, "memory_scan")
+        run_shape(shape, device, mlp_methods(device), rows, "memory-MLP blocks")
     sweep = []
     if gpu and not args.no_sweep and not args.blocks:
         for T in _progress(SWEEP_T, "sweep"):
