@@ -120,6 +120,7 @@ struct Planes {
   __device__ __forceinline__ const bf16* hi() const { return p; }
   __device__ __forceinline__ const bf16* lo() const { return p + plane; }
   __device__ __forceinline__ Planes cols(int c0) const { return Planes{p + c0, plane, ld}; }
+  __device__ __forceinline__ Planes rows(int r0) const { return Planes{p + r0 * ld, plane, ld}; }
   // stores the split of (x, y) at (row, col), (row, col + 1)
   __device__ __forceinline__ void put2(int row, int col, float x, float y) const {
     uint32_t h, l;
@@ -277,6 +278,39 @@ __device__ __forceinline__ void copy_state(float* dst, const float* src, int64_t
   }
 }
 
+// Adds the accumulators of the writer warps (part 1) of each row group into those of the readers
+// (part 0) through `red` ([row group][16][NT * 8] fp32). Every thread of the CTA calls it (two
+// __syncthreads); `red` must be free on entry.
+template <int NT>
+__device__ __forceinline__ void reduce_parts(float (&acc)[NT][4], float* red, bool writer,
+                                             bool reader, int rg, int lane) {
+  float* base = red + rg * 16 * (NT * 8);
+  const int r = lane / 4;
+  if (writer) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int c = nt * 8 + 2 * (lane % 4);
+      *reinterpret_cast<float2*>(base + r * (NT * 8) + c) = make_float2(acc[nt][0], acc[nt][1]);
+      *reinterpret_cast<float2*>(base + (r + 8) * (NT * 8) + c) =
+          make_float2(acc[nt][2], acc[nt][3]);
+    }
+  }
+  __syncthreads();
+  if (reader) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int c = nt * 8 + 2 * (lane % 4);
+      const float2 a = *reinterpret_cast<const float2*>(base + r * (NT * 8) + c);
+      const float2 b = *reinterpret_cast<const float2*>(base + (r + 8) * (NT * 8) + c);
+      acc[nt][0] += a.x;
+      acc[nt][1] += a.y;
+      acc[nt][2] += b.x;
+      acc[nt][3] += b.y;
+    }
+  }
+  __syncthreads();
+}
+
 __device__ __forceinline__ float2 to_float2(const __nv_bfloat162& v) {
   return __bfloat1622float2(v);
 }
@@ -375,7 +409,12 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
   constexpr int kRowGroups = C / 16;
   constexpr int kBW = kDepth == 2 ? kHB : D;  // width of a staged layer-1 block
   constexpr int kLdG = C + 4;
-  constexpr int kNtD = D / 8, kNtB = kBW / 8, kNtC = C / 8;
+  constexpr int kNtD = D / 8, kNtC = C / 8;
+  // Depth 2 with at least two warps per row group: the two warps of a group split each hidden
+  // block's columns (kCW each) and add their partial sums once per chunk (reduce_parts).
+  constexpr int kParts = (kDepth == 2 && kWarps / kRowGroups >= 2) ? 2 : 1;
+  constexpr int kCW = kDepth == 2 ? kHB / kParts : D;  // columns of a block per warp
+  constexpr int kNtW = kCW / 8;
   const int hidden = kDepth == 2 ? p.hidden : D;
   const int n_blocks = kDepth == 2 ? hidden / kHB : 1;
 
@@ -406,8 +445,12 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
 
   const int h = blockIdx.x, n = blockIdx.y;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int m0 = warp * 16, row_lo = m0 + lane / 4;
-  const bool row_warp = warp < kRowGroups;
+  const int rg = warp % kRowGroups, part = warp / kRowGroups;
+  const int m0 = rg * 16, row_lo = m0 + lane / 4;
+  const bool row_warp = part < kParts;  // takes part in the row-local products
+  const bool lead = part == 0;          // holds a row group's sums after reduce_parts
+  const int c0 = part * kCW;            // this warp's first column of a hidden block
+  float* red = reinterpret_cast<float*>(smem_raw + lay.w1);  // staging blocks, when free
 
   int64_t start = 0, len = p.seqlen, row_base = int64_t(n) * p.seqlen;
   if (p.cu_seqlens != nullptr) {
@@ -558,11 +601,11 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
 #pragma unroll
         for (int pass = 0; pass < 2; ++pass) {
           if (pass == 1 && !p.read_chunk) break;
-          float z[kNtB][4] = {};
-          gemm_rows<D, kHB, true>(z, pass == 0 ? s_k : s_q, m0, s_w1, lane);
-          SplitA ha[kHB / 16];
+          float z[kNtW][4] = {};
+          gemm_rows<D, kCW, true>(z, pass == 0 ? s_k : s_q, m0, s_w1.cols(c0), lane);
+          SplitA ha[kCW / 16];
 #pragma unroll
-          for (int kk = 0; kk < kHB / 16; ++kk) {
+          for (int kk = 0; kk < kCW / 16; ++kk) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               z[2 * kk][e] = activation_fn<bf16>(z[2 * kk][e], p.activation);
@@ -570,7 +613,7 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
             }
             ha[kk] = split_a(z[2 * kk], z[2 * kk + 1]);
           }
-          gemm_reg<kHB, D, true>(pass == 0 ? fk : fq, ha, s_w2, lane);
+          gemm_reg<kCW, D, true>(pass == 0 ? fk : fq, ha, s_w2.rows(c0), lane);
         }
       } else {
         gemm_rows<D, D, true>(fk, s_k, m0, s_w1, lane);
@@ -578,8 +621,14 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
       }
     }
 
+    if constexpr (kParts == 2) {
+      __syncthreads();  // the staging blocks (red) are no longer read
+      reduce_parts(fk, red, row_warp && !lead, row_warp && lead, rg, lane);
+      if (p.read_chunk) reduce_parts(fq, red, row_warp && !lead, row_warp && lead, rg, lane);
+    }
+
     // ---- head of the keys: dl/df of the last layer -> s_dz2 ----
-    if (row_warp) {
+    if (row_warp && lead) {
       Head<D> hd = head;
       hd.normalize(fk);
       float dy[kNtD][4];
@@ -642,12 +691,12 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
           __syncthreads();
         }
         auto errors = [&]() {
-          float z[kNtB][4] = {}, dh[kNtB][4] = {};
-          gemm_rows<D, kHB, true>(z, s_k, m0, s_w1, lane);
-          gemm_rows<D, kHB, false>(dh, s_dz2, m0, s_w2, lane);  // W2 block as [n][k]
+          float z[kNtW][4] = {}, dh[kNtW][4] = {};
+          gemm_rows<D, kCW, true>(z, s_k, m0, s_w1.cols(c0), lane);
+          gemm_rows<D, kCW, false>(dh, s_dz2, m0, s_w2.rows(c0), lane);  // W2 block as [n][k]
 #pragma unroll
-          for (int nt = 0; nt < kNtB; ++nt) {
-            const int col = nt * 8 + 2 * (lane % 4);
+          for (int nt = 0; nt < kNtW; ++nt) {
+            const int col = c0 + nt * 8 + 2 * (lane % 4);
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
               const float z0 = z[nt][2 * half], z1 = z[nt][2 * half + 1];
@@ -681,24 +730,24 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
 
       // read "token": z1 (block) = (beta q) W0 + (c q) S0 + A1 dz1
       if (row_warp && !p.read_chunk) {
-        const Planes dz1 = kDepth == 2 ? s_dz1 : s_dz2;
-        float z[kNtB][4] = {};
+        const Planes dz1 = (kDepth == 2 ? s_dz1 : s_dz2).cols(c0);
+        float z[kNtW][4] = {};
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
           const SplitA qa = load_a(s_q, m0, kk * 16, lane);
           const SplitA qb = scale_rows(qa, beta_r[0], beta_r[1]);
           const SplitA qc = scale_rows(qa, c_r[0], c_r[1]);
 #pragma unroll
-          for (int np = 0; np < kBW / 16; ++np) {
-            mma_split<true>(z[2 * np], z[2 * np + 1], qb, s_w1, kk * 16, np * 16, lane);
-            mma_split<true>(z[2 * np], z[2 * np + 1], qc, s_s1, kk * 16, np * 16, lane);
+          for (int np = 0; np < kCW / 16; ++np) {
+            mma_split<true>(z[2 * np], z[2 * np + 1], qb, s_w1.cols(c0), kk * 16, np * 16, lane);
+            mma_split<true>(z[2 * np], z[2 * np + 1], qc, s_s1.cols(c0), kk * 16, np * 16, lane);
           }
         }
-        gemm_reg<C, kBW, true>(z, a1, dz1, lane);
+        gemm_reg<C, kCW, true>(z, a1, dz1, lane);
         if constexpr (kDepth == 2) {
-          SplitA hf[kHB / 16], hb[kHB / 16], hc[kHB / 16];
+          SplitA hf[kCW / 16], hb[kCW / 16], hc[kCW / 16];
 #pragma unroll
-          for (int kk = 0; kk < kHB / 16; ++kk) {
+          for (int kk = 0; kk < kCW / 16; ++kk) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               z[2 * kk][e] = activation_fn<bf16>(z[2 * kk][e], p.activation);
@@ -708,9 +757,9 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
             hb[kk] = split_a(z[2 * kk], z[2 * kk + 1], beta_r[0], beta_r[1]);
             hc[kk] = split_a(z[2 * kk], z[2 * kk + 1], c_r[0], c_r[1]);
           }
-          gemm_reg<kHB, D, true>(z2, hb, s_w2, lane);
-          gemm_reg<kHB, D, true>(z2, hc, s_s2, lane);
-          gemm_reg<kHB, C, false>(pp, hf, s_hk, lane);  // hk^T: [k = hidden][n = token]
+          gemm_reg<kCW, D, true>(z2, hb, s_w2.rows(c0), lane);
+          gemm_reg<kCW, D, true>(z2, hc, s_s2.rows(c0), lane);
+          gemm_reg<kCW, C, false>(pp, hf, s_hk.cols(c0), lane);  // hk^T: [k = hidden][n = token]
         } else {
 #pragma unroll
           for (int nt = 0; nt < kNtD; ++nt)
@@ -769,7 +818,14 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
     }
 
     // ---- read "token": z2 += (-G * P) dz2, o = head(z2) ----
-    if (row_warp && !p.read_chunk) {
+    if constexpr (kParts == 2) {
+      if (!p.read_chunk) {
+        __syncthreads();  // the staging blocks (red) are no longer read
+        reduce_parts(pp, red, row_warp && !lead, row_warp && lead, rg, lane);
+        reduce_parts(z2, red, row_warp && !lead, row_warp && lead, rg, lane);
+      }
+    }
+    if (row_warp && lead && !p.read_chunk) {
       if constexpr (kDepth == 2) {
 #pragma unroll
         for (int nt = 0; nt < kNtC; ++nt)
