@@ -154,6 +154,18 @@ def test_decode_check_rows_logic_on_cpu():
         assert err <= tol, (name, err, tol)
 
 
+def test_chunked_check_rows_logic_on_cpu():
+    """The chunked rows of `--check` (longer calls, held to the input dtype's bound for the
+    state too), with the fp32 reference on the CPU."""
+    from titans_cuda.__main__ import _chunked_cases, decode_rows
+    cases = [c[:1] + (min(c[1], 40),) + c[2:] for c in _chunked_cases()]
+    rows = decode_rows(torch.device("cpu"), "torch", cases, label="chunked")
+    assert len(rows) == 2 * len(cases) and all(r[0].startswith("chunked") for r in rows)
+    assert [r[2] for r in rows if "state" in r[0]] == [2e-2, 5e-3, 5e-3]
+    for name, err, tol in rows:
+        assert err <= tol, (name, err, tol)
+
+
 # ---- the memory-MLP custom ops (their reference path on the CPU) ----
 
 def _mlp_op_args(layout, ln, depth=2, B=2, T=10, H=2, D=4, hidden=8, C=4, dtype=torch.float64):

@@ -157,10 +157,19 @@ def _decode_cases():
             (2, 3, 2, 16, 16, 1, 2, torch.float16, False, True, "silu", "token")]
 
 
-def decode_rows(device: torch.device, backend: str, cases=None):
-    """neural_memory on short calls (the decode kernel under backend "cuda") from a random
-    state with open chunks, against the float64 reference: (name, rel err, tol) for o, and
-    for the final state (fp32 math: 1e-5 whatever the input dtype)."""
+def _chunked_cases():
+    # longer calls: the chunked kernel (bf16/fp16 only); same fields as _decode_cases
+    return [(2, 150, 4, 64, 256, 2, 64, torch.bfloat16, True, True, "silu", "token"),
+            (3, 70, 2, 32, 64, 2, 16, torch.float16, True, False, "gelu", "chunk"),
+            (2, 40, 2, 128, 128, 1, 32, torch.float16, False, True, "silu", "token")]
+
+
+def decode_rows(device: torch.device, backend: str, cases=None, label="decode"):
+    """neural_memory from a random state with open chunks (short calls: the decode kernel under
+    backend "cuda"; label "chunked" with _chunked_cases: the chunked kernel), against the
+    float64 reference: (name, rel err, tol) for o, and for the final state (the decode kernel's
+    fp32 math: 1e-5 whatever the input dtype; the chunked kernel's split-bf16 products: the
+    input dtype's bound)."""
     from . import MemoryState, neural_memory
     rows = []
     g = torch.Generator(device=device).manual_seed(99)
@@ -187,11 +196,11 @@ def decode_rows(device: torch.device, backend: str, cases=None):
                                  initial_state=s, output_final_state=True, backend=be)
         (o, s), (o_ref, s_ref) = run(None, backend), run(torch.float64, "torch")
         name = f"N={N} T={T} D={D} h={hid} L={depth} C={C} {read} {str(dtype)[6:]}"
-        rows.append((f"decode out   {name}", _rel(o, o_ref), SPEC_TOL[dtype]))
-        rows.append((f"decode state {name}", max(
+        rows.append((f"{label} out   {name}", _rel(o, o_ref), SPEC_TOL[dtype]))
+        rows.append((f"{label} state {name}", max(
             _rel(a, b) for a, b in zip(s.weights + s.momentum + s.chunk_weights,
                                        s_ref.weights + s_ref.momentum + s_ref.chunk_weights)),
-            1e-5))
+            1e-5 if label == "decode" else SPEC_TOL[dtype]))
     return rows
 
 
@@ -206,6 +215,7 @@ def check(device: torch.device) -> bool:
     rows = [(name, err, 1e-5) for name, err in scan_rows(device, "cuda")]
     rows += mlp_rows(device, "cuda")
     rows += decode_rows(device, "cuda")
+    rows += decode_rows(device, "cuda", _chunked_cases(), label="chunked")
     width = max(len(r[0]) for r in rows)
     print(f"{'kernel check (vs float64 reference)':<{width}}  {'rel err':>9}  {'tol':>7}  result")
     for name, err, tol in rows:

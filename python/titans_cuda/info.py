@@ -19,10 +19,12 @@ KERNELS = {
                       "with hidden % 16 == 0; silu/gelu, residual, LayerNorm",
     "memory_grad": "forward and backward (second-order terms) kernels, same configurations as "
                    "memory_forward",
-    "neural_memory": "streaming-decode kernel for calls of <= 16 tokens (bf16/fp16/fp32 q/k/v, D "
-                     "in (16, 32, 64, 128), depth 1, or depth 2 with hidden <= 512 and % 4 == 0; "
-                     "gradients through the reference); longer calls and cu_seqlens run the "
-                     "reference",
+    "neural_memory": "forward kernels: streaming decode for dense calls of <= 16 tokens "
+                     "(bf16/fp16/fp32 q/k/v, D in (16, 32, 64, 128), depth 1, or depth 2 with "
+                     "hidden <= 512 and % 4 == 0) and the chunked kernel for the rest (bf16/fp16 "
+                     "q/k/v, D in (32, 64, 128), depth 1, or depth 2 with hidden % 32 == 0 up to "
+                     "512, chunk in (16, 32, 64, 128) where its shared memory fits, cu_seqlens "
+                     "and states included); gradients through the reference",
 }
 # Composed from the blocks above: runs whatever kernels they have.
 COMPOSED = {"parallel_neural_memory": ("memory_grad", "memory_scan", "memory_forward")}
