@@ -266,7 +266,8 @@ def test_scan_reference_backward_matches_autograd_float64():
                                           (torch.float16, 5e-3, True)])
 @pytest.mark.parametrize("read", ["token", "chunk"])
 def test_reference_on_gpu_within_spec_tolerance(dtype, tol, ln, read):
-    """The fallback path users get on a GPU today (backend='auto'): outputs, state and input
+    """What users get on a GPU with backend='auto' (the chunked kernel for bf16/fp16, the
+    reference for fp32; gradients from the reference's VJP): outputs, state and input
     gradients against the float64 reference on the same rounded inputs."""
     B, T, H, D, C = 2, 100, 4, 32, 16
     args = list(make_inputs(B, T, H, D, dtype=torch.float32, lr_max=0.3))
@@ -295,12 +296,18 @@ def test_reference_on_gpu_within_spec_tolerance(dtype, tol, ln, read):
         assert rel_err(a, e) <= bound, (name, rel_err(a, e), rel_err(c, e))
 
 
-def test_neural_memory_backend_cuda_raises_for_long_calls_until_the_fused_kernel_lands():
+def test_neural_memory_backend_cuda_raises_where_no_kernel_applies():
+    """Calls longer than the decode kernel's 16 tokens go to the chunked kernel, which takes
+    bf16/fp16 inputs and D in (32, 64, 128): fp32 inputs and D = 16 raise naming why."""
+    needs_kernels()
     B, T, H, D = 1, 40, 2, 16
     args = make_inputs(B, T, H, D, dtype=torch.float32, device=DEV)
     weights = make_weights(H, D, 32, 2, dtype=torch.float32, device=DEV)
-    with pytest.raises(RuntimeError, match="no fused CUDA kernel"):
+    with pytest.raises(RuntimeError, match="bf16/fp16"):
         neural_memory(*args, weights, backend="cuda")
+    half = [t.to(torch.bfloat16) if i < 3 else t for i, t in enumerate(args)]
+    with pytest.raises(RuntimeError, match="no chunked kernel for D=16"):
+        neural_memory(*half, weights, backend="cuda")
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float32, 1e-5)])
