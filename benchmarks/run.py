@@ -101,27 +101,21 @@ def make_memory_inputs(s: Shape, device, requires_grad):
     return tensors
 
 
-def bench_reference(s: Shape, device, backward):
+def bench_reference(s: Shape, device, backward, backend="torch"):
+    """neural_memory: the reference, or (backend="cuda") the chunked kernel, whose backward is
+    still the reference's VJP."""
     q, k, v, lr, fg, mo, w1, w2, gamma, beta = make_memory_inputs(s, device, backward)
 
     def run():
         o, _ = neural_memory(q, k, v, lr, fg, mo, (w1, w2), chunk_size=s.chunk, residual=True,
-                             ln_weight=gamma, ln_bias=beta, backend="torch")
+                             ln_weight=gamma, ln_bias=beta, backend=backend)
         if backward:
             o.float().sum().backward()
     return run
 
 
 def bench_fused(s: Shape, device, backward):
-    """neural_memory on the chunked kernel (forward; its backward is the reference's VJP)."""
-    q, k, v, lr, fg, mo, w1, w2, gamma, beta = make_memory_inputs(s, device, backward)
-
-    def run():
-        o, _ = neural_memory(q, k, v, lr, fg, mo, (w1, w2), chunk_size=s.chunk, residual=True,
-                             ln_weight=gamma, ln_bias=beta, backend="cuda")
-        if backward:
-            o.float().sum().backward()
-    return run
+    return bench_reference(s, device, backward, backend="cuda")
 
 
 def bench_parallel(s: Shape, device, backward):

@@ -35,11 +35,24 @@ def decode_shape_supported(dim: int, hidden: int, depth: int) -> bool:
                                                   and hidden % 4 == 0))
 
 
-def decode_reason(q: Tensor, weights, cu_seqlens, initial_state) -> Optional[str]:
-    """None when the decode kernel handles this neural_memory call, else why not."""
+def _device_reason(q: Tensor, weights, initial_state) -> Optional[str]:
+    """What rules out both neural_memory kernels: the device, the build, float64 tensors."""
     if not q.is_cuda:
         return "the inputs are not on a CUDA device"
     reason = _lib.kernels_unavailable_reason(q.device)
+    if reason is not None:
+        return reason
+    tensors = list(weights) + ([] if initial_state is None else
+                               [*initial_state.weights, *initial_state.momentum,
+                                *initial_state.chunk_weights])
+    if any(t.dtype == torch.float64 for t in tensors):
+        return "float64 weights or states run on the reference"
+    return None
+
+
+def decode_reason(q: Tensor, weights, cu_seqlens, initial_state) -> Optional[str]:
+    """None when the decode kernel handles this neural_memory call, else why not."""
+    reason = _device_reason(q, weights, initial_state)
     if reason is not None:
         return reason
     T = q.shape[1]
@@ -53,11 +66,6 @@ def decode_reason(q: Tensor, weights, cu_seqlens, initial_state) -> Optional[str
         return "the decode kernel does not take cu_seqlens yet (pass [N, T, H, D] batches)"
     if q.dtype not in KERNEL_DTYPES:
         return f"the decode kernel takes bf16/fp16/fp32 inputs, got {q.dtype}"
-    tensors = list(weights) + ([] if initial_state is None else
-                               [*initial_state.weights, *initial_state.momentum,
-                                *initial_state.chunk_weights])
-    if any(t.dtype == torch.float64 for t in tensors):
-        return "float64 weights or states run on the reference"
     D = q.shape[-1]
     depth = len(weights)
     hidden = weights[0].shape[-1]
@@ -90,19 +98,12 @@ def chunked_shape_supported(dim: int, hidden: int, depth: int, chunk: int) -> bo
 def chunked_reason(q: Tensor, weights, chunk_size: int, cu_seqlens,
                    initial_state) -> Optional[str]:
     """None when the chunked kernel handles this neural_memory call, else why not."""
-    if not q.is_cuda:
-        return "the inputs are not on a CUDA device"
-    reason = _lib.kernels_unavailable_reason(q.device)
+    reason = _device_reason(q, weights, initial_state)
     if reason is not None:
         return reason
     if q.dtype not in CHUNKED_DTYPES:
         return (f"the chunked kernel takes bf16/fp16 inputs in this version, got {q.dtype} "
                 f"(fp32 runs on the reference)")
-    tensors = list(weights) + ([] if initial_state is None else
-                               [*initial_state.weights, *initial_state.momentum,
-                                *initial_state.chunk_weights])
-    if any(t.dtype == torch.float64 for t in tensors):
-        return "float64 weights or states run on the reference"
     if q.shape[1] == 0:
         return "the call has no tokens"
     D, depth = q.shape[-1], len(weights)
