@@ -4,15 +4,17 @@
 //
 // Precision. Every operand is held as two bf16 planes, x = hi + lo with hi = bf16(x) and
 // lo = bf16(x - hi), and every product as hi*hi + hi*lo + lo*hi with fp32 accumulation
-// ("bf16x3": about 16 significant bits per operand, where one bf16 keeps 8). A single bf16
+// ("bf16x3": about 17 significant bits per operand, where one bf16 keeps 8). A single bf16
 // rounding of the fp32 state, of the keys' activations or of the errors dz is amplified by
 // LayerNorm in ill-conditioned draws beyond SPEC §7's bound (measured 0.14 against 2e-2, see
 // docs/perf_notes.md); the split keeps the kernel within ~1e-4 of float64. fp16 inputs are
 // exact as a split pair (11 significant bits); bf16 inputs have lo = 0.
 //
-// Warp w < C / 16 owns chunk rows 16w..16w+15 for the row-local products (keys, head, read);
-// all warps share the staging and the state update. Per chunk (C rows, D features, the hidden
-// axis in blocks of 32 columns):
+// Eight warps. Row group g = warp % (C / 16) owns chunk rows 16g..16g+15 for the row-local
+// products (keys, head, read); at C <= 64 two warps share a group, each taking 16 of every
+// hidden block's 32 columns, and add their partial sums once per chunk (reduce_parts). All
+// warps share the staging and the state update. Per chunk (C rows, D features, the hidden axis
+// in blocks of 32 columns):
 //
 //   load     q, k rows of the chunk's slots -> shared (inactive slots: zero rows), gates
 //   gates    thread j runs column j of N and G down the chunk:

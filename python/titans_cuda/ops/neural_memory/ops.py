@@ -82,8 +82,6 @@ def decode_reason(q: Tensor, weights, cu_seqlens, initial_state) -> Optional[str
 CHUNKED_DTYPES = (torch.bfloat16, torch.float16)
 CHUNKED_DIMS = (32, 64, 128)
 CHUNKED_CHUNKS = (16, 32, 64, 128)
-
-
 CHUNKED_HIDDEN_BLOCK = 32  # kHB in chunked_kernel.cuh
 
 
