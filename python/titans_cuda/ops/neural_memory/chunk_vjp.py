@@ -1,0 +1,260 @@
+"""The adjoint of one chunk of the dual form (``reference.chunk_step``), written out by hand.
+
+This is the blueprint of the fused backward kernel (issue 4): every cotangent below is a matrix
+product, a row reduction or an elementwise map over the chunk, in the order a kernel walking the
+chunks in reverse would compute them, with no ratio of gate products anywhere (gradients of the
+segment products use prefix x suffix products, exact when a gate is 0). It is tested against
+autograd of ``chunk_step`` in float64 (tests/test_chunk_vjp.py). Nothing calls it on the
+library's paths yet: ``neural_memory``'s backward is still autograd through the reference.
+
+Notation as in reference.py (one chunk, leading dims [N, H], x̄ = dL/dx):
+
+  forward   gates   Pm, Pb (x act), m, beta, N = Pm lr, G = Pb N, c = Pb m
+            keys    hk_0 = k, zk_l = hk_l Wg_l, hk_{l+1} = phi(zk_l), f = zk_{L-1},
+                    y = [k +] [LN](f), E = 2 (y - v), dz_{L-1} = LNB(f, E),
+                    dz_l = (dz_{l+1} Wg_{l+1}^T) phi'(zk_l)
+            read    h_0 = q, A_l = h_l hk_l^T, z_l = beta h_l W0_l + c h_l S0_l - (G A_l) dz_l,
+                    h_{l+1} = phi(z_l), o = [q +] [LN](z_{L-1})      ("chunk": o = M_Wg(q))
+            state   W_l' = beta_C W0_l + c_C S0_l - hk_l^T (g dz_l),
+                    S_l' = m_C S0_l - hk_l^T (n dz_l)               (g, n: last rows of G, N)
+  backward  state -> read (top layer down) -> keys' errors (bottom layer up, second order) ->
+            LN double backward -> keys' forward (top down) -> gates
+
+LNB(f, E) = J (gamma E) with J(x) = r (x - mean(x) - xhat mean(x xhat)) (symmetric), and for a
+cotangent e of LNB: Ē = gamma J(e), gamma-bar += E J(e), and
+f̄ = -(r / D) (xhat <e, dz> + dz <e, xhat>) - r s J(e), s = mean(gamma E xhat).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..activations import activate, activate_grad
+from ..memory_mlp.reference import forward_pass, output_head
+from .reference import segment_products
+
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def activate_grad2(z: torch.Tensor, name: str) -> torch.Tensor:
+    """phi''(z): silu s (1 - s) (2 + z (1 - 2 s)); gelu pdf(z) (2 - z^2)."""
+    if name == "silu":
+        s = torch.sigmoid(z)
+        return s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
+    pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    return pdf * (2.0 - z * z)
+
+
+def _t(x):
+    return x.transpose(-1, -2)
+
+
+def segment_products_vjp(p: torch.Tensor, p_bar: torch.Tensor) -> torch.Tensor:
+    """ā for P = segment_products(a), from P itself: dP[t,i]/da_k = P[k-1,i] P[t,k] for
+    i < k <= t (prefix times suffix, no division), so ā_k = sum_t P[t,k] (P̄ Q)[t,k] with
+    Q[i,k] = P[k-1,i]."""
+    q = torch.zeros_like(p)
+    q[..., :, 1:] = _t(p[..., :-1, :])
+    return (p * torch.matmul(p_bar.tril(), q)).sum(-2)
+
+
+def cumprod_vjp(p: torch.Tensor, prod: torch.Tensor, prod_bar: torch.Tensor) -> torch.Tensor:
+    """ā for prod = cumprod(a) (p = segment_products(a)): ā_k = prod_{k-1} sum_t prod̄_t P[t,k]."""
+    prev = torch.cat([torch.ones_like(prod[..., :1]), prod[..., :-1]], dim=-1)
+    return prev * torch.matmul(prod_bar.unsqueeze(-2), p).squeeze(-2)
+
+
+def _ln_j(x, xhat, rstd):
+    """J(x) = r (x - mean(x) - xhat mean(x xhat)): the LayerNorm backward without gamma."""
+    return rstd * (x - x.mean(-1, keepdim=True) - xhat * (x * xhat).mean(-1, keepdim=True))
+
+
+def _head_backward(y_bar, xhat, rstd, mlp, grads):
+    """ȳ of y = [x +] [LN](f) -> f̄ (and the LN parameters' cotangents into grads)."""
+    if mlp["ln_weight"] is None:
+        return y_bar
+    grads["ln_weight"] = grads["ln_weight"] + (y_bar * xhat)
+    if mlp["ln_bias"] is not None:
+        grads["ln_bias"] = grads["ln_bias"] + y_bar
+    return _ln_j(y_bar * mlp["ln_weight"], xhat, rstd)
+
+
+def _mlp_backward(f_bar, h, z, weights, activation, wg_bar):
+    """Back through z_l = h_l W_l, h_{l+1} = phi(z_l) from f̄ = z̄_{L-1}; adds W̄ into wg_bar,
+    returns h̄_0."""
+    z_bar = f_bar
+    for layer in range(len(weights) - 1, -1, -1):
+        wg_bar[layer] = wg_bar[layer] + torch.matmul(_t(h[layer]), z_bar)
+        h_bar = torch.matmul(z_bar, _t(weights[layer]))
+        if layer == 0:
+            return h_bar
+        z_bar = h_bar * activate_grad(z[layer - 1], activation)
+
+
+def chunk_step_vjp(q, k, v, lr, decay, eta, active, w0, s0, wg, o_bar, w_bar, s_bar, *, mlp,
+                   read):
+    """Cotangents of chunk_step's inputs given those of its outputs (o, w_new, s_new).
+
+    Arguments as chunk_step's, plus o_bar [N, H, C, D] and w_bar, s_bar (per layer, like w0).
+    Returns a dict: q, k, v, lr, decay, eta ([..., C(, D)]), w0, s0, wg (lists per layer),
+    ln_weight, ln_bias (summed over rows and chunk to the parameters' broadcast shape, or None).
+    """
+    act_name = mlp["activation"]
+    n_layers = len(w0)
+    # ---- forward recompute ----
+    p_eta = segment_products(eta)
+    p_dec = segment_products(decay)
+    pb = p_dec * active.unsqueeze(-2)
+    m = torch.cumprod(eta, dim=-1)
+    beta = torch.cumprod(decay, dim=-1)
+    n_mat = p_eta * lr.unsqueeze(-2)
+    g_mat = torch.matmul(pb, n_mat)
+    c = torch.matmul(pb, m.unsqueeze(-1)).squeeze(-1)
+
+    yk, kc = forward_pass(k, wg, activation=act_name, residual=mlp["residual"],
+                          ln_weight=mlp["ln_weight"], ln_bias=mlp["ln_bias"],
+                          ln_eps=mlp["ln_eps"])
+    e = 2.0 * (yk - v)
+    ln = mlp["ln_weight"] is not None
+    dz = [None] * n_layers
+    dz[-1] = _ln_j(e * mlp["ln_weight"], kc.xhat, kc.rstd) if ln else e
+    for layer in range(n_layers - 2, -1, -1):
+        dz[layer] = (torch.matmul(dz[layer + 1], _t(wg[layer + 1]))
+                     * activate_grad(kc.z[layer], act_name))
+    hk = kc.h
+
+    grads = {"ln_weight": torch.zeros_like(q) if ln else None,
+             "ln_bias": torch.zeros_like(q) if ln and mlp["ln_bias"] is not None else None}
+    wg_bar = [torch.zeros_like(w) for w in wg]
+    w0_bar = [torch.zeros_like(w) for w in w0]
+    s0_bar = [torch.zeros_like(w) for w in s0]
+    dz_bar = [torch.zeros_like(d) for d in dz]
+    hk_bar = [torch.zeros_like(h) for h in hk]
+    g_bar = torch.zeros_like(g_mat)
+    n_bar = torch.zeros_like(n_mat)
+    c_bar, beta_bar, m_bar = (torch.zeros_like(c) for _ in range(3))
+    q_bar = torch.zeros_like(q)
+
+    # ---- state ----
+    g_last, n_last = g_mat[..., -1, :], n_mat[..., -1, :]
+    for layer in range(n_layers):
+        wb, sb = w_bar[layer], s_bar[layer]
+        w0_bar[layer] = w0_bar[layer] + beta[..., -1, None, None] * wb
+        s0_bar[layer] = s0_bar[layer] + c[..., -1, None, None] * wb + m[..., -1, None, None] * sb
+        beta_bar[..., -1] += (w0[layer] * wb).sum((-1, -2))
+        c_bar[..., -1] += (s0[layer] * wb).sum((-1, -2))
+        m_bar[..., -1] += (s0[layer] * sb).sum((-1, -2))
+        hw, hs = torch.matmul(hk[layer], wb), torch.matmul(hk[layer], sb)  # [C, d_out]
+        dz_bar[layer] = dz_bar[layer] - g_last.unsqueeze(-1) * hw - n_last.unsqueeze(-1) * hs
+        hk_bar[layer] = hk_bar[layer] - torch.matmul(
+            g_last.unsqueeze(-1) * dz[layer], _t(wb)) - torch.matmul(
+            n_last.unsqueeze(-1) * dz[layer], _t(sb))
+        g_bar[..., -1, :] -= (hw * dz[layer]).sum(-1)
+        n_bar[..., -1, :] -= (hs * dz[layer]).sum(-1)
+
+    # ---- read ----
+    if read == "chunk":
+        o, qc = forward_pass(q, wg, activation=act_name, residual=mlp["residual"],
+                             ln_weight=mlp["ln_weight"], ln_bias=mlp["ln_bias"],
+                             ln_eps=mlp["ln_eps"])
+        if mlp["residual"]:
+            q_bar = q_bar + o_bar
+        f_bar = _head_backward(o_bar, qc.xhat, qc.rstd, mlp, grads)
+        q_bar = q_bar + _mlp_backward(f_bar, qc.h, qc.z, wg, act_name, wg_bar)
+    else:
+        hs, zs, hw0, hs0, amat = [], [], [], [], []
+        h = q
+        for layer in range(n_layers):
+            hs.append(h)
+            a = torch.matmul(h, _t(hk[layer]))
+            hw0.append(torch.matmul(h, w0[layer]))
+            hs0.append(torch.matmul(h, s0[layer]))
+            amat.append(a)
+            z = (beta.unsqueeze(-1) * hw0[-1] + c.unsqueeze(-1) * hs0[-1]
+                 - torch.matmul(g_mat * a, dz[layer]))
+            zs.append(z)
+            h = activate(z, act_name) if layer < n_layers - 1 else z
+        _, xhat, rstd = output_head(zs[-1], q, residual=mlp["residual"],
+                                    ln_weight=mlp["ln_weight"], ln_bias=mlp["ln_bias"],
+                                    ln_eps=mlp["ln_eps"])
+        if mlp["residual"]:
+            q_bar = q_bar + o_bar
+        z_bar = _head_backward(o_bar, xhat, rstd, mlp, grads)
+        for layer in range(n_layers - 1, -1, -1):
+            h, a = hs[layer], amat[layer]
+            beta_bar = beta_bar + (z_bar * hw0[layer]).sum(-1)
+            c_bar = c_bar + (z_bar * hs0[layer]).sum(-1)
+            w0_bar[layer] = w0_bar[layer] + torch.matmul(_t(h), beta.unsqueeze(-1) * z_bar)
+            s0_bar[layer] = s0_bar[layer] + torch.matmul(_t(h), c.unsqueeze(-1) * z_bar)
+            mm = -torch.matmul(z_bar, _t(dz[layer]))  # cotangent of G * A
+            g_bar = g_bar + mm * a
+            a_bar = mm * g_mat
+            dz_bar[layer] = dz_bar[layer] - torch.matmul(_t(g_mat * a), z_bar)
+            h_bar = (beta.unsqueeze(-1) * torch.matmul(z_bar, _t(w0[layer]))
+                     + c.unsqueeze(-1) * torch.matmul(z_bar, _t(s0[layer]))
+                     + torch.matmul(a_bar, hk[layer]))
+            hk_bar[layer] = hk_bar[layer] + torch.matmul(_t(a_bar), h)
+            if layer == 0:
+                q_bar = q_bar + h_bar
+            else:
+                z_bar = h_bar * activate_grad(zs[layer - 1], act_name)
+
+    # ---- keys: the errors' recursion, bottom layer up (second order) ----
+    zk_bar = [torch.zeros_like(z) for z in kc.z]
+    for layer in range(n_layers - 1):
+        u = torch.matmul(dz[layer + 1], _t(wg[layer + 1]))
+        d1 = activate_grad(kc.z[layer], act_name)
+        u_bar = dz_bar[layer] * d1
+        zk_bar[layer] = zk_bar[layer] + dz_bar[layer] * u * activate_grad2(kc.z[layer], act_name)
+        dz_bar[layer + 1] = dz_bar[layer + 1] + torch.matmul(u_bar, wg[layer + 1])
+        wg_bar[layer + 1] = wg_bar[layer + 1] + torch.matmul(_t(u_bar), dz[layer + 1])
+    # LayerNorm double backward: dz_{L-1} = J(gamma E) at f
+    top = dz_bar[-1]
+    if ln:
+        xhat, rstd, gam = kc.xhat, kc.rstd, mlp["ln_weight"]
+        je = _ln_j(top, xhat, rstd)
+        e_bar = gam * je
+        grads["ln_weight"] = grads["ln_weight"] + e * je
+        s = (gam * e * xhat).mean(-1, keepdim=True)
+        D = top.shape[-1]
+        zk_bar[-1] = zk_bar[-1] - (rstd / D) * (
+            xhat * (top * dz[-1]).sum(-1, keepdim=True)
+            + dz[-1] * (top * xhat).sum(-1, keepdim=True)) - rstd * s * je
+    else:
+        e_bar = top
+    yk_bar = 2.0 * e_bar
+    v_bar = -2.0 * e_bar
+    k_bar = yk_bar if mlp["residual"] else torch.zeros_like(k)
+    zk_bar[-1] = zk_bar[-1] + _head_backward(yk_bar, kc.xhat, kc.rstd, mlp, grads)
+    # the keys' forward, top down, with the hk̄ of the read and the state
+    for layer in range(n_layers - 1, -1, -1):
+        wg_bar[layer] = wg_bar[layer] + torch.matmul(_t(hk[layer]), zk_bar[layer])
+        h_bar = hk_bar[layer] + torch.matmul(zk_bar[layer], _t(wg[layer]))
+        if layer == 0:
+            k_bar = k_bar + h_bar
+        else:
+            zk_bar[layer - 1] = zk_bar[layer - 1] + h_bar * activate_grad(kc.z[layer - 1],
+                                                                           act_name)
+
+    # ---- gates ----
+    pb_bar = torch.matmul(g_bar, _t(n_mat)) + c_bar.unsqueeze(-1) * m.unsqueeze(-2)
+    n_bar = n_bar + torch.matmul(_t(pb), g_bar)
+    m_bar = m_bar + torch.matmul(_t(pb), c_bar.unsqueeze(-1)).squeeze(-1)
+    pdec_bar = pb_bar * active.unsqueeze(-2)
+    lr_bar = (n_bar * p_eta).sum(-2)
+    eta_bar = (segment_products_vjp(p_eta, n_bar * lr.unsqueeze(-2))
+               + cumprod_vjp(p_eta, m, m_bar))
+    decay_bar = segment_products_vjp(p_dec, pdec_bar) + cumprod_vjp(p_dec, beta, beta_bar)
+
+    def params(g):
+        if g is None:
+            return None
+        shape = mlp["ln_weight"].shape
+        dims = [i for i in range(g.dim()) if i >= g.dim() - len(shape) and
+                shape[i - g.dim()] == 1 or i < g.dim() - len(shape)]
+        return g.sum(dims, keepdim=True).reshape(shape) if dims else g
+    return {"q": q_bar, "k": k_bar, "v": v_bar, "lr": lr_bar, "decay": decay_bar,
+            "eta": eta_bar, "w0": w0_bar, "s0": s0_bar, "wg": wg_bar,
+            "ln_weight": params(grads["ln_weight"]), "ln_bias": params(grads["ln_bias"])}
