@@ -1,5 +1,6 @@
 """A Titans memory layer in a few lines: write a sequence into the memory, read it back, then
-stream the next tokens one at a time from the returned state (runs on CPU or GPU)."""
+stream the next tokens one at a time from the returned state, and pack sequences of different
+lengths (runs on CPU or GPU; on a GPU the forward passes run the decode and chunked kernels)."""
 import torch
 
 import titans_cuda
@@ -28,6 +29,14 @@ o1, state = titans_cuda.neural_memory(*step, weights, chunk_size=64, residual=Tr
                                       ln_weight=ln_w, ln_bias=ln_b, initial_state=state,
                                       output_final_state=True)
 print(f"decode step {tuple(o1.shape)}; state offset now {state.offset.tolist()}")
+
+# variable-length sequences packed FlashAttention-style: [1, total, H, D] and cu_seqlens
+cu = torch.tensor([0, 300, 512], device=device)
+packed = [x[:1].reshape(1, T, *x.shape[2:]) for x in (q, k, v, lr, forget, momentum)]
+o_var, st_var = titans_cuda.neural_memory(*packed, weights, chunk_size=64, residual=True,
+                                          ln_weight=ln_w, ln_bias=ln_b, cu_seqlens=cu,
+                                          output_final_state=True)
+print(f"packed {tuple(o_var.shape)}; one state per sequence, offsets {st_var.offset.tolist()}")
 
 # gradients reach every input, the learned initial weights included
 weights = tuple(w.requires_grad_(True) for w in weights)
