@@ -1,7 +1,8 @@
-"""The hand-written adjoint of one chunk (ops/neural_memory/chunk_vjp.py, the fused backward
-kernel's blueprint) against autograd through reference.chunk_step, in float64: every input's
-cotangent, for depth 1-3, both reads, LayerNorm +- bias, residual, silu/gelu, inactive slots at
-both ends of the chunk, and gates with exact zeros (alpha = 1, eta = 0, lr = 0)."""
+"""The hand-written adjoints (ops/neural_memory/chunk_vjp.py, the fused backward kernel's
+blueprint) against autograd through the reference, in float64: one chunk (every input's
+cotangent, depth 1-3, both reads, LayerNorm +- bias, residual, silu/gelu, inactive slots at both
+ends of the chunk, gates with exact zeros) and whole calls (dense, initial states with offsets,
+cu_seqlens with an empty sequence; cotangents on o and on the whole final state)."""
 from __future__ import annotations
 
 import itertools
@@ -72,3 +73,68 @@ def test_chunk_vjp_matches_autograd(depth, read, ln, residual, act):
         b = torch.zeros_like(a) if b is None else b
         assert a.shape == b.shape, (name, a.shape, b.shape)
         assert rel_err(a, b) < 1e-9, (name, rel_err(a, b))
+
+
+SEQ_CASES = [("dense", 2, "token", "lnb"), ("dense", 1, "chunk", "ln"), ("state", 2, "token", "ln"),
+             ("state", 1, "token", "none"), ("packed", 2, "token", "lnb"),
+             ("packed", 2, "chunk", "none"), ("packed-state", 2, "token", "ln")]
+
+
+@pytest.mark.parametrize("kind,depth,read,ln", SEQ_CASES)
+def test_sequence_vjp_matches_autograd(kind, depth, read, ln):
+    """The backward's outer loop (chunks in reverse, the state's cotangents carried, the final
+    chunk weights' cotangent owed to each sequence's last chunk) against autograd through the
+    reference: every input, the learned weights or every initial-state tensor, LayerNorm."""
+    from conftest import make_inputs, make_weights
+    from titans_cuda import MemoryState
+    dt, C, H, D, hidden = torch.float64, 4, 2, 4, 6
+    packed = kind.startswith("packed")
+    lengths = [7, 0, 3, 9] if packed else None
+    B, T = (1, sum(lengths)) if packed else (2, 11)
+    n_seq = len(lengths) if packed else B
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths))) if packed else None
+    xs = list(make_inputs(B, T, H, D, dtype=dt))
+    weights = list(make_weights(H, D, hidden, depth, dtype=dt))
+    st = None
+    if kind in ("state", "packed-state"):
+        w = [t.unsqueeze(0).expand(n_seq, *t.shape) + 0.1 * torch.randn(n_seq, *t.shape,
+                                                                         dtype=dt)
+             for t in weights]
+        st = MemoryState(tuple(w), tuple(0.1 * torch.randn_like(t) for t in w),
+                         tuple(t + 0.1 * torch.randn_like(t) for t in w),
+                         torch.tensor([3, 0, 1, 2][:n_seq]))
+    gam = (1 + 0.2 * torch.randn(H, D, dtype=dt)) if ln != "none" else None
+    bet = (0.2 * torch.randn(H, D, dtype=dt)) if ln == "lnb" else None
+    state_leaves = [] if st is None else [*st.weights, *st.momentum, *st.chunk_weights]
+    ln_leaves = [p for p in (gam, bet) if p is not None]
+    leaves = [t.clone().requires_grad_(True) for t in (*xs, *weights, *state_leaves, *ln_leaves)]
+    lx, lw = leaves[:6], leaves[6:6 + depth]
+    rest = leaves[6 + depth:]
+    lst = None
+    if st is not None:
+        lst = MemoryState(tuple(rest[:depth]), tuple(rest[depth:2 * depth]),
+                          tuple(rest[2 * depth:3 * depth]), st.offset)
+        rest = rest[3 * depth:]
+    lg = rest[0] if gam is not None else None
+    lb = rest[1] if bet is not None else None
+    kw = dict(chunk_size=C, activation="gelu", residual=True, ln_eps=1e-6, read=read,
+              cu_seqlens=cu)
+    o, fs = ref.neural_memory(*lx, tuple(lw), ln_weight=lg, ln_bias=lb, initial_state=lst,
+                              output_final_state=True, **kw)
+    o_bar = torch.randn_like(o)
+    sbar = [[torch.randn_like(t) for t in f] for f in (fs.weights, fs.momentum,
+                                                         fs.chunk_weights)]
+    outs = [o, *fs.weights, *fs.momentum, *fs.chunk_weights]
+    cots = [o_bar, *sbar[0], *sbar[1], *sbar[2]]
+    want = torch.autograd.grad(outs, leaves, cots, allow_unused=True)
+    got = chunk_vjp.sequence_vjp(*xs, weights, ln_weight=gam, ln_bias=bet, initial_state=st,
+                                 o_bar=o_bar, state_bar=sbar, **kw)
+    flat = [got[n] for n in ("q", "k", "v", "lr", "forget", "momentum")] + got["weights"]
+    if st is not None:
+        flat += [t for f in got["state"] for t in f]
+    flat += [got[n] for n, p in (("ln_weight", gam), ("ln_bias", bet)) if p is not None]
+    assert len(flat) == len(want)
+    for i, (a, b) in enumerate(zip(flat, want)):
+        b = torch.zeros_like(a) if b is None else b
+        assert a.shape == b.shape, (i, a.shape, b.shape)
+        assert rel_err(a, b) < 1e-9, (i, rel_err(a, b))

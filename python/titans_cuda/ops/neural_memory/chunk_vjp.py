@@ -3,9 +3,12 @@
 This is the blueprint of the fused backward kernel (issue 4): every cotangent below is a matrix
 product, a row reduction or an elementwise map over the chunk, in the order a kernel walking the
 chunks in reverse would compute them, with no ratio of gate products anywhere (gradients of the
-segment products use prefix x suffix products, exact when a gate is 0). It is tested against
-autograd of ``chunk_step`` in float64 (tests/test_chunk_vjp.py). Nothing calls it on the
-library's paths yet: ``neural_memory``'s backward is still autograd through the reference.
+segment products use prefix x suffix products, exact when a gate is 0). ``sequence_vjp`` is
+the outer loop: chunks in reverse, the state's cotangents carried, the final chunk weights'
+cotangent owed to each sequence's last chunk, the first chunk's gradient weights routed to the
+initial state's weights or chunk weights. Both are tested against autograd through the
+reference in float64 (tests/test_chunk_vjp.py). Nothing calls them on the library's paths yet:
+``neural_memory``'s backward is still autograd through the reference.
 
 Notation as in reference.py (one chunk, leading dims [N, H], x̄ = dL/dx):
 
@@ -32,6 +35,7 @@ import torch
 
 from ..activations import activate, activate_grad
 from ..memory_mlp.reference import forward_pass, output_head
+from . import reference as ref
 from .reference import segment_products
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
@@ -258,3 +262,100 @@ def chunk_step_vjp(q, k, v, lr, decay, eta, active, w0, s0, wg, o_bar, w_bar, s_
     return {"q": q_bar, "k": k_bar, "v": v_bar, "lr": lr_bar, "decay": decay_bar,
             "eta": eta_bar, "w0": w0_bar, "s0": s0_bar, "wg": wg_bar,
             "ln_weight": params(grads["ln_weight"]), "ln_bias": params(grads["ln_bias"])}
+
+
+def sequence_vjp(q, k, v, lr, forget, momentum, weights, *, chunk_size, activation, residual,
+                 ln_weight, ln_bias, ln_eps, read, initial_state, cu_seqlens, o_bar,
+                 state_bar=None):
+    """Cotangents of reference.neural_memory's inputs for o_bar (like o) and state_bar (None, or
+    lists (weights, momentum, chunk_weights) like the final state's): the backward's outer loop
+    as the fused kernel will run it, chunk by chunk in reverse with the state's cotangents
+    carried. This version keeps every chunk's (W0, S0) from a forward pass; the kernel will
+    keep one per group of chunks and recompute the rest.
+
+    Returns a dict: q, k, v, lr, forget, momentum (like the inputs), weights (per layer; zeros
+    when an initial state is given), ln_weight, ln_bias ([H, D] or None), and state (lists
+    weights, momentum, chunk_weights, or None without an initial state)."""
+    P = ref._prepare(q, k, v, lr, forget, momentum, weights, chunk_size=chunk_size,
+                     activation=activation, residual=residual, ln_weight=ln_weight,
+                     ln_bias=ln_bias, ln_eps=ln_eps, initial_state=initial_state,
+                     cu_seqlens=cu_seqlens)
+    tl, dtype, mlp, L = P.timeline, P.dtype, P.mlp, len(weights)
+    # forward: the state at every chunk start
+    starts, w, s = [], P.w, P.s
+    for j in range(P.n_chunks):
+        wg = P.wg0 if j == 0 else w
+        starts.append((w, s, wg))
+        _, w, s = ref.chunk_step(P.qt[:, :, j], P.kt[:, :, j], P.vt[:, :, j], P.lr_t[:, :, j],
+                                 P.decay_t[:, :, j], P.eta_t[:, :, j], P.act_t[:, :, j], w, s,
+                                 wg, mlp=mlp, read=read)
+    ob = tl.lay_out(o_bar, 0.0, dtype)
+    wb = [torch.zeros_like(t) for t in w]
+    sb = [torch.zeros_like(t) for t in s]
+    cw_to_wg = None  # cotangent of the final chunk weights, owed to the last chunk's wg
+    if state_bar is not None:
+        wb = [a + d.to(dtype) for a, d in zip(wb, state_bar[0])]
+        sb = [a + d.to(dtype) for a, d in zip(sb, state_bar[1])]
+        still_open = (tl.final_offset > 0).view(P.n_seq, 1, 1, 1)
+        cwb = [d.to(dtype) for d in state_bar[2]]
+        wb = [a + torch.where(still_open, torch.zeros_like(c), c) for a, c in zip(wb, cwb)]
+        cw_to_wg = [torch.where(still_open, c, torch.zeros_like(c)) for c in cwb]
+    owed = torch.ones(P.n_seq, 1, 1, 1, dtype=torch.bool, device=q.device)  # cw̄ not yet paid
+    keys = ("q", "k", "v", "lr", "decay", "eta")
+    per_chunk = {name: [None] * P.n_chunks for name in keys}
+    ln_w_bar = ln_b_bar = None
+    wg0_bar = None
+    for j in range(P.n_chunks - 1, -1, -1):
+        w0, s0, wg = starts[j]
+        g = chunk_step_vjp(P.qt[:, :, j], P.kt[:, :, j], P.vt[:, :, j], P.lr_t[:, :, j],
+                           P.decay_t[:, :, j], P.eta_t[:, :, j], P.act_t[:, :, j], w0, s0, wg,
+                           ob[:, :, j], wb, sb, mlp=mlp, read=read)
+        for name in keys:
+            per_chunk[name][j] = g[name]
+        if g["ln_weight"] is not None:
+            ln_w_bar = g["ln_weight"] if ln_w_bar is None else ln_w_bar + g["ln_weight"]
+        if g["ln_bias"] is not None:
+            ln_b_bar = g["ln_bias"] if ln_b_bar is None else ln_b_bar + g["ln_bias"]
+        wg_bar = g["wg"]
+        if cw_to_wg is not None:
+            last = tl.is_last_chunk(j)
+            last = torch.as_tensor(last, device=q.device).view(-1, 1, 1, 1) & owed
+            wg_bar = [a + torch.where(last, c, torch.zeros_like(c))
+                      for a, c in zip(wg_bar, cw_to_wg)]
+            owed = owed & ~last
+        if j > 0:
+            wb = [a + b for a, b in zip(g["w0"], wg_bar)]
+        else:
+            wb, wg0_bar = g["w0"], wg_bar
+        sb = g["s0"]
+    if wg0_bar is None:  # no chunk at all
+        wg0_bar = [torch.zeros_like(t) for t in wb]
+    if cw_to_wg is not None:  # sequences without tokens: their final cw is wg0
+        wg0_bar = [a + torch.where(owed, c, torch.zeros_like(c))
+                   for a, c in zip(wg0_bar, cw_to_wg)]
+
+    def unlay(name, feature):
+        if P.n_chunks == 0:
+            return None
+        x = torch.stack(per_chunk[name], dim=2)
+        if not feature:
+            x = x.unsqueeze(-1)
+        out = tl.unlay(x).reshape(P.B, P.T, P.H, -1)
+        return out if feature else out.squeeze(-1)
+    out = {name: unlay(name, name in ("q", "k", "v")) for name in keys}
+    out["forget"] = None if out["decay"] is None else -out.pop("decay")
+    out["momentum"] = out.pop("eta")
+    H, D = P.H, P.D
+    out["ln_weight"] = None if ln_w_bar is None else ln_w_bar.reshape(H, D)
+    out["ln_bias"] = None if ln_b_bar is None else ln_b_bar.reshape(H, D)
+    if initial_state is None:
+        out["weights"] = [(a + b).sum(0) for a, b in zip(wb, wg0_bar)]
+        out["state"] = None
+    else:
+        open_chunk = P.open_chunk
+        out["weights"] = [torch.zeros_like(t, dtype=dtype) for t in weights]
+        out["state"] = (
+            [a + torch.where(open_chunk, torch.zeros_like(b), b) for a, b in zip(wb, wg0_bar)],
+            list(sb),
+            [torch.where(open_chunk, b, torch.zeros_like(b)) for b in wg0_bar])
+    return out

@@ -145,10 +145,17 @@ class _PackedTimeline:
         return o_pad.movedim(1, 3).reshape(N * self.n_chunks * self.C, H, D)[self.scatter]
 
 
-def neural_memory(q, k, v, lr, forget, momentum, weights, *, chunk_size=64, activation="silu",
-                  residual=False, ln_weight=None, ln_bias=None, ln_eps=1e-6, read="token",
-                  initial_state=None, output_final_state=False, cu_seqlens=None):
-    """Reference of titans_cuda.neural_memory (arguments already validated)."""
+class _Prepared:
+    """Everything the chunk loop needs, laid out on the padded timeline (see _prepare)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _prepare(q, k, v, lr, forget, momentum, weights, *, chunk_size, activation, residual,
+             ln_weight, ln_bias, ln_eps, initial_state, cu_seqlens):
+    """The timeline, the initial W, S and gradient weights wg0 per sequence, and the inputs
+    laid out as [N, H, NC, C, ...] (also used by chunk_vjp.sequence_vjp)."""
     B, T, H, D = q.shape
     device = q.device
     dtype = compute_dtype(q, k, v, *weights)
@@ -174,6 +181,7 @@ def neural_memory(q, k, v, lr, forget, momentum, weights, *, chunk_size=64, acti
         w = [wt.to(dtype).unsqueeze(0).expand(n_seq, *wt.shape) for wt in weights]
         s = [torch.zeros(n_seq, *wt.shape, dtype=dtype, device=device) for wt in weights]
         wg0 = w
+        open_chunk = None
     else:
         w = [wt.to(dtype) for wt in initial_state.weights]
         s = [st.to(dtype) for st in initial_state.momentum]
@@ -192,6 +200,21 @@ def neural_memory(q, k, v, lr, forget, momentum, weights, *, chunk_size=64, acti
         return None if p is None else p.to(dtype).reshape(H, 1, D)
     mlp = dict(activation=activation, residual=residual, ln_weight=ln_shape(ln_weight),
                ln_bias=ln_shape(ln_bias), ln_eps=ln_eps)
+    return _Prepared(B=B, T=T, H=H, D=D, dtype=dtype, timeline=timeline, n_seq=n_seq,
+                     n_chunks=n_chunks, w=w, s=s, wg0=wg0, open_chunk=open_chunk, qt=qt, kt=kt,
+                     vt=vt, lr_t=lr_t, decay_t=decay_t, eta_t=eta_t, act_t=act_t, mlp=mlp)
+
+
+def neural_memory(q, k, v, lr, forget, momentum, weights, *, chunk_size=64, activation="silu",
+                  residual=False, ln_weight=None, ln_bias=None, ln_eps=1e-6, read="token",
+                  initial_state=None, output_final_state=False, cu_seqlens=None):
+    """Reference of titans_cuda.neural_memory (arguments already validated)."""
+    P = _prepare(q, k, v, lr, forget, momentum, weights, chunk_size=chunk_size,
+                 activation=activation, residual=residual, ln_weight=ln_weight, ln_bias=ln_bias,
+                 ln_eps=ln_eps, initial_state=initial_state, cu_seqlens=cu_seqlens)
+    B, T, H, D, dtype, timeline = P.B, P.T, P.H, P.D, P.dtype, P.timeline
+    n_seq, n_chunks, w, s, wg0, mlp = P.n_seq, P.n_chunks, P.w, P.s, P.wg0, P.mlp
+    qt, kt, vt, lr_t, decay_t, eta_t, act_t = P.qt, P.kt, P.vt, P.lr_t, P.decay_t, P.eta_t, P.act_t
 
     cw = wg0  # the weights of each sequence's open chunk, for the final state
     outs = []
