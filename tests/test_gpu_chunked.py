@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from conftest import make_inputs, make_weights, needs_kernels, rel_err
-from test_gpu_decode import TOL, _compare, _double_mem, _double_state, _random_state
+from test_gpu_decode import (TOL, _assert_bitwise_equal, _compare, _double_mem, _double_state,
+                             _random_state)
+from test_gpu_decode import _op_args as _decode_op_args
 
 # The kernel's operands carry about 17 significant bits (split bf16) against fp32's 24. Where a
 # draw is so ill-conditioned that the fp32 reference itself loses digits (LayerNorm of a nearly
@@ -245,11 +247,8 @@ def _default_case(T=300, dtype=torch.bfloat16, kind="open"):
 
 
 def _op_args(args, weights, st, mem, cu):
-    lists = [[] if st is None else list(getattr(st, f))
-             for f in ("weights", "momentum", "chunk_weights")]
-    return (*args, list(weights), mem["ln_weight"], mem["ln_bias"], *lists,
-            None if st is None else st.offset, mem["chunk_size"], mem["activation"],
-            mem["residual"], 1e-6, mem["read"], cu)
+    """chunked_op's positional arguments: decode_op's and cu_seqlens."""
+    return (*_decode_op_args(args, weights, st, mem), cu)
 
 
 def test_chunked_kernel_writes_every_element():
@@ -272,10 +271,7 @@ def test_chunked_is_deterministic():
     args, weights, st, mem, cu = _default_case(kind="varlen")
     runs = [neural_memory(*args, weights, initial_state=st, output_final_state=True,
                           backend="cuda", cu_seqlens=cu, **mem) for _ in range(2)]
-    assert torch.equal(runs[0][0], runs[1][0])
-    for a, b in zip(runs[0][1].weights + runs[0][1].momentum + runs[0][1].chunk_weights,
-                    runs[1][1].weights + runs[1][1].momentum + runs[1][1].chunk_weights):
-        assert torch.equal(a, b)
+    _assert_bitwise_equal(*runs)
 
 
 def test_chunked_op_cuda_graph_capture_and_replay():
