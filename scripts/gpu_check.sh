@@ -6,6 +6,7 @@
 #   bash scripts/gpu_check.sh                 # everything
 #   SKIP_BENCH=1 bash scripts/gpu_check.sh    # no benchmark
 #   TESTS="tests/test_gpu_mlp.py" SKIP_SANITIZER=1 ...   # a subset while iterating
+#   PYTEST_K="cluster_split or C64" ...  # pytest -k expression for that subset
 #   SKIP_TESTS=1 BENCH_ARGS="--no-sweep" ...                # build + benchmark only
 #   SKIP_BUILD=1 ...                     # reuse the extension a previous call installed
 #   ARCHS=90a-real (default) selects what nvcc compiles; carried wheels in .whl/ (titans-pytorch
@@ -58,7 +59,8 @@ export TITANS_EXPECT_EXTENSION=1 TITANS_EXPECT_ARCH=sm_${ARCHS%%-*}
 if [ -z "${SKIP_TESTS:-}" ]; then
   step "pytest (all tests, GPU included)"
   XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
-  $PY -m pytest ${TESTS:-tests} -q -p no:cacheprovider $XDIST -rfE >"$OUT/pytest.log" 2>&1
+  $PY -m pytest ${TESTS:-tests} ${PYTEST_K:+-k "$PYTEST_K"} -q -p no:cacheprovider $XDIST -rfE \
+    >"$OUT/pytest.log" 2>&1
   status[pytest]="$(tail -1 "$OUT/pytest.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
 fi

@@ -266,6 +266,46 @@ def test_chunked_kernel_writes_every_element():
             assert torch.isfinite(t).all(), (kind, i)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunked_every_cluster_split_matches_the_reference(kind):
+    """Depth 2 spreads a (sequence, head) over a cluster of 1 to 8 CTAs (sm_90+), each owning
+    every split-th hidden block (3 does not divide the 8 blocks) and adding fk and z2 over
+    DSMEM: every split the launcher may pick writes every output (NaN-poisoned buffers), matches the float64 reference,
+    and is bitwise reproducible. The launcher's own choice (split 0) is one of them."""
+    needs_kernels()
+    args, weights, st, mem, cu = _default_case(kind=kind)
+    B, _, H, _ = args[0].shape
+    N = B if cu is None else cu.numel() - 1
+    L = len(weights)
+    splits = [1] + ([2, 3, 4, 8] if torch.cuda.get_device_capability()[0] >= 9 else [])
+    (o_ref, st_ref), (o32, st32) = _references(args, weights, st, mem, cu)
+    runs = {}
+    for split in splits + [0]:
+        for rep in range(2 if split else 1):
+            out = [torch.full_like(args[0], float("nan"))] + [
+                torch.full((N, H, *w.shape[-2:]), float("nan"), device=DEV)
+                for _ in range(3) for w in weights]
+            got = nm_ops._launch(*_op_args(args, weights, st, mem, None)[:-1], cu_seqlens=cu,
+                                 out=out, split=split, kernel="chunked")
+            for i, t in enumerate(got):
+                assert torch.isfinite(t).all(), (split, i)
+            if rep == 1:
+                for a, b in zip(runs[split], got):
+                    assert torch.equal(a, b), split
+                continue
+            runs[split] = got
+            off = torch.zeros(N, dtype=torch.long, device=DEV) if st is None else st.offset
+            ends = (off + (cu.diff() if cu is not None else args[0].shape[1])) % mem["chunk_size"]
+            state = MemoryState(tuple(got[1:1 + L]), tuple(got[1 + L:1 + 2 * L]),
+                                tuple(got[1 + 2 * L:]), ends)
+            _compare(got[0], state, o_ref, st_ref, TOL[args[0].dtype], o32, st32,
+                     TOL[args[0].dtype], AMP)
+    assert any(all(torch.equal(a, b) for a, b in zip(runs[0], runs[s])) for s in splits)
+    with pytest.raises(RuntimeError):  # more CTAs than the 8 hidden blocks
+        nm_ops._launch(*_op_args(args, weights, st, mem, None)[:-1], cu_seqlens=cu, split=9,
+                       kernel="chunked")
+
+
 def test_chunked_is_deterministic():
     needs_kernels()
     args, weights, st, mem, cu = _default_case(kind="varlen")

@@ -38,12 +38,14 @@
 // state is read with ld.global.cg (L2): the same CTA wrote it in the previous chunk.
 #pragma once
 
+#include <atomic>
 #include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include "chunked.h"
+#include "../common/cluster.cuh"
 #include "../common/cuda_check.h"
 #include "../common/mma.cuh"
 #include "../memory_mlp/tile.cuh"
@@ -270,10 +272,13 @@ __device__ __forceinline__ void stage(const Planes& dst, const float* src, int64
   }
 }
 
-// dst[0, count) = src (nullptr: zeros), fp32, float4 per thread; count % 4 == 0.
-template <int kThreads>
-__device__ __forceinline__ void copy_state(float* dst, const float* src, int64_t count) {
+// dst[e] = src[e] (nullptr: zeros) for e in [0, count) with owned(e), fp32, float4 per thread;
+// count % 4 == 0 and owned is constant over each aligned group of 4.
+template <int kThreads, typename Owned>
+__device__ __forceinline__ void copy_state(float* dst, const float* src, int64_t count,
+                                           Owned owned) {
   for (int64_t i = threadIdx.x; i < count / 4; i += kThreads) {
+    if (!owned(4 * i)) continue;
     const float4 v = src != nullptr ? __ldcg(reinterpret_cast<const float4*>(src) + i)
                                     : make_float4(0.f, 0.f, 0.f, 0.f);
     reinterpret_cast<float4*>(dst)[i] = v;
@@ -311,6 +316,47 @@ __device__ __forceinline__ void reduce_parts(float (&acc)[NT][4], float* red, bo
     }
   }
   __syncthreads();
+}
+
+// Sums the accumulators of the holder warps (one per row group) over the CTAs of the cluster,
+// through `red` (same layout as reduce_parts): each CTA publishes its partial, then the
+// receiving CTAs add all partials in rank order (so every receiver holds the same bits). Every
+// thread of every CTA of the cluster calls it (two cluster barriers); `red` must be free on
+// entry in every CTA, and is again on return.
+template <int NT>
+__device__ __forceinline__ void cluster_sum(ClusterGroup& grp, int split, float (&acc)[NT][4],
+                                            float* red, bool holder, bool receive, int rg,
+                                            int lane) {
+  float* base = red + rg * 16 * (NT * 8);
+  const int r = lane / 4;
+  if (holder) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int c = nt * 8 + 2 * (lane % 4);
+      *reinterpret_cast<float2*>(base + r * (NT * 8) + c) = make_float2(acc[nt][0], acc[nt][1]);
+      *reinterpret_cast<float2*>(base + (r + 8) * (NT * 8) + c) =
+          make_float2(acc[nt][2], acc[nt][3]);
+    }
+  }
+  grp.sync();  // every partial published
+  if (holder && receive) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+    for (int src = 0; src < split; ++src) {
+      const float* rb = grp.remote(static_cast<const float*>(base), src);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int c = nt * 8 + 2 * (lane % 4);
+        const float2 a = *reinterpret_cast<const float2*>(rb + r * (NT * 8) + c);
+        const float2 b = *reinterpret_cast<const float2*>(rb + (r + 8) * (NT * 8) + c);
+        acc[nt][0] += a.x;
+        acc[nt][1] += a.y;
+        acc[nt][2] += b.x;
+        acc[nt][3] += b.y;
+      }
+    }
+  }
+  grp.sync();  // every remote read done before any CTA reuses its `red`
 }
 
 __device__ __forceinline__ float2 to_float2(const __nv_bfloat162& v) {
@@ -445,7 +491,11 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
   float* s_gneg = s_c + C;   // -G[C-1, :]
   float* s_nneg = s_gneg + C;  // -N[C-1, :]
 
-  const int h = blockIdx.x, n = blockIdx.y;
+  // the CTAs of one (sequence, head): a cluster of p.split along x (depth 2; at most one CTA
+  // per hidden block), CTA `rank` owning the hidden blocks b with b % split == rank
+  ClusterGroup grp;
+  const int split = p.split, rank = int(blockIdx.x) % split;
+  const int h = int(blockIdx.x) / split, n = blockIdx.y;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int rg = warp % kRowGroups, part = warp / kRowGroups;
   const int m0 = rg * 16, row_lo = m0 + lane / 4;
@@ -488,12 +538,22 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
     cw_dst[l] = p.cw_out[l] != nullptr ? p.cw_out[l] + nh * size[l] : nullptr;
   }
 
+  // The elements of layer l's matrices this CTA owns (and alone writes): layer 1 columns,
+  // layer 2 rows, of its hidden blocks.
+  auto owned = [=](int l) {
+    return [=](int64_t e) {
+      if (split == 1) return true;
+      const int64_t blk = (l == 0 ? e % hidden : e / D) / kHB;
+      return int(blk % split) == rank;
+    };
+  };
+
   if (n_chunks == 0) {  // no tokens: the state passes through
 #pragma unroll
     for (int l = 0; l < kDepth; ++l) {
-      copy_state<kThreads>(w_dst[l], w_src[l], size[l]);
-      copy_state<kThreads>(s_dst[l], s_src[l], size[l]);
-      if (cw_dst[l] != nullptr) copy_state<kThreads>(cw_dst[l], cw_src[l], size[l]);
+      copy_state<kThreads>(w_dst[l], w_src[l], size[l], owned(l));
+      copy_state<kThreads>(s_dst[l], s_src[l], size[l], owned(l));
+      if (cw_dst[l] != nullptr) copy_state<kThreads>(cw_dst[l], cw_src[l], size[l], owned(l));
     }
     return;
   }
@@ -535,7 +595,7 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
     if (j == n_chunks - 1 && final_off > 0) {
 #pragma unroll
       for (int l = 0; l < kDepth; ++l)
-        if (cw_dst[l] != nullptr) copy_state<kThreads>(cw_dst[l], gsrc[l], size[l]);
+        if (cw_dst[l] != nullptr) copy_state<kThreads>(cw_dst[l], gsrc[l], size[l], owned(l));
     }
 
     // ---- load: q, k rows and gates of the chunk's slots ----
@@ -589,7 +649,7 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
 
     // ---- keys: forward at Wg (and read "chunk": M_Wg(q)) ----
     float fk[kNtD][4] = {}, fq[kNtD][4] = {};
-    for (int b = 0; b < n_blocks; ++b) {
+    for (int b = rank; b < n_blocks; b += split) {
       __syncthreads();  // gates done (b = 0) / the previous block's operands are no longer read
       if constexpr (kDepth == 2) {
         stage<D, kHB, kThreads>(s_w1, gsrc[0] + b * kHB, hidden);
@@ -628,6 +688,11 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
       reduce_parts(fk, red, row_warp && !lead, row_warp && lead, rg, lane);
       if (p.read_chunk) reduce_parts(fq, red, row_warp && !lead, row_warp && lead, rg, lane);
     }
+    if (split > 1) {  // every CTA needs the whole fk (its own dz2); only rank 0 stores o
+      __syncthreads();  // the staging blocks (red) are no longer read
+      cluster_sum(grp, split, fk, red, row_warp && lead, true, rg, lane);
+      if (p.read_chunk) cluster_sum(grp, split, fq, red, row_warp && lead, rank == 0, rg, lane);
+    }
 
     // ---- head of the keys: dl/df of the last layer -> s_dz2 ----
     if (row_warp && lead) {
@@ -658,7 +723,7 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
         s_dz2.put2(row_lo, col, dy[nt][0], dy[nt][1]);
         s_dz2.put2(row_lo + 8, col, dy[nt][2], dy[nt][3]);
       }
-      if (p.read_chunk) store_o(fq, t0);
+      if (p.read_chunk && rank == 0) store_o(fq, t0);
     }
 
     // ---- A1 = -G * (q k^T) for this warp's rows (read "token") ----
@@ -683,7 +748,7 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
     // ---- per hidden block: errors of layer 1, read "token", state ----
     const float beta_c = s_beta[C - 1], c_c = s_c[C - 1], m_c = s_m[C - 1];
     float z2[kNtD][4] = {}, pp[kNtC][4] = {};
-    for (int b = 0; b < n_blocks; ++b) {
+    for (int b = rank; b < n_blocks; b += split) {
       __syncthreads();  // s_dz2 complete (b = 0); the previous block's operands are free
       if constexpr (kDepth == 2) {
         // hk and dz1 of the block at Wg, into s_hk / s_dz1
@@ -820,14 +885,9 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
     }
 
     // ---- read "token": z2 += (-G * P) dz2, o = head(z2) ----
-    if constexpr (kParts == 2) {
-      if (!p.read_chunk) {
-        __syncthreads();  // the staging blocks (red) are no longer read
-        reduce_parts(pp, red, row_warp && !lead, row_warp && lead, rg, lane);
-        reduce_parts(z2, red, row_warp && !lead, row_warp && lead, rg, lane);
-      }
-    }
-    if (row_warp && lead && !p.read_chunk) {
+    // Linear in P: each warp adds its own columns' part, so only z2 is summed over the warps
+    // of a row group and over the cluster.
+    if (row_warp && !p.read_chunk) {
       if constexpr (kDepth == 2) {
 #pragma unroll
         for (int nt = 0; nt < kNtC; ++nt)
@@ -841,27 +901,109 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
         for (int kk = 0; kk < C / 16; ++kk) a2[kk] = split_a(pp[2 * kk], pp[2 * kk + 1]);
         gemm_reg<C, D, true>(z2, a2, s_dz2, lane);
       }
-      store_o(z2, t0);
     }
+    if constexpr (kParts == 2) {
+      if (!p.read_chunk) {
+        __syncthreads();  // the staging blocks (red) are no longer read
+        reduce_parts(z2, red, row_warp && !lead, row_warp && lead, rg, lane);
+      }
+    }
+    if (split > 1 && !p.read_chunk) {  // rank 0 stores o
+      __syncthreads();  // the staging blocks (red) are no longer read
+      cluster_sum(grp, split, z2, red, row_warp && lead, rank == 0, rg, lane);
+    }
+    if (row_warp && lead && !p.read_chunk && rank == 0) store_o(z2, t0);
     __syncthreads();  // the new state is visible to the next chunk's staging
   }
 
   if (final_off == 0) {  // no chunk left open: the chunk weights are the final weights
 #pragma unroll
     for (int l = 0; l < kDepth; ++l)
-      if (cw_dst[l] != nullptr) copy_state<kThreads>(cw_dst[l], w_dst[l], size[l]);
+      if (cw_dst[l] != nullptr) copy_state<kThreads>(cw_dst[l], w_dst[l], size[l], owned(l));
   }
 }
 
+constexpr int kMaxSplit = 8;  // portable cluster size
+
+// Clusters of `split` CTAs of `kernel` that can be resident at once on the current device
+// (cached per device and split; 0 when such a cluster cannot launch).
+template <typename Kernel>
+int max_clusters(Kernel kernel, int split, size_t smem, int threads) {
+  constexpr int kDevices = 64;
+  static std::atomic<int> cache[kDevices][kMaxSplit + 1] = {};  // value + 1; 0 = not asked yet
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  const int slot = split;
+  if (device < kDevices && cache[device][slot].load() > 0) return cache[device][slot].load() - 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(unsigned(split), 1, 1);
+  config.blockDim = dim3(unsigned(threads));
+  config.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = unsigned(split);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  int count = 0;
+  if (cudaOccupancyMaxActiveClusters(&count, kernel, &config) != cudaSuccess) {
+    (void)cudaGetLastError();
+    count = 0;
+  }
+  if (device < kDevices) cache[device][slot].store(count + 1);
+  return count;
+}
+
 template <typename TIn, int D, int C, int kDepth>
-cudaError_t launch(const NeuralMemoryParams& p, cudaStream_t stream) {
+cudaError_t launch(NeuralMemoryParams p, cudaStream_t stream) {
   const size_t smem = make_layout(D, C, kDepth).total;
+  constexpr int kThreads = Threads<C>::kThreads;
   auto kernel = chunked_kernel<TIn, D, C, kDepth>;
   TITANS_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  const dim3 grid(unsigned(p.heads), unsigned(p.n_seq));
-  kernel<<<grid, Threads<C>::kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  int device = 0, major = 0;
+  TITANS_RETURN_IF_ERROR(cudaGetDevice(&device));
+  TITANS_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  const int n_blocks = kDepth == 2 ? p.hidden / kHB : 1;
+  if (p.split <= 0) {
+    // The fewest hidden blocks per CTA (then the fewest CTAs) such that every cluster of the
+    // grid is resident at once: the chunk loop is latency bound, and a cluster that waits for a
+    // free slot doubles the time. Splits need not divide the blocks (the last CTAs take one
+    // block fewer).
+    p.split = 1;
+    if (kDepth == 2 && major >= 9) {
+      const int64_t pairs = int64_t(p.n_seq) * p.heads;
+      for (int s = 2; s <= kMaxSplit && s <= n_blocks; ++s) {
+        if ((n_blocks + s - 1) / s == (n_blocks + p.split - 1) / p.split) continue;
+        if (pairs > max_clusters(kernel, s, smem, kThreads)) continue;
+        p.split = s;
+      }
+    }
+  }
+  const int s = p.split;
+  // cluster_sum's buffer (C x D fp32) is the staging blocks' region
+  const Layout lay = make_layout(D, C, kDepth);
+  const bool red_fits = lay.g - lay.w1 >= size_t(C) * D * sizeof(float);
+  if (s != 1 && (kDepth != 2 || major < 9 || s > kMaxSplit || s > n_blocks || !red_fits)) {
+    return cudaErrorInvalidValue;
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(unsigned(p.heads) * unsigned(s), unsigned(p.n_seq));
+  config.blockDim = dim3(unsigned(kThreads));
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  if (s > 1) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = unsigned(s);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
+  }
+  return cudaLaunchKernelEx(&config, kernel, p);
 }
 
 // The instances of one (dtype, D), compiled in their own translation unit.

@@ -15,16 +15,15 @@
 // previous token wrote (the same CTA; __syncthreads orders them).
 #include "decode.h"
 
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "../common/cluster.cuh"
 #include "../common/cuda_check.h"
 
 namespace titans {
 namespace {
 
-namespace cg = cooperative_groups;
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 
@@ -309,18 +308,7 @@ __device__ void row_head(const float* f, const float* x, const float* target, fl
 // W1), so that a small batch still spreads its state over many SMs. A token needs two vectors
 // summed over the slices (f of the key, f of the query); each CTA adds the others' partials from
 // their shared memory (DSMEM) in rank order, so every CTA holds the same bits.
-struct Group {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  cg::cluster_group cluster = cg::this_cluster();
-  __device__ void sync() { cluster.sync(); }
-  __device__ const float* remote(const float* local, int rank) {
-    return cluster.map_shared_rank(local, rank);
-  }
-#else
-  __device__ void sync() { __syncthreads(); }  // split is 1 below sm_90
-  __device__ const float* remote(const float* local, int) { return local; }
-#endif
-};
+using Group = ClusterGroup;
 
 // vec[d] (and vec2[d] when given) <- sum over the group's CTAs, in rank order.
 __device__ void group_sum(Group& g, int split, int D, float* vec, float* vec2, float* tmp) {
