@@ -1,13 +1,13 @@
 """GPU tests of the chunked neural_memory kernel (csrc/neural_memory/chunked.cu; marked ``gpu``,
 skipped without CUDA): outputs and the whole final state against the float64 reference on the
 same rounded inputs within SPEC §7 (the input dtype's bound for the state too: the kernel's
-products take bf16/fp16 operands), over a grid of 328 configurations (every (D, expansion,
+products take bf16/fp16 operands), over a grid of 320 configurations (every (D, expansion,
 depth, chunk) whose shared-memory plan fits an H100, both dtypes, four call kinds each: fresh,
 an initial state with open chunks, cu_seqlens with lengths that are not multiples of C and an
 empty sequence, read "chunk"; activation, residual, LayerNorm +- bias cycled; alpha = 1 resets
 and eta = 0 in every draw), gradients on a quarter of the grid (the reference's VJP), any-split
 streaming equality, a 1,048,576-token sequence, full writes, determinism, CUDA graphs,
-torch.compile and opcheck on the kernel path, and the fallbacks."""
+torch.compile and opcheck on the kernel path, every cluster split (sm_90+), and the fallbacks."""
 from __future__ import annotations
 
 import itertools

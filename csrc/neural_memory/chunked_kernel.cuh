@@ -1,6 +1,7 @@
 // The kernel of neural_memory_chunked (chunked.h), included by the per-(dtype, D) instance
 // files chunked_<dtype>_d<D>.cu and by chunked.cu (shared-memory plan). One CTA per (sequence,
-// head) walks its chunks.
+// head) walks its chunks; at depth 2 on sm_90+ a thread-block cluster of `split` CTAs does
+// (see "Cluster" below).
 //
 // Precision. Every operand is held as two bf16 planes, x = hi + lo with hi = bf16(x) and
 // lo = bf16(x - hi), and every product as hi*hi + hi*lo + lo*hi with fp32 accumulation
@@ -31,6 +32,15 @@
 //              = m_C S0 + (x^T diag(-n)) dz (g, n: the last rows of G, N), 16 x 16 tiles over
 //              all warps, read from and written to the fp32 state in global memory
 //   read     z2 += (-G * P) dz2, o = [q +] [LN](z2); read "chunk": o = M_Wg(q) in the keys pass
+//
+// Cluster. With split > 1 (depth 2, sm_90+), CTA r of the cluster owns the hidden blocks b with
+// b % split == r: it runs the keys pass and the per-block work for those only, and alone reads
+// and writes their columns of W1, S1 and rows of W2, S2. Loads, gates, A1 and the head are
+// repeated in every CTA. Two sums cross the cluster per chunk, each through DSMEM in rank order
+// (two cluster barriers): fk (every CTA needs dz2) and z2 (rank 0 stores o); (-G * P) dz2 is
+// linear in P, so each CTA adds its own blocks' part before the z2 sum. The launcher picks the
+// fewest blocks per CTA whose clusters can all be resident at once (at B = 2, H = 16, D = 64,
+// hidden 256 on H100: 3 CTAs per (sequence, head); B = 1: 4; B = 8: 1).
 //
 // Every block of the state is read (staged) before the warps write it back, and the next block
 // is disjoint, so the update runs in place. Depth 1 is the same with one D x D block (dz =

@@ -46,10 +46,13 @@ struct NeuralMemoryParams {
   bool residual;
   bool read_chunk;
   int dtype;       // 0 bf16, 1 fp16, 2 fp32
-  // decode only: CTAs per (sequence, head), a thread-block cluster on sm_90+ (each owns a
-  // slice of the hidden units; 1 below sm_90); a slice must be a multiple of 4 wide. 0 means 1:
-  // on H100 at B = 2, H = 16, D = 64, hidden 256 (2026-11-26) splits 1 / 2 / 4 / 8 took 26 /
-  // 25 / 40 / 55 us per token, the cluster barriers costing more than the extra SMs bring.
+  // CTAs per (sequence, head), a thread-block cluster on sm_90+ (1 below sm_90), each owning a
+  // slice of the hidden units.
+  // decode: a slice must be a multiple of 4 wide. 0 means 1: on H100 at B = 2, H = 16, D = 64,
+  // hidden 256 (2026-11-26) splits 1 / 2 / 4 / 8 took 26 / 25 / 40 / 55 us per token, the
+  // cluster barriers costing more than the extra SMs bring.
+  // chunked: depth 2 only, 1..8 and at most hidden / 32 (CTA r owns the 32-column hidden blocks
+  // b with b % split == r). 0: the fewest blocks per CTA whose clusters are all resident at once.
   int split;
 };
 

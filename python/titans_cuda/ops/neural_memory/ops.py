@@ -142,7 +142,7 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
             kernel: str = "decode") -> List[Tensor]:
     """Runs a kernel ("decode" or "chunked"): [o, W..., S..., chunk weights...]. ``out``:
     preallocated outputs in that order (the tests pass NaN-poisoned ones); ``split``: CTAs per
-    (sequence, head) of the decode kernel, 0 lets the launcher choose (decode.h)."""
+    (sequence, head), a thread-block cluster on sm_90+, 0 lets the launcher choose (params.h)."""
     B, T, H, D = q.shape
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     depth = len(weights)
