@@ -2,7 +2,8 @@
 blueprint) against autograd through the reference, in float64: one chunk (every input's
 cotangent, depth 1-3, both reads, LayerNorm +- bias, residual, silu/gelu, inactive slots at both
 ends of the chunk, gates with exact zeros) and whole calls (dense, initial states with offsets,
-cu_seqlens with an empty sequence; cotangents on o and on the whole final state)."""
+cu_seqlens with an empty sequence; cotangents on o and on the whole final state); and the
+backward kernel's blocked plan (chunk_vjp_blocked.py) against chunk_vjp."""
 from __future__ import annotations
 
 import itertools
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from conftest import rel_err
-from titans_cuda.ops.neural_memory import chunk_vjp, reference as ref
+from titans_cuda.ops.neural_memory import chunk_vjp, chunk_vjp_blocked, reference as ref
 
 CASES = list(itertools.product((1, 2, 3), ("token", "chunk"), ("none", "ln", "lnb"),
                                (False, True), ("silu", "gelu")))
@@ -138,3 +139,47 @@ def test_sequence_vjp_matches_autograd(kind, depth, read, ln):
         b = torch.zeros_like(a) if b is None else b
         assert a.shape == b.shape, (i, a.shape, b.shape)
         assert rel_err(a, b) < 1e-9, (i, rel_err(a, b))
+
+
+BLOCKED_CASES = list(itertools.product(("token", "chunk"), ("none", "ln", "lnb"), (False, True),
+                                       ("silu", "gelu")))
+
+
+@pytest.mark.parametrize("block,split", [(2, 1), (2, 2), (2, 3), (3, 2), (6, 1)])
+@pytest.mark.parametrize("read,ln,residual,act", BLOCKED_CASES)
+def test_blocked_chunk_vjp_matches_chunk_vjp(read, ln, residual, act, block, split):
+    """The backward kernel's plan (chunk_vjp_blocked: hidden blocks spread over the CTAs of a
+    cluster, partial sums at four synchronisation points) computes chunk_step_vjp's cotangents,
+    for every block width and split, both reads and every head option."""
+    xs, active, w0, s0, wg, mlp = _inputs(2, ln, residual, act, hidden=6)
+    o_bar = torch.randn_like(xs[0])
+    w_bar = [torch.randn_like(w) for w in w0]
+    s_bar = [torch.randn_like(s) for s in s0]
+    want = chunk_vjp.chunk_step_vjp(*xs, active, w0, s0, wg, o_bar, w_bar, s_bar, mlp=mlp,
+                                    read=read)
+    got = chunk_vjp_blocked.chunk_step_vjp_blocked(*xs, active, w0, s0, wg, o_bar, w_bar, s_bar,
+                                                   mlp=mlp, read=read, block=block, split=split)
+    assert got.keys() == want.keys()
+    for name in want:
+        a, b = got[name], want[name]
+        if b is None:
+            assert a is None, name
+            continue
+        for i, (x, y) in enumerate(zip(a, b) if isinstance(b, list) else [(a, b)]):
+            assert x.shape == y.shape, (name, i)
+            assert rel_err(x, y) < 1e-12, (name, i, rel_err(x, y))
+
+
+def test_blocked_chunk_vjp_rejects_what_it_cannot_block():
+    xs, active, w0, s0, wg, mlp = _inputs(2, "ln", True, "silu", hidden=6)
+    bars = (torch.randn_like(xs[0]), w0, s0)
+    with pytest.raises(ValueError, match="block=4"):
+        chunk_vjp_blocked.chunk_step_vjp_blocked(*xs, active, w0, s0, wg, *bars, mlp=mlp,
+                                                 read="token", block=4, split=1)
+    with pytest.raises(ValueError, match="split"):
+        chunk_vjp_blocked.chunk_step_vjp_blocked(*xs, active, w0, s0, wg, *bars, mlp=mlp,
+                                                 read="token", block=2, split=4)
+    d1 = _inputs(1, "ln", True, "silu")
+    with pytest.raises(ValueError, match="depth 2"):
+        chunk_vjp_blocked.chunk_step_vjp_blocked(*d1[0], d1[1], d1[2], d1[3], d1[4], *bars,
+                                                 mlp=d1[5], read="token", block=2, split=1)

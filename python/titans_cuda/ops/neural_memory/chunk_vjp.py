@@ -97,6 +97,59 @@ def _mlp_backward(f_bar, h, z, weights, activation, wg_bar):
         z_bar = h_bar * activate_grad(z[layer - 1], activation)
 
 
+class _Gates:
+    """The chunk's gate products (reference.chunk_step, step 1), kept for their adjoints."""
+
+    def __init__(self, lr, decay, eta, active):
+        self.lr, self.active = lr, active
+        self.p_eta = segment_products(eta)
+        self.p_dec = segment_products(decay)
+        self.pb = self.p_dec * active.unsqueeze(-2)
+        self.m = torch.cumprod(eta, dim=-1)
+        self.beta = torch.cumprod(decay, dim=-1)
+        self.n_mat = self.p_eta * lr.unsqueeze(-2)
+        self.g_mat = torch.matmul(self.pb, self.n_mat)
+        self.c = torch.matmul(self.pb, self.m.unsqueeze(-1)).squeeze(-1)
+
+    def vjp(self, g_bar, n_bar, c_bar, beta_bar, m_bar):
+        """(lr̄, decaȳ, etā) from the cotangents of G, N, c, beta and m."""
+        pb_bar = torch.matmul(g_bar, _t(self.n_mat)) + c_bar.unsqueeze(-1) * self.m.unsqueeze(-2)
+        n_bar = n_bar + torch.matmul(_t(self.pb), g_bar)
+        m_bar = m_bar + torch.matmul(_t(self.pb), c_bar.unsqueeze(-1)).squeeze(-1)
+        pdec_bar = pb_bar * self.active.unsqueeze(-2)
+        lr_bar = (n_bar * self.p_eta).sum(-2)
+        eta_bar = (segment_products_vjp(self.p_eta, n_bar * self.lr.unsqueeze(-2))
+                   + cumprod_vjp(self.p_eta, self.m, m_bar))
+        decay_bar = (segment_products_vjp(self.p_dec, pdec_bar)
+                     + cumprod_vjp(self.p_dec, self.beta, beta_bar))
+        return lr_bar, decay_bar, eta_bar
+
+
+def _ln_double_backward(top, e, dz_top, xhat, rstd, mlp, grads):
+    """Cotangent `top` of dz_{L-1} = J(gamma E) at f -> (f̄ part, Ē), gamma-bar into grads;
+    without LayerNorm dz_{L-1} = E."""
+    if mlp["ln_weight"] is None:
+        return torch.zeros_like(top), top
+    gam = mlp["ln_weight"]
+    je = _ln_j(top, xhat, rstd)
+    grads["ln_weight"] = grads["ln_weight"] + e * je
+    s = (gam * e * xhat).mean(-1, keepdim=True)
+    D = top.shape[-1]
+    f_bar = -(rstd / D) * (xhat * (top * dz_top).sum(-1, keepdim=True)
+                           + dz_top * (top * xhat).sum(-1, keepdim=True)) - rstd * s * je
+    return f_bar, gam * je
+
+
+def _param_shape(g, mlp):
+    """A per-row LN parameter cotangent summed to the parameter's broadcast shape."""
+    if g is None:
+        return None
+    shape = mlp["ln_weight"].shape
+    dims = [i for i in range(g.dim()) if i >= g.dim() - len(shape) and
+            shape[i - g.dim()] == 1 or i < g.dim() - len(shape)]
+    return g.sum(dims, keepdim=True).reshape(shape) if dims else g
+
+
 def chunk_step_vjp(q, k, v, lr, decay, eta, active, w0, s0, wg, o_bar, w_bar, s_bar, *, mlp,
                    read):
     """Cotangents of chunk_step's inputs given those of its outputs (o, w_new, s_new).
@@ -108,14 +161,8 @@ def chunk_step_vjp(q, k, v, lr, decay, eta, active, w0, s0, wg, o_bar, w_bar, s_
     act_name = mlp["activation"]
     n_layers = len(w0)
     # ---- forward recompute ----
-    p_eta = segment_products(eta)
-    p_dec = segment_products(decay)
-    pb = p_dec * active.unsqueeze(-2)
-    m = torch.cumprod(eta, dim=-1)
-    beta = torch.cumprod(decay, dim=-1)
-    n_mat = p_eta * lr.unsqueeze(-2)
-    g_mat = torch.matmul(pb, n_mat)
-    c = torch.matmul(pb, m.unsqueeze(-1)).squeeze(-1)
+    gates = _Gates(lr, decay, eta, active)
+    m, beta, n_mat, g_mat, c = gates.m, gates.beta, gates.n_mat, gates.g_mat, gates.c
 
     yk, kc = forward_pass(k, wg, activation=act_name, residual=mlp["residual"],
                           ln_weight=mlp["ln_weight"], ln_bias=mlp["ln_bias"],
@@ -215,19 +262,8 @@ def chunk_step_vjp(q, k, v, lr, decay, eta, active, w0, s0, wg, o_bar, w_bar, s_
         dz_bar[layer + 1] = dz_bar[layer + 1] + torch.matmul(u_bar, wg[layer + 1])
         wg_bar[layer + 1] = wg_bar[layer + 1] + torch.matmul(_t(u_bar), dz[layer + 1])
     # LayerNorm double backward: dz_{L-1} = J(gamma E) at f
-    top = dz_bar[-1]
-    if ln:
-        xhat, rstd, gam = kc.xhat, kc.rstd, mlp["ln_weight"]
-        je = _ln_j(top, xhat, rstd)
-        e_bar = gam * je
-        grads["ln_weight"] = grads["ln_weight"] + e * je
-        s = (gam * e * xhat).mean(-1, keepdim=True)
-        D = top.shape[-1]
-        zk_bar[-1] = zk_bar[-1] - (rstd / D) * (
-            xhat * (top * dz[-1]).sum(-1, keepdim=True)
-            + dz[-1] * (top * xhat).sum(-1, keepdim=True)) - rstd * s * je
-    else:
-        e_bar = top
+    f_bar, e_bar = _ln_double_backward(dz_bar[-1], e, dz[-1], kc.xhat, kc.rstd, mlp, grads)
+    zk_bar[-1] = zk_bar[-1] + f_bar
     yk_bar = 2.0 * e_bar
     v_bar = -2.0 * e_bar
     k_bar = yk_bar if mlp["residual"] else torch.zeros_like(k)
@@ -243,25 +279,11 @@ def chunk_step_vjp(q, k, v, lr, decay, eta, active, w0, s0, wg, o_bar, w_bar, s_
                                                                            act_name)
 
     # ---- gates ----
-    pb_bar = torch.matmul(g_bar, _t(n_mat)) + c_bar.unsqueeze(-1) * m.unsqueeze(-2)
-    n_bar = n_bar + torch.matmul(_t(pb), g_bar)
-    m_bar = m_bar + torch.matmul(_t(pb), c_bar.unsqueeze(-1)).squeeze(-1)
-    pdec_bar = pb_bar * active.unsqueeze(-2)
-    lr_bar = (n_bar * p_eta).sum(-2)
-    eta_bar = (segment_products_vjp(p_eta, n_bar * lr.unsqueeze(-2))
-               + cumprod_vjp(p_eta, m, m_bar))
-    decay_bar = segment_products_vjp(p_dec, pdec_bar) + cumprod_vjp(p_dec, beta, beta_bar)
-
-    def params(g):
-        if g is None:
-            return None
-        shape = mlp["ln_weight"].shape
-        dims = [i for i in range(g.dim()) if i >= g.dim() - len(shape) and
-                shape[i - g.dim()] == 1 or i < g.dim() - len(shape)]
-        return g.sum(dims, keepdim=True).reshape(shape) if dims else g
+    lr_bar, decay_bar, eta_bar = gates.vjp(g_bar, n_bar, c_bar, beta_bar, m_bar)
     return {"q": q_bar, "k": k_bar, "v": v_bar, "lr": lr_bar, "decay": decay_bar,
             "eta": eta_bar, "w0": w0_bar, "s0": s0_bar, "wg": wg_bar,
-            "ln_weight": params(grads["ln_weight"]), "ln_bias": params(grads["ln_bias"])}
+            "ln_weight": _param_shape(grads["ln_weight"], mlp),
+            "ln_bias": _param_shape(grads["ln_bias"], mlp)}
 
 
 def sequence_vjp(q, k, v, lr, forget, momentum, weights, *, chunk_size, activation, residual,
@@ -280,7 +302,7 @@ def sequence_vjp(q, k, v, lr, forget, momentum, weights, *, chunk_size, activati
                      activation=activation, residual=residual, ln_weight=ln_weight,
                      ln_bias=ln_bias, ln_eps=ln_eps, initial_state=initial_state,
                      cu_seqlens=cu_seqlens)
-    tl, dtype, mlp, L = P.timeline, P.dtype, P.mlp, len(weights)
+    tl, dtype, mlp = P.timeline, P.dtype, P.mlp
     # forward: the state at every chunk start
     starts, w, s = [], P.w, P.s
     for j in range(P.n_chunks):
