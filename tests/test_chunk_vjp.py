@@ -81,11 +81,8 @@ SEQ_CASES = [("dense", 2, "token", "lnb"), ("dense", 1, "chunk", "ln"), ("state"
              ("packed", 2, "chunk", "none"), ("packed-state", 2, "token", "ln")]
 
 
-@pytest.mark.parametrize("kind,depth,read,ln", SEQ_CASES)
-def test_sequence_vjp_matches_autograd(kind, depth, read, ln):
-    """The backward's outer loop (chunks in reverse, the state's cotangents carried, the final
-    chunk weights' cotangent owed to each sequence's last chunk) against autograd through the
-    reference: every input, the learned weights or every initial-state tensor, LayerNorm."""
+def _seq_setup(kind, depth, ln, read):
+    """Inputs of a whole call for sequence_vjp: (xs, weights, state, gamma, beta, keywords)."""
     from conftest import make_inputs, make_weights
     from titans_cuda import MemoryState
     dt, C, H, D, hidden = torch.float64, 4, 2, 4, 6
@@ -106,6 +103,18 @@ def test_sequence_vjp_matches_autograd(kind, depth, read, ln):
                          torch.tensor([3, 0, 1, 2][:n_seq]))
     gam = (1 + 0.2 * torch.randn(H, D, dtype=dt)) if ln != "none" else None
     bet = (0.2 * torch.randn(H, D, dtype=dt)) if ln == "lnb" else None
+    kw = dict(chunk_size=C, activation="gelu", residual=True, ln_eps=1e-6, read=read,
+              cu_seqlens=cu)
+    return xs, weights, st, gam, bet, kw
+
+
+@pytest.mark.parametrize("kind,depth,read,ln", SEQ_CASES)
+def test_sequence_vjp_matches_autograd(kind, depth, read, ln):
+    """The backward's outer loop (chunks in reverse, the state's cotangents carried, the final
+    chunk weights' cotangent owed to each sequence's last chunk) against autograd through the
+    reference: every input, the learned weights or every initial-state tensor, LayerNorm."""
+    from titans_cuda import MemoryState
+    xs, weights, st, gam, bet, kw = _seq_setup(kind, depth, ln, read)
     state_leaves = [] if st is None else [*st.weights, *st.momentum, *st.chunk_weights]
     ln_leaves = [p for p in (gam, bet) if p is not None]
     leaves = [t.clone().requires_grad_(True) for t in (*xs, *weights, *state_leaves, *ln_leaves)]
@@ -118,8 +127,6 @@ def test_sequence_vjp_matches_autograd(kind, depth, read, ln):
         rest = rest[3 * depth:]
     lg = rest[0] if gam is not None else None
     lb = rest[1] if bet is not None else None
-    kw = dict(chunk_size=C, activation="gelu", residual=True, ln_eps=1e-6, read=read,
-              cu_seqlens=cu)
     o, fs = ref.neural_memory(*lx, tuple(lw), ln_weight=lg, ln_bias=lb, initial_state=lst,
                               output_final_state=True, **kw)
     o_bar = torch.randn_like(o)
@@ -140,6 +147,36 @@ def test_sequence_vjp_matches_autograd(kind, depth, read, ln):
         assert a.shape == b.shape, (i, a.shape, b.shape)
         assert rel_err(a, b) < 1e-9, (i, rel_err(a, b))
 
+
+
+@pytest.mark.parametrize("kind,read,ln", [(k, r, l) for k, _, r, l in SEQ_CASES if _ == 2])
+def test_sequence_vjp_checkpoints_and_blocked_chunks(kind, read, ln):
+    """The kernel's outer loop with checkpoints every K chunks (the walk back recomputes a
+    group's chunk starts) gives the same bits as keeping every chunk's state, whatever K (1, 2,
+    3, more than the chunks); with the blocked one-chunk adjoint (two hidden blocks over two
+    CTAs) it agrees to 1e-12."""
+    import functools
+    xs, weights, st, gam, bet, kw = _seq_setup(kind, 2, ln, read)
+    o_bar = torch.randn_like(xs[0])
+    n_seq = xs[0].shape[0] if kw["cu_seqlens"] is None else kw["cu_seqlens"].numel() - 1
+    sbar = [[torch.randn(n_seq, *w.shape, dtype=w.dtype) for w in weights] for _ in range(3)]
+    args = dict(ln_weight=gam, ln_bias=bet, initial_state=st, o_bar=o_bar, state_bar=sbar, **kw)
+    every = chunk_vjp.sequence_vjp(*xs, weights, **args)
+
+    def flat(r):
+        out = [r[n] for n in ("q", "k", "v", "lr", "forget", "momentum", "ln_weight",
+                              "ln_bias")] + list(r["weights"])
+        return [t for t in out + [t for f in (r["state"] or []) for t in f] if t is not None]
+    for K in (2, 3, 100):
+        got = chunk_vjp.sequence_vjp(*xs, weights, checkpoint_every=K, **args)
+        for a, b in zip(flat(got), flat(every), strict=True):
+            assert torch.equal(a, b), K
+    blocked = functools.partial(chunk_vjp_blocked.chunk_step_vjp_blocked, block=3, split=2)
+    got = chunk_vjp.sequence_vjp(*xs, weights, checkpoint_every=2, one_chunk_vjp=blocked, **args)
+    for a, b in zip(flat(got), flat(every), strict=True):
+        assert rel_err(a, b) < 1e-12, rel_err(a, b)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        chunk_vjp.sequence_vjp(*xs, weights, checkpoint_every=0, **args)
 
 BLOCKED_CASES = list(itertools.product(("token", "chunk"), ("none", "ln", "lnb"), (False, True),
                                        ("silu", "gelu")))

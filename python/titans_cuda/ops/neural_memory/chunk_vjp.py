@@ -288,12 +288,14 @@ def chunk_step_vjp(q, k, v, lr, decay, eta, active, w0, s0, wg, o_bar, w_bar, s_
 
 def sequence_vjp(q, k, v, lr, forget, momentum, weights, *, chunk_size, activation, residual,
                  ln_weight, ln_bias, ln_eps, read, initial_state, cu_seqlens, o_bar,
-                 state_bar=None):
+                 state_bar=None, checkpoint_every=1, one_chunk_vjp=None):
     """Cotangents of reference.neural_memory's inputs for o_bar (like o) and state_bar (None, or
     lists (weights, momentum, chunk_weights) like the final state's): the backward's outer loop
     as the fused kernel will run it, chunk by chunk in reverse with the state's cotangents
-    carried. This version keeps every chunk's (W0, S0) from a forward pass; the kernel will
-    keep one per group of chunks and recompute the rest.
+    carried. The forward keeps (W, S) at the start of every ``checkpoint_every``-th chunk only
+    (O(T / (C K)) states); the walk back recomputes one group's K chunk-start states from its
+    checkpoint at a time (K more), then takes the group's chunks in reverse. ``one_chunk_vjp``:
+    the one-chunk adjoint (default chunk_step_vjp; the tests pass chunk_vjp_blocked's).
 
     Returns a dict: q, k, v, lr, forget, momentum (like the inputs), weights (per layer; zeros
     when an initial state is given), ln_weight, ln_bias ([H, D] or None), and state (lists
@@ -303,14 +305,25 @@ def sequence_vjp(q, k, v, lr, forget, momentum, weights, *, chunk_size, activati
                      ln_bias=ln_bias, ln_eps=ln_eps, initial_state=initial_state,
                      cu_seqlens=cu_seqlens)
     tl, dtype, mlp = P.timeline, P.dtype, P.mlp
-    # forward: the state at every chunk start
-    starts, w, s = [], P.w, P.s
-    for j in range(P.n_chunks):
+    K = int(checkpoint_every)
+    if K < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    one_chunk = chunk_step_vjp if one_chunk_vjp is None else one_chunk_vjp
+
+    def step(j, w, s):
+        """Chunk j's start (W0, S0, Wg) -> its end (W, S)."""
         wg = P.wg0 if j == 0 else w
-        starts.append((w, s, wg))
         _, w, s = ref.chunk_step(P.qt[:, :, j], P.kt[:, :, j], P.vt[:, :, j], P.lr_t[:, :, j],
                                  P.decay_t[:, :, j], P.eta_t[:, :, j], P.act_t[:, :, j], w, s,
                                  wg, mlp=mlp, read=read)
+        return w, s
+
+    # forward: checkpoints at the start of chunks 0, K, 2K, ...
+    checkpoints, w, s = [], P.w, P.s
+    for j in range(P.n_chunks):
+        if j % K == 0:
+            checkpoints.append((w, s))
+        w, s = step(j, w, s)
     ob = tl.lay_out(o_bar, 0.0, dtype)
     wb = [torch.zeros_like(t) for t in w]
     sb = [torch.zeros_like(t) for t in s]
@@ -327,9 +340,17 @@ def sequence_vjp(q, k, v, lr, forget, momentum, weights, *, chunk_size, activati
     per_chunk = {name: [None] * P.n_chunks for name in keys}
     ln_w_bar = ln_b_bar = None
     wg0_bar = None
+    group = {}  # chunk -> its start (W0, S0, Wg), for the group being walked
     for j in range(P.n_chunks - 1, -1, -1):
-        w0, s0, wg = starts[j]
-        g = chunk_step_vjp(P.qt[:, :, j], P.kt[:, :, j], P.vt[:, :, j], P.lr_t[:, :, j],
+        if j not in group:  # recompute the group's chunk starts from its checkpoint
+            g0 = j - j % K
+            group, (w, s) = {}, checkpoints[g0 // K]
+            for i in range(g0, j + 1):
+                group[i] = (w, s, P.wg0 if i == 0 else w)
+                if i < j:
+                    w, s = step(i, w, s)
+        w0, s0, wg = group.pop(j)
+        g = one_chunk(P.qt[:, :, j], P.kt[:, :, j], P.vt[:, :, j], P.lr_t[:, :, j],
                            P.decay_t[:, :, j], P.eta_t[:, :, j], P.act_t[:, :, j], w0, s0, wg,
                            ob[:, :, j], wb, sb, mlp=mlp, read=read)
         for name in keys:
