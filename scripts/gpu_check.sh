@@ -12,11 +12,21 @@
 #   ARCHS=90a-real (default) selects what nvcc compiles; carried wheels in .whl/ (titans-pytorch
 #   and its needs) are installed to /tmp/site for the benchmark's baseline.
 # The build (~3 min) plus the whole GPU suite (~1500 tests) no longer fit one 600 s device call:
-# split it, e.g. SKIP_SANITIZER=1 SKIP_BENCH=1 TESTS="tests/test_gpu_chunked.py
-# tests/test_gpu_decode.py", then on the same warm machine SKIP_BUILD=1 SKIP_BENCH=1
-# TESTS="tests/test_gpu.py tests/test_gpu_mlp.py" (and the rest of tests/).
+#   PART=1 bash scripts/gpu_check.sh   # build, the chunked and decode tests, --check
+#   PART=2 bash scripts/gpu_check.sh   # same warm machine: every other test file, sanitizers,
+#                                      # --check, benchmark (SKIP_BENCH=1 to leave it out)
+# On a warm machine whose build folder predates the checkout, `touch csrc/**/*` first: ninja
+# keeps objects newer than their (copied) sources.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
+PART1_TESTS="tests/test_gpu_chunked.py tests/test_gpu_decode.py"
+case "${PART:-}" in
+  1) SKIP_SANITIZER=1 SKIP_BENCH=1 TESTS=${TESTS:-$PART1_TESTS} ;;
+  2) SKIP_BUILD=1
+     TESTS=${TESTS:-$(ls tests/test_*.py | grep -v -e test_gpu_chunked.py -e test_gpu_decode.py | tr '\n' ' ')} ;;
+  "") ;;
+  *) echo "PART must be 1 or 2"; exit 2 ;;
+esac
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
 ARCHS=${ARCHS:-90a-real}
