@@ -220,3 +220,19 @@ def test_blocked_chunk_vjp_rejects_what_it_cannot_block():
     with pytest.raises(ValueError, match="depth 2"):
         chunk_vjp_blocked.chunk_step_vjp_blocked(*d1[0], d1[1], d1[2], d1[3], d1[4], *bars,
                                                  mlp=d1[5], read="token", block=2, split=1)
+
+
+def test_segment_products_vjp_scan_matches_the_matrix_form():
+    """The O(C^2) row scan a kernel thread runs (no division, exact zeros in the gates) equals
+    the prefix x suffix matrix form, which autograd checks above; and it is exact at a_k = 0."""
+    a = torch.rand(3, 2, 9, dtype=torch.float64)
+    a[0, 0, 4] = 0.0
+    a[1, 1, 0] = 0.0
+    p = ref.segment_products(a)
+    p_bar = torch.randn_like(p)
+    want = chunk_vjp.segment_products_vjp(p, p_bar)
+    got = chunk_vjp.segment_products_vjp_scan(a, p, p_bar)
+    assert rel_err(got, want) < 1e-13, rel_err(got, want)
+    leaf = a.clone().requires_grad_(True)
+    (auto,) = torch.autograd.grad(ref.segment_products(leaf), leaf, p_bar)
+    assert rel_err(got, auto) < 1e-12, rel_err(got, auto)

@@ -64,6 +64,21 @@ def segment_products_vjp(p: torch.Tensor, p_bar: torch.Tensor) -> torch.Tensor:
     return (p * torch.matmul(p_bar.tril(), q)).sum(-2)
 
 
+def segment_products_vjp_scan(a: torch.Tensor, p: torch.Tensor,
+                              p_bar: torch.Tensor) -> torch.Tensor:
+    """segment_products_vjp in O(C^2) with one running value per row, as a kernel thread per
+    row t computes it: R[t,k] = sum_{i<k} P̄[t,i] P[k-1,i] obeys R[t,0] = 0,
+    R[t,k+1] = a_k R[t,k] + P̄[t,k] (P[k,i] = a_k P[k-1,i] for i < k, P[k,k] = 1), and
+    ā_k = sum_t P[t,k] R[t,k] (a column sum). No division, no C^3 product."""
+    p_bar = p_bar.tril()
+    r = torch.zeros_like(p[..., :, 0])  # R[:, k], a vector over the rows t
+    cols = []
+    for k in range(p.shape[-1]):
+        cols.append((p[..., :, k] * r).sum(-1))
+        r = a[..., k, None] * r + p_bar[..., :, k]
+    return torch.stack(cols, dim=-1)
+
+
 def cumprod_vjp(p: torch.Tensor, prod: torch.Tensor, prod_bar: torch.Tensor) -> torch.Tensor:
     """ā for prod = cumprod(a) (p = segment_products(a)): ā_k = prod_{k-1} sum_t prod̄_t P[t,k]."""
     prev = torch.cat([torch.ones_like(prod[..., :1]), prod[..., :-1]], dim=-1)
@@ -101,7 +116,7 @@ class _Gates:
     """The chunk's gate products (reference.chunk_step, step 1), kept for their adjoints."""
 
     def __init__(self, lr, decay, eta, active):
-        self.lr, self.active = lr, active
+        self.lr, self.active, self.decay, self.eta = lr, active, decay, eta
         self.p_eta = segment_products(eta)
         self.p_dec = segment_products(decay)
         self.pb = self.p_dec * active.unsqueeze(-2)
@@ -111,17 +126,23 @@ class _Gates:
         self.g_mat = torch.matmul(self.pb, self.n_mat)
         self.c = torch.matmul(self.pb, self.m.unsqueeze(-1)).squeeze(-1)
 
-    def vjp(self, g_bar, n_bar, c_bar, beta_bar, m_bar):
-        """(lr̄, decaȳ, etā) from the cotangents of G, N, c, beta and m."""
+    def vjp(self, g_bar, n_bar, c_bar, beta_bar, m_bar, scan=False):
+        """(lr̄, decaȳ, etā) from the cotangents of G, N, c, beta and m; ``scan``: the
+        segment-product adjoints by the kernel's row scan (segment_products_vjp_scan)."""
         pb_bar = torch.matmul(g_bar, _t(self.n_mat)) + c_bar.unsqueeze(-1) * self.m.unsqueeze(-2)
         n_bar = n_bar + torch.matmul(_t(self.pb), g_bar)
         m_bar = m_bar + torch.matmul(_t(self.pb), c_bar.unsqueeze(-1)).squeeze(-1)
         pdec_bar = pb_bar * self.active.unsqueeze(-2)
         lr_bar = (n_bar * self.p_eta).sum(-2)
-        eta_bar = (segment_products_vjp(self.p_eta, n_bar * self.lr.unsqueeze(-2))
-                   + cumprod_vjp(self.p_eta, self.m, m_bar))
-        decay_bar = (segment_products_vjp(self.p_dec, pdec_bar)
-                     + cumprod_vjp(self.p_dec, self.beta, beta_bar))
+        if scan:
+            seg_eta = segment_products_vjp_scan(self.eta, self.p_eta,
+                                                n_bar * self.lr.unsqueeze(-2))
+            seg_dec = segment_products_vjp_scan(self.decay, self.p_dec, pdec_bar)
+        else:
+            seg_eta = segment_products_vjp(self.p_eta, n_bar * self.lr.unsqueeze(-2))
+            seg_dec = segment_products_vjp(self.p_dec, pdec_bar)
+        eta_bar = seg_eta + cumprod_vjp(self.p_eta, self.m, m_bar)
+        decay_bar = seg_dec + cumprod_vjp(self.p_dec, self.beta, beta_bar)
         return lr_bar, decay_bar, eta_bar
 
 
