@@ -222,17 +222,19 @@ def test_blocked_chunk_vjp_rejects_what_it_cannot_block():
                                                  mlp=d1[5], read="token", block=2, split=1)
 
 
-def test_segment_products_vjp_scan_matches_the_matrix_form():
-    """The O(C^2) row scan a kernel thread runs (no division, exact zeros in the gates) equals
-    the prefix x suffix matrix form, which autograd checks above; and it is exact at a_k = 0."""
-    a = torch.rand(3, 2, 9, dtype=torch.float64)
-    a[0, 0, 4] = 0.0
-    a[1, 1, 0] = 0.0
-    p = ref.segment_products(a)
-    p_bar = torch.randn_like(p)
-    want = chunk_vjp.segment_products_vjp(p, p_bar)
-    got = chunk_vjp.segment_products_vjp_scan(a, p, p_bar)
-    assert rel_err(got, want) < 1e-13, rel_err(got, want)
-    leaf = a.clone().requires_grad_(True)
-    (auto,) = torch.autograd.grad(ref.segment_products(leaf), leaf, p_bar)
-    assert rel_err(got, auto) < 1e-12, rel_err(got, auto)
+@pytest.mark.parametrize("active_ends", [False, True])
+def test_gates_vjp_recurrences_match_the_matrix_form(active_ends):
+    """The gates' adjoint by reverse-mode through the forward kernel's own column recurrences
+    (one thread per column, O(C^2)) equals _Gates.vjp, with exact zeros in the gates and
+    inactive slots; Ḡ, N̄ with entries above the diagonal (G, N are lower triangular)."""
+    xs, active, *_ = _inputs(1, "none", False, "silu", C=7)
+    lr, decay, eta = xs[3], xs[4], xs[5]
+    if not active_ends:
+        active = torch.ones_like(active)
+    shape = lr.shape + (lr.shape[-1],)
+    bars = [torch.randn(shape, dtype=lr.dtype), torch.randn(shape, dtype=lr.dtype)] + [
+        torch.randn_like(lr) for _ in range(3)]
+    want = chunk_vjp._Gates(lr, decay, eta, active).vjp(*bars)
+    got = chunk_vjp.gates_vjp_recurrences(lr, decay, eta, active, *bars)
+    for name, a, b in zip(("lr", "decay", "eta"), got, want):
+        assert rel_err(a, b) < 1e-12, (name, rel_err(a, b))

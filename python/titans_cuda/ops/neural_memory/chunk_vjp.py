@@ -64,21 +64,6 @@ def segment_products_vjp(p: torch.Tensor, p_bar: torch.Tensor) -> torch.Tensor:
     return (p * torch.matmul(p_bar.tril(), q)).sum(-2)
 
 
-def segment_products_vjp_scan(a: torch.Tensor, p: torch.Tensor,
-                              p_bar: torch.Tensor) -> torch.Tensor:
-    """segment_products_vjp in O(C^2) with one running value per row, as a kernel thread per
-    row t computes it: R[t,k] = sum_{i<k} P̄[t,i] P[k-1,i] obeys R[t,0] = 0,
-    R[t,k+1] = a_k R[t,k] + P̄[t,k] (P[k,i] = a_k P[k-1,i] for i < k, P[k,k] = 1), and
-    ā_k = sum_t P[t,k] R[t,k] (a column sum). No division, no C^3 product."""
-    p_bar = p_bar.tril()
-    r = torch.zeros_like(p[..., :, 0])  # R[:, k], a vector over the rows t
-    cols = []
-    for k in range(p.shape[-1]):
-        cols.append((p[..., :, k] * r).sum(-1))
-        r = a[..., k, None] * r + p_bar[..., :, k]
-    return torch.stack(cols, dim=-1)
-
-
 def cumprod_vjp(p: torch.Tensor, prod: torch.Tensor, prod_bar: torch.Tensor) -> torch.Tensor:
     """ā for prod = cumprod(a) (p = segment_products(a)): ā_k = prod_{k-1} sum_t prod̄_t P[t,k]."""
     prev = torch.cat([torch.ones_like(prod[..., :1]), prod[..., :-1]], dim=-1)
@@ -116,7 +101,7 @@ class _Gates:
     """The chunk's gate products (reference.chunk_step, step 1), kept for their adjoints."""
 
     def __init__(self, lr, decay, eta, active):
-        self.lr, self.active, self.decay, self.eta = lr, active, decay, eta
+        self.lr, self.active = lr, active
         self.p_eta = segment_products(eta)
         self.p_dec = segment_products(decay)
         self.pb = self.p_dec * active.unsqueeze(-2)
@@ -126,24 +111,73 @@ class _Gates:
         self.g_mat = torch.matmul(self.pb, self.n_mat)
         self.c = torch.matmul(self.pb, self.m.unsqueeze(-1)).squeeze(-1)
 
-    def vjp(self, g_bar, n_bar, c_bar, beta_bar, m_bar, scan=False):
-        """(lr̄, decaȳ, etā) from the cotangents of G, N, c, beta and m; ``scan``: the
-        segment-product adjoints by the kernel's row scan (segment_products_vjp_scan)."""
+    def vjp(self, g_bar, n_bar, c_bar, beta_bar, m_bar):
+        """(lr̄, decaȳ, etā) from the cotangents of G, N, c, beta and m."""
         pb_bar = torch.matmul(g_bar, _t(self.n_mat)) + c_bar.unsqueeze(-1) * self.m.unsqueeze(-2)
         n_bar = n_bar + torch.matmul(_t(self.pb), g_bar)
         m_bar = m_bar + torch.matmul(_t(self.pb), c_bar.unsqueeze(-1)).squeeze(-1)
         pdec_bar = pb_bar * self.active.unsqueeze(-2)
         lr_bar = (n_bar * self.p_eta).sum(-2)
-        if scan:
-            seg_eta = segment_products_vjp_scan(self.eta, self.p_eta,
-                                                n_bar * self.lr.unsqueeze(-2))
-            seg_dec = segment_products_vjp_scan(self.decay, self.p_dec, pdec_bar)
-        else:
-            seg_eta = segment_products_vjp(self.p_eta, n_bar * self.lr.unsqueeze(-2))
-            seg_dec = segment_products_vjp(self.p_dec, pdec_bar)
-        eta_bar = seg_eta + cumprod_vjp(self.p_eta, self.m, m_bar)
-        decay_bar = seg_dec + cumprod_vjp(self.p_dec, self.beta, beta_bar)
+        eta_bar = (segment_products_vjp(self.p_eta, n_bar * self.lr.unsqueeze(-2))
+                   + cumprod_vjp(self.p_eta, self.m, m_bar))
+        decay_bar = (segment_products_vjp(self.p_dec, pdec_bar)
+                     + cumprod_vjp(self.p_dec, self.beta, beta_bar))
         return lr_bar, decay_bar, eta_bar
+
+
+def gates_vjp_recurrences(lr, decay, eta, active, g_bar, n_bar, c_bar, beta_bar, m_bar):
+    """_Gates.vjp as a kernel runs it: reverse-mode through the forward kernel's own gate
+    recurrences, one thread per column j of G and N plus one for the scalars, O(C^2), no
+    division and no C x C x C product. Forward (t > j): N[j,j] = theta_j, N[t,j] = eta_t
+    N[t-1,j]; G[j,j] = act_j theta_j, G[t,j] = a_t G[t-1,j] + act_t N[t,j]; m_t = eta_t
+    m_{t-1}, beta_t = a_t beta_{t-1}, c_t = a_t c_{t-1} + act_t m_t. Reverse, t = C-1 .. 0:
+    Ĝ_t = Ḡ[t] + a_{t+1} Ĝ_{t+1}, N̂_t = N̄[t] + act_t Ĝ_t + eta_{t+1} N̂_{t+1};
+    ā_t += Ĝ_t G[t-1], etā_t += N̂_t N[t-1] (summed over the columns, zero where t <= j),
+    thetā_j = N̂_j; and the same for c, m, beta. Ḡ, N̄ above the diagonal are ignored (G and N
+    are lower triangular). Returns (lr̄, decaȳ, etā) like _Gates.vjp."""
+    C = lr.shape[-1]
+    act = active.expand_as(lr)
+    g_bar, n_bar = g_bar.tril(), n_bar.tril()
+    # forward, all columns at once: rows t of N and G (zero above the diagonal)
+    n_rows, g_rows = [], []
+    n_prev = g_prev = torch.zeros_like(lr)
+    for t in range(C):
+        onehot = torch.zeros_like(lr)
+        onehot[..., t] = 1.0
+        n_t = eta[..., t, None] * n_prev + onehot * lr
+        g_t = decay[..., t, None] * g_prev + act[..., t, None] * n_t
+        n_rows.append(n_t)
+        g_rows.append(g_t)
+        n_prev, g_prev = n_t, g_t
+    zero = torch.zeros_like(lr)
+    gh = nh = zero  # Ĝ_{t+1}, N̂_{t+1} per column
+    a_bar, e_bar, th_bar = zero.clone(), zero.clone(), zero.clone()
+    ch = mh = bh = torch.zeros_like(lr[..., 0])  # ĉ, m̂, beta-hat at t + 1
+    m = torch.cumprod(eta, dim=-1)
+    beta = torch.cumprod(decay, dim=-1)
+    c_prev_all = []
+    c = torch.zeros_like(lr[..., 0])
+    for t in range(C):
+        c_prev_all.append(c)
+        c = decay[..., t] * c + act[..., t] * m[..., t]
+    for t in range(C - 1, -1, -1):
+        a_next = decay[..., t + 1, None] if t + 1 < C else zero[..., :1]
+        e_next = eta[..., t + 1, None] if t + 1 < C else zero[..., :1]
+        gh = g_bar[..., t, :] + a_next * gh
+        nh = n_bar[..., t, :] + act[..., t, None] * gh + e_next * nh
+        if t > 0:
+            a_bar[..., t] += (gh * g_rows[t - 1]).sum(-1)
+            e_bar[..., t] += (nh * n_rows[t - 1]).sum(-1)
+        th_bar[..., t] = nh[..., t]
+        # the scalars: c_t = a_t c_{t-1} + act_t m_t, m_t = eta_t m_{t-1}, beta_t = a_t beta_{t-1}
+        ch = c_bar[..., t] + a_next[..., 0] * ch
+        mh = m_bar[..., t] + act[..., t] * ch + e_next[..., 0] * mh
+        bh = beta_bar[..., t] + a_next[..., 0] * bh
+        m_prev = m[..., t - 1] if t > 0 else torch.ones_like(ch)
+        beta_prev = beta[..., t - 1] if t > 0 else torch.ones_like(ch)
+        a_bar[..., t] += ch * c_prev_all[t] + bh * beta_prev
+        e_bar[..., t] += mh * m_prev
+    return th_bar, a_bar, e_bar
 
 
 def _ln_double_backward(top, e, dz_top, xhat, rstd, mlp, grads):

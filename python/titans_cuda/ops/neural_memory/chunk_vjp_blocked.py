@@ -10,8 +10,9 @@ CTAs in rank order at four synchronisation points (the kernel's cluster sums ove
   sync 1  fk (fq for read "chunk")          -> keys' head, E, dz2 (o's head backward: f̄q)
   sync 2  z2 (read "token")                 -> o's head backward: z̄2
   sync 3  dz̄2                               -> LayerNorm double backward: f̄, Ē, v̄
-  sync 4  q̄, k̄, Ḡ, the last rows of Ḡ / N̄,  -> the gates' adjoint (segment products by the
-          β̄, c̄, and <W0, W̄'>, <S0, W̄'>, <S0, S̄'>    row scan: one thread per row, O(C^2))
+  sync 4  q̄, k̄, Ḡ, the last rows of Ḡ / N̄,  -> the gates' adjoint (reverse-mode through the
+          β̄, c̄, and <W0, W̄'>, <S0, W̄'>, <S0, S̄'>    forward's column recurrences, O(C^2):
+                                                     chunk_vjp.gates_vjp_recurrences)
 
 Passes over a CTA's blocks:
   A  keys forward: zk1 = k Wg1_b, hk1 = phi(zk1); fk += hk1 Wg2_b
@@ -33,7 +34,7 @@ import torch
 from ..activations import activate, activate_grad
 from ..memory_mlp.reference import output_head
 from .chunk_vjp import _Gates, _head_backward, _ln_double_backward, _ln_j, _param_shape, _t
-from .chunk_vjp import activate_grad2
+from .chunk_vjp import activate_grad2, gates_vjp_recurrences
 
 
 def _rank_sum(parts):
@@ -231,7 +232,8 @@ def chunk_step_vjp_blocked(q, k, v, lr, decay, eta, active, w0, s0, wg, o_bar, w
     c_bar[..., -1] += sc[1]
     m_bar = torch.zeros_like(beta_bar)
     m_bar[..., -1] = sc[2]
-    lr_bar, decay_bar, eta_bar = gates.vjp(g_bar, n_bar, c_bar, beta_bar, m_bar, scan=True)
+    lr_bar, decay_bar, eta_bar = gates_vjp_recurrences(lr, decay, eta, active, g_bar, n_bar,
+                                                       c_bar, beta_bar, m_bar)
 
     def assemble(i, layer):
         return torch.cat([out[b][i] for b in range(n_blocks)], dim=-1 if layer == 0 else -2)
