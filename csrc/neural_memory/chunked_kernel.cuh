@@ -460,7 +460,9 @@ struct Rows {
 };
 
 
-template <typename TIn, int D, int C, int kDepth>
+// kCluster: the instance for split > 1; the split-1 instance compiles the cluster code out
+// (rank 0, split 1 as constants: the hot loop keeps two registers fewer).
+template <typename TIn, int D, int C, int kDepth, bool kCluster>
 __global__ void __launch_bounds__(Threads<C>::kThreads)
     chunked_kernel(const NeuralMemoryParams p) {
   constexpr int kThreads = Threads<C>::kThreads, kWarps = Threads<C>::kWarps;
@@ -504,8 +506,9 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
   // the CTAs of one (sequence, head): a cluster of p.split along x (depth 2; at most one CTA
   // per hidden block), CTA `rank` owning the hidden blocks b with b % split == rank
   ClusterGroup grp;
-  const int split = p.split, rank = int(blockIdx.x) % split;
-  const int h = int(blockIdx.x) / split, n = blockIdx.y;
+  const int split = kCluster ? p.split : 1;
+  const int rank = kCluster ? int(blockIdx.x) % split : 0;
+  const int h = kCluster ? int(blockIdx.x) / split : int(blockIdx.x), n = blockIdx.y;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int rg = warp % kRowGroups, part = warp / kRowGroups;
   const int m0 = rg * 16, row_lo = m0 + lane / 4;
@@ -969,9 +972,14 @@ template <typename TIn, int D, int C, int kDepth>
 cudaError_t launch(NeuralMemoryParams p, cudaStream_t stream) {
   const size_t smem = make_layout(D, C, kDepth).total;
   constexpr int kThreads = Threads<C>::kThreads;
-  auto kernel = chunked_kernel<TIn, D, C, kDepth>;
+  auto kernel = chunked_kernel<TIn, D, C, kDepth, false>;
+  auto cluster_kernel = chunked_kernel<TIn, D, C, kDepth, kDepth == 2>;
   TITANS_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  if (kDepth == 2) {
+    TITANS_RETURN_IF_ERROR(cudaFuncSetAttribute(
+        cluster_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  }
   int device = 0, major = 0;
   TITANS_RETURN_IF_ERROR(cudaGetDevice(&device));
   TITANS_RETURN_IF_ERROR(
@@ -987,7 +995,7 @@ cudaError_t launch(NeuralMemoryParams p, cudaStream_t stream) {
       const int64_t pairs = int64_t(p.n_seq) * p.heads;
       for (int s = 2; s <= kMaxSplit && s <= n_blocks; ++s) {
         if ((n_blocks + s - 1) / s == (n_blocks + p.split - 1) / p.split) continue;
-        if (pairs > max_clusters(kernel, s, smem, kThreads)) continue;
+        if (pairs > max_clusters(cluster_kernel, s, smem, kThreads)) continue;
         p.split = s;
       }
     }
@@ -1013,7 +1021,7 @@ cudaError_t launch(NeuralMemoryParams p, cudaStream_t stream) {
     config.attrs = attr;
     config.numAttrs = 1;
   }
-  return cudaLaunchKernelEx(&config, kernel, p);
+  return cudaLaunchKernelEx(&config, s > 1 ? cluster_kernel : kernel, p);
 }
 
 // The instances of one (dtype, D), compiled in their own translation unit.
