@@ -306,6 +306,60 @@ def test_chunked_every_cluster_split_matches_the_reference(kind):
                        kernel="chunked")
 
 
+def _chunk_starts(args, weights, st, mem, cu, dtype):
+    """The reference's (W, S) at the start of every chunk of the padded timeline, in dtype."""
+    from titans_cuda.ops.neural_memory import reference as nm_ref
+    state = _double_state(st) if dtype == torch.float64 else st
+    m = _double_mem(mem) if dtype == torch.float64 else mem
+    P = nm_ref._prepare(*(t.to(dtype) for t in args), tuple(w.to(dtype) for w in weights),
+                        chunk_size=m["chunk_size"], activation=m["activation"],
+                        residual=m["residual"], ln_weight=m["ln_weight"], ln_bias=m["ln_bias"],
+                        ln_eps=1e-6, initial_state=state, cu_seqlens=cu)
+    starts, w, s = [], P.w, P.s
+    for j in range(P.n_chunks):
+        starts.append((w, s))
+        _, w, s = nm_ref.chunk_step(P.qt[:, :, j], P.kt[:, :, j], P.vt[:, :, j],
+                                    P.lr_t[:, :, j], P.decay_t[:, :, j], P.eta_t[:, :, j],
+                                    P.act_t[:, :, j], w, s, P.wg0 if j == 0 else w, mlp=P.mlp,
+                                    read=m["read"])
+    return starts
+
+
+@pytest.mark.parametrize("K", [1, 2, 3])
+@pytest.mark.parametrize("kind", ["fresh", "open", "varlen"])
+def test_chunked_checkpoints_are_the_chunk_start_states(kind, K):
+    """checkpoint_every=K: the kernel also writes (W, S) at the start of chunks 0, K, 2K, ... of
+    each sequence (the fused backward's checkpoints), within the state's bound of the float64
+    reference's chunk-start states; o and the final state are those of a call without."""
+    needs_kernels()
+    args, weights, st, mem, cu = _default_case(kind=kind)
+    L, C = len(weights), mem["chunk_size"]
+    base = _op_args(args, weights, st, mem, None)[:-1]
+    plain = nm_ops._launch(*base, cu_seqlens=cu, kernel="chunked")
+    got = nm_ops._launch(*base, cu_seqlens=cu, kernel="chunked", checkpoint_every=K)
+    for a, b in zip(plain, got[:len(plain)]):
+        assert torch.equal(a, b)
+    ck_w, ck_s = got[1 + 3 * L:1 + 4 * L], got[1 + 4 * L:]
+    s64 = _chunk_starts(args, weights, st, mem, cu, torch.float64)
+    s32 = _chunk_starts(args, weights, st, mem, cu, torch.float32)
+    lengths = (cu.diff() if cu is not None else
+               torch.full((args[0].shape[0],), args[0].shape[1], device=DEV)).cpu()
+    offsets = (torch.zeros_like(lengths) if st is None else st.offset.cpu())
+    checked = 0
+    for n in range(lengths.numel()):
+        n_chunks = -(-int(offsets[n] + lengths[n]) // C) if lengths[n] > 0 else 0
+        for c in range(-(-n_chunks // K)):
+            for which, ck in ((0, ck_w), (1, ck_s)):
+                for layer in range(L):
+                    want = s64[c * K][which][layer][n]
+                    f32 = s32[c * K][which][layer][n]
+                    bound = max(TOL[args[0].dtype], AMP * rel_err(f32, want))
+                    err = rel_err(ck[layer][c, n], want)
+                    assert err <= bound, (n, c, which, layer, err, bound)
+                    checked += 1
+    assert checked >= 4 * L
+
+
 def test_chunked_is_deterministic():
     needs_kernels()
     args, weights, st, mem, cu = _default_case(kind="varlen")

@@ -263,6 +263,17 @@ titans::NeuralMemoryParams neural_memory_params(const py::dict& a, const char* o
   p.read_chunk = arg<bool>(a, "read_chunk");
   p.dtype = i32("dtype");
   p.split = i32("split");
+  if (a.contains("ckpt_every")) {  // chunked only
+    p.ckpt_every = i32("ckpt_every");
+    const auto ckpt_w = layers("ckpt_w"), ckpt_s = layers("ckpt_s");
+    if (ckpt_w.size() != size_t(p.depth) || ckpt_s.size() != size_t(p.depth)) {
+      throw std::invalid_argument(name + ": one checkpoint buffer per layer");
+    }
+    for (int l = 0; l < p.depth; ++l) {
+      p.ckpt_w[l] = as_ptr<float>(std::uintptr_t(ckpt_w[l]));
+      p.ckpt_s[l] = as_ptr<float>(std::uintptr_t(ckpt_s[l]));
+    }
+  }
   return p;
 }
 

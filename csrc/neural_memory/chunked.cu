@@ -41,6 +41,9 @@ cudaError_t neural_memory_chunked(const NeuralMemoryParams& p, cudaStream_t stre
     if (p.w_in[l] == nullptr || p.w_out[l] == nullptr || p.s_out[l] == nullptr) {
       return cudaErrorInvalidValue;
     }
+    if (p.ckpt_every > 0 && (p.ckpt_w[l] == nullptr || p.ckpt_s[l] == nullptr)) {
+      return cudaErrorInvalidValue;
+    }
   }
   if (p.q == nullptr || p.k == nullptr || p.v == nullptr || p.o == nullptr || p.lr == nullptr ||
       p.forget == nullptr || p.momentum == nullptr) {

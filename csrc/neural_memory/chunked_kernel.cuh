@@ -604,6 +604,15 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
       gsrc[l] = first ? cw_src[l] : w_dst[l];
     }
     const bool g_is_w = gsrc[0] == wsrc[0];  // the gradient weights are the chunk's W0
+    // the backward's checkpoint: this chunk's starting state (the CTA's own blocks)
+    if (p.ckpt_every > 0 && j % p.ckpt_every == 0) {
+      const int64_t slot = (int64_t(j / p.ckpt_every) * p.n_seq + n) * p.heads + h;
+#pragma unroll
+      for (int l = 0; l < kDepth; ++l) {
+        copy_state<kThreads>(p.ckpt_w[l] + slot * size[l], wsrc[l], size[l], owned(l));
+        copy_state<kThreads>(p.ckpt_s[l] + slot * size[l], ssrc[l], size[l], owned(l));
+      }
+    }
     // the open chunk's weights of the final state: this chunk's gradient weights
     if (j == n_chunks - 1 && final_off > 0) {
 #pragma unroll

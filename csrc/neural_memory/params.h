@@ -54,6 +54,13 @@ struct NeuralMemoryParams {
   // chunked: depth 2 only, 1..8 and at most hidden / 32 (CTA r owns the 32-column hidden blocks
   // b with b % split == r). 0: the fewest blocks per CTA whose clusters are all resident at once.
   int split;
+  // chunked only, for the backward: the state (W, S) at the start of chunks 0, K, 2K, ... of
+  // each sequence's padded timeline (K = ckpt_every > 0), per layer [n_ckpt, N, H, d_in,
+  // d_out] fp32, checkpoint c of sequence n, head h at ((c * N + n) * H + h) * d_in * d_out;
+  // slots past a sequence's last chunk are not written. nullptr / 0: none.
+  float* ckpt_w[kNeuralMemoryMaxLayers];
+  float* ckpt_s[kNeuralMemoryMaxLayers];
+  int ckpt_every;
 };
 
 }  // namespace titans

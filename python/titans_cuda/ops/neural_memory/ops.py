@@ -139,10 +139,13 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
             state_momentum, state_chunk_weights, state_offset, chunk_size, activation,
             residual, ln_eps, read, cu_seqlens: Optional[Tensor] = None,
             out: Optional[List[Tensor]] = None, split: int = 0,
-            kernel: str = "decode") -> List[Tensor]:
+            kernel: str = "decode", checkpoint_every: int = 0) -> List[Tensor]:
     """Runs a kernel ("decode" or "chunked"): [o, W..., S..., chunk weights...]. ``out``:
     preallocated outputs in that order (the tests pass NaN-poisoned ones); ``split``: CTAs per
-    (sequence, head), a thread-block cluster on sm_90+, 0 lets the launcher choose (params.h)."""
+    (sequence, head), a thread-block cluster on sm_90+, 0 lets the launcher choose (params.h).
+    ``checkpoint_every`` = K > 0 (chunked only): also returns, per layer, the W then the S at
+    the start of chunks 0, K, 2K, ... as [n_ckpt, N, H, d_in, d_out] (params.h; slots past a
+    sequence's last chunk are left unwritten)."""
     B, T, H, D = q.shape
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     depth = len(weights)
@@ -208,8 +211,21 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
                 dtype=KERNEL_DTYPES.index(q.dtype), split=int(split),
                 stream=_lib.stream_handle(dev),
                 device=dev.index if dev.index is not None else torch.cuda.current_device())
+    ckpts = []
+    if kernel == "chunked":
+        K = int(checkpoint_every)
+        if K > 0:  # chunks on the padded timeline: at most ceil((offset + length) / C)
+            C = int(chunk_size)
+            most = -(-(T + (C - 1 if state_weights else 0)) // C)
+            n_ckpt = max(1, -(-most // K))
+            ckpts = [torch.empty(n_ckpt, N, H, w.shape[-2], w.shape[-1], dtype=torch.float32,
+                                 device=dev) for _ in range(2) for w in weights]
+        args.update(ckpt_every=max(K, 0), ckpt_w=[t.data_ptr() for t in ckpts[:depth]],
+                    ckpt_s=[t.data_ptr() for t in ckpts[depth:]])
+        if not ckpts:
+            args.update(ckpt_w=[0] * depth, ckpt_s=[0] * depth)
     (_lib._C.neural_memory_decode if kernel == "decode" else _lib._C.neural_memory_chunked)(args)
-    return [o, *outs_w, *outs_s, *outs_cw]
+    return [o, *outs_w, *outs_s, *outs_cw, *ckpts]
 
 
 def _state(state_weights, state_momentum, state_chunk_weights, state_offset):
