@@ -14,6 +14,7 @@
 #include "../memory_mlp/memory_mlp.h"
 #include "../memory_scan/memory_scan.h"
 #include "../neural_memory/chunked.h"
+#include "../neural_memory/chunked_bwd.h"
 #include "../neural_memory/decode.h"
 
 namespace py = pybind11;
@@ -291,6 +292,46 @@ void neural_memory_chunked(const py::dict& a) {
   });
 }
 
+// The backward's arguments: the forward's (neural_memory_params, without outputs) plus its own
+// (chunked_bwd.h), one pointer list per layer where the state has layers.
+void neural_memory_chunked_bwd(const py::dict& a) {
+  titans::NeuralMemoryBwdParams bp{};
+  bp.f = neural_memory_params(a, "neural_memory_chunked_bwd");
+  auto ptr = [&](const char* name) { return arg<std::uintptr_t>(a, name); };
+  auto layers = [&](const char* name) {
+    const auto v = arg<std::vector<int64_t>>(a, name);
+    if (v.size() != size_t(bp.f.depth)) {
+      throw std::invalid_argument(std::string("titans_cuda.neural_memory_chunked_bwd: ") + name +
+                                  " needs one entry per layer");
+    }
+    return v;
+  };
+  const auto ckpt_w = layers("bwd_ckpt_w"), ckpt_s = layers("bwd_ckpt_s");
+  const auto w_bar = layers("w_bar"), s_bar = layers("s_bar"), wg0 = layers("wg0_bar");
+  const auto cw_bar = layers("cw_bar");
+  for (int l = 0; l < bp.f.depth; ++l) {
+    bp.ckpt_w[l] = as_ptr<const float>(std::uintptr_t(ckpt_w[l]));
+    bp.ckpt_s[l] = as_ptr<const float>(std::uintptr_t(ckpt_s[l]));
+    bp.w_bar[l] = as_ptr<float>(std::uintptr_t(w_bar[l]));
+    bp.s_bar[l] = as_ptr<float>(std::uintptr_t(s_bar[l]));
+    bp.wg0_bar[l] = as_ptr<float>(std::uintptr_t(wg0[l]));
+    bp.cw_bar[l] = as_ptr<const float>(std::uintptr_t(cw_bar[l]));
+  }
+  bp.o_bar = as_ptr<const void>(ptr("o_bar"));
+  bp.dq = as_ptr<void>(ptr("dq"));
+  bp.dk = as_ptr<void>(ptr("dk"));
+  bp.dv = as_ptr<void>(ptr("dv"));
+  bp.dlr = as_ptr<float>(ptr("dlr"));
+  bp.dforget = as_ptr<float>(ptr("dforget"));
+  bp.dmomentum = as_ptr<float>(ptr("dmomentum"));
+  bp.dln_w = as_ptr<float>(ptr("dln_w"));
+  bp.dln_b = as_ptr<float>(ptr("dln_b"));
+  bp.scratch = as_ptr<float>(ptr("scratch"));
+  launch_released(a, "neural_memory_chunked_bwd", [&](cudaStream_t stream, int device) {
+    return titans::neural_memory_chunked_bwd(bp, stream, device);
+  });
+}
+
 size_t memory_mlp_smem_bytes(int dtype, int dim, int hidden, int depth, int mode) {
   titans::MemoryMlpParams p{};
   p.dtype = static_cast<titans::MlpDtype>(dtype);
@@ -405,6 +446,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dim"), py::arg("hidden"), py::arg("depth"), py::arg("chunk"), py::arg("dtype"));
   m.def("neural_memory_chunked_smem_bytes", &titans::neural_memory_chunked_smem_bytes,
         py::arg("dim"), py::arg("hidden"), py::arg("depth"), py::arg("chunk"), py::arg("dtype"));
+  m.def("neural_memory_chunked_bwd", &neural_memory_chunked_bwd, py::arg("args"),
+        "The fused backward of the chunked neural memory (chunked_bwd.h).");
+  m.def("neural_memory_chunked_bwd_supported", &titans::neural_memory_chunked_bwd_supported,
+        py::arg("dim"), py::arg("hidden"), py::arg("depth"), py::arg("chunk"), py::arg("dtype"),
+        py::arg("read_chunk"));
+  m.def("neural_memory_chunked_bwd_smem_bytes", &titans::neural_memory_chunked_bwd_smem_bytes,
+        py::arg("dim"), py::arg("hidden"), py::arg("depth"), py::arg("chunk"), py::arg("dtype"));
+  m.def("neural_memory_chunked_bwd_scratch_floats",
+        &titans::neural_memory_chunked_bwd_scratch_floats, py::arg("dim"), py::arg("hidden"),
+        py::arg("chunk"));
   m.def("memory_mlp_tile_rows", [] { return titans::kMlpTileRows; });
   m.def("kernel_image", &kernel_image, py::arg("device"));
   m.def("build_info", &build_info);

@@ -125,6 +125,35 @@ def chunked_reason(q: Tensor, weights, chunk_size: int, cu_seqlens,
     return None
 
 
+
+def chunked_bwd_shape_supported(dim: int, hidden: int, depth: int, chunk: int,
+                                read: str) -> bool:
+    """The rule of neural_memory_chunked_bwd_supported (chunked_bwd.cu): depth 2, read
+    "token", D = 64, chunk 64, hidden a multiple of 32 up to 512 (bf16/fp16 inputs)."""
+    hb = CHUNKED_HIDDEN_BLOCK
+    return (dim == 64 and chunk == 64 and depth == 2 and read == "token" and
+            hb <= hidden <= 512 and hidden % hb == 0)
+
+
+def chunked_bwd_reason(q: Tensor, weights, chunk_size: int, cu_seqlens, initial_state,
+                       read: str) -> Optional[str]:
+    """None when the fused backward kernel computes this call's gradients, else why the
+    reference's VJP does."""
+    reason = chunked_reason(q, weights, chunk_size, cu_seqlens, initial_state)
+    if reason is not None:
+        return reason
+    D, depth, hidden = q.shape[-1], len(weights), weights[0].shape[-1]
+    if not chunked_bwd_shape_supported(D, hidden, depth, chunk_size, read):
+        return (f"no fused backward for D={D}, hidden={hidden}, depth={depth}, "
+                f"chunk_size={chunk_size}, read={read!r} in this version (supported: D=64, "
+                f"chunk_size=64, depth 2, read 'token')")
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    smem = _lib._C.neural_memory_chunked_bwd_smem_bytes(dim=D, hidden=hidden, depth=depth,
+                                                         chunk=chunk_size, dtype=0)
+    if smem > _lib.smem_per_block_optin(index):
+        return f"the fused backward needs {smem // 1024} KiB of shared memory per block"
+    return None
+
 def _f32(t: Tensor) -> Tensor:
     """fp32, contiguous, 16-byte aligned (the kernel reads float4)."""
     t = t.to(torch.float32).contiguous()
@@ -139,13 +168,15 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
             state_momentum, state_chunk_weights, state_offset, chunk_size, activation,
             residual, ln_eps, read, cu_seqlens: Optional[Tensor] = None,
             out: Optional[List[Tensor]] = None, split: int = 0,
-            kernel: str = "decode", checkpoint_every: int = 0) -> List[Tensor]:
+            kernel: str = "decode", checkpoint_every: int = 0, bwd=None) -> List[Tensor]:
     """Runs a kernel ("decode" or "chunked"): [o, W..., S..., chunk weights...]. ``out``:
     preallocated outputs in that order (the tests pass NaN-poisoned ones); ``split``: CTAs per
     (sequence, head), a thread-block cluster on sm_90+, 0 lets the launcher choose (params.h).
     ``checkpoint_every`` = K > 0 (chunked only): also returns, per layer, the W then the S at
     the start of chunks 0, K, 2K, ... as [n_ckpt, N, H, d_in, d_out] (params.h; slots past a
-    sequence's last chunk are left unwritten)."""
+    sequence's last chunk are left unwritten). ``bwd`` (chunked, with ``checkpoint_every`` =
+    1): a function of the forward's outputs returning the backward kernel's own arguments,
+    launched right after the forward on the same arguments (_fused_grads)."""
     B, T, H, D = q.shape
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     depth = len(weights)
@@ -225,6 +256,9 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
         if not ckpts:
             args.update(ckpt_w=[0] * depth, ckpt_s=[0] * depth)
     (_lib._C.neural_memory_decode if kernel == "decode" else _lib._C.neural_memory_chunked)(args)
+    if bwd is not None:
+        args.update(bwd(ckpts))
+        _lib._C.neural_memory_chunked_bwd(args)
     return [o, *outs_w, *outs_s, *outs_cw, *ckpts]
 
 
@@ -289,6 +323,76 @@ def _reference_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, l
           for t in g[6:8]]
     return [t.contiguous() for t in (*g[:6], *g[8:8 + L], *ln, *g[8 + L:])]
 
+
+
+def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias,
+                 state_weights, state_momentum, state_chunk_weights, state_offset, chunk_size,
+                 activation, residual, ln_eps, read, cu_seqlens=None) -> List[Tensor]:
+    """_reference_grads through the kernels: the forward again with the state kept at every
+    chunk start (O(T / C) states), then the fused backward (chunked_bwd.h) walking the chunks
+    in reverse. Same result order and dtypes."""
+    B, T, H, D = q.shape
+    L = len(weights)
+    C = int(chunk_size)
+    dev = q.device
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    has_state = bool(state_weights)
+    if cu_seqlens is None:
+        lengths = torch.full((N,), T, dtype=torch.int64, device=dev)
+    else:
+        cu = cu_seqlens.to(device=dev, dtype=torch.int64)
+        lengths = cu[1:] - cu[:-1]
+    off = (state_offset.to(device=dev, dtype=torch.int64) if has_state and
+           state_offset is not None else torch.zeros(N, dtype=torch.int64, device=dev))
+    still_open = (((off + lengths) % C) > 0).view(N, 1, 1, 1)
+    g_o = grads[0].to(q.dtype).contiguous()
+    g_w, g_s, g_cw = grads[1:1 + L], grads[1 + L:1 + 2 * L], grads[1 + 2 * L:1 + 3 * L]
+    zero = torch.zeros((), dtype=torch.float32, device=dev)
+    w_bar = [(gw.float() + torch.where(still_open, zero, gc.float())).contiguous()
+             for gw, gc in zip(g_w, g_cw)]
+    s_bar = [gs.float().contiguous().clone() for gs in g_s]
+    cw_owed = [torch.where(still_open, gc.float(), zero).contiguous() for gc in g_cw]
+    wg0 = [torch.empty_like(w) for w in w_bar]
+    dq, dk, dv = (torch.zeros(B, T, H, D, dtype=q.dtype, device=dev) for _ in range(3))
+    dgates = [torch.zeros(B, T, H, dtype=torch.float32, device=dev) for _ in range(3)]
+    ln = ln_weight is not None
+    dln_w = torch.zeros(N, H, C, D, dtype=torch.float32, device=dev) if ln else None
+    dln_b = (torch.zeros(N, H, C, D, dtype=torch.float32, device=dev)
+             if ln and ln_bias is not None else None)
+    hidden = weights[0].shape[-1]
+    per = _lib._C.neural_memory_chunked_bwd_scratch_floats(dim=D, hidden=hidden, chunk=C)
+    scratch = torch.empty(N * H * per, dtype=torch.float32, device=dev)
+
+    def bwd(ckpts):
+        ptrs = lambda ts: [t.data_ptr() for t in ts]  # noqa: E731
+        return dict(bwd_ckpt_w=ptrs(ckpts[:L]), bwd_ckpt_s=ptrs(ckpts[L:]), w_bar=ptrs(w_bar),
+                    s_bar=ptrs(s_bar), wg0_bar=ptrs(wg0), cw_bar=ptrs(cw_owed),
+                    o_bar=g_o.data_ptr(), dq=dq.data_ptr(), dk=dk.data_ptr(), dv=dv.data_ptr(),
+                    dlr=dgates[0].data_ptr(), dforget=dgates[1].data_ptr(),
+                    dmomentum=dgates[2].data_ptr(),
+                    dln_w=0 if dln_w is None else dln_w.data_ptr(),
+                    dln_b=0 if dln_b is None else dln_b.data_ptr(),
+                    scratch=scratch.data_ptr())
+    _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
+            state_momentum, state_chunk_weights, state_offset, chunk_size, activation,
+            residual, ln_eps, read, cu_seqlens=cu_seqlens, kernel="chunked",
+            checkpoint_every=1, bwd=bwd)
+    if has_state:
+        open_chunk = (off > 0).view(N, 1, 1, 1)
+        g_weights = [torch.zeros_like(w) for w in weights]
+        g_state = ([(a + torch.where(open_chunk, zero, b)).to(t.dtype)
+                    for a, b, t in zip(w_bar, wg0, state_weights)] +
+                   [a.to(t.dtype) for a, t in zip(s_bar, state_momentum)] +
+                   [torch.where(open_chunk, b, zero).to(t.dtype)
+                    for b, t in zip(wg0, state_chunk_weights)])
+    else:
+        g_weights = [(a + b).sum(0).to(w.dtype) for a, b, w in zip(w_bar, wg0, weights)]
+        g_state = []
+    g_ln = [torch.zeros(H, D, dtype=torch.float32, device=dev) if g is None or p is None
+            else g.sum((0, 2)).to(p.dtype) for g, p in ((dln_w, ln_weight), (dln_b, ln_bias))]
+    out = [dq, dk, dv, dgates[0].to(lr.dtype), dgates[1].to(forget.dtype),
+           dgates[2].to(momentum.dtype), *g_weights, *g_ln, *g_state]
+    return [t.contiguous() for t in out]
 
 def _fake_grads(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
                 state_momentum, state_chunk_weights):
@@ -384,7 +488,13 @@ def chunked_bwd_op(grads: List[Tensor], q: Tensor, k: Tensor, v: Tensor, lr: Ten
                    state_chunk_weights: List[Tensor], state_offset: Optional[Tensor],
                    chunk_size: int, activation: str, residual: bool, ln_eps: float, read: str,
                    cu_seqlens: Optional[Tensor]) -> List[Tensor]:
-    """decode_bwd_op for chunked_op (the reference's VJP, cu_seqlens included)."""
+    """decode_bwd_op for chunked_op, cu_seqlens included: the fused backward kernel where
+    chunked_bwd_reason allows, else the reference's VJP."""
+    state = _state(state_weights, state_momentum, state_chunk_weights, state_offset)
+    if chunked_bwd_reason(q, weights, chunk_size, cu_seqlens, state, read) is None:
+        return _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias,
+                            state_weights, state_momentum, state_chunk_weights, state_offset,
+                            chunk_size, activation, residual, ln_eps, read, cu_seqlens)
     return _reference_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias,
                             state_weights, state_momentum, state_chunk_weights, state_offset,
                             chunk_size, activation, residual, ln_eps, read, cu_seqlens)

@@ -1,0 +1,64 @@
+"""Forward, and forward + backward, of neural_memory through the kernels (fused forward, and
+the fused backward where chunked_bwd_reason allows) at the benchmark shapes of registry.py,
+with CUDA events after warm-up, and the peak memory of one forward + backward. Prints a line
+per shape. Needs a GPU and the built extension.
+
+    python benchmarks/bwd_time.py             # default long short
+    SHAPES="default" python benchmarks/bwd_time.py"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from registry import SHAPES  # noqa: E402
+from run import make_memory_inputs  # noqa: E402
+from titans_cuda import neural_memory  # noqa: E402
+from titans_cuda.ops.neural_memory import ops as nm_ops  # noqa: E402
+
+
+def _time_ms(fn, reps=3):
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def main():
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/bwd_time.py needs a CUDA GPU")
+    print(f"# {torch.cuda.get_device_name()}: neural_memory backend='cuda', ms")
+    for name in os.environ.get("SHAPES", "default long short").split():
+        s = SHAPES[name]
+        t = make_memory_inputs(s, torch.device("cuda"), requires_grad=True)
+        q, k, v, lr, forget, momentum, w1, w2, gamma, beta = t
+        kw = dict(chunk_size=s.chunk, activation="silu", residual=True, ln_weight=gamma,
+                  ln_bias=beta, read="token", backend="cuda")
+        fused = nm_ops.chunked_bwd_reason(q, [w1, w2], s.chunk, None, None, "token") is None
+        cot = torch.randn_like(q)
+
+        def fwd():
+            with torch.no_grad():
+                neural_memory(q, k, v, lr, forget, momentum, (w1, w2), **kw)
+
+        def fwd_bwd():
+            o = neural_memory(q, k, v, lr, forget, momentum, (w1, w2), **kw)
+            torch.autograd.grad((o * cot).sum(), t)
+        f_ms = _time_ms(fwd)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fb_ms = _time_ms(fwd_bwd)
+        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        print(f"{name} B{s.B} T{s.T} H{s.H}: fwd {f_ms:.2f} fwd+bwd {fb_ms:.2f} "
+              f"(fused backward: {fused}) peak {peak:.0f} MiB", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1299 @@
+// neural_memory_chunked_bwd (chunked_bwd.h): the fused backward at depth 2, read "token".
+//
+// One CTA of 8 warps per (sequence, head) walks the chunks last to first. W̄ and S̄ (the
+// cotangents of the state after the chunk) live in the fp32 output tensors and are updated in
+// place, hidden block by hidden block, into those of the state before it. Per chunk (notation
+// of chunk_vjp.py; gneg = -G[C-1, :], nneg = -N[C-1, :]; every product takes split-bf16
+// operands from shared memory, three mma.sync per product, fp32 accumulation):
+//
+//   load      q, k, gates; G (column recurrences), ga1 = -G * (q k^T)
+//   pass A    keys forward at Wg, block by block: fk += phi(k Wg1_b) Wg2_b
+//   head      (row mode) e = 2 (y - v), dz2 = LNB(fk, e); e, xhat, rstd to scratch
+//   pass B    the read's recompute: z1_b, h1_b, z2 += beta h1 W0_2b + c h1 S0_2b, P += h1 hk1^T
+//             z2 += (-G * P) dz2; (row mode) z̄2 = LN backward of dl/do
+//             dz̄2 = (-G * P)^T z̄2, mm2 = -z̄2 dz2^T, a2_bar = mm2 * G, Ḡ = mm2 * P
+//   pass C    per block (chunk_vjp_blocked's pass C): the read's adjoint (layer 2, then 1), the
+//             state's cotangents (layer 2, then 1), the errors' second-order adjoint; W̄_b, S̄_b
+//             written in place, the block's keys' adjoints kept in scratch for pass D
+//   sync 3    (row mode) LayerNorm double backward: f̄, dv, and the head's cotangents
+//   pass D    the keys' forward adjoint: W̄g_b (into W̄, or wg0_bar at chunk 0), k̄
+//   end       q̄, k̄ (+ a1_bar terms), Ḡ; the gates' adjoint by reverse-mode through the
+//             column recurrences (chunk_vjp.gates_vjp_recurrences)
+//
+// Matrices are cut into 16 x 16 tiles dealt to the warps in a fixed order (TileMap), so a
+// warp owns the same tiles of a matrix in every step: sums over the hidden blocks (dz̄2, k̄,
+// q̄, mm1, ...) stay in its registers, values produced in one step are read back by the same
+// threads in a later one, and every sum has a fixed order (deterministic). Row-wise work (the
+// LayerNorm heads) runs in "row mode": C / 4... threads per row, shuffles within the row.
+#include "chunked_bwd.h"
+
+#include "chunked_kernel.cuh"
+
+namespace titans {
+namespace chunked_bwd {
+
+using chunked::kHB;
+using chunked::Planes;
+using chunked::Rows;
+using chunked::SplitA;
+using chunked::mma_split;
+using chunked::scale_cols;
+using chunked::scale_rows;
+using chunked::stage;
+using mlp::activation_fn;
+using mlp::activation_grad;
+using mlp::activation_grad2;
+using bf16 = __nv_bfloat16;
+
+constexpr int kWarps = 8;
+constexpr int kThreads = 32 * kWarps;
+
+// The 16 x 16 tiles of an R x Cc matrix dealt to the warps: tile w + 8 i to warp w.
+template <int R, int Cc>
+struct TileMap {
+  static constexpr int kTiles = (R / 16) * (Cc / 16);
+  static constexpr int kIt = (kTiles + kWarps - 1) / kWarps;
+  __device__ static bool ok(int i, int w) {
+    return kTiles % kWarps == 0 || w + kWarps * i < kTiles;
+  }
+  __device__ static int m0(int i, int w) { return (w + kWarps * i) / (Cc / 16) * 16; }
+  __device__ static int n0(int i, int w) { return (w + kWarps * i) % (Cc / 16) * 16; }
+};
+
+// Element e of n-half t of a tile at (m0, n0): row and column.
+__device__ __forceinline__ int trow(int m0, int e, int lane) {
+  return m0 + lane / 4 + 8 * (e >> 1);
+}
+__device__ __forceinline__ int tcol(int n0, int t, int e, int lane) {
+  return n0 + 8 * t + 2 * (lane % 4) + (e & 1);
+}
+
+template <int N>
+__device__ __forceinline__ void zero(float (&a)[N][2][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int t = 0; t < 2; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) a[i][t][e] = 0.f;
+}
+__device__ __forceinline__ void zero(float (&a)[2][4]) {
+#pragma unroll
+  for (int t = 0; t < 2; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) a[t][e] = 0.f;
+}
+
+// acc (the 16 x 16 tile at (m0, n0)) += A B over K. A stored [m][k] (or [k][m] when kAK), with
+// its rows scaled by rs[row] and its k by ks[k] (nullptr: none); B stored [k][n] (kBK) or
+// [n][k].
+template <int K, bool kAK, bool kBK>
+__device__ __forceinline__ void mma_tile(float (&acc)[2][4], const Planes& A, int m0,
+                                         const Planes& B, int n0, int lane,
+                                         const float* rs = nullptr, const float* ks = nullptr) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    SplitA a;
+    if constexpr (kAK) {
+      a = chunked::load_a_kmajor(A, m0, kk * 16, lane);
+    } else {
+      a = chunked::load_a(A, m0, kk * 16, lane);
+    }
+    if (rs != nullptr) a = scale_rows(a, rs[m0 + lane / 4], rs[m0 + lane / 4 + 8]);
+    if (ks != nullptr) a = scale_cols(a, ks, kk * 16, lane);
+    mma_split<kBK>(acc[0], acc[1], a, B, kk * 16, n0, lane);
+  }
+}
+
+// The tile's values as split planes.
+__device__ __forceinline__ void put_tile(const Planes& P, int m0, int n0, const float (&v)[2][4],
+                                         int lane) {
+#pragma unroll
+  for (int t = 0; t < 2; ++t)
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+      P.put2(m0 + lane / 4 + 8 * half, n0 + 8 * t + 2 * (lane % 4), v[t][2 * half],
+             v[t][2 * half + 1]);
+}
+
+// fp32 [R][ld] tile <-> registers (global memory through L2, or shared).
+__device__ __forceinline__ void load_tile_cg(float (&v)[2][4], const float* src, int64_t ld,
+                                             int m0, int n0, int lane) {
+#pragma unroll
+  for (int t = 0; t < 2; ++t)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float2 x = __ldcg(reinterpret_cast<const float2*>(
+          src + int64_t(m0 + lane / 4 + 8 * half) * ld + n0 + 8 * t + 2 * (lane % 4)));
+      v[t][2 * half] = x.x;
+      v[t][2 * half + 1] = x.y;
+    }
+}
+__device__ __forceinline__ void store_tile(float* dst, int64_t ld, int m0, int n0,
+                                           const float (&v)[2][4], int lane) {
+#pragma unroll
+  for (int t = 0; t < 2; ++t)
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+      *reinterpret_cast<float2*>(dst + int64_t(m0 + lane / 4 + 8 * half) * ld + n0 + 8 * t +
+                                 2 * (lane % 4)) = make_float2(v[t][2 * half],
+                                                               v[t][2 * half + 1]);
+}
+
+// Sum over the kTPR consecutive lanes that share a row (row mode).
+template <int kTPR>
+__device__ __forceinline__ float row_reduce(float v) {
+#pragma unroll
+  for (int o = 1; o < kTPR; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Shared-memory plan (bytes). Planes as in chunked_kernel.cuh (hi then lo, rows padded by 8).
+struct BwdLayout {
+  size_t q, k, dz2, zb2, ga1, a2b, w1, s1, w2, s2, pw, ps, hk1, dz1, h1, zb1, vec, total;
+  int pq, pcc, pw1, pw2, ppr, pch;
+};
+
+constexpr int kVecs = 16;  // per-row vectors of C floats (gates, sums)
+
+__host__ __device__ inline int row_slots(int D) { return kHB / 16 + D / 16; }
+
+__host__ __device__ inline BwdLayout make_bwd_layout(int D, int C) {
+  BwdLayout l{};
+  l.pq = C * (D + 8);
+  l.pcc = C * (C + 8);
+  l.pw1 = D * (kHB + 8);
+  l.pw2 = kHB * (D + 8);
+  l.ppr = l.pw1 > l.pw2 ? l.pw1 : l.pw2;
+  l.pch = C * (kHB + 8);
+  size_t at = 0;
+  auto take = [&](size_t bytes) {
+    const size_t here = at;
+    at += (bytes + 15) / 16 * 16;
+    return here;
+  };
+  const size_t pair = 2 * sizeof(bf16);
+  l.q = take(pair * l.pq);
+  l.k = take(pair * l.pq);
+  l.dz2 = take(pair * l.pq);
+  l.zb2 = take(pair * l.pq);
+  l.ga1 = take(pair * l.pcc);
+  l.a2b = take(pair * l.pcc);
+  l.w1 = take(pair * l.pw1);
+  l.s1 = take(pair * l.pw1);
+  l.w2 = take(pair * l.pw2);
+  l.s2 = take(pair * l.pw2);
+  l.pw = take(pair * l.ppr);
+  l.ps = take(pair * l.ppr);
+  l.hk1 = take(pair * l.pch);
+  l.dz1 = take(pair * l.pch);
+  l.h1 = take(pair * l.pch);
+  l.zb1 = take(pair * l.pch);
+  l.vec = take(sizeof(float) * (size_t(kVecs) * C + size_t(4) * row_slots(D) * C + 4 * kWarps));
+  l.total = at;
+  return l;
+}
+
+// What aliases what: the row-mode buffer [C][D+4] and Ḡ [C][C+4] (fp32) over the block
+// intermediates; G and N [C][C+4] (fp32) over the weight blocks.
+__host__ __device__ inline bool aliases_fit(const BwdLayout& l, int D, int C) {
+  const size_t f = sizeof(float);
+  return l.vec - l.hk1 >= f * (size_t(C) * (D + 4) + size_t(C) * (C + 4)) &&
+         l.pw - l.w1 >= f * 2 * size_t(C) * (C + 4);
+}
+
+__host__ __device__ inline size_t scratch_floats(int D, int hidden, int C) {
+  return size_t(2) * C * D + C + size_t(2) * C * hidden;
+}
+
+template <typename TIn, int D, int C>
+__global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdParams bp) {
+  const NeuralMemoryParams& p = bp.f;
+  constexpr int HB = kHB;
+  using CD = TileMap<C, D>;
+  using CC = TileMap<C, C>;
+  using CH = TileMap<C, HB>;
+  using HD = TileMap<HB, D>;
+  using DH = TileMap<D, HB>;
+  static_assert(CH::kIt == 1 && HD::kIt == 1 && DH::kIt == 1, "one block tile per warp");
+  constexpr int kTPR = kThreads / C;  // row mode: threads per row
+  constexpr int kCPT = D / kTPR;      // and columns per thread
+  static_assert(kCPT % 2 == 0 && kTPR <= 32, "row mode");
+  constexpr int kSlots = HB / 16 + D / 16;
+  constexpr int kLdF = D + 4, kLdC = C + 4;
+  const int hidden = p.hidden, n_blocks = hidden / HB;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const BwdLayout lay = make_bwd_layout(D, C);
+  auto planes = [&](size_t off, int plane, int ld) {
+    return Planes{reinterpret_cast<bf16*>(smem_raw + off), plane, ld};
+  };
+  const Planes s_q = planes(lay.q, lay.pq, D + 8);
+  const Planes s_k = planes(lay.k, lay.pq, D + 8);
+  const Planes s_dz2 = planes(lay.dz2, lay.pq, D + 8);
+  const Planes s_zb2 = planes(lay.zb2, lay.pq, D + 8);  // z̄2; f̄ from sync 3 on
+  const Planes s_ga1 = planes(lay.ga1, lay.pcc, C + 8);  // -G * (q k^T)
+  const Planes s_a2b = planes(lay.a2b, lay.pcc, C + 8);  // -G * P, a2_bar, a1_bar in turn
+  const Planes s_w1 = planes(lay.w1, lay.pw1, HB + 8);   // layer-1 blocks [D][HB]
+  const Planes s_s1 = planes(lay.s1, lay.pw1, HB + 8);
+  const Planes s_w2 = planes(lay.w2, lay.pw2, D + 8);    // layer-2 blocks [HB][D]
+  const Planes s_s2 = planes(lay.s2, lay.pw2, D + 8);
+  const Planes s_pw1 = planes(lay.pw, lay.ppr, HB + 8);  // W̄'/S̄' blocks, or Wg's at chunk 0
+  const Planes s_ps1 = planes(lay.ps, lay.ppr, HB + 8);
+  const Planes s_pw2 = planes(lay.pw, lay.ppr, D + 8);
+  const Planes s_ps2 = planes(lay.ps, lay.ppr, D + 8);
+  const Planes s_hk1 = planes(lay.hk1, lay.pch, HB + 8);  // [C][HB] block intermediates
+  const Planes s_dz1 = planes(lay.dz1, lay.pch, HB + 8);
+  const Planes s_h1 = planes(lay.h1, lay.pch, HB + 8);    // h1, then u_bar
+  const Planes s_zb1 = planes(lay.zb1, lay.pch, HB + 8);  // z̄1, then zk1_bar
+  float* f_row = reinterpret_cast<float*>(smem_raw + lay.hk1);  // [C][D + 4]
+  float* f_gbar = f_row + C * kLdF;                              // [C][C + 4]
+  float* f_g = reinterpret_cast<float*>(smem_raw + lay.w1);      // [C][C + 4]
+  float* f_n = f_g + C * kLdC;
+  float* v_theta = reinterpret_cast<float*>(smem_raw + lay.vec);
+  float* v_a = v_theta + C;
+  float* v_eta = v_a + C;
+  float* v_act = v_eta + C;
+  float* v_m = v_act + C;
+  float* v_beta = v_m + C;
+  float* v_c = v_beta + C;
+  float* v_gneg = v_c + C;
+  float* v_nneg = v_gneg + C;
+  float* v_bb = v_nneg + C;  // row totals: beta-bar, c-bar, G-bar and N-bar of the last row
+  float* v_cb = v_bb + C;
+  float* v_gl = v_cb + C;
+  float* v_nl = v_gl + C;
+  float* v_abar = v_nl + C;  // the scalar recurrences' parts of a-bar and eta-bar
+  float* v_ebar = v_abar + C;
+  float* v_thbar = v_ebar + C;
+  float* v_rp = v_theta + kVecs * C;     // [4][kSlots][C] row partials
+  float* v_red = v_rp + 4 * kSlots * C;  // [kWarps][4] (frobenius partials)
+
+  const int h = blockIdx.x, n = blockIdx.y;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  int64_t start = 0, len = p.seqlen, row_base = int64_t(n) * p.seqlen;
+  if (p.cu_seqlens != nullptr) {
+    start = p.cu_seqlens[n];
+    len = p.cu_seqlens[n + 1] - start;
+    row_base = start;
+  }
+  const bool packed = p.cu_seqlens != nullptr;
+  const Rows rq{packed ? 0 : n * p.q_n_stride, start, p.q_t_stride, h * p.q_h_stride};
+  const Rows rk{packed ? 0 : n * p.k_n_stride, start, p.k_t_stride, h * p.k_h_stride};
+  const Rows rv{packed ? 0 : n * p.v_n_stride, start, p.v_t_stride, h * p.v_h_stride};
+  const Rows ro{0, row_base, int64_t(p.heads) * D, int64_t(h) * D};  // o_bar, dq, dk, dv
+  const TIn* __restrict__ gq = static_cast<const TIn*>(p.q);
+  const TIn* __restrict__ gk = static_cast<const TIn*>(p.k);
+  const TIn* __restrict__ gv = static_cast<const TIn*>(p.v);
+  const TIn* __restrict__ gob = static_cast<const TIn*>(bp.o_bar);
+  TIn* __restrict__ gdq = static_cast<TIn*>(bp.dq);
+  TIn* __restrict__ gdk = static_cast<TIn*>(bp.dk);
+  TIn* __restrict__ gdv = static_cast<TIn*>(bp.dv);
+
+  const int off = p.offset != nullptr ? p.offset[n] : 0;
+  const int n_chunks = len > 0 ? int((off + len + C - 1) / C) : 0;
+
+  const int64_t size[2] = {int64_t(D) * hidden, int64_t(hidden) * D};
+  const int64_t nh = int64_t(n) * p.heads + h;
+  const float* w_src[2];
+  const float* cw_src[2];
+  const float* cwb[2];
+  float *wbar[2], *sbar[2], *wg0[2];
+#pragma unroll
+  for (int l = 0; l < 2; ++l) {
+    w_src[l] = p.w_in[l] + n * p.w_in_n_stride[l] + h * p.w_in_h_stride[l];
+    cw_src[l] = p.cw_in[l] != nullptr && off > 0 ? p.cw_in[l] + nh * size[l] : w_src[l];
+    cwb[l] = bp.cw_bar[l] != nullptr ? bp.cw_bar[l] + nh * size[l] : nullptr;
+    wbar[l] = bp.w_bar[l] + nh * size[l];
+    sbar[l] = bp.s_bar[l] + nh * size[l];
+    wg0[l] = bp.wg0_bar[l] + nh * size[l];
+  }
+  float* scr = bp.scratch + nh * int64_t(scratch_floats(D, hidden, C));
+  float* scr_e = scr;
+  float* scr_xh = scr + C * D;
+  float* scr_rstd = scr + 2 * C * D;
+  float* scr_zk = scr_rstd + C;                  // [block][C][HB]
+  float* scr_zb = scr_zk + int64_t(C) * hidden;  // [block][C][HB]
+  float* dlnw = bp.dln_w != nullptr ? bp.dln_w + nh * C * D : nullptr;
+  float* dlnb = bp.dln_b != nullptr ? bp.dln_b + nh * C * D : nullptr;
+  const float* gamma = p.ln_weight != nullptr ? p.ln_weight + h * D : nullptr;
+  const float* lbeta = gamma != nullptr && p.ln_bias != nullptr ? p.ln_bias + h * D : nullptr;
+  const int act_kind = p.activation;
+
+  if (n_chunks == 0) {  // no tokens: W̄, S̄ pass through; the owed chunk weights' cotangent
+#pragma unroll
+    for (int l = 0; l < 2; ++l)
+      for (int64_t i = tid; i < size[l]; i += kThreads)
+        wg0[l][i] = cwb[l] != nullptr ? __ldcg(cwb[l] + i) : 0.f;
+    return;
+  }
+
+  // row mode: this thread's row and first column
+  const int rr = tid / kTPR, rc0 = (tid % kTPR) * kCPT;
+  // the block tile of this warp (C x HB, HB x D, D x HB maps)
+  const bool ch_ok = CH::ok(0, warp), hd_ok = HD::ok(0, warp), dh_ok = DH::ok(0, warp);
+  const int chm = CH::m0(0, warp), chn = CH::n0(0, warp);
+  const int hdm = HD::m0(0, warp), hdn = HD::n0(0, warp);
+  const int dhm = DH::m0(0, warp), dhn = DH::n0(0, warp);
+
+  for (int j = n_chunks - 1; j >= 0; --j) {
+    const float *w0[2], *s0[2], *wg[2];
+    const int64_t slot = (int64_t(j) * p.n_seq + n) * p.heads + h;
+#pragma unroll
+    for (int l = 0; l < 2; ++l) {
+      w0[l] = bp.ckpt_w[l] + slot * size[l];
+      s0[l] = bp.ckpt_s[l] + slot * size[l];
+      wg[l] = j == 0 ? cw_src[l] : w0[l];
+    }
+    const bool g_is_w = j > 0 || cw_src[0] == w_src[0];
+    float* const* wg_dst = j > 0 ? wbar : wg0;  // where W̄g goes
+    const Planes s_g1 = g_is_w ? s_w1 : s_pw1, s_g2 = g_is_w ? s_w2 : s_ps2;
+    const int64_t t0 = int64_t(j) * C - off;
+
+    // ---- load ----
+    __syncthreads();  // the previous chunk is done with shared memory
+    for (int i = tid; i < 2 * C * (D / 2); i += kThreads) {
+      const int which = i / (C * (D / 2));
+      const int r = (i / (D / 2)) % C, c = (i % (D / 2)) * 2;
+      const int64_t t = t0 + r;
+      float2 x = make_float2(0.f, 0.f);
+      if (t >= 0 && t < len) x = load2(which == 0 ? gq + rq.at(t) + c : gk + rk.at(t) + c);
+      (which == 0 ? s_q : s_k).put2(r, c, x.x, x.y);
+    }
+    if (tid < C) {
+      const int64_t t = t0 + tid;
+      const bool act = t >= 0 && t < len;
+      const int64_t gi = (row_base + t) * p.heads + h;
+      v_theta[tid] = act ? __ldg(p.lr + gi) : 0.f;
+      v_a[tid] = act ? 1.f - __ldg(p.forget + gi) : 1.f;
+      v_eta[tid] = act ? __ldg(p.momentum + gi) : 1.f;
+      v_act[tid] = act ? 1.f : 0.f;
+    }
+    __syncthreads();
+    if (tid < C) {  // column tid of N and G
+      const int col = tid;
+      float nv = 0.f, gv = 0.f;
+      for (int t = 0; t < C; ++t) {
+        if (t == col) {
+          nv = v_theta[t];
+          gv = v_act[t] * nv;
+        } else if (t > col) {
+          nv *= v_eta[t];
+          gv = v_a[t] * gv + v_act[t] * nv;
+        }
+        f_g[t * kLdC + col] = gv;
+      }
+      v_gneg[col] = -gv;
+      v_nneg[col] = -nv;
+    } else if (tid == kThreads - 1) {
+      float m = 1.f, beta = 1.f, c = 0.f;
+      for (int t = 0; t < C; ++t) {
+        m *= v_eta[t];
+        beta *= v_a[t];
+        c = v_a[t] * c + v_act[t] * m;
+        v_m[t] = m;
+        v_beta[t] = beta;
+        v_c[t] = c;
+      }
+    }
+    __syncthreads();
+    float greg[CC::kIt][2][4];  // G, this warp's C x C tiles
+#pragma unroll
+    for (int i = 0; i < CC::kIt; ++i) {
+      if (!CC::ok(i, warp)) continue;
+      const int m0 = CC::m0(i, warp), n0 = CC::n0(i, warp);
+#pragma unroll
+      for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          greg[i][t][e] = f_g[trow(m0, e, lane) * kLdC + tcol(n0, t, e, lane)];
+      float a[2][4];
+      zero(a);
+      mma_tile<D, false, false>(a, s_q, m0, s_k, n0, lane);  // q k^T
+#pragma unroll
+      for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) a[t][e] *= -greg[i][t][e];
+      put_tile(s_ga1, m0, n0, a, lane);
+    }
+    const float beta_c = v_beta[C - 1], c_c = v_c[C - 1], m_c = v_m[C - 1];
+
+    // ---- pass A: fk = sum_b phi(k Wg1_b) Wg2_b ----
+    float acc[CD::kIt][2][4];  // fk, then z2
+    zero(acc);
+    for (int b = 0; b < n_blocks; ++b) {
+      __syncthreads();  // G read (b = 0); the previous block's operands are free
+      stage<D, HB, kThreads>(s_w1, wg[0] + b * HB, hidden);
+      stage<HB, D, kThreads>(s_w2, wg[1] + int64_t(b) * HB * D, D);
+      __syncthreads();
+      if (ch_ok) {
+        float z[2][4];
+        zero(z);
+        mma_tile<D, false, true>(z, s_k, chm, s_w1, chn, lane);
+#pragma unroll
+        for (int t = 0; t < 2; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) z[t][e] = activation_fn<bf16>(z[t][e], act_kind);
+        put_tile(s_hk1, chm, chn, z, lane);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < CD::kIt; ++i)
+        if (CD::ok(i, warp))
+          mma_tile<HB, false, true>(acc[i], s_hk1, CD::m0(i, warp), s_w2, CD::n0(i, warp), lane);
+    }
+    __syncthreads();  // s_hk1 (f_row) free
+#pragma unroll
+    for (int i = 0; i < CD::kIt; ++i)
+      if (CD::ok(i, warp)) store_tile(f_row, kLdF, CD::m0(i, warp), CD::n0(i, warp), acc[i], lane);
+    __syncthreads();
+
+    // ---- head of the keys (row mode) ----
+    {
+      const int64_t t = t0 + rr;
+      const bool active = t >= 0 && t < len;
+      float f[kCPT], e[kCPT];
+#pragma unroll
+      for (int c = 0; c < kCPT; ++c) f[c] = f_row[rr * kLdF + rc0 + c];
+      float rstd = 1.f;
+      if (gamma != nullptr) {
+        float s = 0.f;
+#pragma unroll
+        for (int c = 0; c < kCPT; ++c) s += f[c];
+        const float mean = row_reduce<kTPR>(s) * (1.f / D);
+        float sq = 0.f;
+#pragma unroll
+        for (int c = 0; c < kCPT; ++c) {
+          f[c] -= mean;
+          sq += f[c] * f[c];
+        }
+        rstd = rsqrtf(row_reduce<kTPR>(sq) * (1.f / D) + p.ln_eps);
+#pragma unroll
+        for (int c = 0; c < kCPT; ++c) f[c] *= rstd;  // xhat
+      }
+#pragma unroll
+      for (int c = 0; c < kCPT; c += 2) {
+        const int col = rc0 + c;
+        float2 y = make_float2(f[c], f[c + 1]);
+        if (gamma != nullptr) {
+          y.x = y.x * __ldg(gamma + col) + (lbeta != nullptr ? __ldg(lbeta + col) : 0.f);
+          y.y = y.y * __ldg(gamma + col + 1) + (lbeta != nullptr ? __ldg(lbeta + col + 1) : 0.f);
+        }
+        if (p.residual) {
+          const float2 kv = s_k.get2(rr, col);
+          y.x += kv.x;
+          y.y += kv.y;
+        }
+        e[c] = e[c + 1] = 0.f;
+        if (active) {
+          const float2 vv = load2(gv + rv.at(t) + col);
+          e[c] = 2.f * (y.x - vv.x);
+          e[c + 1] = 2.f * (y.y - vv.y);
+        }
+      }
+      float dz[kCPT];
+      if (gamma != nullptr) {  // dz2 = J(gamma e)
+        float mg = 0.f, mgx = 0.f;
+#pragma unroll
+        for (int c = 0; c < kCPT; ++c) {
+          dz[c] = e[c] * __ldg(gamma + rc0 + c);
+          mg += dz[c];
+          mgx += dz[c] * f[c];
+        }
+        mg = row_reduce<kTPR>(mg) * (1.f / D);
+        mgx = row_reduce<kTPR>(mgx) * (1.f / D);
+#pragma unroll
+        for (int c = 0; c < kCPT; ++c) dz[c] = rstd * (dz[c] - mg - f[c] * mgx);
+      } else {
+#pragma unroll
+        for (int c = 0; c < kCPT; ++c) dz[c] = e[c];
+      }
+#pragma unroll
+      for (int c = 0; c < kCPT; c += 2) {
+        s_dz2.put2(rr, rc0 + c, dz[c], dz[c + 1]);
+        *reinterpret_cast<float2*>(scr_e + rr * D + rc0 + c) = make_float2(e[c], e[c + 1]);
+        *reinterpret_cast<float2*>(scr_xh + rr * D + rc0 + c) = make_float2(f[c], f[c + 1]);
+      }
+      if (tid % kTPR == 0) scr_rstd[rr] = rstd;
+    }
+
+    // ---- pass B: the read's recompute ----
+    zero(acc);
+    float pp[CC::kIt][2][4];  // P = h1 hk1^T, then a2_bar
+    zero(pp);
+    for (int b = 0; b < n_blocks; ++b) {
+      __syncthreads();  // s_dz2 complete (b = 0); the previous block's operands are free
+      stage<D, HB, kThreads>(s_w1, w0[0] + b * HB, hidden);
+      stage<D, HB, kThreads>(s_s1, s0[0] + b * HB, hidden);
+      stage<HB, D, kThreads>(s_w2, w0[1] + int64_t(b) * HB * D, D);
+      stage<HB, D, kThreads>(s_s2, s0[1] + int64_t(b) * HB * D, D);
+      if (!g_is_w) {
+        stage<D, HB, kThreads>(s_pw1, wg[0] + b * HB, hidden);
+        stage<HB, D, kThreads>(s_ps2, wg[1] + int64_t(b) * HB * D, D);
+      }
+      __syncthreads();
+      if (ch_ok) {  // hk1, dz1 of the block
+        float z[2][4], u[2][4];
+        zero(z);
+        zero(u);
+        mma_tile<D, false, true>(z, s_k, chm, s_g1, chn, lane);
+        mma_tile<D, false, false>(u, s_dz2, chm, s_g2, chn, lane);
+#pragma unroll
+        for (int t = 0; t < 2; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            u[t][e] *= activation_grad<bf16>(z[t][e], act_kind);
+            z[t][e] = activation_fn<bf16>(z[t][e], act_kind);
+          }
+        put_tile(s_hk1, chm, chn, z, lane);
+        put_tile(s_dz1, chm, chn, u, lane);
+      }
+      __syncthreads();
+      if (ch_ok) {  // h1 = phi(beta q W0_1 + c q S0_1 + ga1 dz1)
+        float z[2][4];
+        zero(z);
+        mma_tile<D, false, true>(z, s_q, chm, s_w1, chn, lane, v_beta);
+        mma_tile<D, false, true>(z, s_q, chm, s_s1, chn, lane, v_c);
+        mma_tile<C, false, true>(z, s_ga1, chm, s_dz1, chn, lane);
+#pragma unroll
+        for (int t = 0; t < 2; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) z[t][e] = activation_fn<bf16>(z[t][e], act_kind);
+        put_tile(s_h1, chm, chn, z, lane);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < CD::kIt; ++i) {
+        if (!CD::ok(i, warp)) continue;
+        const int m0 = CD::m0(i, warp), n0 = CD::n0(i, warp);
+        mma_tile<HB, false, true>(acc[i], s_h1, m0, s_w2, n0, lane, v_beta);
+        mma_tile<HB, false, true>(acc[i], s_h1, m0, s_s2, n0, lane, v_c);
+      }
+#pragma unroll
+      for (int i = 0; i < CC::kIt; ++i)
+        if (CC::ok(i, warp))
+          mma_tile<HB, false, false>(pp[i], s_h1, CC::m0(i, warp), s_hk1, CC::n0(i, warp), lane);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < CC::kIt; ++i) {  // -G * P
+      if (!CC::ok(i, warp)) continue;
+      float g[2][4];
+#pragma unroll
+      for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) g[t][e] = -greg[i][t][e] * pp[i][t][e];
+      put_tile(s_a2b, CC::m0(i, warp), CC::n0(i, warp), g, lane);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < CD::kIt; ++i) {
+      if (!CD::ok(i, warp)) continue;
+      const int m0 = CD::m0(i, warp), n0 = CD::n0(i, warp);
+      mma_tile<C, false, true>(acc[i], s_a2b, m0, s_dz2, n0, lane);
+      store_tile(f_row, kLdF, m0, n0, acc[i], lane);
+    }
+    __syncthreads();
+
+    // ---- head of the read (row mode): z̄2 from dl/do ----
+    {
+      const int64_t t = t0 + rr;
+      const bool active = t >= 0 && t < len;
+      float f[kCPT], ob[kCPT];
+#pragma unroll
+      for (int c = 0; c < kCPT; ++c) f[c] = f_row[rr * kLdF + rc0 + c];
+#pragma unroll
+      for (int c = 0; c < kCPT; c += 2) {
+        float2 x = make_float2(0.f, 0.f);
+        if (active) x = load2(gob + ro.at(t) + rc0 + c);
+        ob[c] = x.x;
+        ob[c + 1] = x.y;
+      }
+      float zb[kCPT];
+      if (gamma != nullptr) {
+        float s = 0.f;
+#pragma unroll
+        for (int c = 0; c < kCPT; ++c) s += f[c];
+        const float mean = row_reduce<kTPR>(s) * (1.f / D);
+        float sq = 0.f;
+#pragma unroll
+        for (int c = 0; c < kCPT; ++c) {
+          f[c] -= mean;
+          sq += f[c] * f[c];
+        }
+        const float rstd = rsqrtf(row_reduce<kTPR>(sq) * (1.f / D) + p.ln_eps);
+        float mg = 0.f, mgx = 0.f;
+#pragma unroll
+        for (int c = 0; c < kCPT; ++c) {
+          f[c] *= rstd;
+          zb[c] = ob[c] * __ldg(gamma + rc0 + c);
+          mg += zb[c];
+          mgx += zb[c] * f[c];
+        }
+        mg = row_reduce<kTPR>(mg) * (1.f / D);
+        mgx = row_reduce<kTPR>(mgx) * (1.f / D);
+#pragma unroll
+        for (int c = 0; c < kCPT; ++c) {
+          zb[c] = rstd * (zb[c] - mg - f[c] * mgx);
+          const int64_t at = int64_t(rr) * D + rc0 + c;
+          dlnw[at] += ob[c] * f[c];
+          if (dlnb != nullptr) dlnb[at] += ob[c];
+        }
+      } else {
+#pragma unroll
+        for (int c = 0; c < kCPT; ++c) zb[c] = ob[c];
+      }
+#pragma unroll
+      for (int c = 0; c < kCPT; c += 2) s_zb2.put2(rr, rc0 + c, zb[c], zb[c + 1]);
+    }
+    __syncthreads();
+
+    // ---- dz̄2 = (-G * P)^T z̄2; mm2 = -z̄2 dz2^T: Ḡ = mm2 * P, a2_bar = mm2 * G ----
+    float dzb[CD::kIt][2][4];
+    zero(dzb);
+#pragma unroll
+    for (int i = 0; i < CD::kIt; ++i)
+      if (CD::ok(i, warp))
+        mma_tile<C, true, true>(dzb[i], s_a2b, CD::m0(i, warp), s_zb2, CD::n0(i, warp), lane);
+    float gpart[CC::kIt][2][4];
+#pragma unroll
+    for (int i = 0; i < CC::kIt; ++i) {
+      if (!CC::ok(i, warp)) continue;
+      float mm[2][4];
+      zero(mm);
+      mma_tile<D, false, false>(mm, s_zb2, CC::m0(i, warp), s_dz2, CC::n0(i, warp), lane);
+#pragma unroll
+      for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          gpart[i][t][e] = -mm[t][e] * pp[i][t][e];
+          pp[i][t][e] = -mm[t][e] * greg[i][t][e];
+        }
+    }
+    __syncthreads();  // -G * P no longer read
+#pragma unroll
+    for (int i = 0; i < CC::kIt; ++i)
+      if (CC::ok(i, warp)) put_tile(s_a2b, CC::m0(i, warp), CC::n0(i, warp), pp[i], lane);
+
+    // ---- pass C ----
+    float qb[CD::kIt][2][4], kb[CD::kIt][2][4], mm1[CC::kIt][2][4];  // mm1: sum z̄1 dz1^T
+    zero(qb);
+    zero(kb);
+    zero(mm1);
+    float rpart[4][2] = {};  // beta-bar, c-bar, -G-bar, -N-bar row partials (rows lane/4, +8)
+    float sc[3] = {0.f, 0.f, 0.f};
+    for (int b = 0; b < n_blocks; ++b) {
+      const int64_t c1 = b * HB, r2 = int64_t(b) * HB * D;  // block offsets, layers 1 and 2
+      __syncthreads();  // a2_bar complete (b = 0); the previous block's operands are free
+      stage<D, HB, kThreads>(s_w1, w0[0] + c1, hidden);
+      stage<D, HB, kThreads>(s_s1, s0[0] + c1, hidden);
+      stage<HB, D, kThreads>(s_w2, w0[1] + r2, D);
+      stage<HB, D, kThreads>(s_s2, s0[1] + r2, D);
+      if (!g_is_w) {
+        stage<D, HB, kThreads>(s_pw1, wg[0] + c1, hidden);
+        stage<HB, D, kThreads>(s_ps2, wg[1] + r2, D);
+      }
+      __syncthreads();
+      // C1: zk, u, hk1, dz1; then z1 (x = q W0_1, y = q S0_1), h1
+      float zk[2][4], uu[2][4], z1[2][4], xq[2][4], yq[2][4];
+      zero(zk);
+      zero(uu);
+      if (ch_ok) {
+        mma_tile<D, false, true>(zk, s_k, chm, s_g1, chn, lane);
+        mma_tile<D, false, false>(uu, s_dz2, chm, s_g2, chn, lane);
+        float hk[2][4], dz[2][4];
+#pragma unroll
+        for (int t = 0; t < 2; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            hk[t][e] = activation_fn<bf16>(zk[t][e], act_kind);
+            dz[t][e] = uu[t][e] * activation_grad<bf16>(zk[t][e], act_kind);
+          }
+        put_tile(s_hk1, chm, chn, hk, lane);
+        put_tile(s_dz1, chm, chn, dz, lane);
+      }
+      __syncthreads();
+      zero(xq);
+      zero(yq);
+      zero(z1);
+      if (ch_ok) {
+        mma_tile<D, false, true>(xq, s_q, chm, s_w1, chn, lane);
+        mma_tile<D, false, true>(yq, s_q, chm, s_s1, chn, lane);
+        mma_tile<C, false, true>(z1, s_ga1, chm, s_dz1, chn, lane);
+        float h1[2][4];
+#pragma unroll
+        for (int t = 0; t < 2; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = trow(chm, e, lane);
+            z1[t][e] += v_beta[row] * xq[t][e] + v_c[row] * yq[t][e];
+            h1[t][e] = activation_fn<bf16>(z1[t][e], act_kind);
+          }
+        put_tile(s_h1, chm, chn, h1, lane);
+      }
+      __syncthreads();
+      // C2: the read's adjoint, layer 2 (h̄1 = beta z̄2 W0_2^T + c z̄2 S0_2^T + a2_bar hk1) and
+      // layer 1's z̄1; W̄_2 += h1^T (beta z̄2), S̄_2 += h1^T (c z̄2)
+      float aw2[2][4], as2[2][4], aw1[2][4], as1[2][4];
+      zero(aw2);
+      zero(as2);
+      zero(aw1);
+      zero(as1);
+      if (ch_ok) {
+        float X[2][4], Y[2][4], R[2][4];
+        zero(X);
+        zero(Y);
+        zero(R);
+        mma_tile<D, false, false>(X, s_zb2, chm, s_w2, chn, lane);
+        mma_tile<D, false, false>(Y, s_zb2, chm, s_s2, chn, lane);
+        mma_tile<C, false, true>(R, s_a2b, chm, s_hk1, chn, lane);
+        float zb1[2][4];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int row = chm + lane / 4 + 8 * half;
+          const float be = v_beta[row], ce = v_c[row];
+          float sb = 0.f, scb = 0.f;
+#pragma unroll
+          for (int t = 0; t < 2; ++t)
+#pragma unroll
+            for (int e = 2 * half; e < 2 * half + 2; ++e) {
+              const float h1 = activation_fn<bf16>(z1[t][e], act_kind);
+              const float h1b = be * X[t][e] + ce * Y[t][e] + R[t][e];
+              zb1[t][e] = h1b * activation_grad<bf16>(z1[t][e], act_kind);
+              sb += h1 * X[t][e] + zb1[t][e] * xq[t][e];
+              scb += h1 * Y[t][e] + zb1[t][e] * yq[t][e];
+            }
+          rpart[0][half] += sb;
+          rpart[1][half] += scb;
+        }
+        put_tile(s_zb1, chm, chn, zb1, lane);
+      }
+      if (hd_ok) {
+        mma_tile<C, true, true>(aw2, s_h1, hdm, s_zb2, hdn, lane, nullptr, v_beta);
+        mma_tile<C, true, true>(as2, s_h1, hdm, s_zb2, hdn, lane, nullptr, v_c);
+      }
+      __syncthreads();
+      // C3: q̄ += (beta z̄1) W0_1^T + (c z̄1) S0_1^T; mm1 += z̄1 dz1^T; W̄_1 += q^T (beta z̄1),
+      // S̄_1 += q^T (c z̄1); then the layer-2 blocks of W̄', S̄' are staged
+#pragma unroll
+      for (int i = 0; i < CD::kIt; ++i) {
+        if (!CD::ok(i, warp)) continue;
+        const int m0 = CD::m0(i, warp), n0 = CD::n0(i, warp);
+        mma_tile<HB, false, false>(qb[i], s_zb1, m0, s_w1, n0, lane, v_beta);
+        mma_tile<HB, false, false>(qb[i], s_zb1, m0, s_s1, n0, lane, v_c);
+      }
+#pragma unroll
+      for (int i = 0; i < CC::kIt; ++i)
+        if (CC::ok(i, warp))
+          mma_tile<HB, false, false>(mm1[i], s_zb1, CC::m0(i, warp), s_dz1, CC::n0(i, warp),
+                                     lane);
+      if (dh_ok) {
+        mma_tile<C, true, true>(aw1, s_q, dhm, s_zb1, dhn, lane, nullptr, v_beta);
+        mma_tile<C, true, true>(as1, s_q, dhm, s_zb1, dhn, lane, nullptr, v_c);
+      }
+      stage<HB, D, kThreads>(s_pw2, wbar[1] + r2, D);
+      stage<HB, D, kThreads>(s_ps2, sbar[1] + r2, D);
+      __syncthreads();
+      // C4: the state, layer 2
+      float hkb[2][4];
+      zero(hkb);
+      if (ch_ok) {
+        float X[2][4], Y[2][4];
+        zero(X);
+        zero(Y);
+        mma_tile<D, false, false>(X, s_dz2, chm, s_pw2, chn, lane);
+        mma_tile<D, false, false>(Y, s_dz2, chm, s_ps2, chn, lane);
+        mma_tile<C, true, true>(hkb, s_a2b, chm, s_h1, chn, lane);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int row = chm + lane / 4 + 8 * half;
+          const float gn = v_gneg[row], nn = v_nneg[row];
+          float sg = 0.f, sn = 0.f;
+#pragma unroll
+          for (int t = 0; t < 2; ++t)
+#pragma unroll
+            for (int e = 2 * half; e < 2 * half + 2; ++e) {
+              const float hk = activation_fn<bf16>(zk[t][e], act_kind);
+              hkb[t][e] += gn * X[t][e] + nn * Y[t][e];
+              sg += hk * X[t][e];
+              sn += hk * Y[t][e];
+            }
+          rpart[2][half] += sg;
+          rpart[3][half] += sn;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < CD::kIt; ++i) {
+        if (!CD::ok(i, warp)) continue;
+        const int m0 = CD::m0(i, warp), n0 = CD::n0(i, warp);
+        mma_tile<HB, false, true>(dzb[i], s_hk1, m0, s_pw2, n0, lane, v_gneg);
+        mma_tile<HB, false, true>(dzb[i], s_hk1, m0, s_ps2, n0, lane, v_nneg);
+      }
+      if (hd_ok) {
+        float wb[2][4], sbv[2][4], wv[2][4], sv[2][4];
+        load_tile_cg(wb, wbar[1] + r2, D, hdm, hdn, lane);
+        load_tile_cg(sbv, sbar[1] + r2, D, hdm, hdn, lane);
+        load_tile_cg(wv, w0[1] + r2, D, hdm, hdn, lane);
+        load_tile_cg(sv, s0[1] + r2, D, hdm, hdn, lane);
+#pragma unroll
+        for (int t = 0; t < 2; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            aw2[t][e] += beta_c * wb[t][e];
+            as2[t][e] += c_c * wb[t][e] + m_c * sbv[t][e];
+            sc[0] += wv[t][e] * wb[t][e];
+            sc[1] += sv[t][e] * wb[t][e];
+            sc[2] += sv[t][e] * sbv[t][e];
+          }
+      }
+      __syncthreads();
+      stage<D, HB, kThreads>(s_pw1, wbar[0] + c1, hidden);
+      stage<D, HB, kThreads>(s_ps1, sbar[0] + c1, hidden);
+      __syncthreads();
+      // C5: the state, layer 1; the errors' second-order adjoint
+      if (ch_ok) {
+        float X[2][4], Y[2][4], dzb1[2][4];
+        zero(X);
+        zero(Y);
+        zero(dzb1);
+        mma_tile<D, false, true>(X, s_k, chm, s_pw1, chn, lane);
+        mma_tile<D, false, true>(Y, s_k, chm, s_ps1, chn, lane);
+        mma_tile<C, true, true>(dzb1, s_ga1, chm, s_zb1, chn, lane);
+        float ub[2][4], Z[2][4];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int row = chm + lane / 4 + 8 * half;
+          const float gn = v_gneg[row], nn = v_nneg[row];
+          float sg = 0.f, sn = 0.f;
+#pragma unroll
+          for (int t = 0; t < 2; ++t)
+#pragma unroll
+            for (int e = 2 * half; e < 2 * half + 2; ++e) {
+              const float d1 = activation_grad<bf16>(zk[t][e], act_kind);
+              const float dz1 = uu[t][e] * d1;
+              dzb1[t][e] += gn * X[t][e] + nn * Y[t][e];
+              sg += dz1 * X[t][e];
+              sn += dz1 * Y[t][e];
+              ub[t][e] = dzb1[t][e] * d1;
+              Z[t][e] = dzb1[t][e] * uu[t][e] * activation_grad2<bf16>(zk[t][e], act_kind) +
+                        hkb[t][e] * d1;
+            }
+          rpart[2][half] += sg;
+          rpart[3][half] += sn;
+        }
+        put_tile(s_h1, chm, chn, ub, lane);
+        store_tile(scr_zk + int64_t(b) * C * HB, HB, chm, chn, zk, lane);
+        store_tile(scr_zb + int64_t(b) * C * HB, HB, chm, chn, Z, lane);
+      }
+#pragma unroll
+      for (int i = 0; i < CD::kIt; ++i) {
+        if (!CD::ok(i, warp)) continue;
+        const int m0 = CD::m0(i, warp), n0 = CD::n0(i, warp);
+        mma_tile<HB, false, false>(kb[i], s_dz1, m0, s_pw1, n0, lane, v_gneg);
+        mma_tile<HB, false, false>(kb[i], s_dz1, m0, s_ps1, n0, lane, v_nneg);
+      }
+      if (dh_ok) {
+        float wb[2][4], sbv[2][4], wv[2][4], sv[2][4];
+        load_tile_cg(wb, wbar[0] + c1, hidden, dhm, dhn, lane);
+        load_tile_cg(sbv, sbar[0] + c1, hidden, dhm, dhn, lane);
+        load_tile_cg(wv, w0[0] + c1, hidden, dhm, dhn, lane);
+        load_tile_cg(sv, s0[0] + c1, hidden, dhm, dhn, lane);
+#pragma unroll
+        for (int t = 0; t < 2; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            aw1[t][e] += beta_c * wb[t][e];
+            as1[t][e] += c_c * wb[t][e] + m_c * sbv[t][e];
+            sc[0] += wv[t][e] * wb[t][e];
+            sc[1] += sv[t][e] * wb[t][e];
+            sc[2] += sv[t][e] * sbv[t][e];
+          }
+      }
+      __syncthreads();
+      if (!g_is_w) {
+        stage<HB, D, kThreads>(s_ps2, wg[1] + r2, D);
+        __syncthreads();
+      }
+      // C6: dz̄2 += ū Wg2; W̄g_2 = ū^T dz2; the block's W̄, S̄ written in place
+#pragma unroll
+      for (int i = 0; i < CD::kIt; ++i)
+        if (CD::ok(i, warp))
+          mma_tile<HB, false, true>(dzb[i], s_h1, CD::m0(i, warp), s_g2, CD::n0(i, warp), lane);
+      if (hd_ok) {
+        float ag[2][4];
+        zero(ag);
+        mma_tile<C, true, true>(ag, s_h1, hdm, s_dz2, hdn, lane);
+        if (j > 0) {
+#pragma unroll
+          for (int t = 0; t < 2; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) aw2[t][e] += ag[t][e];
+        } else {
+          store_tile(wg0[1] + r2, D, hdm, hdn, ag, lane);
+        }
+        store_tile(wbar[1] + r2, D, hdm, hdn, aw2, lane);
+        store_tile(sbar[1] + r2, D, hdm, hdn, as2, lane);
+      }
+      if (dh_ok) {
+        store_tile(wbar[0] + c1, hidden, dhm, dhn, aw1, lane);
+        store_tile(sbar[0] + c1, hidden, dhm, dhn, as1, lane);
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < CD::kIt; ++i)
+      if (CD::ok(i, warp)) store_tile(f_row, kLdF, CD::m0(i, warp), CD::n0(i, warp), dzb[i], lane);
+    __syncthreads();
+
+    // ---- sync 3 (row mode): LayerNorm double backward, the keys' head backward ----
+    {
+      const int64_t t = t0 + rr;
+      const bool active = t >= 0 && t < len;
+      float top[kCPT], e[kCPT], xh[kCPT], dz[kCPT], fb[kCPT], yb[kCPT];
+      const float rstd = scr_rstd[rr];
+#pragma unroll
+      for (int c = 0; c < kCPT; c += 2) {
+        top[c] = f_row[rr * kLdF + rc0 + c];
+        top[c + 1] = f_row[rr * kLdF + rc0 + c + 1];
+        const float2 ev = *reinterpret_cast<const float2*>(scr_e + rr * D + rc0 + c);
+        const float2 xv = *reinterpret_cast<const float2*>(scr_xh + rr * D + rc0 + c);
+        const float2 dv = s_dz2.get2(rr, rc0 + c);
+        e[c] = ev.x;
+        e[c + 1] = ev.y;
+        xh[c] = xv.x;
+        xh[c + 1] = xv.y;
+        dz[c] = dv.x;
+        dz[c + 1] = dv.y;
+      }
+      if (gamma != nullptr) {
+        float mt = 0.f, mtx = 0.f, tdz = 0.f, s = 0.f;
+#pragma unroll
+        for (int c = 0; c < kCPT; ++c) {
+          mt += top[c];
+          mtx += top[c] * xh[c];
+          tdz += top[c] * dz[c];
+          s += __ldg(gamma + rc0 + c) * e[c] * xh[c];
+        }
+        mt = row_reduce<kTPR>(mt) * (1.f / D);
+        const float stx = row_reduce<kTPR>(mtx);
+        mtx = stx * (1.f / D);
+        tdz = row_reduce<kTPR>(tdz);
+        s = row_reduce<kTPR>(s) * (1.f / D);
+#pragma unroll
+        for (int c = 0; c < kCPT; ++c) {
+          const float je = rstd * (top[c] - mt - xh[c] * mtx);
+          const int64_t at = int64_t(rr) * D + rc0 + c;
+          dlnw[at] += e[c] * je;
+          fb[c] = -(rstd / D) * (xh[c] * tdz + dz[c] * stx) - rstd * s * je;
+          yb[c] = 2.f * __ldg(gamma + rc0 + c) * je;  // ȳk = 2 ē
+        }
+        // f̄ += J(gamma ȳk); gamma-bar += ȳk xhat, beta-bar += ȳk
+        float mg = 0.f, mgx = 0.f;
+#pragma unroll
+        for (int c = 0; c < kCPT; ++c) {
+          const float g = yb[c] * __ldg(gamma + rc0 + c);
+          mg += g;
+          mgx += g * xh[c];
+        }
+        mg = row_reduce<kTPR>(mg) * (1.f / D);
+        mgx = row_reduce<kTPR>(mgx) * (1.f / D);
+#pragma unroll
+        for (int c = 0; c < kCPT; ++c) {
+          fb[c] += rstd * (yb[c] * __ldg(gamma + rc0 + c) - mg - xh[c] * mgx);
+          const int64_t at = int64_t(rr) * D + rc0 + c;
+          dlnw[at] += yb[c] * xh[c];
+          if (dlnb != nullptr) dlnb[at] += yb[c];
+        }
+      } else {
+#pragma unroll
+        for (int c = 0; c < kCPT; ++c) {
+          yb[c] = 2.f * top[c];
+          fb[c] = yb[c];
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < kCPT; c += 2) {
+        s_zb2.put2(rr, rc0 + c, fb[c], fb[c + 1]);  // f̄
+        f_row[rr * kLdF + rc0 + c] = p.residual ? yb[c] : 0.f;
+        f_row[rr * kLdF + rc0 + c + 1] = p.residual ? yb[c + 1] : 0.f;
+        if (active) store2(gdv + ro.at(t) + rc0 + c, -yb[c], -yb[c + 1]);  // v̄ = -2 ē
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < CD::kIt; ++i) {  // k̄ += ȳk (residual)
+      if (!CD::ok(i, warp)) continue;
+      const int m0 = CD::m0(i, warp), n0 = CD::n0(i, warp);
+#pragma unroll
+      for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          kb[i][t][e] += f_row[trow(m0, e, lane) * kLdF + tcol(n0, t, e, lane)];
+    }
+
+    // ---- pass D: the keys' forward adjoint ----
+    for (int b = 0; b < n_blocks; ++b) {
+      const int64_t c1 = b * HB, r2 = int64_t(b) * HB * D;
+      __syncthreads();  // f_row read (b = 0); the previous block's operands are free
+      stage<D, HB, kThreads>(s_w1, wg[0] + c1, hidden);
+      stage<HB, D, kThreads>(s_w2, wg[1] + r2, D);
+      float zk[2][4];
+      zero(zk);
+      if (ch_ok) {
+        load_tile_cg(zk, scr_zk + int64_t(b) * C * HB, HB, chm, chn, lane);
+        float hk[2][4];
+#pragma unroll
+        for (int t = 0; t < 2; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) hk[t][e] = activation_fn<bf16>(zk[t][e], act_kind);
+        put_tile(s_hk1, chm, chn, hk, lane);
+      }
+      __syncthreads();
+      if (ch_ok) {  // zk1_bar = Z + (f̄ Wg2^T) phi'(zk)
+        float F[2][4], Z[2][4];
+        zero(F);
+        mma_tile<D, false, false>(F, s_zb2, chm, s_w2, chn, lane);
+        load_tile_cg(Z, scr_zb + int64_t(b) * C * HB, HB, chm, chn, lane);
+#pragma unroll
+        for (int t = 0; t < 2; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            Z[t][e] += F[t][e] * activation_grad<bf16>(zk[t][e], act_kind);
+        put_tile(s_zb1, chm, chn, Z, lane);
+      }
+      if (hd_ok) {  // W̄g_2 += hk1^T f̄
+        float ag[2][4];
+        load_tile_cg(ag, wg_dst[1] + r2, D, hdm, hdn, lane);
+        mma_tile<C, true, true>(ag, s_hk1, hdm, s_zb2, hdn, lane);
+        store_tile(wg_dst[1] + r2, D, hdm, hdn, ag, lane);
+      }
+      __syncthreads();
+      if (dh_ok) {  // W̄g_1 += k^T zk1_bar
+        float ag[2][4];
+        if (j > 0) {
+          load_tile_cg(ag, wg_dst[0] + c1, hidden, dhm, dhn, lane);
+        } else {
+          zero(ag);
+        }
+        mma_tile<C, true, true>(ag, s_k, dhm, s_zb1, dhn, lane);
+        store_tile(wg_dst[0] + c1, hidden, dhm, dhn, ag, lane);
+      }
+#pragma unroll
+      for (int i = 0; i < CD::kIt; ++i)
+        if (CD::ok(i, warp))
+          mma_tile<HB, false, false>(kb[i], s_zb1, CD::m0(i, warp), s_w1, CD::n0(i, warp), lane);
+    }
+    __syncthreads();
+
+    // ---- end: a1_bar = mm1 * G, Ḡ; the row sums; G, N columns for the gates' adjoint ----
+#pragma unroll
+    for (int i = 0; i < CC::kIt; ++i) {
+      if (!CC::ok(i, warp)) continue;
+      const int m0 = CC::m0(i, warp), n0 = CC::n0(i, warp);
+      float a1[2][4], ab[2][4];
+      zero(a1);
+      mma_tile<D, false, false>(a1, s_q, m0, s_k, n0, lane);
+#pragma unroll
+      for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float mm = -mm1[i][t][e];
+          ab[t][e] = mm * greg[i][t][e];
+          f_gbar[trow(m0, e, lane) * kLdC + tcol(n0, t, e, lane)] =
+              mm * a1[t][e] + gpart[i][t][e];
+        }
+      put_tile(s_a2b, m0, n0, ab, lane);
+    }
+    if (ch_ok) {
+#pragma unroll
+      for (int qq = 0; qq < 4; ++qq)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const float v = mlp::quad_sum(rpart[qq][half]);
+          if (lane % 4 == 0)
+            v_rp[(qq * kSlots + chn / 16) * C + chm + lane / 4 + 8 * half] = qq >= 2 ? -v : v;
+        }
+    }
+#pragma unroll
+    for (int k3 = 0; k3 < 3; ++k3) {
+      float v = sc[k3];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      if (lane == 0) v_red[warp * 4 + k3] = v;
+    }
+    if (tid < C) {  // columns of G and N
+      const int col = tid;
+      float nv = 0.f, gv = 0.f;
+      for (int t = 0; t < C; ++t) {
+        if (t == col) {
+          nv = v_theta[t];
+          gv = v_act[t] * nv;
+        } else if (t > col) {
+          nv *= v_eta[t];
+          gv = v_a[t] * gv + v_act[t] * nv;
+        }
+        f_g[t * kLdC + col] = gv;
+        f_n[t * kLdC + col] = nv;
+      }
+    }
+    __syncthreads();
+    // q̄ = beta z̄1 W0^T + c z̄1 S0^T + a1_bar k [+ dl/do]; k̄ += a1_bar^T q [+ ȳk]
+#pragma unroll
+    for (int i = 0; i < CD::kIt; ++i) {
+      if (!CD::ok(i, warp)) continue;
+      const int m0 = CD::m0(i, warp), n0 = CD::n0(i, warp);
+      mma_tile<C, false, true>(qb[i], s_a2b, m0, s_k, n0, lane);
+      mma_tile<C, true, true>(kb[i], s_a2b, m0, s_q, n0, lane);
+#pragma unroll
+      for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int row = m0 + lane / 4 + 8 * half, col = n0 + 8 * t + 2 * (lane % 4);
+          const int64_t tok = t0 + row;
+          if (tok < 0 || tok >= len) continue;
+          float2 qv = make_float2(qb[i][t][2 * half], qb[i][t][2 * half + 1]);
+          if (p.residual) {
+            const float2 ob = load2(gob + ro.at(tok) + col);
+            qv.x += ob.x;
+            qv.y += ob.y;
+          }
+          store2(gdq + ro.at(tok) + col, qv.x, qv.y);
+          store2(gdk + ro.at(tok) + col, kb[i][t][2 * half], kb[i][t][2 * half + 1]);
+        }
+    }
+    if (tid < C) {
+      float s4[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int qq = 0; qq < 4; ++qq)
+        for (int sl = 0; sl < HB / 16; ++sl) s4[qq] += v_rp[(qq * kSlots + sl) * C + tid];
+      v_bb[tid] = s4[0];
+      v_cb[tid] = s4[1];
+      v_gl[tid] = s4[2];
+      v_nl[tid] = s4[3];
+    }
+    if (j == n_chunks - 1) {  // the final chunk weights' cotangent owed to this chunk's Wg
+#pragma unroll
+      for (int l = 0; l < 2; ++l)
+        if (cwb[l] != nullptr)
+          for (int64_t i = tid; i < size[l]; i += kThreads) wg_dst[l][i] += __ldcg(cwb[l] + i);
+    }
+    __syncthreads();
+    // ---- the gates' adjoint: reverse-mode through the column recurrences ----
+    if (tid < C) {
+      const int col = tid;
+      float gh = 0.f, nhat = 0.f;
+      for (int t = C - 1; t >= col; --t) {
+        const float a_next = t + 1 < C ? v_a[t + 1] : 0.f;
+        const float e_next = t + 1 < C ? v_eta[t + 1] : 0.f;
+        const float gbar = f_gbar[t * kLdC + col] + (t == C - 1 ? v_gl[col] : 0.f);
+        const float nbar = t == C - 1 ? v_nl[col] : 0.f;
+        gh = gbar + a_next * gh;
+        nhat = nbar + v_act[t] * gh + e_next * nhat;
+        if (t > col) {
+          f_g[t * kLdC + col] = gh * f_g[(t - 1) * kLdC + col];
+          f_n[t * kLdC + col] = nhat * f_n[(t - 1) * kLdC + col];
+        }
+      }
+      v_thbar[col] = nhat;
+      for (int t = 0; t <= col; ++t) {
+        f_g[t * kLdC + col] = 0.f;
+        f_n[t * kLdC + col] = 0.f;
+      }
+    } else if (tid == kThreads - 1) {
+      float s0v = 0.f, s1v = 0.f, s2v = 0.f;
+      for (int w = 0; w < kWarps; ++w) {
+        s0v += v_red[w * 4];
+        s1v += v_red[w * 4 + 1];
+        s2v += v_red[w * 4 + 2];
+      }
+      float chat = 0.f, mhat = 0.f, bhat = 0.f;
+      for (int t = C - 1; t >= 0; --t) {
+        const float a_next = t + 1 < C ? v_a[t + 1] : 0.f;
+        const float e_next = t + 1 < C ? v_eta[t + 1] : 0.f;
+        const bool last = t == C - 1;
+        chat = v_cb[t] + (last ? s1v : 0.f) + a_next * chat;
+        mhat = (last ? s2v : 0.f) + v_act[t] * chat + e_next * mhat;
+        bhat = v_bb[t] + (last ? s0v : 0.f) + a_next * bhat;
+        const float m_prev = t > 0 ? v_m[t - 1] : 1.f;
+        const float b_prev = t > 0 ? v_beta[t - 1] : 1.f;
+        const float c_prev = t > 0 ? v_c[t - 1] : 0.f;
+        v_abar[t] = chat * c_prev + bhat * b_prev;
+        v_ebar[t] = mhat * m_prev;
+      }
+    }
+    __syncthreads();
+    if (tid < C) {
+      const int64_t t = t0 + tid;
+      if (t >= 0 && t < len) {
+        float ab = v_abar[tid], eb = v_ebar[tid];
+        for (int c = 0; c < C; ++c) {
+          ab += f_g[tid * kLdC + c];
+          eb += f_n[tid * kLdC + c];
+        }
+        const int64_t gi = (row_base + t) * p.heads + h;
+        bp.dlr[gi] = v_thbar[tid];
+        bp.dforget[gi] = -ab;
+        bp.dmomentum[gi] = eb;
+      }
+    }
+  }
+}
+
+template <typename TIn, int D, int C>
+cudaError_t launch(const NeuralMemoryBwdParams& p, cudaStream_t stream) {
+  const BwdLayout lay = make_bwd_layout(D, C);
+  if (!aliases_fit(lay, D, C)) return cudaErrorInvalidValue;
+  auto kernel = bwd_kernel<TIn, D, C>;
+  TITANS_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(lay.total)));
+  kernel<<<dim3(unsigned(p.f.heads), unsigned(p.f.n_seq)), kThreads, lay.total, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace chunked_bwd
+
+bool neural_memory_chunked_bwd_supported(int dim, int hidden, int depth, int chunk, int dtype,
+                                         bool read_chunk) {
+  return dim == 64 && chunk == 64 && depth == 2 && !read_chunk && hidden >= chunked::kHB &&
+         hidden <= 512 && hidden % chunked::kHB == 0 && (dtype == 0 || dtype == 1);
+}
+
+size_t neural_memory_chunked_bwd_smem_bytes(int dim, int hidden, int depth, int chunk,
+                                            int dtype) {
+  if (!neural_memory_chunked_bwd_supported(dim, hidden, depth, chunk, dtype, false)) return 0;
+  return chunked_bwd::make_bwd_layout(dim, chunk).total;
+}
+
+size_t neural_memory_chunked_bwd_scratch_floats(int dim, int hidden, int chunk) {
+  return chunked_bwd::scratch_floats(dim, hidden, chunk);
+}
+
+cudaError_t neural_memory_chunked_bwd(const NeuralMemoryBwdParams& bp, cudaStream_t stream,
+                                      int device) {
+  const NeuralMemoryParams& p = bp.f;
+  if (!neural_memory_chunked_bwd_supported(p.dim, p.hidden, p.depth, p.chunk, p.dtype,
+                                           p.read_chunk) ||
+      p.n_seq < 1 || p.heads < 1 || p.n_seq > 65535 || p.heads > 65535 || p.seqlen < 0) {
+    return cudaErrorInvalidValue;
+  }
+  for (int l = 0; l < 2; ++l) {
+    if (p.w_in[l] == nullptr || bp.ckpt_w[l] == nullptr || bp.ckpt_s[l] == nullptr ||
+        bp.w_bar[l] == nullptr || bp.s_bar[l] == nullptr || bp.wg0_bar[l] == nullptr) {
+      return cudaErrorInvalidValue;
+    }
+  }
+  if (p.q == nullptr || p.k == nullptr || p.v == nullptr || bp.o_bar == nullptr ||
+      p.lr == nullptr || p.forget == nullptr || p.momentum == nullptr || bp.dq == nullptr ||
+      bp.dk == nullptr || bp.dv == nullptr || bp.dlr == nullptr || bp.dforget == nullptr ||
+      bp.dmomentum == nullptr || bp.scratch == nullptr ||
+      (p.ln_weight != nullptr && bp.dln_w == nullptr) ||
+      (p.ln_weight != nullptr && p.ln_bias != nullptr && bp.dln_b == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  DeviceGuard guard(device);
+  TITANS_RETURN_IF_ERROR(guard.status());
+  return p.dtype == 0 ? chunked_bwd::launch<__nv_bfloat16, 64, 64>(bp, stream)
+                      : chunked_bwd::launch<__half, 64, 64>(bp, stream);
+}
+
+}  // namespace titans

@@ -1,0 +1,68 @@
+// neural_memory_chunked_bwd: the fused backward of neural_memory_chunked (chunked.h) at depth 2,
+// read "token": one CTA per (sequence, head) walks the chunks in reverse and carries the
+// state's cotangents (W̄, S̄) in global memory, computing per chunk what
+// python/titans_cuda/ops/neural_memory/chunk_vjp_blocked.py computes (split 1: every hidden
+// block in the CTA). The chunk-start states come from the forward's checkpoints at every chunk
+// (NeuralMemoryParams::ckpt_every = 1). Supported: bf16/fp16 inputs, D = 64, chunk 64, hidden a
+// multiple of 32 up to 512 (neural_memory_chunked_bwd_supported); everything else falls back
+// to the reference's VJP in Python.
+#pragma once
+
+#include <cstddef>
+
+#include <cuda_runtime.h>
+
+#include "params.h"
+
+namespace titans {
+
+struct NeuralMemoryBwdParams {
+  // The forward's arguments (q, k, v, gates, cu_seqlens, w_in / cw_in / offset of the initial
+  // state, LayerNorm, sizes; its outputs and s_in are unused).
+  NeuralMemoryParams f;
+  // dl/do: contiguous [B, T, H, D] in the input dtype.
+  const void* o_bar;
+  // The state at the start of every chunk of each sequence's padded timeline, per layer
+  // [n_chunks, N, H, d_in, d_out] fp32 (the forward's checkpoints with ckpt_every = 1).
+  const float* ckpt_w[kNeuralMemoryMaxLayers];
+  const float* ckpt_s[kNeuralMemoryMaxLayers];
+  // In: the cotangents of the final W and S (the final chunk weights' cotangent already added
+  // to W̄ where the final chunk is closed). Out: those of the initial W0 and S0 (the W0 part
+  // only: chunk 0's gradient weights go to wg0_bar). Contiguous [N, H, d_in, d_out] fp32.
+  float* w_bar[kNeuralMemoryMaxLayers];
+  float* s_bar[kNeuralMemoryMaxLayers];
+  // Out: the cotangent of chunk 0's gradient weights (W0, or the open chunk's weights of the
+  // initial state), plus cw_bar for sequences without tokens; [N, H, d_in, d_out] fp32.
+  float* wg0_bar[kNeuralMemoryMaxLayers];
+  // The final chunk weights' cotangent owed to the last chunk's gradient weights (zero where
+  // the final chunk is closed), [N, H, d_in, d_out] fp32, or nullptr.
+  const float* cw_bar[kNeuralMemoryMaxLayers];
+  // Out: dq, dk, dv contiguous [B, T, H, D] (input dtype); dlr, dforget, dmomentum [B, T, H]
+  // fp32; LayerNorm parameters per (sequence, head, chunk row) [N, H, C, D] fp32 partials
+  // (nullptr without LayerNorm / bias), summed by the caller.
+  void* dq;
+  void* dk;
+  void* dv;
+  float* dlr;
+  float* dforget;
+  float* dmomentum;
+  float* dln_w;
+  float* dln_b;
+  // Per (sequence, head) scratch of neural_memory_chunked_bwd_scratch_floats floats.
+  float* scratch;
+};
+
+bool neural_memory_chunked_bwd_supported(int dim, int hidden, int depth, int chunk, int dtype,
+                                         bool read_chunk);
+
+// Dynamic shared memory one CTA needs (0 when unsupported).
+size_t neural_memory_chunked_bwd_smem_bytes(int dim, int hidden, int depth, int chunk,
+                                            int dtype);
+
+// fp32 scratch per (sequence, head).
+size_t neural_memory_chunked_bwd_scratch_floats(int dim, int hidden, int chunk);
+
+cudaError_t neural_memory_chunked_bwd(const NeuralMemoryBwdParams& params, cudaStream_t stream,
+                                      int device);
+
+}  // namespace titans
