@@ -50,6 +50,7 @@ def main():
 
         def fwd_bwd():
             o = neural_memory(q, k, v, lr, forget, momentum, (w1, w2), **kw)
+            o = o[0] if isinstance(o, tuple) else o
             torch.autograd.grad((o * cot).sum(), t)
         f_ms = _time_ms(fwd)
         torch.cuda.reset_peak_memory_stats()

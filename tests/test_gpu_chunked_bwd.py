@@ -103,8 +103,14 @@ def test_fused_backward_matches_reference(case):
             assert a is None or not a.any(), name
             continue
         assert a is not None and a.shape == b.shape, name
-        bound = max(tol, AMP * rel_err(c, b))
-        assert rel_err(a, b) <= bound, (name, rel_err(a, b), bound)
+        # where the true gradient overflows the input dtype (fp16: random states with long
+        # chunks reach 1e7 in q, k), the dtype's gradient is inf for every implementation:
+        # compared where representable
+        big = torch.finfo(a.dtype).max / 2
+        keep = b.abs() < big
+        bound = max(tol, AMP * rel_err(c[keep], b[keep]))
+        assert torch.isfinite(a[keep]).all(), name
+        assert rel_err(a[keep], b[keep]) <= bound, (name, rel_err(a[keep], b[keep]), bound)
 
 
 def test_fused_backward_is_taken(monkeypatch):
