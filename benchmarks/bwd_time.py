@@ -4,7 +4,9 @@ with CUDA events after warm-up, and the peak memory of one forward + backward. P
 per shape. Needs a GPU and the built extension.
 
     python benchmarks/bwd_time.py             # default long short
-    SHAPES="default" python benchmarks/bwd_time.py"""
+    SHAPES="default" python benchmarks/bwd_time.py
+    BWD_SPLITS="0 1 4" python benchmarks/bwd_time.py   # the backward at forced cluster splits
+                                                        # (0: the launcher's choice)"""
 from __future__ import annotations
 
 import os
@@ -53,12 +55,15 @@ def main():
             o = o[0] if isinstance(o, tuple) else o
             torch.autograd.grad((o * cot).sum(), t)
         f_ms = _time_ms(fwd)
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fb_ms = _time_ms(fwd_bwd)
-        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-        print(f"{name} B{s.B} T{s.T} H{s.H}: fwd {f_ms:.2f} fwd+bwd {fb_ms:.2f} "
-              f"(fused backward: {fused}) peak {peak:.0f} MiB", flush=True)
+        for split in [int(x) for x in os.environ.get("BWD_SPLITS", "0").split()]:
+            nm_ops.FUSED_BWD_SPLIT = split
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fb_ms = _time_ms(fwd_bwd)
+            peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+            print(f"{name} B{s.B} T{s.T} H{s.H}: fwd {f_ms:.2f} fwd+bwd {fb_ms:.2f} "
+                  f"(fused backward: {fused}, split {split}) peak {peak:.0f} MiB", flush=True)
+        nm_ops.FUSED_BWD_SPLIT = 0
 
 
 if __name__ == "__main__":

@@ -113,6 +113,30 @@ def test_fused_backward_matches_reference(case):
         assert rel_err(a[keep], b[keep]) <= bound, (name, rel_err(a[keep], b[keep]), bound)
 
 
+SPLIT_CASES = [c for c in GRID if c[0] == 256 and c[1] == torch.bfloat16][:4]
+
+
+@pytest.mark.parametrize("split", (1, 2, 3, 4, 8))
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=[_id(c) for c in SPLIT_CASES])
+def test_fused_backward_every_cluster_split(case, split, monkeypatch):
+    """Every split of the hidden blocks over a cluster (8 blocks at hidden 256; 3 does not
+    divide them) gives the reference's gradients; splits past 1 need sm_90."""
+    needs_kernels()
+    if split > 1 and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("clusters need sm_90+")
+    monkeypatch.setattr(nm_ops, "FUSED_BWD_SPLIT", split)
+    args, weights, st, mem, cu = _case(case)
+    g = _grads(args, weights, st, mem, cu, "cuda")
+    g32 = _grads(args, weights, st, mem, cu, "torch", torch.float32)
+    g64 = _grads(args, weights, st, mem, cu, "torch", torch.float64)
+    for i, (a, b, c) in enumerate(zip(g, g64, g32)):
+        if b is None or not b.any():
+            continue
+        keep = b.abs() < torch.finfo(a.dtype).max / 2
+        bound = max(TOL[args[0].dtype], AMP * rel_err(c[keep], b[keep]))
+        assert rel_err(a[keep], b[keep]) <= bound, (i, split, rel_err(a[keep], b[keep]), bound)
+
+
 def test_fused_backward_is_taken(monkeypatch):
     """The supported shapes never reach the reference's VJP."""
     needs_kernels()

@@ -202,11 +202,65 @@ __host__ __device__ inline bool aliases_fit(const BwdLayout& l, int D, int C) {
          l.pw - l.w1 >= f * 2 * size_t(C) * (C + 4);
 }
 
+// Per (sequence, head): the keys' pre-activations and adjoints of every hidden block (each CTA
+// of a cluster writes its own blocks), then one copy per cluster rank of the keys' head (e,
+// xhat, rstd; every CTA computes the head).
+__host__ __device__ inline size_t head_floats(int D, int C) { return size_t(2) * C * D + C; }
 __host__ __device__ inline size_t scratch_floats(int D, int hidden, int C) {
-  return size_t(2) * C * D + C + size_t(2) * C * hidden;
+  return size_t(2) * C * hidden + chunked::kMaxSplit * head_floats(D, C);
 }
 
-template <typename TIn, int D, int C>
+// Sums this thread's values over the CTAs of the cluster in rank order through `buf` (NF *
+// kThreads floats of shared memory, free on entry in every CTA and again on return), so that
+// every receiving CTA holds the same bits. Every thread of every CTA calls it.
+template <int NF>
+__device__ __forceinline__ void cluster_sum(ClusterGroup& grp, int split, float (&v)[NF],
+                                            float* buf, bool receive) {
+  const int tid = threadIdx.x;
+#pragma unroll
+  for (int k = 0; k < NF; ++k) buf[k * kThreads + tid] = v[k];
+  grp.sync();
+  if (receive) {
+#pragma unroll
+    for (int k = 0; k < NF; ++k) v[k] = 0.f;
+    for (int r = 0; r < split; ++r) {
+      const float* rb = grp.remote(static_cast<const float*>(buf), r);
+#pragma unroll
+      for (int k = 0; k < NF; ++k) v[k] += rb[k * kThreads + tid];
+    }
+  }
+  grp.sync();
+}
+// The same for one or two arrays of tiles.
+template <int N>
+__device__ __forceinline__ void cluster_sum(ClusterGroup& grp, int split, float (&a)[N][2][4],
+                                            float* buf, bool receive) {
+  float v[N * 8];
+#pragma unroll
+  for (int k = 0; k < N * 8; ++k) v[k] = a[k / 8][(k / 4) % 2][k % 4];
+  cluster_sum(grp, split, v, buf, receive);
+#pragma unroll
+  for (int k = 0; k < N * 8; ++k) a[k / 8][(k / 4) % 2][k % 4] = v[k];
+}
+template <int N, int M>
+__device__ __forceinline__ void cluster_sum(ClusterGroup& grp, int split, float (&a)[N][2][4],
+                                            float (&b)[M][2][4], float* buf, bool receive) {
+  float v[(N + M) * 8];
+#pragma unroll
+  for (int k = 0; k < N * 8; ++k) v[k] = a[k / 8][(k / 4) % 2][k % 4];
+#pragma unroll
+  for (int k = 0; k < M * 8; ++k) v[N * 8 + k] = b[k / 8][(k / 4) % 2][k % 4];
+  cluster_sum(grp, split, v, buf, receive);
+#pragma unroll
+  for (int k = 0; k < N * 8; ++k) a[k / 8][(k / 4) % 2][k % 4] = v[k];
+#pragma unroll
+  for (int k = 0; k < M * 8; ++k) b[k / 8][(k / 4) % 2][k % 4] = v[N * 8 + k];
+}
+
+// kCluster: the instance for split > 1 (a cluster of `split` CTAs per (sequence, head), CTA
+// r owning the hidden blocks b with b % split == r, as the forward); the split-1 instance
+// compiles the cluster code out.
+template <typename TIn, int D, int C, bool kCluster>
 __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdParams bp) {
   const NeuralMemoryParams& p = bp.f;
   constexpr int HB = kHB;
@@ -269,7 +323,11 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
   float* v_rp = v_theta + kVecs * C;     // [4][kSlots][C] row partials
   float* v_red = v_rp + 4 * kSlots * C;  // [kWarps][4] (frobenius partials)
 
-  const int h = blockIdx.x, n = blockIdx.y;
+  ClusterGroup grp;
+  const int split = kCluster ? p.split : 1;
+  const int rank = kCluster ? int(blockIdx.x) % split : 0;
+  const int h = kCluster ? int(blockIdx.x) / split : int(blockIdx.x), n = blockIdx.y;
+  const bool lead = rank == 0;  // stores what every CTA computes (dq, dk, dv, gates, LN)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   int64_t start = 0, len = p.seqlen, row_base = int64_t(n) * p.seqlen;
   if (p.cu_seqlens != nullptr) {
@@ -309,22 +367,29 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
     wg0[l] = bp.wg0_bar[l] + nh * size[l];
   }
   float* scr = bp.scratch + nh * int64_t(scratch_floats(D, hidden, C));
-  float* scr_e = scr;
-  float* scr_xh = scr + C * D;
-  float* scr_rstd = scr + 2 * C * D;
-  float* scr_zk = scr_rstd + C;                  // [block][C][HB]
+  float* scr_zk = scr;                           // [block][C][HB]
   float* scr_zb = scr_zk + int64_t(C) * hidden;  // [block][C][HB]
+  float* scr_e = scr_zb + int64_t(C) * hidden + rank * head_floats(D, C);
+  float* scr_xh = scr_e + C * D;
+  float* scr_rstd = scr_xh + C * D;
   float* dlnw = bp.dln_w != nullptr ? bp.dln_w + nh * C * D : nullptr;
   float* dlnb = bp.dln_b != nullptr ? bp.dln_b + nh * C * D : nullptr;
   const float* gamma = p.ln_weight != nullptr ? p.ln_weight + h * D : nullptr;
   const float* lbeta = gamma != nullptr && p.ln_bias != nullptr ? p.ln_bias + h * D : nullptr;
   const int act_kind = p.activation;
 
+  // the elements of layer l's matrices this CTA owns: layer 1 columns, layer 2 rows, of its
+  // hidden blocks
+  auto owned = [=](int l, int64_t e) {
+    if (!kCluster) return true;
+    const int64_t blk = (l == 0 ? e % hidden : e / D) / HB;
+    return int(blk % split) == rank;
+  };
   if (n_chunks == 0) {  // no tokens: W̄, S̄ pass through; the owed chunk weights' cotangent
 #pragma unroll
     for (int l = 0; l < 2; ++l)
       for (int64_t i = tid; i < size[l]; i += kThreads)
-        wg0[l][i] = cwb[l] != nullptr ? __ldcg(cwb[l] + i) : 0.f;
+        if (owned(l, i)) wg0[l][i] = cwb[l] != nullptr ? __ldcg(cwb[l] + i) : 0.f;
     return;
   }
 
@@ -421,7 +486,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
     // ---- pass A: fk = sum_b phi(k Wg1_b) Wg2_b ----
     float acc[CD::kIt][2][4];  // fk, then z2
     zero(acc);
-    for (int b = 0; b < n_blocks; ++b) {
+    for (int b = rank; b < n_blocks; b += split) {
       __syncthreads();  // G read (b = 0); the previous block's operands are free
       stage<D, HB, kThreads>(s_w1, wg[0] + b * HB, hidden);
       stage<HB, D, kThreads>(s_w2, wg[1] + int64_t(b) * HB * D, D);
@@ -443,6 +508,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
           mma_tile<HB, false, true>(acc[i], s_hk1, CD::m0(i, warp), s_w2, CD::n0(i, warp), lane);
     }
     __syncthreads();  // s_hk1 (f_row) free
+    if (kCluster) cluster_sum(grp, split, acc, f_row, true);  // sum 1: fk
 #pragma unroll
     for (int i = 0; i < CD::kIt; ++i)
       if (CD::ok(i, warp)) store_tile(f_row, kLdF, CD::m0(i, warp), CD::n0(i, warp), acc[i], lane);
@@ -521,7 +587,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
     zero(acc);
     float pp[CC::kIt][2][4];  // P = h1 hk1^T, then a2_bar
     zero(pp);
-    for (int b = 0; b < n_blocks; ++b) {
+    for (int b = rank; b < n_blocks; b += split) {
       __syncthreads();  // s_dz2 complete (b = 0); the previous block's operands are free
       stage<D, HB, kThreads>(s_w1, w0[0] + b * HB, hidden);
       stage<D, HB, kThreads>(s_s1, s0[0] + b * HB, hidden);
@@ -591,8 +657,12 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       if (!CD::ok(i, warp)) continue;
       const int m0 = CD::m0(i, warp), n0 = CD::n0(i, warp);
       mma_tile<C, false, true>(acc[i], s_a2b, m0, s_dz2, n0, lane);
-      store_tile(f_row, kLdF, m0, n0, acc[i], lane);
     }
+    // sum 2: z2 (each CTA added its own blocks' (-G * P) dz2: P enters linearly)
+    if (kCluster) cluster_sum(grp, split, acc, f_row, true);
+#pragma unroll
+    for (int i = 0; i < CD::kIt; ++i)
+      if (CD::ok(i, warp)) store_tile(f_row, kLdF, CD::m0(i, warp), CD::n0(i, warp), acc[i], lane);
     __syncthreads();
 
     // ---- head of the read (row mode): z̄2 from dl/do ----
@@ -636,8 +706,10 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         for (int c = 0; c < kCPT; ++c) {
           zb[c] = rstd * (zb[c] - mg - f[c] * mgx);
           const int64_t at = int64_t(rr) * D + rc0 + c;
-          dlnw[at] += ob[c] * f[c];
-          if (dlnb != nullptr) dlnb[at] += ob[c];
+          if (lead) {
+            dlnw[at] += ob[c] * f[c];
+            if (dlnb != nullptr) dlnb[at] += ob[c];
+          }
         }
       } else {
 #pragma unroll
@@ -680,9 +752,10 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
     zero(qb);
     zero(kb);
     zero(mm1);
-    float rpart[4][2] = {};  // beta-bar, c-bar, -G-bar, -N-bar row partials (rows lane/4, +8)
-    float sc[3] = {0.f, 0.f, 0.f};
-    for (int b = 0; b < n_blocks; ++b) {
+    // beta-bar, c-bar, -G-bar, -N-bar row partials (rows lane/4, +8) at [2 q + half], then the
+    // three Frobenius products of the state with its cotangents at [8..10]
+    float rs[11] = {};
+    for (int b = rank; b < n_blocks; b += split) {
       const int64_t c1 = b * HB, r2 = int64_t(b) * HB * D;  // block offsets, layers 1 and 2
       __syncthreads();  // a2_bar complete (b = 0); the previous block's operands are free
       stage<D, HB, kThreads>(s_w1, w0[0] + c1, hidden);
@@ -763,8 +836,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
               sb += h1 * X[t][e] + zb1[t][e] * xq[t][e];
               scb += h1 * Y[t][e] + zb1[t][e] * yq[t][e];
             }
-          rpart[0][half] += sb;
-          rpart[1][half] += scb;
+          rs[0 + half] += sb;
+          rs[2 + half] += scb;
         }
         put_tile(s_zb1, chm, chn, zb1, lane);
       }
@@ -818,8 +891,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
               sg += hk * X[t][e];
               sn += hk * Y[t][e];
             }
-          rpart[2][half] += sg;
-          rpart[3][half] += sn;
+          rs[4 + half] += sg;
+          rs[6 + half] += sn;
         }
       }
 #pragma unroll
@@ -841,9 +914,9 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
           for (int e = 0; e < 4; ++e) {
             aw2[t][e] += beta_c * wb[t][e];
             as2[t][e] += c_c * wb[t][e] + m_c * sbv[t][e];
-            sc[0] += wv[t][e] * wb[t][e];
-            sc[1] += sv[t][e] * wb[t][e];
-            sc[2] += sv[t][e] * sbv[t][e];
+            rs[8] += wv[t][e] * wb[t][e];
+            rs[9] += sv[t][e] * wb[t][e];
+            rs[10] += sv[t][e] * sbv[t][e];
           }
       }
       __syncthreads();
@@ -878,8 +951,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
               Z[t][e] = dzb1[t][e] * uu[t][e] * activation_grad2<bf16>(zk[t][e], act_kind) +
                         hkb[t][e] * d1;
             }
-          rpart[2][half] += sg;
-          rpart[3][half] += sn;
+          rs[4 + half] += sg;
+          rs[6 + half] += sn;
         }
         put_tile(s_h1, chm, chn, ub, lane);
         store_tile(scr_zk + int64_t(b) * C * HB, HB, chm, chn, zk, lane);
@@ -904,9 +977,9 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
           for (int e = 0; e < 4; ++e) {
             aw1[t][e] += beta_c * wb[t][e];
             as1[t][e] += c_c * wb[t][e] + m_c * sbv[t][e];
-            sc[0] += wv[t][e] * wb[t][e];
-            sc[1] += sv[t][e] * wb[t][e];
-            sc[2] += sv[t][e] * sbv[t][e];
+            rs[8] += wv[t][e] * wb[t][e];
+            rs[9] += sv[t][e] * wb[t][e];
+            rs[10] += sv[t][e] * sbv[t][e];
           }
       }
       __syncthreads();
@@ -940,6 +1013,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       }
     }
     __syncthreads();
+    if (kCluster) cluster_sum(grp, split, dzb, f_row, true);  // sum 3: dz̄2
 #pragma unroll
     for (int i = 0; i < CD::kIt; ++i)
       if (CD::ok(i, warp)) store_tile(f_row, kLdF, CD::m0(i, warp), CD::n0(i, warp), dzb[i], lane);
@@ -983,7 +1057,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         for (int c = 0; c < kCPT; ++c) {
           const float je = rstd * (top[c] - mt - xh[c] * mtx);
           const int64_t at = int64_t(rr) * D + rc0 + c;
-          dlnw[at] += e[c] * je;
+          if (lead) dlnw[at] += e[c] * je;
           fb[c] = -(rstd / D) * (xh[c] * tdz + dz[c] * stx) - rstd * s * je;
           yb[c] = 2.f * __ldg(gamma + rc0 + c) * je;  // ȳk = 2 ē
         }
@@ -1001,8 +1075,10 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         for (int c = 0; c < kCPT; ++c) {
           fb[c] += rstd * (yb[c] * __ldg(gamma + rc0 + c) - mg - xh[c] * mgx);
           const int64_t at = int64_t(rr) * D + rc0 + c;
-          dlnw[at] += yb[c] * xh[c];
-          if (dlnb != nullptr) dlnb[at] += yb[c];
+          if (lead) {
+            dlnw[at] += yb[c] * xh[c];
+            if (dlnb != nullptr) dlnb[at] += yb[c];
+          }
         }
       } else {
 #pragma unroll
@@ -1014,9 +1090,9 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
 #pragma unroll
       for (int c = 0; c < kCPT; c += 2) {
         s_zb2.put2(rr, rc0 + c, fb[c], fb[c + 1]);  // f̄
-        f_row[rr * kLdF + rc0 + c] = p.residual ? yb[c] : 0.f;
-        f_row[rr * kLdF + rc0 + c + 1] = p.residual ? yb[c + 1] : 0.f;
-        if (active) store2(gdv + ro.at(t) + rc0 + c, -yb[c], -yb[c + 1]);  // v̄ = -2 ē
+        f_row[rr * kLdF + rc0 + c] = p.residual && lead ? yb[c] : 0.f;
+        f_row[rr * kLdF + rc0 + c + 1] = p.residual && lead ? yb[c + 1] : 0.f;
+        if (active && lead) store2(gdv + ro.at(t) + rc0 + c, -yb[c], -yb[c + 1]);  // v̄ = -2 ē
       }
     }
     __syncthreads();
@@ -1032,7 +1108,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
     }
 
     // ---- pass D: the keys' forward adjoint ----
-    for (int b = 0; b < n_blocks; ++b) {
+    for (int b = rank; b < n_blocks; b += split) {
       const int64_t c1 = b * HB, r2 = int64_t(b) * HB * D;
       __syncthreads();  // f_row read (b = 0); the previous block's operands are free
       stage<D, HB, kThreads>(s_w1, wg[0] + c1, hidden);
@@ -1084,6 +1160,20 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
           mma_tile<HB, false, false>(kb[i], s_zb1, CD::m0(i, warp), s_w1, CD::n0(i, warp), lane);
     }
     __syncthreads();
+    // the final chunk weights' cotangent owed to this chunk's Wg (the CTA's own blocks)
+    if (j == n_chunks - 1) {
+#pragma unroll
+      for (int l = 0; l < 2; ++l)
+        if (cwb[l] != nullptr)
+          for (int64_t i = tid; i < size[l]; i += kThreads)
+            if (owned(l, i)) wg_dst[l][i] += __ldcg(cwb[l] + i);
+    }
+    if (kCluster) {  // sum 4, to rank 0: q̄, k̄, z̄1 dz1^T, Ḡ's part, the row and state sums
+      cluster_sum(grp, split, qb, kb, f_row, lead);
+      cluster_sum(grp, split, mm1, gpart, f_row, lead);
+      cluster_sum(grp, split, rs, f_row, lead);
+      if (!lead) continue;
+    }
 
     // ---- end: a1_bar = mm1 * G, Ḡ; the row sums; G, N columns for the gates' adjoint ----
 #pragma unroll
@@ -1109,14 +1199,14 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       for (int qq = 0; qq < 4; ++qq)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const float v = mlp::quad_sum(rpart[qq][half]);
+          const float v = mlp::quad_sum(rs[2 * qq + half]);
           if (lane % 4 == 0)
             v_rp[(qq * kSlots + chn / 16) * C + chm + lane / 4 + 8 * half] = qq >= 2 ? -v : v;
         }
     }
 #pragma unroll
     for (int k3 = 0; k3 < 3; ++k3) {
-      float v = sc[k3];
+      float v = rs[8 + k3];
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
       if (lane == 0) v_red[warp * 4 + k3] = v;
@@ -1170,12 +1260,6 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       v_cb[tid] = s4[1];
       v_gl[tid] = s4[2];
       v_nl[tid] = s4[3];
-    }
-    if (j == n_chunks - 1) {  // the final chunk weights' cotangent owed to this chunk's Wg
-#pragma unroll
-      for (int l = 0; l < 2; ++l)
-        if (cwb[l] != nullptr)
-          for (int64_t i = tid; i < size[l]; i += kThreads) wg_dst[l][i] += __ldcg(cwb[l] + i);
     }
     __syncthreads();
     // ---- the gates' adjoint: reverse-mode through the column recurrences ----
@@ -1240,14 +1324,50 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
 }
 
 template <typename TIn, int D, int C>
-cudaError_t launch(const NeuralMemoryBwdParams& p, cudaStream_t stream) {
+cudaError_t launch(NeuralMemoryBwdParams p, cudaStream_t stream) {
   const BwdLayout lay = make_bwd_layout(D, C);
   if (!aliases_fit(lay, D, C)) return cudaErrorInvalidValue;
-  auto kernel = bwd_kernel<TIn, D, C>;
+  auto kernel = bwd_kernel<TIn, D, C, false>;
+  auto cluster_kernel = bwd_kernel<TIn, D, C, true>;
+  for (auto k : {kernel, cluster_kernel}) {
+    TITANS_RETURN_IF_ERROR(
+        cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(lay.total)));
+  }
+  int device = 0, major = 0;
+  TITANS_RETURN_IF_ERROR(cudaGetDevice(&device));
   TITANS_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(lay.total)));
-  kernel<<<dim3(unsigned(p.f.heads), unsigned(p.f.n_seq)), kThreads, lay.total, stream>>>(p);
-  return cudaGetLastError();
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  const int n_blocks = p.f.hidden / kHB;
+  if (p.f.split <= 0) {  // as the forward: the fewest blocks per CTA whose clusters all fit
+    p.f.split = 1;
+    if (major >= 9) {
+      const int64_t pairs = int64_t(p.f.n_seq) * p.f.heads;
+      for (int s = 2; s <= chunked::kMaxSplit && s <= n_blocks; ++s) {
+        if ((n_blocks + s - 1) / s == (n_blocks + p.f.split - 1) / p.f.split) continue;
+        if (pairs > chunked::max_clusters(cluster_kernel, s, lay.total, kThreads)) continue;
+        p.f.split = s;
+      }
+    }
+  }
+  const int s = p.f.split;
+  if (s != 1 && (major < 9 || s > chunked::kMaxSplit || s > n_blocks)) {
+    return cudaErrorInvalidValue;
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(unsigned(p.f.heads) * unsigned(s), unsigned(p.f.n_seq));
+  config.blockDim = dim3(unsigned(kThreads));
+  config.dynamicSmemBytes = lay.total;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  if (s > 1) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = unsigned(s);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
+  }
+  return cudaLaunchKernelEx(&config, s > 1 ? cluster_kernel : kernel, p);
 }
 
 }  // namespace chunked_bwd

@@ -325,6 +325,11 @@ def _reference_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, l
 
 
 
+# CTAs per (sequence, head) of the fused backward (a cluster on sm_90+, CTA r owning the hidden
+# blocks b with b % split == r); 0: the launcher's choice. The tests force each split.
+FUSED_BWD_SPLIT = 0
+
+
 def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias,
                  state_weights, state_momentum, state_chunk_weights, state_offset, chunk_size,
                  activation, residual, ln_eps, read, cu_seqlens=None) -> List[Tensor]:
@@ -372,7 +377,7 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
                     dmomentum=dgates[2].data_ptr(),
                     dln_w=0 if dln_w is None else dln_w.data_ptr(),
                     dln_b=0 if dln_b is None else dln_b.data_ptr(),
-                    scratch=scratch.data_ptr())
+                    scratch=scratch.data_ptr(), split=int(FUSED_BWD_SPLIT))
     _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
             state_momentum, state_chunk_weights, state_offset, chunk_size, activation,
             residual, ln_eps, read, cu_seqlens=cu_seqlens, kernel="chunked",
