@@ -1,6 +1,10 @@
 // neural_memory_chunked_bwd (chunked_bwd.h): the fused backward at depth 2, read "token".
 //
-// One CTA of 8 warps per (sequence, head) walks the chunks last to first. W̄ and S̄ (the
+// One CTA of 8 warps per (sequence, head) (or a cluster of `split` of them on sm_90+, CTA r
+// owning the hidden blocks b with b % split == r: the per-block work divides, the chunk-wide
+// work repeats, and four sums cross the cluster per chunk in rank order over DSMEM: fk, z2 and
+// dz̄2 to every CTA, the end group to rank 0, which alone stores the per-token gradients)
+// walks the chunks last to first. W̄ and S̄ (the
 // cotangents of the state after the chunk) live in the fp32 output tensors and are updated in
 // place, hidden block by hidden block, into those of the state before it. Per chunk (notation
 // of chunk_vjp.py; gneg = -G[C-1, :], nneg = -N[C-1, :]; every product takes split-bf16
@@ -24,7 +28,7 @@
 // warp owns the same tiles of a matrix in every step: sums over the hidden blocks (dz̄2, k̄,
 // q̄, mm1, ...) stay in its registers, values produced in one step are read back by the same
 // threads in a later one, and every sum has a fixed order (deterministic). Row-wise work (the
-// LayerNorm heads) runs in "row mode": C / 4... threads per row, shuffles within the row.
+// LayerNorm heads) runs in "row mode": 256 / C threads per row, shuffles within the row.
 #include "chunked_bwd.h"
 
 #include "chunked_kernel.cuh"

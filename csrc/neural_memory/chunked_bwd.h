@@ -1,11 +1,12 @@
 // neural_memory_chunked_bwd: the fused backward of neural_memory_chunked (chunked.h) at depth 2,
-// read "token": one CTA per (sequence, head) walks the chunks in reverse and carries the
-// state's cotangents (W̄, S̄) in global memory, computing per chunk what
-// python/titans_cuda/ops/neural_memory/chunk_vjp_blocked.py computes (split 1: every hidden
-// block in the CTA). The chunk-start states come from the forward's checkpoints at every chunk
-// (NeuralMemoryParams::ckpt_every = 1). Supported: bf16/fp16 inputs, D = 64, chunk 64, hidden a
-// multiple of 32 up to 512 (neural_memory_chunked_bwd_supported); everything else falls back
-// to the reference's VJP in Python.
+// read "token": per (sequence, head) one CTA, or on sm_90+ a thread-block cluster of up to 8
+// CTAs each owning every split-th hidden block (as the forward), walks the chunks in reverse and
+// carries the state's cotangents (W̄, S̄) in global memory, computing per chunk what
+// python/titans_cuda/ops/neural_memory/chunk_vjp_blocked.py computes. The chunk-start states
+// come from the forward's checkpoints at every chunk (NeuralMemoryParams::ckpt_every = 1).
+// Supported: bf16/fp16 inputs, D = 64, chunk 64, hidden a multiple of 32 up to 512
+// (neural_memory_chunked_bwd_supported); everything else falls back to the reference's VJP in
+// Python. params.f.split forces a split (1..8, at most hidden / 32); 0 lets the launcher choose.
 #pragma once
 
 #include <cstddef>
