@@ -6,7 +6,9 @@ per shape. Needs a GPU and the built extension.
     python benchmarks/bwd_time.py             # default long short
     SHAPES="default" python benchmarks/bwd_time.py
     BWD_SPLITS="0 1 4" python benchmarks/bwd_time.py   # the backward at forced cluster splits
-                                                        # (0: the launcher's choice)"""
+                                                        # (0: the launcher's choice)
+    BWD_K=4 python benchmarks/bwd_time.py      # checkpoints every 4 chunks (default: the
+                                                # library's FUSED_BWD_CHECKPOINT_EVERY)"""
 from __future__ import annotations
 
 import os
@@ -36,7 +38,10 @@ def _time_ms(fn, reps=3):
 def main():
     if not torch.cuda.is_available():
         sys.exit("benchmarks/bwd_time.py needs a CUDA GPU")
-    print(f"# {torch.cuda.get_device_name()}: neural_memory backend='cuda', ms")
+    if "BWD_K" in os.environ:
+        nm_ops.FUSED_BWD_CHECKPOINT_EVERY = int(os.environ["BWD_K"])
+    print(f"# {torch.cuda.get_device_name()}: neural_memory backend='cuda', ms, checkpoints "
+          f"every {nm_ops.FUSED_BWD_CHECKPOINT_EVERY} chunks")
     for name in os.environ.get("SHAPES", "default long short").split():
         s = SHAPES[name]
         t = make_memory_inputs(s, torch.device("cuda"), requires_grad=True)

@@ -327,6 +327,7 @@ void neural_memory_chunked_bwd(const py::dict& a) {
   bp.dln_w = as_ptr<float>(ptr("dln_w"));
   bp.dln_b = as_ptr<float>(ptr("dln_b"));
   bp.scratch = as_ptr<float>(ptr("scratch"));
+  bp.ring = as_ptr<float>(ptr("ring"));
   launch_released(a, "neural_memory_chunked_bwd", [&](cudaStream_t stream, int device) {
     return titans::neural_memory_chunked_bwd(bp, stream, device);
   });

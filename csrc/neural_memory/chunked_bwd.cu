@@ -405,15 +405,34 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
   const int hdm = HD::m0(0, warp), hdn = HD::n0(0, warp);
   const int dhm = DH::m0(0, warp), dhn = DH::n0(0, warp);
 
-  for (int j = n_chunks - 1; j >= 0; --j) {
+  // Checkpoints every K chunks: on entering a group (walking down), the start states of its
+  // chunks past the first are recomputed from the checkpoint into the ring (the forward's keys
+  // pass and state update, no read), then the group's chunks are taken in reverse.
+  const int K = p.ckpt_every > 1 ? p.ckpt_every : 1;
+  const int64_t ring_slot = 2 * (size[0] + size[1]);  // W1, W2, S1, S2
+  float* ring = bp.ring != nullptr ? bp.ring + nh * (K - 1) * ring_slot : nullptr;
+  for (int jb = n_chunks - 1; jb >= 0; --jb) {
+   const int g0 = jb - jb % K;
+   const int group_last = min(g0 + K - 1, n_chunks - 1);
+   for (int j = jb == group_last ? g0 : jb; j <= jb; ++j) {
+    const bool recompute = j < jb;  // this step only makes chunk j + 1's start state
     const float *w0[2], *s0[2], *wg[2];
-    const int64_t slot = (int64_t(j) * p.n_seq + n) * p.heads + h;
+    if (j == g0) {
+      const int64_t slot = (int64_t(j / K) * p.n_seq + n) * p.heads + h;
 #pragma unroll
-    for (int l = 0; l < 2; ++l) {
-      w0[l] = bp.ckpt_w[l] + slot * size[l];
-      s0[l] = bp.ckpt_s[l] + slot * size[l];
-      wg[l] = j == 0 ? cw_src[l] : w0[l];
+      for (int l = 0; l < 2; ++l) {
+        w0[l] = bp.ckpt_w[l] + slot * size[l];
+        s0[l] = bp.ckpt_s[l] + slot * size[l];
+      }
+    } else {
+      const float* base = ring + (j - g0 - 1) * ring_slot;
+      w0[0] = base;
+      w0[1] = base + size[0];
+      s0[0] = base + size[0] + size[1];
+      s0[1] = s0[0] + size[0];
     }
+#pragma unroll
+    for (int l = 0; l < 2; ++l) wg[l] = j == 0 ? cw_src[l] : w0[l];
     const bool g_is_w = j > 0 || cw_src[0] == w_src[0];
     float* const* wg_dst = j > 0 ? wbar : wg0;  // where W̄g goes
     const Planes s_g1 = g_is_w ? s_w1 : s_pw1, s_g2 = g_is_w ? s_w2 : s_ps2;
@@ -469,7 +488,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
     float greg[CC::kIt][2][4];  // G, this warp's C x C tiles
 #pragma unroll
     for (int i = 0; i < CC::kIt; ++i) {
-      if (!CC::ok(i, warp)) continue;
+      if (recompute || !CC::ok(i, warp)) continue;
       const int m0 = CC::m0(i, warp), n0 = CC::n0(i, warp);
 #pragma unroll
       for (int t = 0; t < 2; ++t)
@@ -585,6 +604,70 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         *reinterpret_cast<float2*>(scr_xh + rr * D + rc0 + c) = make_float2(f[c], f[c + 1]);
       }
       if (tid % kTPR == 0) scr_rstd[rr] = rstd;
+    }
+
+    if (recompute) {  // chunk j + 1's start state into the ring (the CTA's own blocks)
+      float* base = ring + (j - g0) * ring_slot;
+      float* const wn[2] = {base, base + size[0]};
+      float* const sn[2] = {base + size[0] + size[1], base + 2 * size[0] + size[1]};
+      for (int b = rank; b < n_blocks; b += split) {
+        const int64_t c1 = b * HB, r2 = int64_t(b) * HB * D;
+        __syncthreads();  // s_dz2 complete (first block); the previous block's operands are free
+        stage<D, HB, kThreads>(s_w1, wg[0] + c1, hidden);
+        stage<HB, D, kThreads>(s_w2, wg[1] + r2, D);
+        __syncthreads();
+        if (ch_ok) {
+          float z[2][4], u[2][4];
+          zero(z);
+          zero(u);
+          mma_tile<D, false, true>(z, s_k, chm, s_w1, chn, lane);
+          mma_tile<D, false, false>(u, s_dz2, chm, s_w2, chn, lane);
+#pragma unroll
+          for (int t = 0; t < 2; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              u[t][e] *= activation_grad<bf16>(z[t][e], act_kind);
+              z[t][e] = activation_fn<bf16>(z[t][e], act_kind);
+            }
+          put_tile(s_hk1, chm, chn, z, lane);
+          put_tile(s_dz1, chm, chn, u, lane);
+        }
+        __syncthreads();
+        // W' = beta_C W0 + c_C S0 + x^T (gneg * dz), S' = m_C S0 + x^T (nneg * dz)
+        if (dh_ok) {
+          float aw[2][4], as[2][4], sv[2][4];
+          load_tile_cg(aw, w0[0] + c1, hidden, dhm, dhn, lane);
+          load_tile_cg(sv, s0[0] + c1, hidden, dhm, dhn, lane);
+#pragma unroll
+          for (int t = 0; t < 2; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              aw[t][e] = beta_c * aw[t][e] + c_c * sv[t][e];
+              as[t][e] = m_c * sv[t][e];
+            }
+          mma_tile<C, true, true>(aw, s_k, dhm, s_dz1, dhn, lane, nullptr, v_gneg);
+          mma_tile<C, true, true>(as, s_k, dhm, s_dz1, dhn, lane, nullptr, v_nneg);
+          store_tile(wn[0] + c1, hidden, dhm, dhn, aw, lane);
+          store_tile(sn[0] + c1, hidden, dhm, dhn, as, lane);
+        }
+        if (hd_ok) {
+          float aw[2][4], as[2][4], sv[2][4];
+          load_tile_cg(aw, w0[1] + r2, D, hdm, hdn, lane);
+          load_tile_cg(sv, s0[1] + r2, D, hdm, hdn, lane);
+#pragma unroll
+          for (int t = 0; t < 2; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              aw[t][e] = beta_c * aw[t][e] + c_c * sv[t][e];
+              as[t][e] = m_c * sv[t][e];
+            }
+          mma_tile<C, true, true>(aw, s_hk1, hdm, s_dz2, hdn, lane, nullptr, v_gneg);
+          mma_tile<C, true, true>(as, s_hk1, hdm, s_dz2, hdn, lane, nullptr, v_nneg);
+          store_tile(wn[1] + r2, D, hdm, hdn, aw, lane);
+          store_tile(sn[1] + r2, D, hdm, hdn, as, lane);
+        }
+      }
+      continue;
     }
 
     // ---- pass B: the read's recompute ----
@@ -1324,6 +1407,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         bp.dmomentum[gi] = eb;
       }
     }
+   }
   }
 }
 
@@ -1402,6 +1486,7 @@ cudaError_t neural_memory_chunked_bwd(const NeuralMemoryBwdParams& bp, cudaStrea
   }
   for (int l = 0; l < 2; ++l) {
     if (p.w_in[l] == nullptr || bp.ckpt_w[l] == nullptr || bp.ckpt_s[l] == nullptr ||
+        (p.ckpt_every > 1 && bp.ring == nullptr) ||
         bp.w_bar[l] == nullptr || bp.s_bar[l] == nullptr || bp.wg0_bar[l] == nullptr) {
       return cudaErrorInvalidValue;
     }

@@ -3,7 +3,8 @@
 // CTAs each owning every split-th hidden block (as the forward), walks the chunks in reverse and
 // carries the state's cotangents (W̄, S̄) in global memory, computing per chunk what
 // python/titans_cuda/ops/neural_memory/chunk_vjp_blocked.py computes. The chunk-start states
-// come from the forward's checkpoints at every chunk (NeuralMemoryParams::ckpt_every = 1).
+// come from the forward's checkpoints (NeuralMemoryParams::ckpt_every = K): every chunk, or every
+// K-th with the others recomputed in the kernel a group at a time (ring).
 // Supported: bf16/fp16 inputs, D = 64, chunk 64, hidden a multiple of 32 up to 512
 // (neural_memory_chunked_bwd_supported); everything else falls back to the reference's VJP in
 // Python. params.f.split forces a split (1..8, at most hidden / 32); 0 lets the launcher choose.
@@ -51,6 +52,10 @@ struct NeuralMemoryBwdParams {
   float* dln_b;
   // Per (sequence, head) scratch of neural_memory_chunked_bwd_scratch_floats floats.
   float* scratch;
+  // With checkpoints every K = f.ckpt_every > 1 chunks (ckpt_w / ckpt_s then hold chunks 0, K,
+  // 2K, ...): per (sequence, head) K - 1 chunk-start states [W1, W2, S1, S2] fp32, recomputed
+  // group by group from the checkpoint. nullptr when K = 1.
+  float* ring;
 };
 
 bool neural_memory_chunked_bwd_supported(int dim, int hidden, int depth, int chunk, int dtype,

@@ -6,9 +6,10 @@
                                       (csrc/neural_memory/chunked.cu), cu_seqlens included
 
 Both return [o, W per layer, S per layer, chunk weights per layer]. The kernels cover the forward
-pass and the final state; gradients come from the reference through ``torch.func.vjp`` (the
-``*_bwd`` ops): exact, not fast. Off the kernel path (CPU, float64, unsupported shapes) the ops
-run the reference, so opcheck runs in CPU CI.
+pass and the final state. Gradients (the ``*_bwd`` ops): the fused backward kernel of the chunked
+op (csrc/neural_memory/chunked_bwd.cu) where chunked_bwd_reason allows, else the reference
+through ``torch.func.vjp`` (exact, not fast). Off the kernel path (CPU, float64, unsupported
+shapes) the ops run the reference, so opcheck runs in CPU CI.
 """
 from __future__ import annotations
 
@@ -174,9 +175,9 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
     (sequence, head), a thread-block cluster on sm_90+, 0 lets the launcher choose (params.h).
     ``checkpoint_every`` = K > 0 (chunked only): also returns, per layer, the W then the S at
     the start of chunks 0, K, 2K, ... as [n_ckpt, N, H, d_in, d_out] (params.h; slots past a
-    sequence's last chunk are left unwritten). ``bwd`` (chunked, with ``checkpoint_every`` =
-    1): a function of the forward's outputs returning the backward kernel's own arguments,
-    launched right after the forward on the same arguments (_fused_grads)."""
+    sequence's last chunk are left unwritten). ``bwd`` (chunked, with ``checkpoint_every``):
+    a function of the checkpoints returning the backward kernel's own arguments, launched right
+    after the forward on the same arguments (_fused_grads)."""
     B, T, H, D = q.shape
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     depth = len(weights)
@@ -328,14 +329,18 @@ def _reference_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, l
 # CTAs per (sequence, head) of the fused backward (a cluster on sm_90+, CTA r owning the hidden
 # blocks b with b % split == r); 0: the launcher's choice. The tests force each split.
 FUSED_BWD_SPLIT = 0
+# The forward's state is kept at every K-th chunk start for the fused backward, which recomputes
+# the others a group of K at a time (memory / K, time + the keys' pass and state update of the
+# K - 1 recomputed chunks).
+FUSED_BWD_CHECKPOINT_EVERY = 1
 
 
 def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias,
                  state_weights, state_momentum, state_chunk_weights, state_offset, chunk_size,
                  activation, residual, ln_eps, read, cu_seqlens=None) -> List[Tensor]:
-    """_reference_grads through the kernels: the forward again with the state kept at every
-    chunk start (O(T / C) states), then the fused backward (chunked_bwd.h) walking the chunks
-    in reverse. Same result order and dtypes."""
+    """_reference_grads through the kernels: the forward again with the state kept at every K-th
+    chunk start (FUSED_BWD_CHECKPOINT_EVERY; O(T / (C K)) states), then the fused backward
+    (chunked_bwd.h) walking the chunks in reverse. Same result order and dtypes."""
     B, T, H, D = q.shape
     L = len(weights)
     C = int(chunk_size)
@@ -367,6 +372,9 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
     hidden = weights[0].shape[-1]
     per = _lib._C.neural_memory_chunked_bwd_scratch_floats(dim=D, hidden=hidden, chunk=C)
     scratch = torch.empty(N * H * per, dtype=torch.float32, device=dev)
+    K = max(1, int(FUSED_BWD_CHECKPOINT_EVERY))
+    ring = (torch.empty(N * H * (K - 1) * 4 * D * hidden, dtype=torch.float32, device=dev)
+            if K > 1 else None)
 
     def bwd(ckpts):
         ptrs = lambda ts: [t.data_ptr() for t in ts]  # noqa: E731
@@ -377,11 +385,12 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
                     dmomentum=dgates[2].data_ptr(),
                     dln_w=0 if dln_w is None else dln_w.data_ptr(),
                     dln_b=0 if dln_b is None else dln_b.data_ptr(),
-                    scratch=scratch.data_ptr(), split=int(FUSED_BWD_SPLIT))
+                    scratch=scratch.data_ptr(), split=int(FUSED_BWD_SPLIT),
+                    ring=0 if ring is None else ring.data_ptr())
     _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
             state_momentum, state_chunk_weights, state_offset, chunk_size, activation,
             residual, ln_eps, read, cu_seqlens=cu_seqlens, kernel="chunked",
-            checkpoint_every=1, bwd=bwd)
+            checkpoint_every=K, bwd=bwd)
     if has_state:
         open_chunk = (off > 0).view(N, 1, 1, 1)
         g_weights = [torch.zeros_like(w) for w in weights]
