@@ -7,7 +7,9 @@ AMP times the fp32 reference's own error on an ill-conditioned draw), over a gri
 supported shapes (D = 64, chunk 64, depth 2, read "token"; hidden 64 / 128 / 256; bf16, fp16;
 fresh calls, initial states with open chunks, cu_seqlens with lengths that are not multiples of
 C and an empty sequence; silu / gelu, residual and LayerNorm +- bias cycled; alpha = 1 resets
-and eta = 0 in every draw); that the fused path is the one taken; determinism; fallbacks."""
+and eta = 0 in every draw) at the library's checkpoint interval; every cluster split; other
+checkpoint intervals (groups recomputed in the kernel); that the fused path is the one taken;
+determinism; fallbacks."""
 from __future__ import annotations
 
 import itertools
@@ -46,7 +48,7 @@ def _case(case, H=2, C=64, D=64):
         cu = torch.tensor([0] + list(itertools.accumulate(lengths)), device=DEV)
         B, T, N = 1, sum(lengths), len(lengths)
     else:
-        B, T = 2, (2 * C + 5 if kind == "fresh" else C + 3)
+        B, T = 2, {"fresh": 2 * C + 5, "open": C + 3, "long": 9 * C + 7}[kind]
         N = B
     q, k, v, lr, forget, momentum = make_inputs(B, T, H, D, dtype=torch.float32, device=DEV)
     forget[0, T - 2, 1] = 1.0
@@ -171,14 +173,16 @@ def test_fused_backward_reasons():
     assert "depth=1" in nm_ops.chunked_bwd_reason(q, w1, 64, None, None, "token")
 
 
-KCASES = [c for c in GRID if c[0] == 128 and c[1] == torch.float16]
+KCASES = [c for c in GRID if c[0] == 128 and c[1] == torch.float16] + [
+    (256, torch.bfloat16, "long", HEADS[1], "gelu"), (64, torch.float16, "long", HEADS[2], "silu")]
 
 
-@pytest.mark.parametrize("K", (2, 3))
+@pytest.mark.parametrize("K", (2, 3, 4))
 @pytest.mark.parametrize("case", KCASES, ids=[_id(c) for c in KCASES])
 def test_fused_backward_checkpoint_groups(case, K, monkeypatch):
     """Checkpoints every K chunks, the others recomputed in the kernel a group at a time (the
-    grid's calls span 1 to 3 chunks, so groups are whole, partial and single)."""
+    grid's calls span 1 to 3 chunks, so groups are whole, partial and single; the "long" calls
+    10 chunks: several groups, each recomputed from its own checkpoint)."""
     needs_kernels()
     args, weights, st, mem, cu = _case(case)
     g64 = _grads(args, weights, st, mem, cu, "torch", torch.float64)

@@ -332,7 +332,7 @@ FUSED_BWD_SPLIT = 0
 # The forward's state is kept at every K-th chunk start for the fused backward, which recomputes
 # the others a group of K at a time (memory / K, time + the keys' pass and state update of the
 # K - 1 recomputed chunks).
-FUSED_BWD_CHECKPOINT_EVERY = 1
+FUSED_BWD_CHECKPOINT_EVERY = 4
 
 
 def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias,
