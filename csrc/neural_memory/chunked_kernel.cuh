@@ -48,8 +48,9 @@
 // state is read with ld.global.cg (L2): the same CTA wrote it in the previous chunk.
 #pragma once
 
-#include <atomic>
+#include <mutex>
 #include <type_traits>
+#include <vector>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -948,15 +949,29 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
 constexpr int kMaxSplit = 8;  // portable cluster size
 
 // Clusters of `split` CTAs of `kernel` that can be resident at once on the current device
-// (cached per device and split; 0 when such a cluster cannot launch).
+// (cached per device, kernel, split and shared memory; 0 when such a cluster cannot launch).
+// Every instance of a kernel template has the same function type, so the kernel's address is
+// part of the key.
 template <typename Kernel>
 int max_clusters(Kernel kernel, int split, size_t smem, int threads) {
-  constexpr int kDevices = 64;
-  static std::atomic<int> cache[kDevices][kMaxSplit + 1] = {};  // value + 1; 0 = not asked yet
+  struct Entry {
+    int device, split, threads;
+    const void* kernel;
+    size_t smem;
+    int count;
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> cache;
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  const int slot = split;
-  if (device < kDevices && cache[device][slot].load() > 0) return cache[device][slot].load() - 1;
+  const void* key = reinterpret_cast<const void*>(kernel);
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (const Entry& e : cache)
+      if (e.device == device && e.split == split && e.threads == threads && e.kernel == key &&
+          e.smem == smem)
+        return e.count;
+  }
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(unsigned(split), 1, 1);
   config.blockDim = dim3(unsigned(threads));
@@ -973,7 +988,8 @@ int max_clusters(Kernel kernel, int split, size_t smem, int threads) {
     (void)cudaGetLastError();
     count = 0;
   }
-  if (device < kDevices) cache[device][slot].store(count + 1);
+  std::lock_guard<std::mutex> lock(mutex);
+  cache.push_back(Entry{device, split, threads, key, smem, count});
   return count;
 }
 
