@@ -251,8 +251,9 @@ def _default_case(T=300, dtype=torch.bfloat16, kind="open"):
 
 
 def _op_args(args, weights, st, mem, cu):
-    """chunked_op's positional arguments: decode_op's and cu_seqlens."""
-    return (*_decode_op_args(args, weights, st, mem), cu)
+    """chunked_op's positional arguments: decode_op's, cu_seqlens and checkpoint_every (0:
+    no checkpoints kept)."""
+    return (*_decode_op_args(args, weights, st, mem), cu, 0)
 
 
 def test_chunked_kernel_writes_every_element():

@@ -197,3 +197,45 @@ def test_fused_backward_checkpoint_groups(case, K, monkeypatch):
         keep = b.abs() < torch.finfo(a.dtype).max / 2
         bound = max(TOL[args[0].dtype], AMP * rel_err(c[keep], b[keep]))
         assert rel_err(a[keep], b[keep]) <= bound, (i, K, rel_err(a[keep], b[keep]), bound)
+
+
+def test_fused_backward_uses_the_forwards_checkpoints(monkeypatch):
+    """Under autograd the forward op keeps the checkpoints (every FUSED_BWD_CHECKPOINT_EVERY
+    chunks) and the backward launches alone on them: one forward kernel per forward+backward,
+    not two; the gradients are those of the rerun path (chunked_op with checkpoint_every 0)."""
+    needs_kernels()
+    args, weights, st, mem, cu = _case(GRID[13])
+    calls = []
+    launch = nm_ops._launch
+
+    def spy(*a, **kw):
+        calls.append((kw.get("run_forward", True), kw.get("bwd") is not None,
+                      kw.get("checkpoint_every", 0)))
+        return launch(*a, **kw)
+    monkeypatch.setattr(nm_ops, "_launch", spy)
+    g = _grads(args, weights, st, mem, cu, "cuda")
+    K = nm_ops.FUSED_BWD_CHECKPOINT_EVERY
+    assert calls == [(True, False, K), (False, True, 0)], calls
+    monkeypatch.setattr(nm_ops, "_kept_every", lambda *a: 0)  # the forward keeps nothing
+    calls.clear()
+    g_rerun = _grads(args, weights, st, mem, cu, "cuda")
+    assert calls == [(True, False, 0), (True, True, K)], calls
+    for a, b in zip(g, g_rerun):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b)
+
+
+def test_opcheck_chunked_op_keeping_checkpoints():
+    """The chunked op's registration with checkpoints kept (fake shapes of the extra outputs,
+    autograd through the fused backward on them)."""
+    needs_kernels()
+    args, weights, st, mem, cu = _case(GRID[1])
+    leaves = [t.detach().clone().requires_grad_(True) if t.is_floating_point() else t
+              for t in args]
+    op_args = (*leaves, list(weights), mem["ln_weight"], mem["ln_bias"], [], [], [], None, 64,
+               mem["activation"], mem["residual"], 1e-6, "token", cu,
+               nm_ops.FUSED_BWD_CHECKPOINT_EVERY)
+    outs = nm_ops.chunked_op(*op_args)
+    assert outs[-1].numel() > 0  # kept
+    torch.library.opcheck(nm_ops.chunked_op, op_args)

@@ -337,7 +337,7 @@ def test_opcheck_neural_memory_chunked_op(with_state):
             args[i] = [torch.cat([t, t.flip(0)]).detach().requires_grad_() for t in args[i]]
         args[12] = torch.tensor([3, 1])
     cu = torch.tensor([0, 5, 7], dtype=torch.int32)
-    torch.library.opcheck(torch.ops.titans_cuda.neural_memory_chunked.default, (*args, cu))
+    torch.library.opcheck(torch.ops.titans_cuda.neural_memory_chunked.default, (*args, cu, 0))
 
 
 def test_neural_memory_chunked_op_gradcheck_and_reference():
@@ -353,7 +353,7 @@ def test_neural_memory_chunked_op_gradcheck_and_reference():
     args[9:13] = [list(st.weights), list(st.momentum), list(st.chunk_weights), st.offset]
     args[13] = 2
     cu = torch.tensor([0, 3, 5])
-    outs = torch.ops.titans_cuda.neural_memory_chunked(*args, cu)
+    outs = torch.ops.titans_cuda.neural_memory_chunked(*args, cu, 0)
     o, st_ref = neural_memory(*args[:6], tuple(args[6]), initial_state=st, chunk_size=2,
                               activation="gelu", residual=True, ln_weight=args[7],
                               ln_bias=args[8], output_final_state=True, cu_seqlens=cu,
@@ -373,5 +373,5 @@ def test_neural_memory_chunked_op_gradcheck_and_reference():
         q, k, v, lr, fo, mo, w1, w2, g, b, *rest = ts
         return tuple(torch.ops.titans_cuda.neural_memory_chunked(
             q, k, v, lr, fo, mo, [w1, w2], g, b, rest[0:2], rest[2:4], rest[4:6], st.offset, 2,
-            "gelu", True, 1e-6, "token", cu))
+            "gelu", True, 1e-6, "token", cu, 0))
     assert torch.autograd.gradcheck(fn, tensors)

@@ -155,6 +155,24 @@ def chunked_bwd_reason(q: Tensor, weights, chunk_size: int, cu_seqlens, initial_
         return f"the fused backward needs {smem // 1024} KiB of shared memory per block"
     return None
 
+def _kept_every(q, weights, chunk_size, cu_seqlens, state, read, checkpoint_every) -> int:
+    """The checkpoint interval chunked_op keeps for the fused backward: ``checkpoint_every``
+    where the fused backward will run, else 0 (nothing kept)."""
+    if checkpoint_every <= 0:
+        return 0
+    if chunked_bwd_reason(q, weights, chunk_size, cu_seqlens, state, read) is not None:
+        return 0
+    return int(checkpoint_every)
+
+
+def _checkpoint_shape(T: int, chunk_size: int, K: int, has_state: bool):
+    """(n_ckpt,): checkpoint slots for T tokens per row (an open chunk adds one), every K-th
+    chunk (as _launch allocates them)."""
+    C = int(chunk_size)
+    most = -(-(T + (C - 1 if has_state else 0)) // C)
+    return (max(1, -(-most // K)),)
+
+
 def _f32(t: Tensor) -> Tensor:
     """fp32, contiguous, 16-byte aligned (the kernel reads float4)."""
     t = t.to(torch.float32).contiguous()
@@ -169,7 +187,8 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
             state_momentum, state_chunk_weights, state_offset, chunk_size, activation,
             residual, ln_eps, read, cu_seqlens: Optional[Tensor] = None,
             out: Optional[List[Tensor]] = None, split: int = 0,
-            kernel: str = "decode", checkpoint_every: int = 0, bwd=None) -> List[Tensor]:
+            kernel: str = "decode", checkpoint_every: int = 0, bwd=None,
+            run_forward: bool = True) -> List[Tensor]:
     """Runs a kernel ("decode" or "chunked"): [o, W..., S..., chunk weights...]. ``out``:
     preallocated outputs in that order (the tests pass NaN-poisoned ones); ``split``: CTAs per
     (sequence, head), a thread-block cluster on sm_90+, 0 lets the launcher choose (params.h).
@@ -177,7 +196,8 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
     the start of chunks 0, K, 2K, ... as [n_ckpt, N, H, d_in, d_out] (params.h; slots past a
     sequence's last chunk are left unwritten). ``bwd`` (chunked, with ``checkpoint_every``):
     a function of the checkpoints returning the backward kernel's own arguments, launched right
-    after the forward on the same arguments (_fused_grads)."""
+    after the forward on the same arguments (_fused_grads); ``run_forward`` False launches the
+    backward alone (on checkpoints the forward op kept)."""
     B, T, H, D = q.shape
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     depth = len(weights)
@@ -247,16 +267,16 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
     if kernel == "chunked":
         K = int(checkpoint_every)
         if K > 0:  # chunks on the padded timeline: at most ceil((offset + length) / C)
-            C = int(chunk_size)
-            most = -(-(T + (C - 1 if state_weights else 0)) // C)
-            n_ckpt = max(1, -(-most // K))
+            n_ckpt, = _checkpoint_shape(T, chunk_size, K, bool(state_weights))
             ckpts = [torch.empty(n_ckpt, N, H, w.shape[-2], w.shape[-1], dtype=torch.float32,
                                  device=dev) for _ in range(2) for w in weights]
         args.update(ckpt_every=max(K, 0), ckpt_w=[t.data_ptr() for t in ckpts[:depth]],
                     ckpt_s=[t.data_ptr() for t in ckpts[depth:]])
         if not ckpts:
             args.update(ckpt_w=[0] * depth, ckpt_s=[0] * depth)
-    (_lib._C.neural_memory_decode if kernel == "decode" else _lib._C.neural_memory_chunked)(args)
+    if run_forward:
+        (_lib._C.neural_memory_decode if kernel == "decode"
+         else _lib._C.neural_memory_chunked)(args)
     if bwd is not None:
         args.update(bwd(ckpts))
         _lib._C.neural_memory_chunked_bwd(args)
@@ -282,10 +302,13 @@ def _reference(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state
     return [o, *st.weights, *st.momentum, *st.chunk_weights]
 
 
-def _forward(kernel: str, reason: Optional[str], args, cu_seqlens=None) -> List[Tensor]:
-    """The body of both forward ops: the kernel when ``reason`` is None, else the reference."""
+def _forward(kernel: str, reason: Optional[str], args, cu_seqlens=None,
+             checkpoint_every: int = 0) -> List[Tensor]:
+    """The body of both forward ops: the kernel when ``reason`` is None (with the chunked
+    kernel's checkpoints appended when ``checkpoint_every`` > 0), else the reference."""
     if reason is None:
-        return _launch(*args, cu_seqlens=cu_seqlens, kernel=kernel)
+        return _launch(*args, cu_seqlens=cu_seqlens, kernel=kernel,
+                       checkpoint_every=checkpoint_every)
     q, k, v, _, _, _, weights, _, _, sw, sm, scw = args[:12]
     inputs = {id(t) for t in (q, k, v, *weights, *sw, *sm, *scw)}
     # outputs must not alias inputs: the reference may hand an input state back unchanged
@@ -337,8 +360,10 @@ FUSED_BWD_CHECKPOINT_EVERY = 4
 
 def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias,
                  state_weights, state_momentum, state_chunk_weights, state_offset, chunk_size,
-                 activation, residual, ln_eps, read, cu_seqlens=None) -> List[Tensor]:
-    """_reference_grads through the kernels: the forward again with the state kept at every K-th
+                 activation, residual, ln_eps, read, cu_seqlens=None, checkpoints=None,
+                 checkpoint_every: int = 0) -> List[Tensor]:
+    """_reference_grads through the kernels (with ``checkpoints``, the forward op's kept ones
+    at every ``checkpoint_every``-th chunk, no forward is rerun): the forward again with the state kept at every K-th
     chunk start (FUSED_BWD_CHECKPOINT_EVERY; O(T / (C K)) states), then the fused backward
     (chunked_bwd.h) walking the chunks in reverse. Same result order and dtypes."""
     B, T, H, D = q.shape
@@ -372,13 +397,15 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
     hidden = weights[0].shape[-1]
     per = _lib._C.neural_memory_chunked_bwd_scratch_floats(dim=D, hidden=hidden, chunk=C)
     scratch = torch.empty(N * H * per, dtype=torch.float32, device=dev)
-    K = max(1, int(FUSED_BWD_CHECKPOINT_EVERY))
+    kept = bool(checkpoints) and checkpoint_every > 0
+    K = int(checkpoint_every) if kept else max(1, int(FUSED_BWD_CHECKPOINT_EVERY))
     ring = (torch.empty(N * H * (K - 1) * 4 * D * hidden, dtype=torch.float32, device=dev)
             if K > 1 else None)
 
     def bwd(ckpts):
+        ckpts = list(checkpoints) if kept else ckpts
         ptrs = lambda ts: [t.data_ptr() for t in ts]  # noqa: E731
-        return dict(bwd_ckpt_w=ptrs(ckpts[:L]), bwd_ckpt_s=ptrs(ckpts[L:]), w_bar=ptrs(w_bar),
+        return dict(ckpt_every=K, bwd_ckpt_w=ptrs(ckpts[:L]), bwd_ckpt_s=ptrs(ckpts[L:]), w_bar=ptrs(w_bar),
                     s_bar=ptrs(s_bar), wg0_bar=ptrs(wg0), cw_bar=ptrs(cw_owed),
                     o_bar=g_o.data_ptr(), dq=dq.data_ptr(), dk=dk.data_ptr(), dv=dv.data_ptr(),
                     dlr=dgates[0].data_ptr(), dforget=dgates[1].data_ptr(),
@@ -390,7 +417,7 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
     _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
             state_momentum, state_chunk_weights, state_offset, chunk_size, activation,
             residual, ln_eps, read, cu_seqlens=cu_seqlens, kernel="chunked",
-            checkpoint_every=K, bwd=bwd)
+            checkpoint_every=0 if kept else K, bwd=bwd, run_forward=not kept)
     if has_state:
         open_chunk = (off > 0).view(N, 1, 1, 1)
         g_weights = [torch.zeros_like(w) for w in weights]
@@ -449,23 +476,39 @@ def chunked_op(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, forget: Tensor, mome
                state_weights: List[Tensor], state_momentum: List[Tensor],
                state_chunk_weights: List[Tensor], state_offset: Optional[Tensor],
                chunk_size: int, activation: str, residual: bool, ln_eps: float, read: str,
-               cu_seqlens: Optional[Tensor]) -> List[Tensor]:
+               cu_seqlens: Optional[Tensor], checkpoint_every: int) -> List[Tensor]:
     """decode_op for any call, cu_seqlens included (then q, k, v are [1, total, H, D] and the
-    states have one row per sequence)."""
+    states have one row per sequence), then 2 L more outputs: with ``checkpoint_every`` = K > 0
+    and the fused backward's shapes (chunked_bwd_reason), the state at every K-th chunk start
+    for the backward (W per layer, then S, each [n_ckpt, N, H, d_in, d_out], _checkpoint_shape),
+    else empty tensors."""
     args = (q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
             state_momentum, state_chunk_weights, state_offset, chunk_size, activation,
             residual, ln_eps, read)
     state = _state(state_weights, state_momentum, state_chunk_weights, state_offset)
-    return _forward("chunked", chunked_reason(q, weights, chunk_size, cu_seqlens, state), args,
-                    cu_seqlens)
+    K = _kept_every(q, weights, chunk_size, cu_seqlens, state, read, checkpoint_every)
+    outs = _forward("chunked", chunked_reason(q, weights, chunk_size, cu_seqlens, state), args,
+                    cu_seqlens, checkpoint_every=K)
+    if K == 0:
+        outs = outs + [q.new_empty(0, dtype=torch.float32) for _ in range(2 * len(weights))]
+    return outs
 
 
 @chunked_op.register_fake
 def _(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
       state_momentum, state_chunk_weights, state_offset, chunk_size, activation, residual,
-      ln_eps, read, cu_seqlens):
+      ln_eps, read, cu_seqlens, checkpoint_every):
+    state = _state(state_weights, state_momentum, state_chunk_weights, state_offset)
+    K = _kept_every(q, weights, chunk_size, cu_seqlens, state, read, checkpoint_every)
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    if K == 0:
+        ckpts = [q.new_empty(0, dtype=torch.float32) for _ in range(2 * len(weights))]
+    else:
+        n_ckpt, = _checkpoint_shape(q.shape[1], chunk_size, K, bool(state_weights))
+        ckpts = [q.new_empty(n_ckpt, N, q.shape[2], w.shape[-2], w.shape[-1],
+                             dtype=torch.float32) for _ in range(2) for w in weights]
     return _fake(q, k, v, weights, state_weights, state_momentum, state_chunk_weights,
-                 cu_seqlens)
+                 cu_seqlens) + ckpts
 
 
 @torch.library.custom_op("titans_cuda::neural_memory_decode_bwd", mutates_args=())
@@ -501,14 +544,19 @@ def chunked_bwd_op(grads: List[Tensor], q: Tensor, k: Tensor, v: Tensor, lr: Ten
                    state_weights: List[Tensor], state_momentum: List[Tensor],
                    state_chunk_weights: List[Tensor], state_offset: Optional[Tensor],
                    chunk_size: int, activation: str, residual: bool, ln_eps: float, read: str,
-                   cu_seqlens: Optional[Tensor]) -> List[Tensor]:
+                   cu_seqlens: Optional[Tensor], checkpoint_every: int,
+                   checkpoints: List[Tensor]) -> List[Tensor]:
     """decode_bwd_op for chunked_op, cu_seqlens included: the fused backward kernel where
-    chunked_bwd_reason allows, else the reference's VJP."""
+    chunked_bwd_reason allows (on the forward's ``checkpoints`` when it kept them), else the
+    reference's VJP."""
     state = _state(state_weights, state_momentum, state_chunk_weights, state_offset)
     if chunked_bwd_reason(q, weights, chunk_size, cu_seqlens, state, read) is None:
+        kept = [t for t in checkpoints if t.numel() > 0]
         return _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias,
                             state_weights, state_momentum, state_chunk_weights, state_offset,
-                            chunk_size, activation, residual, ln_eps, read, cu_seqlens)
+                            chunk_size, activation, residual, ln_eps, read, cu_seqlens,
+                            checkpoints=kept if len(kept) == len(checkpoints) else None,
+                            checkpoint_every=checkpoint_every)
     return _reference_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias,
                             state_weights, state_momentum, state_chunk_weights, state_offset,
                             chunk_size, activation, residual, ln_eps, read, cu_seqlens)
@@ -517,16 +565,20 @@ def chunked_bwd_op(grads: List[Tensor], q: Tensor, k: Tensor, v: Tensor, lr: Ten
 @chunked_bwd_op.register_fake
 def _(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
       state_momentum, state_chunk_weights, state_offset, chunk_size, activation, residual,
-      ln_eps, read, cu_seqlens):
+      ln_eps, read, cu_seqlens, checkpoint_every, checkpoints):
     return _fake_grads(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias,
                        state_weights, state_momentum, state_chunk_weights)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:6], *inputs[6], *inputs[9], *inputs[10], *inputs[11])
+    L = len(inputs[6])
+    extra = list(output[1 + 3 * L:])  # the chunked op's kept checkpoints (or empty tensors)
+    ctx.save_for_backward(*inputs[:6], *inputs[6], *inputs[9], *inputs[10], *inputs[11],
+                          *extra)
     ctx.rest = inputs[7], inputs[8], inputs[12:]
-    ctx.counts = len(inputs[6]), len(inputs[9])
-    ctx.out_like = [(o.shape, o.dtype, o.device) for o in output]
+    ctx.counts = L, len(inputs[9])
+    ctx.n_extra = len(extra)
+    ctx.out_like = [(o.shape, o.dtype, o.device) for o in output[:1 + 3 * L]]
 
 
 def _make_backward(bwd_op):
@@ -541,7 +593,9 @@ def _make_backward(bwd_op):
         ln_weight, ln_bias, trailing = ctx.rest
         grads = [g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
                  for g, (shape, dtype, device) in zip(grads, ctx.out_like)]
-        g = bwd_op(grads, *saved[:6], weights, ln_weight, ln_bias, sw, sm, scw, *trailing)
+        extra = ([list(saved[len(saved) - ctx.n_extra:])] if ctx.n_extra else [])
+        g = bwd_op(grads, *saved[:6], weights, ln_weight, ln_bias, sw, sm, scw, *trailing,
+                   *extra)
         g_ws, g_ln, g_st = g[6:6 + L], g[6 + L:8 + L], g[8 + L:]
         return (*g[:6], g_ws, g_ln[0] if ln_weight is not None else None,
                 g_ln[1] if ln_bias is not None else None, g_st[:n_state],
@@ -561,8 +615,15 @@ def fused(q, k, v, lr, forget, momentum, weights, *, chunk_size, activation, res
             [] if st is None else list(st.weights), [] if st is None else list(st.momentum),
             [] if st is None else list(st.chunk_weights), None if st is None else st.offset,
             chunk_size, activation, residual, ln_eps, read)
-    outs = decode_op(*args) if kernel == "decode" else chunked_op(*args, cu_seqlens)
     L = len(weights)
+    if kernel == "decode":
+        outs = decode_op(*args)
+    else:  # keep the fused backward's checkpoints when a backward can follow
+        tensors = [q, k, v, lr, forget, momentum, *weights, ln_weight, ln_bias,
+                   *(() if st is None else (*st.weights, *st.momentum, *st.chunk_weights))]
+        grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in tensors)
+        outs = chunked_op(*args, cu_seqlens, FUSED_BWD_CHECKPOINT_EVERY if grad else 0)
     if cu_seqlens is None:
         lengths = torch.full((q.shape[0],), q.shape[1], dtype=torch.long, device=q.device)
     else:
@@ -571,7 +632,7 @@ def fused(q, k, v, lr, forget, momentum, weights, *, chunk_size, activation, res
               else st.offset.to(device=q.device, dtype=torch.long))
     final_offset = (offset + lengths) % chunk_size
     return outs[0], MemoryState(tuple(outs[1:1 + L]), tuple(outs[1 + L:1 + 2 * L]),
-                                tuple(outs[1 + 2 * L:]), final_offset)
+                                tuple(outs[1 + 2 * L:1 + 3 * L]), final_offset)
 
 
 def decode(q, k, v, lr, forget, momentum, weights, **kw):
