@@ -19,20 +19,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from registry import SHAPES  # noqa: E402
 from run import make_memory_inputs  # noqa: E402
+from splits import _time_ms  # noqa: E402  (back-to-back calls, CUDA events after warm-up)
 from titans_cuda import neural_memory  # noqa: E402
 from titans_cuda.ops.neural_memory import ops as nm_ops  # noqa: E402
-
-
-def _time_ms(fn, reps=3):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def main():
@@ -59,12 +48,12 @@ def main():
             o = neural_memory(q, k, v, lr, forget, momentum, (w1, w2), **kw)
             o = o[0] if isinstance(o, tuple) else o
             torch.autograd.grad((o * cot).sum(), t)
-        f_ms = _time_ms(fwd)
+        f_ms = _time_ms(fwd, reps=3)
         for split in [int(x) for x in os.environ.get("BWD_SPLITS", "0").split()]:
             nm_ops.FUSED_BWD_SPLIT = split
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            fb_ms = _time_ms(fwd_bwd)
+            fb_ms = _time_ms(fwd_bwd, reps=3)
             peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
             print(f"{name} B{s.B} T{s.T} H{s.H}: fwd {f_ms:.2f} fwd+bwd {fb_ms:.2f} "
                   f"(fused backward: {fused}, split {split}) peak {peak:.0f} MiB", flush=True)
