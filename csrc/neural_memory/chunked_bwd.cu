@@ -144,6 +144,59 @@ __device__ __forceinline__ void store_tile(float* dst, int64_t ld, int m0, int n
                                                                v[t][2 * half + 1]);
 }
 
+// The state's own cotangent terms on one 16 x 16 tile at (m0, n0) of a state block (leading
+// dimension ld): aw += beta_C W̄', as += c_C W̄' + m_C S̄'; returns the tile's parts of
+// <W0, W̄'>, <S0, W̄'>, <S0, S̄'>.
+__device__ __forceinline__ float3 state_cotangent_tile(float (&aw)[2][4], float (&as)[2][4],
+                                                       const float* wb, const float* sb,
+                                                       const float* w0, const float* s0,
+                                                       int64_t ld, int m0, int n0, int lane,
+                                                       float beta_c, float c_c, float m_c) {
+  float wbv[2][4], sbv[2][4], wv[2][4], sv[2][4];
+  load_tile_cg(wbv, wb, ld, m0, n0, lane);
+  load_tile_cg(sbv, sb, ld, m0, n0, lane);
+  load_tile_cg(wv, w0, ld, m0, n0, lane);
+  load_tile_cg(sv, s0, ld, m0, n0, lane);
+  float3 fro = make_float3(0.f, 0.f, 0.f);
+#pragma unroll
+  for (int t = 0; t < 2; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      aw[t][e] += beta_c * wbv[t][e];
+      as[t][e] += c_c * wbv[t][e] + m_c * sbv[t][e];
+      fro.x += wv[t][e] * wbv[t][e];
+      fro.y += sv[t][e] * wbv[t][e];
+      fro.z += sv[t][e] * sbv[t][e];
+    }
+  return fro;
+}
+
+// One 16 x 16 tile at (m0, n0) of the forward's state update, W' = beta_C W0 + c_C S0 +
+// x^T (gneg * dz) and S' = m_C S0 + x^T (nneg * dz) (x [C][rows], dz [C][cols] in shared
+// memory), read from w0, s0 and written to wn, sn (leading dimension ld).
+template <int C>
+__device__ __forceinline__ void state_update_tile(const Planes& x, const Planes& dz,
+                                                  const float* gneg, const float* nneg,
+                                                  const float* w0, const float* s0, float* wn,
+                                                  float* sn, int64_t ld, int m0, int n0,
+                                                  int lane, float beta_c, float c_c,
+                                                  float m_c) {
+  float aw[2][4], as[2][4], sv[2][4];
+  load_tile_cg(aw, w0, ld, m0, n0, lane);
+  load_tile_cg(sv, s0, ld, m0, n0, lane);
+#pragma unroll
+  for (int t = 0; t < 2; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      aw[t][e] = beta_c * aw[t][e] + c_c * sv[t][e];
+      as[t][e] = m_c * sv[t][e];
+    }
+  mma_tile<C, true, true>(aw, x, m0, dz, n0, lane, nullptr, gneg);
+  mma_tile<C, true, true>(as, x, m0, dz, n0, lane, nullptr, nneg);
+  store_tile(wn, ld, m0, n0, aw, lane);
+  store_tile(sn, ld, m0, n0, as, lane);
+}
+
 // Sum over the kTPR consecutive lanes that share a row (row mode).
 template <int kTPR>
 __device__ __forceinline__ float row_reduce(float v) {
@@ -458,31 +511,13 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       v_act[tid] = act ? 1.f : 0.f;
     }
     __syncthreads();
-    if (tid < C) {  // column tid of N and G
-      const int col = tid;
-      float nv = 0.f, gv = 0.f;
-      for (int t = 0; t < C; ++t) {
-        if (t == col) {
-          nv = v_theta[t];
-          gv = v_act[t] * nv;
-        } else if (t > col) {
-          nv *= v_eta[t];
-          gv = v_a[t] * gv + v_act[t] * nv;
-        }
-        f_g[t * kLdC + col] = gv;
-      }
-      v_gneg[col] = -gv;
-      v_nneg[col] = -nv;
+    if (tid < C) {  // column tid of G
+      const float2 last = chunked::gate_column<C>(tid, v_theta, v_a, v_eta, v_act, f_g, nullptr,
+                                                  kLdC);
+      v_gneg[tid] = -last.x;
+      v_nneg[tid] = -last.y;
     } else if (tid == kThreads - 1) {
-      float m = 1.f, beta = 1.f, c = 0.f;
-      for (int t = 0; t < C; ++t) {
-        m *= v_eta[t];
-        beta *= v_a[t];
-        c = v_a[t] * c + v_act[t] * m;
-        v_m[t] = m;
-        v_beta[t] = beta;
-        v_c[t] = c;
-      }
+      chunked::gate_scalars<C>(v_a, v_eta, v_act, v_m, v_beta, v_c);
     }
     __syncthreads();
     float greg[CC::kIt][2][4];  // G, this warp's C x C tiles
@@ -633,38 +668,13 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
           put_tile(s_dz1, chm, chn, u, lane);
         }
         __syncthreads();
-        // W' = beta_C W0 + c_C S0 + x^T (gneg * dz), S' = m_C S0 + x^T (nneg * dz)
         if (dh_ok) {
-          float aw[2][4], as[2][4], sv[2][4];
-          load_tile_cg(aw, w0[0] + c1, hidden, dhm, dhn, lane);
-          load_tile_cg(sv, s0[0] + c1, hidden, dhm, dhn, lane);
-#pragma unroll
-          for (int t = 0; t < 2; ++t)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              aw[t][e] = beta_c * aw[t][e] + c_c * sv[t][e];
-              as[t][e] = m_c * sv[t][e];
-            }
-          mma_tile<C, true, true>(aw, s_k, dhm, s_dz1, dhn, lane, nullptr, v_gneg);
-          mma_tile<C, true, true>(as, s_k, dhm, s_dz1, dhn, lane, nullptr, v_nneg);
-          store_tile(wn[0] + c1, hidden, dhm, dhn, aw, lane);
-          store_tile(sn[0] + c1, hidden, dhm, dhn, as, lane);
+          state_update_tile<C>(s_k, s_dz1, v_gneg, v_nneg, w0[0] + c1, s0[0] + c1, wn[0] + c1,
+                               sn[0] + c1, hidden, dhm, dhn, lane, beta_c, c_c, m_c);
         }
         if (hd_ok) {
-          float aw[2][4], as[2][4], sv[2][4];
-          load_tile_cg(aw, w0[1] + r2, D, hdm, hdn, lane);
-          load_tile_cg(sv, s0[1] + r2, D, hdm, hdn, lane);
-#pragma unroll
-          for (int t = 0; t < 2; ++t)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              aw[t][e] = beta_c * aw[t][e] + c_c * sv[t][e];
-              as[t][e] = m_c * sv[t][e];
-            }
-          mma_tile<C, true, true>(aw, s_hk1, hdm, s_dz2, hdn, lane, nullptr, v_gneg);
-          mma_tile<C, true, true>(as, s_hk1, hdm, s_dz2, hdn, lane, nullptr, v_nneg);
-          store_tile(wn[1] + r2, D, hdm, hdn, aw, lane);
-          store_tile(sn[1] + r2, D, hdm, hdn, as, lane);
+          state_update_tile<C>(s_hk1, s_dz2, v_gneg, v_nneg, w0[1] + r2, s0[1] + r2, wn[1] + r2,
+                               sn[1] + r2, D, hdm, hdn, lane, beta_c, c_c, m_c);
         }
       }
       continue;
@@ -990,21 +1000,11 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         mma_tile<HB, false, true>(dzb[i], s_hk1, m0, s_ps2, n0, lane, v_nneg);
       }
       if (hd_ok) {
-        float wb[2][4], sbv[2][4], wv[2][4], sv[2][4];
-        load_tile_cg(wb, wbar[1] + r2, D, hdm, hdn, lane);
-        load_tile_cg(sbv, sbar[1] + r2, D, hdm, hdn, lane);
-        load_tile_cg(wv, w0[1] + r2, D, hdm, hdn, lane);
-        load_tile_cg(sv, s0[1] + r2, D, hdm, hdn, lane);
-#pragma unroll
-        for (int t = 0; t < 2; ++t)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            aw2[t][e] += beta_c * wb[t][e];
-            as2[t][e] += c_c * wb[t][e] + m_c * sbv[t][e];
-            rs[8] += wv[t][e] * wb[t][e];
-            rs[9] += sv[t][e] * wb[t][e];
-            rs[10] += sv[t][e] * sbv[t][e];
-          }
+        const float3 fro = state_cotangent_tile(aw2, as2, wbar[1] + r2, sbar[1] + r2, w0[1] + r2,
+                                                s0[1] + r2, D, hdm, hdn, lane, beta_c, c_c, m_c);
+        rs[8] += fro.x;
+        rs[9] += fro.y;
+        rs[10] += fro.z;
       }
       __syncthreads();
       stage<D, HB, kThreads>(s_pw1, wbar[0] + c1, hidden);
@@ -1053,21 +1053,12 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         mma_tile<HB, false, false>(kb[i], s_dz1, m0, s_ps1, n0, lane, v_nneg);
       }
       if (dh_ok) {
-        float wb[2][4], sbv[2][4], wv[2][4], sv[2][4];
-        load_tile_cg(wb, wbar[0] + c1, hidden, dhm, dhn, lane);
-        load_tile_cg(sbv, sbar[0] + c1, hidden, dhm, dhn, lane);
-        load_tile_cg(wv, w0[0] + c1, hidden, dhm, dhn, lane);
-        load_tile_cg(sv, s0[0] + c1, hidden, dhm, dhn, lane);
-#pragma unroll
-        for (int t = 0; t < 2; ++t)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            aw1[t][e] += beta_c * wb[t][e];
-            as1[t][e] += c_c * wb[t][e] + m_c * sbv[t][e];
-            rs[8] += wv[t][e] * wb[t][e];
-            rs[9] += sv[t][e] * wb[t][e];
-            rs[10] += sv[t][e] * sbv[t][e];
-          }
+        const float3 fro = state_cotangent_tile(aw1, as1, wbar[0] + c1, sbar[0] + c1, w0[0] + c1,
+                                                s0[0] + c1, hidden, dhm, dhn, lane, beta_c, c_c,
+                                                m_c);
+        rs[8] += fro.x;
+        rs[9] += fro.y;
+        rs[10] += fro.z;
       }
       __syncthreads();
       if (!g_is_w) {
@@ -1298,21 +1289,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
       if (lane == 0) v_red[warp * 4 + k3] = v;
     }
-    if (tid < C) {  // columns of G and N
-      const int col = tid;
-      float nv = 0.f, gv = 0.f;
-      for (int t = 0; t < C; ++t) {
-        if (t == col) {
-          nv = v_theta[t];
-          gv = v_act[t] * nv;
-        } else if (t > col) {
-          nv *= v_eta[t];
-          gv = v_a[t] * gv + v_act[t] * nv;
-        }
-        f_g[t * kLdC + col] = gv;
-        f_n[t * kLdC + col] = nv;
-      }
-    }
+    if (tid < C) chunked::gate_column<C>(tid, v_theta, v_a, v_eta, v_act, f_g, f_n, kLdC);
     __syncthreads();
     // q̄ = beta z̄1 W0^T + c z̄1 S0^T + a1_bar k [+ dl/do]; k̄ += a1_bar^T q [+ ȳk]
 #pragma unroll

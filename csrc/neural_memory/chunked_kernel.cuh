@@ -452,6 +452,45 @@ struct Head {
   }
 };
 
+// Column `col` of the chunk's gate matrices, run down the chunk (SPEC §2's running products,
+// never a ratio): N[j,j] = theta_j, N[t,j] = eta_t N[t-1,j]; G[j,j] = act_j theta_j, G[t,j] =
+// a_t G[t-1,j] + act_t N[t,j]; zero above the diagonal. G goes to g[t * ld + col], N to
+// n[t * ld + col] when n is given; returns (G[C-1, col], N[C-1, col]).
+template <int C>
+__device__ __forceinline__ float2 gate_column(int col, const float* theta, const float* a,
+                                              const float* eta, const float* act, float* g,
+                                              float* n, int ld) {
+  float nv = 0.f, gv = 0.f;
+  for (int t = 0; t < C; ++t) {
+    if (t == col) {
+      nv = theta[t];
+      gv = act[t] * nv;
+    } else if (t > col) {
+      nv *= eta[t];
+      gv = a[t] * gv + act[t] * nv;
+    }
+    g[t * ld + col] = gv;
+    if (n != nullptr) n[t * ld + col] = nv;
+  }
+  return make_float2(gv, nv);
+}
+
+// The chunk's scalar running products: m_t = prod eta, beta_t = prod a, c_t = a_t c_{t-1} +
+// act_t m_t.
+template <int C>
+__device__ __forceinline__ void gate_scalars(const float* a, const float* eta, const float* act,
+                                             float* m_out, float* beta_out, float* c_out) {
+  float m = 1.f, beta = 1.f, c = 0.f;
+  for (int t = 0; t < C; ++t) {
+    m *= eta[t];
+    beta *= a[t];
+    c = a[t] * c + act[t] * m;
+    m_out[t] = m;
+    beta_out[t] = beta;
+    c_out[t] = c;
+  }
+}
+
 // Token addresses of sequence n: element (t, h, 0) of a [.., T, H, D] tensor.
 struct Rows {
   int64_t n_part, start, t_stride, h_part;
@@ -644,30 +683,11 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
 
     // ---- gates ----
     if (tid < C) {
-      const int col = tid;
-      float nv = 0.f, gv = 0.f;
-      for (int t = 0; t < C; ++t) {
-        if (t == col) {
-          nv = s_theta[t];
-          gv = s_act[t] * nv;
-        } else if (t > col) {
-          nv *= s_eta[t];
-          gv = s_a[t] * gv + s_act[t] * nv;
-        }
-        s_g[t * kLdG + col] = gv;
-      }
-      s_gneg[col] = -gv;
-      s_nneg[col] = -nv;
+      const float2 last = gate_column<C>(tid, s_theta, s_a, s_eta, s_act, s_g, nullptr, kLdG);
+      s_gneg[tid] = -last.x;
+      s_nneg[tid] = -last.y;
     } else if (tid == kThreads - 1) {
-      float m = 1.f, beta = 1.f, c = 0.f;
-      for (int t = 0; t < C; ++t) {
-        m *= s_eta[t];
-        beta *= s_a[t];
-        c = s_a[t] * c + s_act[t] * m;
-        s_m[t] = m;
-        s_beta[t] = beta;
-        s_c[t] = c;
-      }
+      gate_scalars<C>(s_a, s_eta, s_act, s_m, s_beta, s_c);
     }
 
     // ---- keys: forward at Wg (and read "chunk": M_Wg(q)) ----
