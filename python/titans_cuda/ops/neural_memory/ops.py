@@ -126,7 +126,6 @@ def chunked_reason(q: Tensor, weights, chunk_size: int, cu_seqlens,
     return None
 
 
-
 def chunked_bwd_shape_supported(dim: int, hidden: int, depth: int, chunk: int,
                                 read: str) -> bool:
     """The rule of neural_memory_chunked_bwd_supported (chunked_bwd.cu): depth 2, read
@@ -154,6 +153,7 @@ def chunked_bwd_reason(q: Tensor, weights, chunk_size: int, cu_seqlens, initial_
     if smem > _lib.smem_per_block_optin(index):
         return f"the fused backward needs {smem // 1024} KiB of shared memory per block"
     return None
+
 
 def _f32(t: Tensor) -> Tensor:
     """fp32, contiguous, 16-byte aligned (the kernel reads float4)."""
@@ -323,7 +323,6 @@ def _reference_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, l
     ln = [torch.zeros(H, D, dtype=torch.float32, device=q.device) if t is None else t
           for t in g[6:8]]
     return [t.contiguous() for t in (*g[:6], *g[8:8 + L], *ln, *g[8 + L:])]
-
 
 
 # CTAs per (sequence, head) of the fused backward (a cluster on sm_90+, CTA r owning the hidden
