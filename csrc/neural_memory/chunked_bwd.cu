@@ -213,7 +213,8 @@ struct BwdLayout {
 
 constexpr int kVecs = 16;  // per-row vectors of C floats (gates, sums)
 
-__host__ __device__ inline int row_slots(int D) { return kHB / 16 + D / 16; }
+// row partials: one slot per 16-column tile of a C x 32 block
+constexpr int kRowSlots = kHB / 16;
 
 __host__ __device__ inline BwdLayout make_bwd_layout(int D, int C) {
   BwdLayout l{};
@@ -246,7 +247,7 @@ __host__ __device__ inline BwdLayout make_bwd_layout(int D, int C) {
   l.dz1 = take(pair * l.pch);
   l.h1 = take(pair * l.pch);
   l.zb1 = take(pair * l.pch);
-  l.vec = take(sizeof(float) * (size_t(kVecs) * C + size_t(4) * row_slots(D) * C + 4 * kWarps));
+  l.vec = take(sizeof(float) * (size_t(kVecs) * C + size_t(4) * kRowSlots * C + 4 * kWarps));
   l.total = at;
   return l;
 }
@@ -330,7 +331,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
   constexpr int kTPR = kThreads / C;  // row mode: threads per row
   constexpr int kCPT = D / kTPR;      // and columns per thread
   static_assert(kCPT % 2 == 0 && kTPR <= 32, "row mode");
-  constexpr int kSlots = HB / 16 + D / 16;
+  constexpr int kSlots = kRowSlots;
   constexpr int kLdF = D + 4, kLdC = C + 4;
   const int hidden = p.hidden, n_blocks = hidden / HB;
 
@@ -1319,7 +1320,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       float s4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int qq = 0; qq < 4; ++qq)
-        for (int sl = 0; sl < HB / 16; ++sl) s4[qq] += v_rp[(qq * kSlots + sl) * C + tid];
+        for (int sl = 0; sl < kSlots; ++sl) s4[qq] += v_rp[(qq * kSlots + sl) * C + tid];
       v_bb[tid] = s4[0];
       v_cb[tid] = s4[1];
       v_gl[tid] = s4[2];

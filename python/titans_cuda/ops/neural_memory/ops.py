@@ -126,7 +126,6 @@ def chunked_reason(q: Tensor, weights, chunk_size: int, cu_seqlens,
     return None
 
 
-
 def chunked_bwd_shape_supported(dim: int, hidden: int, depth: int, chunk: int,
                                 read: str) -> bool:
     """The rule of neural_memory_chunked_bwd_supported (chunked_bwd.cu): depth 2, read
@@ -171,6 +170,7 @@ def _checkpoint_shape(T: int, chunk_size: int, K: int, has_state: bool):
     C = int(chunk_size)
     most = -(-(T + (C - 1 if has_state else 0)) // C)
     return (max(1, -(-most // K)),)
+
 
 
 def _f32(t: Tensor) -> Tensor:
@@ -346,7 +346,6 @@ def _reference_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, l
     ln = [torch.zeros(H, D, dtype=torch.float32, device=q.device) if t is None else t
           for t in g[6:8]]
     return [t.contiguous() for t in (*g[:6], *g[8:8 + L], *ln, *g[8 + L:])]
-
 
 
 # CTAs per (sequence, head) of the fused backward (a cluster on sm_90+, CTA r owning the hidden
