@@ -172,7 +172,6 @@ def _checkpoint_shape(T: int, chunk_size: int, K: int, has_state: bool):
     return (max(1, -(-most // K)),)
 
 
-
 def _f32(t: Tensor) -> Tensor:
     """fp32, contiguous, 16-byte aligned (the kernel reads float4)."""
     t = t.to(torch.float32).contiguous()
