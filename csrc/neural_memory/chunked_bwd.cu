@@ -4,9 +4,12 @@
 // owning the hidden blocks b with b % split == r: the per-block work divides, the chunk-wide
 // work repeats, and four sums cross the cluster per chunk in rank order over DSMEM: fk, z2 and
 // dz̄2 to every CTA, the end group to rank 0, which alone stores the per-token gradients)
-// walks the chunks last to first. W̄ and S̄ (the
-// cotangents of the state after the chunk) live in the fp32 output tensors and are updated in
-// place, hidden block by hidden block, into those of the state before it. Per chunk (notation
+// walks the chunks last to first. W̄ and S̄ (the cotangents of the state after the chunk)
+// live in the fp32 output tensors and are updated in place, hidden block by hidden block, into
+// those of the state before it. The chunk-start states come from the forward's checkpoints
+// every K = params.f.ckpt_every chunks: entering a group (walking down), the kernel first
+// recomputes the group's other chunk starts into a ring (load, pass A, head, then the state
+// update per block: the forward without its read). Per chunk (notation
 // of chunk_vjp.py; gneg = -G[C-1, :], nneg = -N[C-1, :]; every product takes split-bf16
 // operands from shared memory, three mma.sync per product, fp32 accumulation):
 //
