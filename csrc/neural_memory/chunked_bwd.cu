@@ -147,6 +147,30 @@ __device__ __forceinline__ void store_tile(float* dst, int64_t ld, int m0, int n
                                                                v[t][2 * half + 1]);
 }
 
+// The block's zk = k Wg1_b and u = dz2 Wg2_b^T on this warp's C x 32 tile at (m0, n0) (g1:
+// Wg1_b [D][32], g2: Wg2_b [32][D]); hk1 = phi(zk) and dz1 = u phi'(zk) stored as split planes.
+template <int D>
+__device__ __forceinline__ void block_errors(float (&zk)[2][4], float (&u)[2][4],
+                                             const Planes& s_k, const Planes& g1,
+                                             const Planes& s_dz2, const Planes& g2,
+                                             const Planes& s_hk1, const Planes& s_dz1, int m0,
+                                             int n0, int lane, int act_kind) {
+  zero(zk);
+  zero(u);
+  mma_tile<D, false, true>(zk, s_k, m0, g1, n0, lane);
+  mma_tile<D, false, false>(u, s_dz2, m0, g2, n0, lane);
+  float hk[2][4], dz[2][4];
+#pragma unroll
+  for (int t = 0; t < 2; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      hk[t][e] = activation_fn<bf16>(zk[t][e], act_kind);
+      dz[t][e] = u[t][e] * activation_grad<bf16>(zk[t][e], act_kind);
+    }
+  put_tile(s_hk1, m0, n0, hk, lane);
+  put_tile(s_dz1, m0, n0, dz, lane);
+}
+
 // The state's own cotangent terms on one 16 x 16 tile at (m0, n0) of a state block (leading
 // dimension ld): aw += beta_C W̄', as += c_C W̄' + m_C S̄'; returns the tile's parts of
 // <W0, W̄'>, <S0, W̄'>, <S0, S̄'>.
@@ -497,23 +521,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
 
     // ---- load ----
     __syncthreads();  // the previous chunk is done with shared memory
-    for (int i = tid; i < 2 * C * (D / 2); i += kThreads) {
-      const int which = i / (C * (D / 2));
-      const int r = (i / (D / 2)) % C, c = (i % (D / 2)) * 2;
-      const int64_t t = t0 + r;
-      float2 x = make_float2(0.f, 0.f);
-      if (t >= 0 && t < len) x = load2(which == 0 ? gq + rq.at(t) + c : gk + rk.at(t) + c);
-      (which == 0 ? s_q : s_k).put2(r, c, x.x, x.y);
-    }
-    if (tid < C) {
-      const int64_t t = t0 + tid;
-      const bool act = t >= 0 && t < len;
-      const int64_t gi = (row_base + t) * p.heads + h;
-      v_theta[tid] = act ? __ldg(p.lr + gi) : 0.f;
-      v_a[tid] = act ? 1.f - __ldg(p.forget + gi) : 1.f;
-      v_eta[tid] = act ? __ldg(p.momentum + gi) : 1.f;
-      v_act[tid] = act ? 1.f : 0.f;
-    }
+    chunked::load_chunk<TIn, D, C, kThreads>(s_q, s_k, gq, gk, rq, rk, p, row_base, h, t0, len,
+                                             v_theta, v_a, v_eta, v_act);
     __syncthreads();
     if (tid < C) {  // column tid of G
       const float2 last = chunked::gate_column<C>(tid, v_theta, v_a, v_eta, v_act, f_g, nullptr,
@@ -657,19 +666,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         __syncthreads();
         if (ch_ok) {
           float z[2][4], u[2][4];
-          zero(z);
-          zero(u);
-          mma_tile<D, false, true>(z, s_k, chm, s_w1, chn, lane);
-          mma_tile<D, false, false>(u, s_dz2, chm, s_w2, chn, lane);
-#pragma unroll
-          for (int t = 0; t < 2; ++t)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              u[t][e] *= activation_grad<bf16>(z[t][e], act_kind);
-              z[t][e] = activation_fn<bf16>(z[t][e], act_kind);
-            }
-          put_tile(s_hk1, chm, chn, z, lane);
-          put_tile(s_dz1, chm, chn, u, lane);
+          block_errors<D>(z, u, s_k, s_w1, s_dz2, s_w2, s_hk1, s_dz1, chm, chn, lane, act_kind);
         }
         __syncthreads();
         if (dh_ok) {
@@ -701,19 +698,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       __syncthreads();
       if (ch_ok) {  // hk1, dz1 of the block
         float z[2][4], u[2][4];
-        zero(z);
-        zero(u);
-        mma_tile<D, false, true>(z, s_k, chm, s_g1, chn, lane);
-        mma_tile<D, false, false>(u, s_dz2, chm, s_g2, chn, lane);
-#pragma unroll
-        for (int t = 0; t < 2; ++t)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            u[t][e] *= activation_grad<bf16>(z[t][e], act_kind);
-            z[t][e] = activation_fn<bf16>(z[t][e], act_kind);
-          }
-        put_tile(s_hk1, chm, chn, z, lane);
-        put_tile(s_dz1, chm, chn, u, lane);
+        block_errors<D>(z, u, s_k, s_g1, s_dz2, s_g2, s_hk1, s_dz1, chm, chn, lane, act_kind);
       }
       __syncthreads();
       if (ch_ok) {  // h1 = phi(beta q W0_1 + c q S0_1 + ga1 dz1)
@@ -873,18 +858,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       zero(zk);
       zero(uu);
       if (ch_ok) {
-        mma_tile<D, false, true>(zk, s_k, chm, s_g1, chn, lane);
-        mma_tile<D, false, false>(uu, s_dz2, chm, s_g2, chn, lane);
-        float hk[2][4], dz[2][4];
-#pragma unroll
-        for (int t = 0; t < 2; ++t)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            hk[t][e] = activation_fn<bf16>(zk[t][e], act_kind);
-            dz[t][e] = uu[t][e] * activation_grad<bf16>(zk[t][e], act_kind);
-          }
-        put_tile(s_hk1, chm, chn, hk, lane);
-        put_tile(s_dz1, chm, chn, dz, lane);
+        block_errors<D>(zk, uu, s_k, s_g1, s_dz2, s_g2, s_hk1, s_dz1, chm, chn, lane, act_kind);
       }
       __syncthreads();
       zero(xq);

@@ -502,6 +502,35 @@ struct Rows {
 
 // kCluster: the instance for split > 1; the split-1 instance compiles the cluster code out
 // (rank 0, split 1 as constants: the hot loop keeps two registers fewer).
+// The chunk's slots t0 .. t0 + C - 1 of sequence rows [0, len): q and k rows into split planes
+// (inactive slots: zero rows) and the gates (inactive slots: theta 0, a = eta = 1, act 0).
+// Every thread of the CTA calls it; the caller synchronises before use.
+template <typename TIn, int D, int C, int kThreads>
+__device__ __forceinline__ void load_chunk(const Planes& s_q, const Planes& s_k, const TIn* gq,
+                                           const TIn* gk, const Rows& rq, const Rows& rk,
+                                           const NeuralMemoryParams& p, int64_t row_base,
+                                           int h, int64_t t0, int64_t len, float* theta,
+                                           float* a, float* eta, float* act) {
+  const int tid = threadIdx.x;
+  for (int i = tid; i < 2 * C * (D / 2); i += kThreads) {
+    const int which = i / (C * (D / 2));
+    const int r = (i / (D / 2)) % C, c = (i % (D / 2)) * 2;
+    const int64_t t = t0 + r;
+    float2 x = make_float2(0.f, 0.f);
+    if (t >= 0 && t < len) x = load2(which == 0 ? gq + rq.at(t) + c : gk + rk.at(t) + c);
+    (which == 0 ? s_q : s_k).put2(r, c, x.x, x.y);
+  }
+  if (tid < C) {
+    const int64_t t = t0 + tid;
+    const bool on = t >= 0 && t < len;
+    const int64_t gi = (row_base + t) * p.heads + h;
+    theta[tid] = on ? __ldg(p.lr + gi) : 0.f;
+    a[tid] = on ? 1.f - __ldg(p.forget + gi) : 1.f;
+    eta[tid] = on ? __ldg(p.momentum + gi) : 1.f;
+    act[tid] = on ? 1.f : 0.f;
+  }
+}
+
 template <typename TIn, int D, int C, int kDepth, bool kCluster>
 __global__ void __launch_bounds__(Threads<C>::kThreads)
     chunked_kernel(const NeuralMemoryParams p) {
@@ -662,23 +691,8 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
 
     // ---- load: q, k rows and gates of the chunk's slots ----
     const int64_t t0 = int64_t(j) * C - off;  // token of slot 0
-    for (int i = tid; i < 2 * C * (D / 2); i += kThreads) {
-      const int which = i / (C * (D / 2));
-      const int r = (i / (D / 2)) % C, c = (i % (D / 2)) * 2;
-      const int64_t t = t0 + r;
-      float2 x = make_float2(0.f, 0.f);
-      if (t >= 0 && t < len) x = load2(which == 0 ? gq + rq.at(t) + c : gk + rk.at(t) + c);
-      (which == 0 ? s_q : s_k).put2(r, c, x.x, x.y);
-    }
-    if (tid < C) {
-      const int64_t t = t0 + tid;
-      const bool act = t >= 0 && t < len;
-      const int64_t gi = (row_base + t) * p.heads + h;
-      s_theta[tid] = act ? __ldg(p.lr + gi) : 0.f;
-      s_a[tid] = act ? 1.f - __ldg(p.forget + gi) : 1.f;
-      s_eta[tid] = act ? __ldg(p.momentum + gi) : 1.f;
-      s_act[tid] = act ? 1.f : 0.f;
-    }
+    load_chunk<TIn, D, C, kThreads>(s_q, s_k, gq, gk, rq, rk, p, row_base, h, t0, len, s_theta,
+                                    s_a, s_eta, s_act);
     __syncthreads();
 
     // ---- gates ----
