@@ -347,6 +347,19 @@ def _reference_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, l
     return [t.contiguous() for t in (*g[:6], *g[8:8 + L], *ln, *g[8 + L:])]
 
 
+def _offsets(q, cu_seqlens, state_offset, chunk_size):
+    """(offset, final offset) per sequence, int64 on q's device: the initial state's offset into
+    its open chunk (zeros without one) and (offset + length) % chunk_size after the call."""
+    if cu_seqlens is None:
+        lengths = torch.full((q.shape[0],), q.shape[1], dtype=torch.int64, device=q.device)
+    else:
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int64)
+        lengths = cu[1:] - cu[:-1]
+    offset = (torch.zeros_like(lengths) if state_offset is None
+              else state_offset.to(device=q.device, dtype=torch.int64))
+    return offset, (offset + lengths) % int(chunk_size)
+
+
 # CTAs per (sequence, head) of the fused backward (a cluster on sm_90+, CTA r owning the hidden
 # blocks b with b % split == r); 0: the launcher's choice. The tests force each split.
 FUSED_BWD_SPLIT = 0
@@ -370,14 +383,8 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
     dev = q.device
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     has_state = bool(state_weights)
-    if cu_seqlens is None:
-        lengths = torch.full((N,), T, dtype=torch.int64, device=dev)
-    else:
-        cu = cu_seqlens.to(device=dev, dtype=torch.int64)
-        lengths = cu[1:] - cu[:-1]
-    off = (state_offset.to(device=dev, dtype=torch.int64) if has_state and
-           state_offset is not None else torch.zeros(N, dtype=torch.int64, device=dev))
-    still_open = (((off + lengths) % C) > 0).view(N, 1, 1, 1)
+    off, final_offset = _offsets(q, cu_seqlens, state_offset if has_state else None, C)
+    still_open = (final_offset > 0).view(N, 1, 1, 1)
     g_o = grads[0].to(q.dtype).contiguous()
     g_w, g_s, g_cw = grads[1:1 + L], grads[1 + L:1 + 2 * L], grads[1 + 2 * L:1 + 3 * L]
     zero = torch.zeros((), dtype=torch.float32, device=dev)
@@ -432,6 +439,7 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
     out = [dq, dk, dv, dgates[0].to(lr.dtype), dgates[1].to(forget.dtype),
            dgates[2].to(momentum.dtype), *g_weights, *g_ln, *g_state]
     return [t.contiguous() for t in out]
+
 
 def _fake_grads(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
                 state_momentum, state_chunk_weights):
@@ -622,13 +630,7 @@ def fused(q, k, v, lr, forget, momentum, weights, *, chunk_size, activation, res
         grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in tensors)
         outs = chunked_op(*args, cu_seqlens, FUSED_BWD_CHECKPOINT_EVERY if grad else 0)
-    if cu_seqlens is None:
-        lengths = torch.full((q.shape[0],), q.shape[1], dtype=torch.long, device=q.device)
-    else:
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=q.device, dtype=torch.long)
-    offset = (torch.zeros_like(lengths) if st is None
-              else st.offset.to(device=q.device, dtype=torch.long))
-    final_offset = (offset + lengths) % chunk_size
+    _, final_offset = _offsets(q, cu_seqlens, None if st is None else st.offset, chunk_size)
     return outs[0], MemoryState(tuple(outs[1:1 + L]), tuple(outs[1 + L:1 + 2 * L]),
                                 tuple(outs[1 + 2 * L:1 + 3 * L]), final_offset)
 
