@@ -12,18 +12,18 @@
 #   ARCHS=90a-real (default) selects what nvcc compiles; carried wheels in .whl/ (titans-pytorch
 #   and its needs) are installed to /tmp/site for the benchmark's baseline.
 # The build (~3 min) plus the whole GPU suite (~1500 tests) no longer fit one 600 s device call:
-#   PART=1 bash scripts/gpu_check.sh   # build, the chunked and decode tests, --check
+#   PART=1 bash scripts/gpu_check.sh   # build, the chunked (fwd, bwd) and decode tests, --check
 #   PART=2 bash scripts/gpu_check.sh   # same warm machine: every other test file, sanitizers,
 #                                      # --check, benchmark (SKIP_BENCH=1 to leave it out)
 # On a warm machine whose build folder predates the checkout, `touch csrc/**/*` first: ninja
 # keeps objects newer than their (copied) sources.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
-PART1_TESTS="tests/test_gpu_chunked.py tests/test_gpu_decode.py"
+PART1_TESTS="tests/test_gpu_chunked.py tests/test_gpu_chunked_bwd.py tests/test_gpu_decode.py"
 case "${PART:-}" in
   1) SKIP_SANITIZER=1 SKIP_BENCH=1 TESTS=${TESTS:-$PART1_TESTS} ;;
   2) SKIP_BUILD=1
-     TESTS=${TESTS:-$(ls tests/test_*.py | grep -v -e test_gpu_chunked.py -e test_gpu_decode.py | tr '\n' ' ')} ;;
+     TESTS=${TESTS:-$(ls tests/test_*.py | grep -v -e test_gpu_chunked.py -e test_gpu_chunked_bwd.py -e test_gpu_decode.py | tr '\n' ' ')} ;;
   "") ;;
   *) echo "PART must be 1 or 2"; exit 2 ;;
 esac
@@ -81,7 +81,11 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
   compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest $SUBSET -q \
     -p no:cacheprovider -k "writes_every or strided or side_stream" >"$OUT/sanitizer.log" 2>&1
   rc=$?
-  status[memcheck]="$(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1) rc=$rc; $(grep -E 'passed|failed' "$OUT/sanitizer.log" | tail -1)"
+  # the fused backward: every checkpoint interval on fresh calls (clusters at the launcher's split)
+  compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked_bwd.py \
+    -q -p no:cacheprovider -k "checkpoint_groups and fresh" >>"$OUT/sanitizer.log" 2>&1
+  rc=$((rc | $?))
+  status[memcheck]="$(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tr '\n' ' ')rc=$rc; $(grep -E 'passed|failed' "$OUT/sanitizer.log" | tail -2 | tr '\n' ' ')"
   compute-sanitizer --tool racecheck --error-exitcode 3 $PY -m pytest tests/test_gpu_mlp.py -q \
     -p no:cacheprovider -k "writes_every and (C48 or D64-h256 or D16-h16-L1)" >>"$OUT/sanitizer.log" 2>&1
   rc=$?
@@ -90,6 +94,9 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
   rc=$((rc | $?))
   compute-sanitizer --tool racecheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked.py -q \
     -p no:cacheprovider -k "writes_every" >>"$OUT/sanitizer.log" 2>&1
+  rc=$((rc | $?))
+  compute-sanitizer --tool racecheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked_bwd.py \
+    -q -p no:cacheprovider -k "checkpoint_groups and h128-float16-fresh-silu" >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   status[racecheck]="$(grep -E 'RACECHECK SUMMARY' "$OUT/sanitizer.log" | tr '\n' ' ')rc=$rc; $(grep -E 'passed|failed' "$OUT/sanitizer.log" | tail -2 | tr '\n' ' ')"
 fi
