@@ -265,7 +265,7 @@ def test_chunked_kernel_writes_every_element():
         nan = float("nan")
         out = [torch.full_like(args[0], nan)] + [
             torch.full((N, H, *w.shape[-2:]), nan, device=DEV) for _ in range(3) for w in weights]
-        got = nm_ops._launch(*_op_args(args, weights, st, mem, None)[:-1], cu_seqlens=cu,
+        got = nm_ops._launch(*_op_args(args, weights, st, mem, None)[:-2], cu_seqlens=cu,
                              out=out, kernel="chunked")
         for i, t in enumerate(got):
             assert torch.isfinite(t).all(), (kind, i)
@@ -290,7 +290,7 @@ def test_chunked_every_cluster_split_matches_the_reference(kind):
             out = [torch.full_like(args[0], float("nan"))] + [
                 torch.full((N, H, *w.shape[-2:]), float("nan"), device=DEV)
                 for _ in range(3) for w in weights]
-            got = nm_ops._launch(*_op_args(args, weights, st, mem, None)[:-1], cu_seqlens=cu,
+            got = nm_ops._launch(*_op_args(args, weights, st, mem, None)[:-2], cu_seqlens=cu,
                                  out=out, split=split, kernel="chunked")
             for i, t in enumerate(got):
                 assert torch.isfinite(t).all(), (split, i)
@@ -307,7 +307,7 @@ def test_chunked_every_cluster_split_matches_the_reference(kind):
                      TOL[args[0].dtype], AMP)
     assert any(all(torch.equal(a, b) for a, b in zip(runs[0], runs[s])) for s in splits)
     with pytest.raises(RuntimeError):  # more CTAs than the 8 hidden blocks
-        nm_ops._launch(*_op_args(args, weights, st, mem, None)[:-1], cu_seqlens=cu, split=9,
+        nm_ops._launch(*_op_args(args, weights, st, mem, None)[:-2], cu_seqlens=cu, split=9,
                        kernel="chunked")
 
 
@@ -339,7 +339,7 @@ def test_chunked_checkpoints_are_the_chunk_start_states(kind, K):
     needs_kernels()
     args, weights, st, mem, cu = _default_case(kind=kind)
     L, C = len(weights), mem["chunk_size"]
-    base = _op_args(args, weights, st, mem, None)[:-1]
+    base = _op_args(args, weights, st, mem, None)[:-2]
     plain = nm_ops._launch(*base, cu_seqlens=cu, kernel="chunked")
     got = nm_ops._launch(*base, cu_seqlens=cu, kernel="chunked", checkpoint_every=K)
     for a, b in zip(plain, got[:len(plain)]):
