@@ -8,7 +8,8 @@ per shape. Needs a GPU and the built extension.
     BWD_SPLITS="0 1 4" python benchmarks/bwd_time.py   # the backward at forced cluster splits
                                                         # (0: the launcher's choice)
     BWD_K=4 python benchmarks/bwd_time.py      # checkpoints every 4 chunks (default: the
-                                                # library's FUSED_BWD_CHECKPOINT_EVERY)"""
+                                                # library's FUSED_BWD_CHECKPOINT_EVERY)
+    ONCE=1 SHAPES=default ncu -k regex:bwd_kernel python benchmarks/bwd_time.py  # one step"""
 from __future__ import annotations
 
 import os
@@ -48,6 +49,10 @@ def main():
             o = neural_memory(q, k, v, lr, forget, momentum, (w1, w2), **kw)
             o = o[0] if isinstance(o, tuple) else o
             torch.autograd.grad((o * cot).sum(), t)
+        if os.environ.get("ONCE"):  # one forward + backward, for a profiler (ncu -k bwd_kernel)
+            fwd_bwd()
+            torch.cuda.synchronize()
+            continue
         f_ms = _time_ms(fwd, reps=3)
         for split in [int(x) for x in os.environ.get("BWD_SPLITS", "0").split()]:
             nm_ops.FUSED_BWD_SPLIT = split
