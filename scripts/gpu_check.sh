@@ -69,7 +69,7 @@ export TITANS_EXPECT_EXTENSION=1 TITANS_EXPECT_ARCH=sm_${ARCHS%%-*}
 if [ -z "${SKIP_TESTS:-}" ]; then
   step "pytest (all tests, GPU included)"
   XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
-  $PY -m pytest ${TESTS:-tests} ${PYTEST_K:+-k "$PYTEST_K"} -q -p no:cacheprovider $XDIST -rfE \
+  $PY -m pytest ${TESTS:-tests} ${PYTEST_K:+-k "$PYTEST_K"} -v -p no:cacheprovider $XDIST -rfE --durations=10 \
     >"$OUT/pytest.log" 2>&1
   status[pytest]="$(tail -1 "$OUT/pytest.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
@@ -96,7 +96,7 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
     -p no:cacheprovider -k "writes_every" >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   compute-sanitizer --tool racecheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked_bwd.py \
-    -q -p no:cacheprovider -k "checkpoint_groups and h128-float16-fresh-silu" >>"$OUT/sanitizer.log" 2>&1
+    -q -p no:cacheprovider -k "checkpoint_groups and h128-float16-fresh-silu-nores-noln-2" >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   status[racecheck]="$(grep -E 'RACECHECK SUMMARY' "$OUT/sanitizer.log" | tr '\n' ' ')rc=$rc; $(grep -E 'passed|failed' "$OUT/sanitizer.log" | tail -2 | tr '\n' ' ')"
 fi

@@ -233,3 +233,33 @@ def test_opcheck_chunked_op_keeping_checkpoints():
     outs = nm_ops.chunked_op(*op_args)
     assert outs[-1].numel() > 0  # kept
     torch.library.opcheck(nm_ops.chunked_op, op_args)
+
+
+def test_kept_checkpoints_cost_no_more_memory_than_the_rerun(monkeypatch):
+    """Keeping the forward's checkpoints must not raise the peak of a forward + backward above
+    the rerun path's (which allocates the same checkpoints in the backward, plus the rerun's
+    outputs): the backward gets no zero cotangents materialized for the kept checkpoints."""
+    needs_kernels()
+    B, T, H, D, hid = 2, 16 * 64, 4, 64, 256
+    q, k, v, lr, forget, momentum = make_inputs(B, T, H, D, dtype=torch.bfloat16, device=DEV)
+    weights = make_weights(H, D, hid, 2, dtype=torch.float32, device=DEV)
+    leaves = [t.detach().clone().requires_grad_(True)
+              for t in (q, k, v, lr, forget, momentum, *weights)]
+    cot = torch.randn_like(q)
+
+    def peak():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        o = neural_memory(*leaves[:6], tuple(leaves[6:]), chunk_size=64, residual=True,
+                          backend="cuda")
+        torch.autograd.grad((o * cot).sum(), leaves)
+        del o
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    peak()  # warm-up (allocator, launcher caches)
+    kept = peak()
+    monkeypatch.setattr(nm_ops, "_kept_every", lambda *a: 0)  # the backward reruns it
+    rerun = peak()
+    assert kept < rerun, (kept, rerun)
