@@ -68,7 +68,7 @@ fi
 export TITANS_EXPECT_EXTENSION=1 TITANS_EXPECT_ARCH=sm_${ARCHS%%-*}
 if [ -z "${SKIP_TESTS:-}" ]; then
   step "pytest (all tests, GPU included)"
-  XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
+  XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n ${XDIST_N:-8}"
   $PY -m pytest ${TESTS:-tests} ${PYTEST_K:+-k "$PYTEST_K"} -v -p no:cacheprovider $XDIST -rfE --durations=10 \
     >"$OUT/pytest.log" 2>&1
   status[pytest]="$(tail -1 "$OUT/pytest.log")"

@@ -262,4 +262,4 @@ def test_kept_checkpoints_cost_no_more_memory_than_the_rerun(monkeypatch):
     kept = peak()
     monkeypatch.setattr(nm_ops, "_kept_every", lambda *a: 0)  # the backward reruns it
     rerun = peak()
-    assert kept < rerun, (kept, rerun)
+    assert kept <= rerun, (kept, rerun)
