@@ -21,7 +21,11 @@ open chunk takes its gradients, act_i in {0, 1}):
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
+from torch import Tensor
 
 from ...state import MemoryState
 from ..activations import activate
@@ -145,11 +149,30 @@ class _PackedTimeline:
         return o_pad.movedim(1, 3).reshape(N * self.n_chunks * self.C, H, D)[self.scatter]
 
 
+@dataclasses.dataclass
 class _Prepared:
-    """Everything the chunk loop needs, laid out on the padded timeline (see _prepare)."""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+    """Everything the chunk loop needs, laid out on the padded timeline (see _prepare). A
+    dataclass, so that torch.compile traces it (dynamo 2.11 does not trace __dict__.update)."""
+    B: int
+    T: int
+    H: int
+    D: int
+    dtype: torch.dtype
+    timeline: Any
+    n_seq: int
+    n_chunks: Any
+    w: Any
+    s: Any
+    wg0: Any
+    open_chunk: Any
+    qt: Tensor
+    kt: Tensor
+    vt: Tensor
+    lr_t: Tensor
+    decay_t: Tensor
+    eta_t: Tensor
+    act_t: Any
+    mlp: Any
 
 
 def _prepare(q, k, v, lr, forget, momentum, weights, *, chunk_size, activation, residual,
