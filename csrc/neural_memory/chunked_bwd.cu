@@ -47,9 +47,6 @@ using chunked::mma_split;
 using chunked::scale_cols;
 using chunked::scale_rows;
 using chunked::stage;
-using mlp::activation_fn;
-using mlp::activation_grad;
-using mlp::activation_grad2;
 using bf16 = __nv_bfloat16;
 
 constexpr int kWarps = 8;
@@ -66,6 +63,33 @@ struct TileMap {
   __device__ static int m0(int i, int w) { return (w + kWarps * i) / (Cc / 16) * 16; }
   __device__ static int n0(int i, int w) { return (w + kWarps * i) % (Cc / 16) * 16; }
 };
+
+// phi(z), phi'(z), phi''(z), all from one exponential and, for silu, one reciprocal (what a
+// call site leaves unused is dead code; the same arguments at one site are computed once).
+// silu: s = 1 / (1 + e^-z), phi = z s, phi' = s (1 + z (1 - s)), phi'' = s (1 - s)
+// (2 + z (1 - 2 s)); gelu: phi = z Phi, phi' = Phi + z pdf, phi'' = pdf (2 - z^2). The inputs
+// are bf16/fp16, so the fast exponential (as memory_mlp's 16-bit kernels) and the fast
+// reciprocal (__fdividef, 2 ulp; 0 where 1 + e^-z overflows, z < -87, the limit s -> 0) serve:
+// the IEEE division the shared helpers compile to took ~18% of the stall samples (Nsight).
+struct Act {
+  float f, d1, d2;
+};
+__device__ __forceinline__ Act act3(float z, int kind) {
+  Act r;
+  if (kind == 0) {
+    const float s = __fdividef(1.f, 1.f + __expf(-z));
+    r.f = z * s;
+    r.d1 = s * (1.f + z * (1.f - s));
+    r.d2 = s * (1.f - s) * (2.f + z * (1.f - 2.f * s));
+  } else {
+    const float cdf = 0.5f * (1.f + erff(z * 0.70710678118654752f));
+    const float pdf = __expf(-0.5f * z * z) * 0.39894228040143268f;
+    r.f = z * cdf;
+    r.d1 = cdf + z * pdf;
+    r.d2 = pdf * (2.f - z * z);
+  }
+  return r;
+}
 
 // Element e of n-half t of a tile at (m0, n0): row and column.
 __device__ __forceinline__ int trow(int m0, int e, int lane) {
@@ -110,6 +134,31 @@ __device__ __forceinline__ void mma_tile(float (&acc)[2][4], const Planes& A, in
     if (ks != nullptr) a = scale_cols(a, ks, kk * 16, lane);
     mma_split<kBK>(acc[0], acc[1], a, B, kk * 16, n0, lane);
   }
+}
+
+// acc += diag(r1) (A B1) + diag(r2) (A B2) on the 16 x 16 tile at (m0, n0), A stored [m][k],
+// B as mma_tile's: A's fragments are loaded once per k step for both products, and the row
+// scales apply to the two fp32 products at the end, rather than to A re-split per use
+// (scale_rows: unpack, scale and split again every fragment, ~14 instructions per register).
+template <int K, bool kBK>
+__device__ __forceinline__ void mma_tile_rows2(float (&acc)[2][4], const Planes& A, int m0,
+                                               const Planes& B1, const Planes& B2, int n0,
+                                               int lane, const float* r1, const float* r2) {
+  float t1[2][4], t2[2][4];
+  zero(t1);
+  zero(t2);
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    const SplitA a = chunked::load_a(A, m0, kk * 16, lane);
+    mma_split<kBK>(t1[0], t1[1], a, B1, kk * 16, n0, lane);
+    mma_split<kBK>(t2[0], t2[1], a, B2, kk * 16, n0, lane);
+  }
+  const float r1g[2] = {r1[m0 + lane / 4], r1[m0 + lane / 4 + 8]};
+  const float r2g[2] = {r2[m0 + lane / 4], r2[m0 + lane / 4 + 8]};
+#pragma unroll
+  for (int t = 0; t < 2; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[t][e] += r1g[e >> 1] * t1[t][e] + r2g[e >> 1] * t2[t][e];
 }
 
 // The tile's values as split planes.
@@ -164,8 +213,9 @@ __device__ __forceinline__ void block_errors(float (&zk)[2][4], float (&u)[2][4]
   for (int t = 0; t < 2; ++t)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      hk[t][e] = activation_fn<bf16>(zk[t][e], act_kind);
-      dz[t][e] = u[t][e] * activation_grad<bf16>(zk[t][e], act_kind);
+      const Act a = act3(zk[t][e], act_kind);
+      hk[t][e] = a.f;
+      dz[t][e] = u[t][e] * a.d1;
     }
   put_tile(s_hk1, m0, n0, hk, lane);
   put_tile(s_dz1, m0, n0, dz, lane);
@@ -569,7 +619,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
 #pragma unroll
         for (int t = 0; t < 2; ++t)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) z[t][e] = activation_fn<bf16>(z[t][e], act_kind);
+          for (int e = 0; e < 4; ++e) z[t][e] = act3(z[t][e], act_kind).f;
         put_tile(s_hk1, chm, chn, z, lane);
       }
       __syncthreads();
@@ -704,13 +754,12 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       if (ch_ok) {  // h1 = phi(beta q W0_1 + c q S0_1 + ga1 dz1)
         float z[2][4];
         zero(z);
-        mma_tile<D, false, true>(z, s_q, chm, s_w1, chn, lane, v_beta);
-        mma_tile<D, false, true>(z, s_q, chm, s_s1, chn, lane, v_c);
+        mma_tile_rows2<D, true>(z, s_q, chm, s_w1, s_s1, chn, lane, v_beta, v_c);
         mma_tile<C, false, true>(z, s_ga1, chm, s_dz1, chn, lane);
 #pragma unroll
         for (int t = 0; t < 2; ++t)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) z[t][e] = activation_fn<bf16>(z[t][e], act_kind);
+          for (int e = 0; e < 4; ++e) z[t][e] = act3(z[t][e], act_kind).f;
         put_tile(s_h1, chm, chn, z, lane);
       }
       __syncthreads();
@@ -718,8 +767,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       for (int i = 0; i < CD::kIt; ++i) {
         if (!CD::ok(i, warp)) continue;
         const int m0 = CD::m0(i, warp), n0 = CD::n0(i, warp);
-        mma_tile<HB, false, true>(acc[i], s_h1, m0, s_w2, n0, lane, v_beta);
-        mma_tile<HB, false, true>(acc[i], s_h1, m0, s_s2, n0, lane, v_c);
+        mma_tile_rows2<HB, true>(acc[i], s_h1, m0, s_w2, s_s2, n0, lane, v_beta, v_c);
       }
 #pragma unroll
       for (int i = 0; i < CC::kIt; ++i)
@@ -875,7 +923,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
           for (int e = 0; e < 4; ++e) {
             const int row = trow(chm, e, lane);
             z1[t][e] += v_beta[row] * xq[t][e] + v_c[row] * yq[t][e];
-            h1[t][e] = activation_fn<bf16>(z1[t][e], act_kind);
+            h1[t][e] = act3(z1[t][e], act_kind).f;
           }
         put_tile(s_h1, chm, chn, h1, lane);
       }
@@ -905,9 +953,10 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
           for (int t = 0; t < 2; ++t)
 #pragma unroll
             for (int e = 2 * half; e < 2 * half + 2; ++e) {
-              const float h1 = activation_fn<bf16>(z1[t][e], act_kind);
+              const Act a = act3(z1[t][e], act_kind);
+              const float h1 = a.f;
               const float h1b = be * X[t][e] + ce * Y[t][e] + R[t][e];
-              zb1[t][e] = h1b * activation_grad<bf16>(z1[t][e], act_kind);
+              zb1[t][e] = h1b * a.d1;
               sb += h1 * X[t][e] + zb1[t][e] * xq[t][e];
               scb += h1 * Y[t][e] + zb1[t][e] * yq[t][e];
             }
@@ -927,8 +976,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       for (int i = 0; i < CD::kIt; ++i) {
         if (!CD::ok(i, warp)) continue;
         const int m0 = CD::m0(i, warp), n0 = CD::n0(i, warp);
-        mma_tile<HB, false, false>(qb[i], s_zb1, m0, s_w1, n0, lane, v_beta);
-        mma_tile<HB, false, false>(qb[i], s_zb1, m0, s_s1, n0, lane, v_c);
+        mma_tile_rows2<HB, false>(qb[i], s_zb1, m0, s_w1, s_s1, n0, lane, v_beta, v_c);
       }
 #pragma unroll
       for (int i = 0; i < CC::kIt; ++i)
@@ -961,7 +1009,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
           for (int t = 0; t < 2; ++t)
 #pragma unroll
             for (int e = 2 * half; e < 2 * half + 2; ++e) {
-              const float hk = activation_fn<bf16>(zk[t][e], act_kind);
+              const float hk = act3(zk[t][e], act_kind).f;
               hkb[t][e] += gn * X[t][e] + nn * Y[t][e];
               sg += hk * X[t][e];
               sn += hk * Y[t][e];
@@ -974,8 +1022,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       for (int i = 0; i < CD::kIt; ++i) {
         if (!CD::ok(i, warp)) continue;
         const int m0 = CD::m0(i, warp), n0 = CD::n0(i, warp);
-        mma_tile<HB, false, true>(dzb[i], s_hk1, m0, s_pw2, n0, lane, v_gneg);
-        mma_tile<HB, false, true>(dzb[i], s_hk1, m0, s_ps2, n0, lane, v_nneg);
+        mma_tile_rows2<HB, true>(dzb[i], s_hk1, m0, s_pw2, s_ps2, n0, lane, v_gneg, v_nneg);
       }
       if (hd_ok) {
         const float3 fro = state_cotangent_tile(aw2, as2, wbar[1] + r2, sbar[1] + r2, w0[1] + r2,
@@ -1007,13 +1054,14 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
           for (int t = 0; t < 2; ++t)
 #pragma unroll
             for (int e = 2 * half; e < 2 * half + 2; ++e) {
-              const float d1 = activation_grad<bf16>(zk[t][e], act_kind);
+              const Act a = act3(zk[t][e], act_kind);
+              const float d1 = a.d1;
               const float dz1 = uu[t][e] * d1;
               dzb1[t][e] += gn * X[t][e] + nn * Y[t][e];
               sg += dz1 * X[t][e];
               sn += dz1 * Y[t][e];
               ub[t][e] = dzb1[t][e] * d1;
-              Z[t][e] = dzb1[t][e] * uu[t][e] * activation_grad2<bf16>(zk[t][e], act_kind) +
+              Z[t][e] = dzb1[t][e] * uu[t][e] * a.d2 +
                         hkb[t][e] * d1;
             }
           rs[4 + half] += sg;
@@ -1027,8 +1075,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       for (int i = 0; i < CD::kIt; ++i) {
         if (!CD::ok(i, warp)) continue;
         const int m0 = CD::m0(i, warp), n0 = CD::n0(i, warp);
-        mma_tile<HB, false, false>(kb[i], s_dz1, m0, s_pw1, n0, lane, v_gneg);
-        mma_tile<HB, false, false>(kb[i], s_dz1, m0, s_ps1, n0, lane, v_nneg);
+        mma_tile_rows2<HB, false>(kb[i], s_dz1, m0, s_pw1, s_ps1, n0, lane, v_gneg, v_nneg);
       }
       if (dh_ok) {
         const float3 fro = state_cotangent_tile(aw1, as1, wbar[0] + c1, sbar[0] + c1, w0[0] + c1,
@@ -1177,7 +1224,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
 #pragma unroll
         for (int t = 0; t < 2; ++t)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) hk[t][e] = activation_fn<bf16>(zk[t][e], act_kind);
+          for (int e = 0; e < 4; ++e) hk[t][e] = act3(zk[t][e], act_kind).f;
         put_tile(s_hk1, chm, chn, hk, lane);
       }
       __syncthreads();
@@ -1190,7 +1237,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         for (int t = 0; t < 2; ++t)
 #pragma unroll
           for (int e = 0; e < 4; ++e)
-            Z[t][e] += F[t][e] * activation_grad<bf16>(zk[t][e], act_kind);
+            Z[t][e] += F[t][e] * act3(zk[t][e], act_kind).d1;
         put_tile(s_zb1, chm, chn, Z, lane);
       }
       if (hd_ok) {  // W̄g_2 += hk1^T f̄
