@@ -275,8 +275,8 @@ def test_chunked_kernel_writes_every_element():
 def test_chunked_every_cluster_split_matches_the_reference(kind):
     """Depth 2 spreads a (sequence, head) over a cluster of 1 to 8 CTAs (sm_90+), each owning
     every split-th hidden block (3 does not divide the 8 blocks) and adding fk and z2 over
-    DSMEM: every split the launcher may pick writes every output (NaN-poisoned buffers), matches the float64 reference,
-    and is bitwise reproducible. The launcher's own choice (split 0) is one of them."""
+    DSMEM: every split the launcher may pick writes every output (NaN-poisoned buffers),
+    matches the float64 reference, and is bitwise reproducible. The launcher's own choice (split 0) is one of them."""
     needs_kernels()
     args, weights, st, mem, cu = _default_case(kind=kind)
     B, _, H, _ = args[0].shape

@@ -249,7 +249,8 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
     if cu_seqlens is not None:
         cu = cu_seqlens.to(device=dev, dtype=torch.int64).contiguous()
         keep.append(cu)
-    args.update(cu_seqlens=0 if cu is None else cu.data_ptr(),w_in=w_in, w_in_n_stride=w_n, w_in_h_stride=w_h, s_in=s_in, cw_in=cw_in,
+    args.update(cu_seqlens=0 if cu is None else cu.data_ptr(), w_in=w_in, w_in_n_stride=w_n,
+                w_in_h_stride=w_h, s_in=s_in, cw_in=cw_in,
                 w_out=[t.data_ptr() for t in outs_w], s_out=[t.data_ptr() for t in outs_s],
                 cw_out=[t.data_ptr() for t in outs_cw],
                 offset=0 if offset is None else offset.data_ptr(),
@@ -373,9 +374,9 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
                  state_weights, state_momentum, state_chunk_weights, state_offset, chunk_size,
                  activation, residual, ln_eps, read, cu_seqlens=None, checkpoints=None,
                  checkpoint_every: int = 0) -> List[Tensor]:
-    """_reference_grads through the kernels (with ``checkpoints``, the forward op's kept ones
-    at every ``checkpoint_every``-th chunk, no forward is rerun): the forward again with the state kept at every K-th
-    chunk start (FUSED_BWD_CHECKPOINT_EVERY; O(T / (C K)) states), then the fused backward
+    """_reference_grads through the kernels: the states at every K-th chunk start (O(T / (C K))
+    per row), either ``checkpoints``, the forward op's kept ones (K = ``checkpoint_every``), or
+    from the forward run again (K = FUSED_BWD_CHECKPOINT_EVERY); then the fused backward
     (chunked_bwd.h) walking the chunks in reverse. Same result order and dtypes."""
     B, T, H, D = q.shape
     L = len(weights)
@@ -410,8 +411,8 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
     def bwd(ckpts):
         ckpts = list(checkpoints) if kept else ckpts
         ptrs = lambda ts: [t.data_ptr() for t in ts]  # noqa: E731
-        return dict(ckpt_every=K, bwd_ckpt_w=ptrs(ckpts[:L]), bwd_ckpt_s=ptrs(ckpts[L:]), w_bar=ptrs(w_bar),
-                    s_bar=ptrs(s_bar), wg0_bar=ptrs(wg0), cw_bar=ptrs(cw_owed),
+        return dict(ckpt_every=K, bwd_ckpt_w=ptrs(ckpts[:L]), bwd_ckpt_s=ptrs(ckpts[L:]),
+                    w_bar=ptrs(w_bar), s_bar=ptrs(s_bar), wg0_bar=ptrs(wg0), cw_bar=ptrs(cw_owed),
                     o_bar=g_o.data_ptr(), dq=dq.data_ptr(), dk=dk.data_ptr(), dv=dv.data_ptr(),
                     dlr=dgates[0].data_ptr(), dforget=dgates[1].data_ptr(),
                     dmomentum=dgates[2].data_ptr(),
