@@ -42,7 +42,9 @@ namespace chunked_bwd {
 using chunked::kHB;
 using chunked::Planes;
 using chunked::Rows;
+using chunked::Act;
 using chunked::SplitA;
+using chunked::act3;
 using chunked::mma_split;
 using chunked::scale_cols;
 using chunked::scale_rows;
@@ -63,33 +65,6 @@ struct TileMap {
   __device__ static int m0(int i, int w) { return (w + kWarps * i) / (Cc / 16) * 16; }
   __device__ static int n0(int i, int w) { return (w + kWarps * i) % (Cc / 16) * 16; }
 };
-
-// phi(z), phi'(z), phi''(z), all from one exponential and, for silu, one reciprocal (what a
-// call site leaves unused is dead code; the same arguments at one site are computed once).
-// silu: s = 1 / (1 + e^-z), phi = z s, phi' = s (1 + z (1 - s)), phi'' = s (1 - s)
-// (2 + z (1 - 2 s)); gelu: phi = z Phi, phi' = Phi + z pdf, phi'' = pdf (2 - z^2). The inputs
-// are bf16/fp16, so the fast exponential (as memory_mlp's 16-bit kernels) and the fast
-// reciprocal (__fdividef, 2 ulp; 0 where 1 + e^-z overflows, z < -87, the limit s -> 0) serve:
-// the IEEE division the shared helpers compile to took ~18% of the stall samples (Nsight).
-struct Act {
-  float f, d1, d2;
-};
-__device__ __forceinline__ Act act3(float z, int kind) {
-  Act r;
-  if (kind == 0) {
-    const float s = __fdividef(1.f, 1.f + __expf(-z));
-    r.f = z * s;
-    r.d1 = s * (1.f + z * (1.f - s));
-    r.d2 = s * (1.f - s) * (2.f + z * (1.f - 2.f * s));
-  } else {
-    const float cdf = 0.5f * (1.f + erff(z * 0.70710678118654752f));
-    const float pdf = __expf(-0.5f * z * z) * 0.39894228040143268f;
-    r.f = z * cdf;
-    r.d1 = cdf + z * pdf;
-    r.d2 = pdf * (2.f - z * z);
-  }
-  return r;
-}
 
 // Element e of n-half t of a tile at (m0, n0): row and column.
 __device__ __forceinline__ int trow(int m0, int e, int lane) {
