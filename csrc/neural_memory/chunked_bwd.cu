@@ -41,8 +41,8 @@ namespace chunked_bwd {
 
 using chunked::kHB;
 using chunked::Planes;
-using chunked::Rows;
 using chunked::Act;
+using chunked::Rows;
 using chunked::SplitA;
 using chunked::act3;
 using chunked::mma_split;
@@ -1036,8 +1036,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
               sg += dz1 * X[t][e];
               sn += dz1 * Y[t][e];
               ub[t][e] = dzb1[t][e] * d1;
-              Z[t][e] = dzb1[t][e] * uu[t][e] * a.d2 +
-                        hkb[t][e] * d1;
+              Z[t][e] = dzb1[t][e] * uu[t][e] * a.d2 + hkb[t][e] * d1;
             }
           rs[4 + half] += sg;
           rs[6 + half] += sn;
