@@ -154,6 +154,7 @@ def chunked_bwd_reason(q: Tensor, weights, chunk_size: int, cu_seqlens, initial_
         return f"the fused backward needs {smem // 1024} KiB of shared memory per block"
     return None
 
+
 def _kept_every(q, weights, chunk_size, cu_seqlens, state, read, checkpoint_every) -> int:
     """The checkpoint interval chunked_op keeps for the fused backward: ``checkpoint_every``
     where the fused backward will run, else 0 (nothing kept)."""
