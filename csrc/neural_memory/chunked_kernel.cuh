@@ -524,9 +524,6 @@ struct Rows {
   }
 };
 
-
-// kCluster: the instance for split > 1; the split-1 instance compiles the cluster code out
-// (rank 0, split 1 as constants: the hot loop keeps two registers fewer).
 // The chunk's slots t0 .. t0 + C - 1 of sequence rows [0, len): q and k rows into split planes
 // (inactive slots: zero rows) and the gates (inactive slots: theta 0, a = eta = 1, act 0).
 // Every thread of the CTA calls it; the caller synchronises before use.
@@ -556,6 +553,8 @@ __device__ __forceinline__ void load_chunk(const Planes& s_q, const Planes& s_k,
   }
 }
 
+// kCluster: the instance for split > 1; the split-1 instance compiles the cluster code out
+// (rank 0, split 1 as constants: the hot loop keeps two registers fewer).
 template <typename TIn, int D, int C, int kDepth, bool kCluster>
 __global__ void __launch_bounds__(Threads<C>::kThreads)
     chunked_kernel(const NeuralMemoryParams p) {
