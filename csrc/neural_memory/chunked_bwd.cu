@@ -44,10 +44,11 @@ using chunked::Planes;
 using chunked::Act;
 using chunked::Rows;
 using chunked::SplitA;
+using chunked::SplitB;
 using chunked::act3;
-using chunked::mma_split;
-using chunked::scale_cols;
-using chunked::scale_rows;
+using chunked::load_b_split;
+using chunked::mma_split_b;
+using chunked::scale_cols2;
 using chunked::stage;
 using bf16 = __nv_bfloat16;
 
@@ -90,32 +91,49 @@ __device__ __forceinline__ void zero(float (&a)[2][4]) {
     for (int e = 0; e < 4; ++e) a[t][e] = 0.f;
 }
 
-// acc (the 16 x 16 tile at (m0, n0)) += A B over K. A stored [m][k] (or [k][m] when kAK), with
-// its rows scaled by rs[row] and its k by ks[k] (nullptr: none); B stored [k][n] (kBK) or
-// [n][k].
-template <int K, bool kAK, bool kBK>
+// acc (the 16 x 16 tile at (m0, n0)) += A B over K. A stored [m][k] (or [k][m] when kAK), B
+// stored [k][n] (kBK) or [n][k]. kAHi / kBHi: that operand's lo plane is zero (q, k of bf16
+// inputs), so it is not loaded and its mma is skipped (the same sum: the skipped terms are 0).
+template <int K, bool kAK, bool kBK, bool kAHi = false, bool kBHi = false>
 __device__ __forceinline__ void mma_tile(float (&acc)[2][4], const Planes& A, int m0,
-                                         const Planes& B, int n0, int lane,
-                                         const float* rs = nullptr, const float* ks = nullptr) {
+                                         const Planes& B, int n0, int lane) {
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
     SplitA a;
     if constexpr (kAK) {
-      a = chunked::load_a_kmajor(A, m0, kk * 16, lane);
+      ::titans::load_a_kmajor(a.hi, A.hi(), A.ld, m0, kk * 16, lane);
+      if constexpr (!kAHi) ::titans::load_a_kmajor(a.lo, A.lo(), A.ld, m0, kk * 16, lane);
     } else {
-      a = chunked::load_a(A, m0, kk * 16, lane);
+      ::titans::load_a(a.hi, A.hi(), A.ld, m0, kk * 16, lane);
+      if constexpr (!kAHi) ::titans::load_a(a.lo, A.lo(), A.ld, m0, kk * 16, lane);
     }
-    if (rs != nullptr) a = scale_rows(a, rs[m0 + lane / 4], rs[m0 + lane / 4 + 8]);
-    if (ks != nullptr) a = scale_cols(a, ks, kk * 16, lane);
-    mma_split<kBK>(acc[0], acc[1], a, B, kk * 16, n0, lane);
+    mma_split_b<kAHi, kBHi>(acc[0], acc[1], a, load_b_split<kBK, kBHi>(B, kk * 16, n0, lane));
+  }
+}
+
+// acc1 += A^T diag(s1) B and acc2 += A^T diag(s2) B on the 16 x 16 tile at (m0, n0) (A stored
+// [k][m], B [k][n], k over K): A is loaded and joined once per k step and re-split for each
+// scale (scale_cols2); B is loaded once for both products.
+template <int K>
+__device__ __forceinline__ void mma_tile_cols2(float (&acc1)[2][4], float (&acc2)[2][4],
+                                               const Planes& A, int m0, const Planes& B, int n0,
+                                               int lane, const float* s1, const float* s2) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    SplitA a1, a2;
+    scale_cols2(chunked::load_a_kmajor(A, m0, kk * 16, lane), s1, s2, kk * 16, lane, a1, a2);
+    const SplitB b = load_b_split<true>(B, kk * 16, n0, lane);
+    mma_split_b(acc1[0], acc1[1], a1, b);
+    mma_split_b(acc2[0], acc2[1], a2, b);
   }
 }
 
 // acc += diag(r1) (A B1) + diag(r2) (A B2) on the 16 x 16 tile at (m0, n0), A stored [m][k],
 // B as mma_tile's: A's fragments are loaded once per k step for both products, and the row
 // scales apply to the two fp32 products at the end, rather than to A re-split per use
-// (scale_rows: unpack, scale and split again every fragment, ~14 instructions per register).
-template <int K, bool kBK>
+// (unpack, scale and split again every fragment, ~14 instructions per register). kAHi as
+// mma_tile's.
+template <int K, bool kBK, bool kAHi = false>
 __device__ __forceinline__ void mma_tile_rows2(float (&acc)[2][4], const Planes& A, int m0,
                                                const Planes& B1, const Planes& B2, int n0,
                                                int lane, const float* r1, const float* r2) {
@@ -124,9 +142,11 @@ __device__ __forceinline__ void mma_tile_rows2(float (&acc)[2][4], const Planes&
   zero(t2);
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
-    const SplitA a = chunked::load_a(A, m0, kk * 16, lane);
-    mma_split<kBK>(t1[0], t1[1], a, B1, kk * 16, n0, lane);
-    mma_split<kBK>(t2[0], t2[1], a, B2, kk * 16, n0, lane);
+    SplitA a;
+    ::titans::load_a(a.hi, A.hi(), A.ld, m0, kk * 16, lane);
+    if constexpr (!kAHi) ::titans::load_a(a.lo, A.lo(), A.ld, m0, kk * 16, lane);
+    mma_split_b<kAHi>(t1[0], t1[1], a, load_b_split<kBK>(B1, kk * 16, n0, lane));
+    mma_split_b<kAHi>(t2[0], t2[1], a, load_b_split<kBK>(B2, kk * 16, n0, lane));
   }
   const float r1g[2] = {r1[m0 + lane / 4], r1[m0 + lane / 4 + 8]};
   const float r2g[2] = {r2[m0 + lane / 4], r2[m0 + lane / 4 + 8]};
@@ -173,7 +193,8 @@ __device__ __forceinline__ void store_tile(float* dst, int64_t ld, int m0, int n
 
 // The block's zk = k Wg1_b and u = dz2 Wg2_b^T on this warp's C x 32 tile at (m0, n0) (g1:
 // Wg1_b [D][32], g2: Wg2_b [32][D]); hk1 = phi(zk) and dz1 = u phi'(zk) stored as split planes.
-template <int D>
+// kKHi: k is exact in bf16 (mma_tile's kAHi).
+template <int D, bool kKHi>
 __device__ __forceinline__ void block_errors(float (&zk)[2][4], float (&u)[2][4],
                                              const Planes& s_k, const Planes& g1,
                                              const Planes& s_dz2, const Planes& g2,
@@ -181,7 +202,7 @@ __device__ __forceinline__ void block_errors(float (&zk)[2][4], float (&u)[2][4]
                                              int n0, int lane, int act_kind) {
   zero(zk);
   zero(u);
-  mma_tile<D, false, true>(zk, s_k, m0, g1, n0, lane);
+  mma_tile<D, false, true, kKHi>(zk, s_k, m0, g1, n0, lane);
   mma_tile<D, false, false>(u, s_dz2, m0, g2, n0, lane);
   float hk[2][4], dz[2][4];
 #pragma unroll
@@ -243,8 +264,7 @@ __device__ __forceinline__ void state_update_tile(const Planes& x, const Planes&
       aw[t][e] = beta_c * aw[t][e] + c_c * sv[t][e];
       as[t][e] = m_c * sv[t][e];
     }
-  mma_tile<C, true, true>(aw, x, m0, dz, n0, lane, nullptr, gneg);
-  mma_tile<C, true, true>(as, x, m0, dz, n0, lane, nullptr, nneg);
+  mma_tile_cols2<C>(aw, as, x, m0, dz, n0, lane, gneg, nneg);
   store_tile(wn, ld, m0, n0, aw, lane);
   store_tile(sn, ld, m0, n0, as, lane);
 }
@@ -383,6 +403,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
   constexpr int kTPR = kThreads / C;  // row mode: threads per row
   constexpr int kCPT = D / kTPR;      // and columns per thread
   static_assert(kCPT % 2 == 0 && kTPR <= 32, "row mode");
+  // bf16 inputs are exact in bf16: the lo planes of s_q and s_k are zero (mma_tile's kAHi)
+  constexpr bool kX = std::is_same<TIn, bf16>::value;
   constexpr int kSlots = kRowSlots;
   constexpr int kLdF = D + 4, kLdC = C + 4;
   const int hidden = p.hidden, n_blocks = hidden / HB;
@@ -570,7 +592,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
           greg[i][t][e] = f_g[trow(m0, e, lane) * kLdC + tcol(n0, t, e, lane)];
       float a[2][4];
       zero(a);
-      mma_tile<D, false, false>(a, s_q, m0, s_k, n0, lane);  // q k^T
+      mma_tile<D, false, false, kX, kX>(a, s_q, m0, s_k, n0, lane);  // q k^T
 #pragma unroll
       for (int t = 0; t < 2; ++t)
 #pragma unroll
@@ -590,7 +612,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       if (ch_ok) {
         float z[2][4];
         zero(z);
-        mma_tile<D, false, true>(z, s_k, chm, s_w1, chn, lane);
+        mma_tile<D, false, true, kX>(z, s_k, chm, s_w1, chn, lane);
 #pragma unroll
         for (int t = 0; t < 2; ++t)
 #pragma unroll
@@ -691,7 +713,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         __syncthreads();
         if (ch_ok) {
           float z[2][4], u[2][4];
-          block_errors<D>(z, u, s_k, s_w1, s_dz2, s_w2, s_hk1, s_dz1, chm, chn, lane, act_kind);
+          block_errors<D, kX>(z, u, s_k, s_w1, s_dz2, s_w2, s_hk1, s_dz1, chm, chn, lane, act_kind);
         }
         __syncthreads();
         if (dh_ok) {
@@ -723,13 +745,13 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       __syncthreads();
       if (ch_ok) {  // hk1, dz1 of the block
         float z[2][4], u[2][4];
-        block_errors<D>(z, u, s_k, s_g1, s_dz2, s_g2, s_hk1, s_dz1, chm, chn, lane, act_kind);
+        block_errors<D, kX>(z, u, s_k, s_g1, s_dz2, s_g2, s_hk1, s_dz1, chm, chn, lane, act_kind);
       }
       __syncthreads();
       if (ch_ok) {  // h1 = phi(beta q W0_1 + c q S0_1 + ga1 dz1)
         float z[2][4];
         zero(z);
-        mma_tile_rows2<D, true>(z, s_q, chm, s_w1, s_s1, chn, lane, v_beta, v_c);
+        mma_tile_rows2<D, true, kX>(z, s_q, chm, s_w1, s_s1, chn, lane, v_beta, v_c);
         mma_tile<C, false, true>(z, s_ga1, chm, s_dz1, chn, lane);
 #pragma unroll
         for (int t = 0; t < 2; ++t)
@@ -881,15 +903,15 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       zero(zk);
       zero(uu);
       if (ch_ok) {
-        block_errors<D>(zk, uu, s_k, s_g1, s_dz2, s_g2, s_hk1, s_dz1, chm, chn, lane, act_kind);
+        block_errors<D, kX>(zk, uu, s_k, s_g1, s_dz2, s_g2, s_hk1, s_dz1, chm, chn, lane, act_kind);
       }
       __syncthreads();
       zero(xq);
       zero(yq);
       zero(z1);
       if (ch_ok) {
-        mma_tile<D, false, true>(xq, s_q, chm, s_w1, chn, lane);
-        mma_tile<D, false, true>(yq, s_q, chm, s_s1, chn, lane);
+        mma_tile<D, false, true, kX>(xq, s_q, chm, s_w1, chn, lane);
+        mma_tile<D, false, true, kX>(yq, s_q, chm, s_s1, chn, lane);
         mma_tile<C, false, true>(z1, s_ga1, chm, s_dz1, chn, lane);
         float h1[2][4];
 #pragma unroll
@@ -941,8 +963,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         put_tile(s_zb1, chm, chn, zb1, lane);
       }
       if (hd_ok) {
-        mma_tile<C, true, true>(aw2, s_h1, hdm, s_zb2, hdn, lane, nullptr, v_beta);
-        mma_tile<C, true, true>(as2, s_h1, hdm, s_zb2, hdn, lane, nullptr, v_c);
+        mma_tile_cols2<C>(aw2, as2, s_h1, hdm, s_zb2, hdn, lane, v_beta, v_c);
       }
       __syncthreads();
       // C3: q̄ += (beta z̄1) W0_1^T + (c z̄1) S0_1^T; mm1 += z̄1 dz1^T; W̄_1 += q^T (beta z̄1),
@@ -959,8 +980,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
           mma_tile<HB, false, false>(mm1[i], s_zb1, CC::m0(i, warp), s_dz1, CC::n0(i, warp),
                                      lane);
       if (dh_ok) {
-        mma_tile<C, true, true>(aw1, s_q, dhm, s_zb1, dhn, lane, nullptr, v_beta);
-        mma_tile<C, true, true>(as1, s_q, dhm, s_zb1, dhn, lane, nullptr, v_c);
+        mma_tile_cols2<C>(aw1, as1, s_q, dhm, s_zb1, dhn, lane, v_beta, v_c);
       }
       stage<HB, D, kThreads>(s_pw2, wbar[1] + r2, D);
       stage<HB, D, kThreads>(s_ps2, sbar[1] + r2, D);
@@ -1016,8 +1036,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         zero(X);
         zero(Y);
         zero(dzb1);
-        mma_tile<D, false, true>(X, s_k, chm, s_pw1, chn, lane);
-        mma_tile<D, false, true>(Y, s_k, chm, s_ps1, chn, lane);
+        mma_tile<D, false, true, kX>(X, s_k, chm, s_pw1, chn, lane);
+        mma_tile<D, false, true, kX>(Y, s_k, chm, s_ps1, chn, lane);
         mma_tile<C, true, true>(dzb1, s_ga1, chm, s_zb1, chn, lane);
         float ub[2][4], Z[2][4];
 #pragma unroll
@@ -1228,7 +1248,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         } else {
           zero(ag);
         }
-        mma_tile<C, true, true>(ag, s_k, dhm, s_zb1, dhn, lane);
+        mma_tile<C, true, true, kX>(ag, s_k, dhm, s_zb1, dhn, lane);
         store_tile(wg_dst[0] + c1, hidden, dhm, dhn, ag, lane);
       }
 #pragma unroll
@@ -1259,7 +1279,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       const int m0 = CC::m0(i, warp), n0 = CC::n0(i, warp);
       float a1[2][4], ab[2][4];
       zero(a1);
-      mma_tile<D, false, false>(a1, s_q, m0, s_k, n0, lane);
+      mma_tile<D, false, false, kX, kX>(a1, s_q, m0, s_k, n0, lane);
 #pragma unroll
       for (int t = 0; t < 2; ++t)
 #pragma unroll
@@ -1295,8 +1315,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
     for (int i = 0; i < CD::kIt; ++i) {
       if (!CD::ok(i, warp)) continue;
       const int m0 = CD::m0(i, warp), n0 = CD::n0(i, warp);
-      mma_tile<C, false, true>(qb[i], s_a2b, m0, s_k, n0, lane);
-      mma_tile<C, true, true>(kb[i], s_a2b, m0, s_q, n0, lane);
+      mma_tile<C, false, true, false, kX>(qb[i], s_a2b, m0, s_k, n0, lane);
+      mma_tile<C, true, true, false, kX>(kb[i], s_a2b, m0, s_q, n0, lane);
 #pragma unroll
       for (int t = 0; t < 2; ++t)
 #pragma unroll

@@ -213,42 +213,59 @@ __device__ __forceinline__ SplitA scale_rows(const SplitA& a, float row_s, float
   }
   return r;
 }
-// a (k at k0) with column k scaled by s[k], re-split.
-__device__ __forceinline__ SplitA scale_cols(const SplitA& a, const float* s, int k0, int lane) {
+// a (k at k0) with column k scaled by s1[k] (into r1) and by s2[k] (into r2): one join, two
+// re-splits.
+__device__ __forceinline__ void scale_cols2(const SplitA& a, const float* s1, const float* s2,
+                                            int k0, int lane, SplitA& r1, SplitA& r2) {
   const int k = k0 + 2 * (lane % 4);
-  const float s0 = s[k], s1 = s[k + 1], s8 = s[k + 8], s9 = s[k + 9];
-  SplitA r;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const float2 v = join2(a.hi.r[i], a.lo.r[i]);
-    if (i < 2) {
-      split2(v.x * s0, v.y * s1, r.hi.r[i], r.lo.r[i]);
-    } else {
-      split2(v.x * s8, v.y * s9, r.hi.r[i], r.lo.r[i]);
-    }
+    const int kc = k + (i < 2 ? 0 : 8);
+    split2(v.x * s1[kc], v.y * s1[kc + 1], r1.hi.r[i], r1.lo.r[i]);
+    split2(v.x * s2[kc], v.y * s2[kc + 1], r2.hi.r[i], r2.lo.r[i]);
+  }
+}
+
+// B (k 16 at k0, n 16 at n0: n-tiles n0 and n0 + 8) of split planes stored [k][n] (kKMajor)
+// or [n][k]; with kHiOnly its lo plane is known to be zero and is not loaded.
+struct SplitB {
+  FragB<bf16> hi[2], lo[2];
+};
+template <bool kKMajor, bool kHiOnly = false>
+__device__ __forceinline__ SplitB load_b_split(const Planes& b, int k0, int n0, int lane) {
+  SplitB r;
+  if constexpr (kKMajor) {
+    load_b2_kmajor(r.hi, b.hi(), b.ld, k0, n0, lane);
+    if constexpr (!kHiOnly) load_b2_kmajor(r.lo, b.lo(), b.ld, k0, n0, lane);
+  } else {
+    load_b2(r.hi, b.hi(), b.ld, k0, n0, lane);
+    if constexpr (!kHiOnly) load_b2(r.lo, b.lo(), b.ld, k0, n0, lane);
   }
   return r;
 }
-
+// acc (two n-tiles) += A * B: hi*hi + hi*lo + lo*hi, less the terms of a plane known to be
+// zero (kAHi / kBHi: that operand is exact in bf16, e.g. bf16 inputs, so its lo plane is 0).
+template <bool kAHi = false, bool kBHi = false>
+__device__ __forceinline__ void mma_split_b(float (&acc0)[4], float (&acc1)[4], const SplitA& a,
+                                            const SplitB& b) {
+  mma(acc0, a.hi, b.hi[0]);
+  mma(acc1, a.hi, b.hi[1]);
+  if constexpr (!kBHi) {
+    mma(acc0, a.hi, b.lo[0]);
+    mma(acc1, a.hi, b.lo[1]);
+  }
+  if constexpr (!kAHi) {
+    mma(acc0, a.lo, b.hi[0]);
+    mma(acc1, a.lo, b.hi[1]);
+  }
+}
 // acc (two n-tiles at n0, n0 + 8) += A * B(k 16 at k0, n 16 at n0); B stored [k][n] (kKMajor)
 // or [n][k]. Three mmas per n-tile: hi*hi + hi*lo + lo*hi.
 template <bool kKMajor>
 __device__ __forceinline__ void mma_split(float (&acc0)[4], float (&acc1)[4], const SplitA& a,
                                           const Planes& b, int k0, int n0, int lane) {
-  FragB<bf16> bh[2], bl[2];
-  if constexpr (kKMajor) {
-    load_b2_kmajor(bh, b.hi(), b.ld, k0, n0, lane);
-    load_b2_kmajor(bl, b.lo(), b.ld, k0, n0, lane);
-  } else {
-    load_b2(bh, b.hi(), b.ld, k0, n0, lane);
-    load_b2(bl, b.lo(), b.ld, k0, n0, lane);
-  }
-  mma(acc0, a.hi, bh[0]);
-  mma(acc1, a.hi, bh[1]);
-  mma(acc0, a.hi, bl[0]);
-  mma(acc1, a.hi, bl[1]);
-  mma(acc0, a.lo, bh[0]);
-  mma(acc1, a.lo, bh[1]);
+  mma_split_b(acc0, acc1, a, load_b_split<kKMajor>(b, k0, n0, lane));
 }
 
 // acc[N / 8][4] += A (16 x K: register fragments) * B (K x N in shared memory).
@@ -262,16 +279,20 @@ __device__ __forceinline__ void gemm_reg(float (&acc)[N / 8][4], const SplitA (&
       mma_split<kKMajor>(acc[2 * np], acc[2 * np + 1], a[kk], b, kk * 16, np * 16, lane);
 }
 
-// acc[N / 8][4] += A (16 rows at m0 of a shared [m][k] buffer, K wide) * B.
-template <int K, int N, bool kKMajor>
+// acc[N / 8][4] += A (16 rows at m0 of a shared [m][k] buffer, K wide) * B. kAHi / kBHi: that
+// operand's lo plane is zero (q, k of bf16 inputs): not loaded, its mmas skipped (same sum).
+template <int K, int N, bool kKMajor, bool kAHi = false, bool kBHi = false>
 __device__ __forceinline__ void gemm_rows(float (&acc)[N / 8][4], const Planes& a, int m0,
                                           const Planes& b, int lane) {
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
-    const SplitA af = load_a(a, m0, kk * 16, lane);
+    SplitA af;
+    ::titans::load_a(af.hi, a.hi(), a.ld, m0, kk * 16, lane);
+    if constexpr (!kAHi) ::titans::load_a(af.lo, a.lo(), a.ld, m0, kk * 16, lane);
 #pragma unroll
     for (int np = 0; np < N / 16; ++np)
-      mma_split<kKMajor>(acc[2 * np], acc[2 * np + 1], af, b, kk * 16, np * 16, lane);
+      mma_split_b<kAHi, kBHi>(acc[2 * np], acc[2 * np + 1], af,
+                              load_b_split<kKMajor, kBHi>(b, kk * 16, np * 16, lane));
   }
 }
 
@@ -568,6 +589,8 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
   constexpr int kParts = (kDepth == 2 && kWarps / kRowGroups >= 2) ? 2 : 1;
   constexpr int kCW = kDepth == 2 ? kHB / kParts : D;  // columns of a block per warp
   constexpr int kNtW = kCW / 8;
+  // bf16 inputs are exact in bf16: the lo planes of s_q and s_k are zero (gemm_rows' kAHi)
+  constexpr bool kX = std::is_same<TIn, bf16>::value;
   const int hidden = kDepth == 2 ? p.hidden : D;
   const int n_blocks = kDepth == 2 ? hidden / kHB : 1;
 
@@ -745,7 +768,7 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
         for (int pass = 0; pass < 2; ++pass) {
           if (pass == 1 && !p.read_chunk) break;
           float z[kNtW][4] = {};
-          gemm_rows<D, kCW, true>(z, pass == 0 ? s_k : s_q, m0, s_w1.cols(c0), lane);
+          gemm_rows<D, kCW, true, kX>(z, pass == 0 ? s_k : s_q, m0, s_w1.cols(c0), lane);
           SplitA ha[kCW / 16];
 #pragma unroll
           for (int kk = 0; kk < kCW / 16; ++kk) {
@@ -759,8 +782,8 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
           gemm_reg<kCW, D, true>(pass == 0 ? fk : fq, ha, s_w2.rows(c0), lane);
         }
       } else {
-        gemm_rows<D, D, true>(fk, s_k, m0, s_w1, lane);
-        if (p.read_chunk) gemm_rows<D, D, true>(fq, s_q, m0, s_w1, lane);
+        gemm_rows<D, D, true, kX>(fk, s_k, m0, s_w1, lane);
+        if (p.read_chunk) gemm_rows<D, D, true, kX>(fq, s_q, m0, s_w1, lane);
       }
     }
 
@@ -812,7 +835,7 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
     float beta_r[2] = {0.f, 0.f}, c_r[2] = {0.f, 0.f};
     if (row_warp && !p.read_chunk) {
       float acc[kNtC][4] = {};
-      gemm_rows<D, C, false>(acc, s_q, m0, s_k, lane);  // k^T: [k = feature][n = token]
+      gemm_rows<D, C, false, kX, kX>(acc, s_q, m0, s_k, lane);  // k^T: [k = feature][n = token]
 #pragma unroll
       for (int nt = 0; nt < kNtC; ++nt)
 #pragma unroll
@@ -840,7 +863,7 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
         }
         auto errors = [&]() {
           float z[kNtW][4] = {}, dh[kNtW][4] = {};
-          gemm_rows<D, kCW, true>(z, s_k, m0, s_w1.cols(c0), lane);
+          gemm_rows<D, kCW, true, kX>(z, s_k, m0, s_w1.cols(c0), lane);
           gemm_rows<D, kCW, false>(dh, s_dz2, m0, s_w2.rows(c0), lane);  // W2 block as [n][k]
 #pragma unroll
           for (int nt = 0; nt < kNtW; ++nt) {
@@ -879,15 +902,28 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
       if (row_warp && !p.read_chunk) {
         const Planes dz1 = (kDepth == 2 ? s_dz1 : s_dz2).cols(c0);
         float z[kNtW][4] = {};
+        if constexpr (kDepth == 2) {  // diag(beta) (q W0) + diag(c) (q S0): q loaded once,
+          float zs[kNtW][4] = {};     // the row scales on the fp32 products
+          gemm_rows<D, kCW, true, kX>(z, s_q, m0, s_w1.cols(c0), lane);
+          gemm_rows<D, kCW, true, kX>(zs, s_q, m0, s_s1.cols(c0), lane);
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          const SplitA qa = load_a(s_q, m0, kk * 16, lane);
-          const SplitA qb = scale_rows(qa, beta_r[0], beta_r[1]);
-          const SplitA qc = scale_rows(qa, c_r[0], c_r[1]);
+          for (int nt = 0; nt < kNtW; ++nt)
 #pragma unroll
-          for (int np = 0; np < kCW / 16; ++np) {
-            mma_split<true>(z[2 * np], z[2 * np + 1], qb, s_w1.cols(c0), kk * 16, np * 16, lane);
-            mma_split<true>(z[2 * np], z[2 * np + 1], qc, s_s1.cols(c0), kk * 16, np * 16, lane);
+            for (int e = 0; e < 4; ++e)
+              z[nt][e] = beta_r[e >> 1] * z[nt][e] + c_r[e >> 1] * zs[nt][e];
+        } else {  // (D wide: two accumulator sets would not fit the registers)
+#pragma unroll
+          for (int kk = 0; kk < D / 16; ++kk) {
+            const SplitA qa = load_a(s_q, m0, kk * 16, lane);
+            const SplitA qb = scale_rows(qa, beta_r[0], beta_r[1]);
+            const SplitA qc = scale_rows(qa, c_r[0], c_r[1]);
+#pragma unroll
+            for (int np = 0; np < kCW / 16; ++np) {
+              mma_split<true>(z[2 * np], z[2 * np + 1], qb, s_w1.cols(c0), kk * 16, np * 16,
+                              lane);
+              mma_split<true>(z[2 * np], z[2 * np + 1], qc, s_s1.cols(c0), kk * 16, np * 16,
+                              lane);
+            }
           }
         }
         gemm_reg<C, kCW, true>(z, a1, dz1, lane);
@@ -945,11 +981,12 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
           }
 #pragma unroll
         for (int ks = 0; ks < C / 16; ++ks) {
-          const SplitA a = load_a_kmajor(sa, tm0, ks * 16, lane);
-          const SplitA ag = scale_cols(a, s_gneg, ks * 16, lane);
-          const SplitA an = scale_cols(a, s_nneg, ks * 16, lane);
-          mma_split<true>(aw[0], aw[1], ag, sb, ks * 16, tn0, lane);
-          mma_split<true>(as[0], as[1], an, sb, ks * 16, tn0, lane);
+          SplitA ag, an;
+          scale_cols2(load_a_kmajor(sa, tm0, ks * 16, lane), s_gneg, s_nneg, ks * 16, lane, ag,
+                      an);
+          const SplitB bs = load_b_split<true>(sb, ks * 16, tn0, lane);
+          mma_split_b(aw[0], aw[1], ag, bs);
+          mma_split_b(as[0], as[1], an, bs);
         }
 #pragma unroll
         for (int t = 0; t < 2; ++t)
