@@ -4,6 +4,7 @@ warm-up, median; tokens/s and peak memory).
 
     python benchmarks/run.py                      # default shape + sweep plot, on a GPU
     python benchmarks/run.py --shape long --no-sweep
+    python benchmarks/run.py --memory --shape default long short   # issue 4's table, one run
     python benchmarks/run.py --out results/       # writes bench.json and bench.png there
 
 On a machine without a GPU it says so and times a tiny CPU shape.
@@ -102,8 +103,8 @@ def make_memory_inputs(s: Shape, device, requires_grad):
 
 
 def bench_reference(s: Shape, device, backward, backend="torch"):
-    """neural_memory: the reference, or (backend="cuda") the chunked kernel, whose backward is
-    still the reference's VJP."""
+    """neural_memory: the reference, or (backend="cuda") the fused kernels (the chunked forward;
+    the fused backward where chunked_bwd_reason allows, at every benchmark shape)."""
     q, k, v, lr, fg, mo, w1, w2, gamma, beta = make_memory_inputs(s, device, backward)
 
     def run():
@@ -458,7 +459,9 @@ def plot(rows, path, device_name):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--shape", default=None, choices=sorted(SHAPES))
+    p.add_argument("--shape", nargs="+", default=None, choices=sorted(SHAPES),
+                   help="one or more shapes, timed in this order in one process (the decode, "
+                        "block rows and the sweep use the first)")
     p.add_argument("--no-sweep", action="store_true", help="skip the sequence-length sweep")
     p.add_argument("--no-titans-pytorch", action="store_true")
     p.add_argument("--out", default="benchmarks/results", help="folder for bench.json/bench.png")
@@ -480,9 +483,10 @@ def main(argv=None):
     if not gpu:
         print("No CUDA GPU: timing a tiny CPU shape with the reference only (numbers say "
               "nothing about GPU speed).")
-    shape = SHAPES[args.shape or ("default" if gpu else "cpu")]
+    shapes = [SHAPES[n] for n in (args.shape or ["default" if gpu else "cpu"])]
     if args.dtype is not None:
-        shape = dataclasses.replace(shape, dtype=args.dtype)
+        shapes = [dataclasses.replace(sh, dtype=args.dtype) for sh in shapes]
+    shape = shapes[0]
     rows = []
     if gpu and titans_cuda._lib.kernels_unavailable_reason(device) is None and not args.memory:
         decode_rows(shape, device, rows)
@@ -490,18 +494,17 @@ def main(argv=None):
         print_table(rows)
         return 0
     if not args.blocks:
-        run_shape(shape, device, methods_for(device, not args.no_titans_pytorch), rows,
-                  shape.name)
+        for sh in shapes:
+            run_shape(sh, device, methods_for(device, not args.no_titans_pytorch), rows, sh.name)
     if not args.memory:
         run_shape(shape, device, scan_methods(device), rows, "memory_scan")
         run_shape(shape, device, mlp_methods(device), rows, "memory-MLP blocks")
     sweep = []
     if gpu and not args.no_sweep and not args.blocks:
         for T in _progress(SWEEP_T, "sweep"):
-            # forward+backward methods; the fused op's backward is still the reference's VJP
+            # the forward+backward methods (the fused op with its fused backward)
             run_shape(shape.with_T(T, B=1), device, [m for m in methods_for(
-                device, not args.no_titans_pytorch) if m[2] and m[0] != "fused (ours)"],
-                sweep, f"T={T}")
+                device, not args.no_titans_pytorch) if m[2]], sweep, f"T={T}")
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows, sweep=sweep), f, indent=1)
     if sweep:
