@@ -288,6 +288,14 @@ constexpr int kVecs = 16;  // per-row vectors of C floats (gates, sums)
 // row partials: one slot per 16-column tile of a C x 32 block
 constexpr int kRowSlots = kHB / 16;
 
+// Per thread, the values of the end group's cluster sum (sum 4): q̄, k̄ (C x D tiles), z̄1 dz1^T
+// and Ḡ's part (C x C tiles), 11 row and state sums. Its buffer spans the weight blocks and the
+// block intermediates, all free by then.
+__host__ __device__ constexpr int end_sum_floats(int D, int C) {
+  return 2 * 8 * (((C / 16) * (D / 16) + kWarps - 1) / kWarps) +
+         2 * 8 * (((C / 16) * (C / 16) + kWarps - 1) / kWarps) + 11;
+}
+
 __host__ __device__ inline BwdLayout make_bwd_layout(int D, int C) {
   BwdLayout l{};
   l.pq = C * (D + 8);
@@ -329,7 +337,8 @@ __host__ __device__ inline BwdLayout make_bwd_layout(int D, int C) {
 __host__ __device__ inline bool aliases_fit(const BwdLayout& l, int D, int C) {
   const size_t f = sizeof(float);
   return l.vec - l.hk1 >= f * (size_t(C) * (D + 4) + size_t(C) * (C + 4)) &&
-         l.pw - l.w1 >= f * 2 * size_t(C) * (C + 4);
+         l.pw - l.w1 >= f * 2 * size_t(C) * (C + 4) &&
+         l.vec - l.w1 >= f * size_t(end_sum_floats(D, C)) * kThreads;
 }
 
 // Per (sequence, head): the keys' pre-activations and adjoints of every hidden block (each CTA
@@ -361,7 +370,7 @@ __device__ __forceinline__ void cluster_sum(ClusterGroup& grp, int split, float 
   }
   grp.sync();
 }
-// The same for one or two arrays of tiles.
+// The same for an array of tiles.
 template <int N>
 __device__ __forceinline__ void cluster_sum(ClusterGroup& grp, int split, float (&a)[N][2][4],
                                             float* buf, bool receive) {
@@ -372,19 +381,38 @@ __device__ __forceinline__ void cluster_sum(ClusterGroup& grp, int split, float 
 #pragma unroll
   for (int k = 0; k < N * 8; ++k) a[k / 8][(k / 4) % 2][k % 4] = v[k];
 }
-template <int N, int M>
-__device__ __forceinline__ void cluster_sum(ClusterGroup& grp, int split, float (&a)[N][2][4],
-                                            float (&b)[M][2][4], float* buf, bool receive) {
-  float v[(N + M) * 8];
+// Sum 4 in one publish and two cluster barriers (not three sums and six): qb, kb (CD tiles),
+// mm1, gpart (CC tiles) and rs[11], in that order, through `buf` (end_sum_floats * kThreads
+// floats); the same rank-order sums as cluster_sum, into the receiving CTA only.
+template <int ND, int NC>
+__device__ __forceinline__ void cluster_sum_end(ClusterGroup& grp, int split,
+                                                float (&qb)[ND][2][4], float (&kb)[ND][2][4],
+                                                float (&mm1)[NC][2][4], float (&gp)[NC][2][4],
+                                                float (&rs)[11], float* buf, bool receive) {
+  const int tid = threadIdx.x;
+  auto each = [&](auto&& f) {
+    int k = 0;
 #pragma unroll
-  for (int k = 0; k < N * 8; ++k) v[k] = a[k / 8][(k / 4) % 2][k % 4];
+    for (int i = 0; i < ND * 8; ++i) f(qb[i / 8][(i / 4) % 2][i % 4], k++);
 #pragma unroll
-  for (int k = 0; k < M * 8; ++k) v[N * 8 + k] = b[k / 8][(k / 4) % 2][k % 4];
-  cluster_sum(grp, split, v, buf, receive);
+    for (int i = 0; i < ND * 8; ++i) f(kb[i / 8][(i / 4) % 2][i % 4], k++);
 #pragma unroll
-  for (int k = 0; k < N * 8; ++k) a[k / 8][(k / 4) % 2][k % 4] = v[k];
+    for (int i = 0; i < NC * 8; ++i) f(mm1[i / 8][(i / 4) % 2][i % 4], k++);
 #pragma unroll
-  for (int k = 0; k < M * 8; ++k) b[k / 8][(k / 4) % 2][k % 4] = v[N * 8 + k];
+    for (int i = 0; i < NC * 8; ++i) f(gp[i / 8][(i / 4) % 2][i % 4], k++);
+#pragma unroll
+    for (int i = 0; i < 11; ++i) f(rs[i], k++);
+  };
+  each([&](float& v, int k) { buf[k * kThreads + tid] = v; });
+  grp.sync();
+  if (receive) {
+    each([&](float& v, int) { v = 0.f; });
+    for (int r = 0; r < split; ++r) {
+      const float* rb = grp.remote(static_cast<const float*>(buf), r);
+      each([&](float& v, int k) { v += rb[k * kThreads + tid]; });
+    }
+  }
+  grp.sync();
 }
 
 // kCluster: the instance for split > 1 (a cluster of `split` CTAs per (sequence, head), CTA
@@ -1266,9 +1294,9 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
             if (owned(l, i)) wg_dst[l][i] += __ldcg(cwb[l] + i);
     }
     if (kCluster) {  // sum 4, to rank 0: q̄, k̄, z̄1 dz1^T, Ḡ's part, the row and state sums
-      cluster_sum(grp, split, qb, kb, f_row, lead);
-      cluster_sum(grp, split, mm1, gpart, f_row, lead);
-      cluster_sum(grp, split, rs, f_row, lead);
+      static_assert(2 * 8 * (CD::kIt + CC::kIt) + 11 == end_sum_floats(D, C), "sum 4's size");
+      cluster_sum_end(grp, split, qb, kb, mm1, gpart, rs,
+                      reinterpret_cast<float*>(smem_raw + lay.w1), lead);
       if (!lead) continue;
     }
 
