@@ -18,4 +18,3 @@ def test_block_counts():
     assert flops.memory_grad(64, 256) == 10 * 64 * 256
     assert flops.memory_scan(64, 256, 64) == 4 * 2 * 64 * 256 / 64
     assert flops.sdpa_causal_forward(8192, 64) == 2 * 64 * 8192
-

@@ -902,8 +902,8 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
       if (row_warp && !p.read_chunk) {
         const Planes dz1 = (kDepth == 2 ? s_dz1 : s_dz2).cols(c0);
         float z[kNtW][4] = {};
-        if constexpr (kDepth == 2) {  // diag(beta) (q W0) + diag(c) (q S0): q loaded once,
-          float zs[kNtW][4] = {};     // the row scales on the fp32 products
+        if constexpr (kDepth == 2) {  // diag(beta) (q W0) + diag(c) (q S0): the row scales on
+          float zs[kNtW][4] = {};     // the fp32 products (q's fragments loaded per product)
           gemm_rows<D, kCW, true, kX>(z, s_q, m0, s_w1.cols(c0), lane);
           gemm_rows<D, kCW, true, kX>(zs, s_q, m0, s_s1.cols(c0), lane);
 #pragma unroll
