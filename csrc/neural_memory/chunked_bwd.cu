@@ -277,6 +277,26 @@ __device__ __forceinline__ float row_reduce(float v) {
   return v;
 }
 
+// dst[0, N) += v (N % 4 == 0, dst 16-byte aligned; fp32 scratch in global memory that only
+// this thread updates): every load is issued before the first store, so the row costs one
+// memory latency, not one per element (the compiler cannot reorder the stores of `+=` past
+// loads that may alias).
+template <int N>
+__device__ __forceinline__ void add_row(float* dst, const float (&v)[N]) {
+  static_assert(N % 4 == 0, "float4 rows");
+  float4 x[N / 4];
+#pragma unroll
+  for (int i = 0; i < N / 4; ++i) x[i] = reinterpret_cast<const float4*>(dst)[i];
+#pragma unroll
+  for (int i = 0; i < N / 4; ++i) {
+    x[i].x += v[4 * i];
+    x[i].y += v[4 * i + 1];
+    x[i].z += v[4 * i + 2];
+    x[i].w += v[4 * i + 3];
+    reinterpret_cast<float4*>(dst)[i] = x[i];
+  }
+}
+
 // Shared-memory plan (bytes). Planes as in chunked_kernel.cuh (hi then lo, rows padded by 8).
 struct BwdLayout {
   size_t q, k, dz2, zb2, ga1, a2b, w1, s1, w2, s2, pw, ps, hk1, dz1, h1, zb1, vec, total;
@@ -596,8 +616,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
 
     // ---- load ----
     __syncthreads();  // the previous chunk is done with shared memory
-    chunked::load_chunk<TIn, D, C, kThreads>(s_q, s_k, gq, gk, rq, rk, p, row_base, h, t0, len,
-                                             v_theta, v_a, v_eta, v_act);
+    chunked::load_chunk<TIn, D, C, kThreads, 8>(s_q, s_k, gq, gk, rq, rk, p, row_base, h, t0,
+                                                len, v_theta, v_a, v_eta, v_act);
     __syncthreads();
     if (tid < C) {  // column tid of G
       const float2 last = chunked::gate_column<C>(tid, v_theta, v_a, v_eta, v_act, f_g, nullptr,
@@ -864,11 +884,11 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
 #pragma unroll
         for (int c = 0; c < kCPT; ++c) {
           zb[c] = rstd * (zb[c] - mg - f[c] * mgx);
-          const int64_t at = int64_t(rr) * D + rc0 + c;
-          if (lead) {
-            dlnw[at] += ob[c] * f[c];
-            if (dlnb != nullptr) dlnb[at] += ob[c];
-          }
+          f[c] *= ob[c];  // gamma-bar's row
+        }
+        if (lead) {
+          add_row(dlnw + rr * D + rc0, f);
+          if (dlnb != nullptr) add_row(dlnb + rr * D + rc0, ob);
         }
       } else {
 #pragma unroll
@@ -1181,8 +1201,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
 #pragma unroll
         for (int c = 0; c < kCPT; ++c) {
           const float je = rstd * (top[c] - mt - xh[c] * mtx);
-          const int64_t at = int64_t(rr) * D + rc0 + c;
-          if (lead) dlnw[at] += e[c] * je;
+          e[c] *= je;  // gamma-bar's row, first part
           fb[c] = -(rstd / D) * (xh[c] * tdz + dz[c] * stx) - rstd * s * je;
           yb[c] = 2.f * __ldg(gamma + rc0 + c) * je;  // ȳk = 2 ē
         }
@@ -1199,11 +1218,11 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
 #pragma unroll
         for (int c = 0; c < kCPT; ++c) {
           fb[c] += rstd * (yb[c] * __ldg(gamma + rc0 + c) - mg - xh[c] * mgx);
-          const int64_t at = int64_t(rr) * D + rc0 + c;
-          if (lead) {
-            dlnw[at] += yb[c] * xh[c];
-            if (dlnb != nullptr) dlnb[at] += yb[c];
-          }
+          e[c] += yb[c] * xh[c];  // and its second
+        }
+        if (lead) {
+          add_row(dlnw + rr * D + rc0, e);
+          if (dlnb != nullptr) add_row(dlnb + rr * D + rc0, yb);
         }
       } else {
 #pragma unroll

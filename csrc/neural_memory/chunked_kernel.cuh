@@ -507,14 +507,14 @@ __device__ __forceinline__ float2 gate_column(int col, const float* theta, const
                                               const float* eta, const float* act, float* g,
                                               float* n, int ld) {
   float nv = 0.f, gv = 0.f;
+  // unrolled, the branches as selects: the gate loads of 16 rows issue ahead of the chain
+  // (all threads read the same row: broadcasts)
+#pragma unroll 16
   for (int t = 0; t < C; ++t) {
-    if (t == col) {
-      nv = theta[t];
-      gv = act[t] * nv;
-    } else if (t > col) {
-      nv *= eta[t];
-      gv = a[t] * gv + act[t] * nv;
-    }
+    const float n1 = t == col ? theta[t] : nv * eta[t];
+    const float g1 = t == col ? act[t] * n1 : a[t] * gv + act[t] * n1;
+    nv = t < col ? nv : n1;
+    gv = t < col ? gv : g1;
     g[t * ld + col] = gv;
     if (n != nullptr) n[t * ld + col] = nv;
   }
@@ -527,6 +527,7 @@ template <int C>
 __device__ __forceinline__ void gate_scalars(const float* a, const float* eta, const float* act,
                                              float* m_out, float* beta_out, float* c_out) {
   float m = 1.f, beta = 1.f, c = 0.f;
+#pragma unroll 16
   for (int t = 0; t < C; ++t) {
     m *= eta[t];
     beta *= a[t];
@@ -548,20 +549,42 @@ struct Rows {
 // The chunk's slots t0 .. t0 + C - 1 of sequence rows [0, len): q and k rows into split planes
 // (inactive slots: zero rows) and the gates (inactive slots: theta 0, a = eta = 1, act 0).
 // Every thread of the CTA calls it; the caller synchronises before use.
-template <typename TIn, int D, int C, int kThreads>
+template <typename TIn, int D, int C, int kThreads, int kGroupMax>
 __device__ __forceinline__ void load_chunk(const Planes& s_q, const Planes& s_k, const TIn* gq,
                                            const TIn* gk, const Rows& rq, const Rows& rk,
                                            const NeuralMemoryParams& p, int64_t row_base,
                                            int h, int64_t t0, int64_t len, float* theta,
                                            float* a, float* eta, float* act) {
   const int tid = threadIdx.x;
-  for (int i = tid; i < 2 * C * (D / 2); i += kThreads) {
-    const int which = i / (C * (D / 2));
-    const int r = (i / (D / 2)) % C, c = (i % (D / 2)) * 2;
-    const int64_t t = t0 + r;
-    float2 x = make_float2(0.f, 0.f);
-    if (t >= 0 && t < len) x = load2(which == 0 ? gq + rq.at(t) + c : gk + rk.at(t) + c);
-    (which == 0 ? s_q : s_k).put2(r, c, x.x, x.y);
+  // Groups of up to kGroupMax pairs per thread are loaded before any is converted (as stage):
+  // one load latency per group, not per pair. (The backward, whose chunk load waits alone,
+  // takes 8; the forward 1: its registers are scarcer there, and 8 measured slower.)
+  constexpr int kTotal = 2 * C * (D / 2);
+  constexpr int kIters = (kTotal + kThreads - 1) / kThreads;
+  constexpr int kGroup = kIters < kGroupMax ? kIters : kGroupMax;
+#pragma unroll 1
+  for (int g0 = 0; g0 < kIters; g0 += kGroup) {
+    float2 x[kGroup];
+#pragma unroll
+    for (int u = 0; u < kGroup; ++u) {
+      const int i = (g0 + u) * kThreads + tid;
+      x[u] = make_float2(0.f, 0.f);
+      if (g0 + u < kIters && i < kTotal) {
+        const int which = i / (C * (D / 2));
+        const int r = (i / (D / 2)) % C, c = (i % (D / 2)) * 2;
+        const int64_t t = t0 + r;
+        if (t >= 0 && t < len) x[u] = load2(which == 0 ? gq + rq.at(t) + c : gk + rk.at(t) + c);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kGroup; ++u) {
+      const int i = (g0 + u) * kThreads + tid;
+      if (g0 + u < kIters && i < kTotal) {
+        const int which = i / (C * (D / 2));
+        const int r = (i / (D / 2)) % C, c = (i % (D / 2)) * 2;
+        (which == 0 ? s_q : s_k).put2(r, c, x[u].x, x[u].y);
+      }
+    }
   }
   if (tid < C) {
     const int64_t t = t0 + tid;
@@ -738,7 +761,7 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
 
     // ---- load: q, k rows and gates of the chunk's slots ----
     const int64_t t0 = int64_t(j) * C - off;  // token of slot 0
-    load_chunk<TIn, D, C, kThreads>(s_q, s_k, gq, gk, rq, rk, p, row_base, h, t0, len, s_theta,
+    load_chunk<TIn, D, C, kThreads, 1>(s_q, s_k, gq, gk, rq, rk, p, row_base, h, t0, len, s_theta,
                                     s_a, s_eta, s_act);
     __syncthreads();
 
