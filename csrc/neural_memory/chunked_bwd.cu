@@ -618,6 +618,15 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
     __syncthreads();  // the previous chunk is done with shared memory
     chunked::load_chunk<TIn, D, C, kThreads, 8>(s_q, s_k, gq, gk, rq, rk, p, row_base, h, t0,
                                                 len, v_theta, v_a, v_eta, v_act);
+    {  // the next step's chunk into L2 while this one computes: j + 1 within the group, else
+       // the first step of jb - 1 (its group's first chunk when jb opens a group)
+      const int next = j < jb ? j + 1 : jb == 0 ? -1 : jb % K == 0 ? (jb - 1) - (jb - 1) % K
+                                                                   : jb - 1;
+      if (next >= 0) {
+        chunked::prefetch_chunk<TIn, D, C, kThreads>(gq, rq, gk, rk, gv, rv, gob, ro, p, row_base,
+                                                     h, int64_t(next) * C - off, len);
+      }
+    }
     __syncthreads();
     if (tid < C) {  // column tid of G
       const float2 last = chunked::gate_column<C>(tid, v_theta, v_a, v_eta, v_act, f_g, nullptr,

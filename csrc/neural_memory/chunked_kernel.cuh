@@ -546,6 +546,39 @@ struct Rows {
   }
 };
 
+// Asks L2 for the rows of chunk slots t0 .. t0 + C - 1 (those in [0, len)) of up to four
+// [.., T, H, D] inputs (nullptr: none) and for the slots' gates, so that the next chunk's
+// loads find them there instead of waiting on DRAM. A hint: no effect on any value.
+template <typename TIn, int D, int C, int kThreads>
+__device__ __forceinline__ void prefetch_chunk(const TIn* p0, const Rows& r0, const TIn* p1,
+                                               const Rows& r1, const TIn* p2, const Rows& r2,
+                                               const TIn* p3, const Rows& r3,
+                                               const NeuralMemoryParams& p, int64_t row_base,
+                                               int h, int64_t t0, int64_t len) {
+  constexpr int kLines = (D * int(sizeof(TIn)) + 127) / 128;  // 128-byte lines per row
+  constexpr int kRows = 4 * C * kLines;
+  for (int i = threadIdx.x; i < kRows + 3 * C; i += kThreads) {
+    const char* at = nullptr;
+    if (i < kRows) {  // (selects of addresses: an array or a selected reference would live in
+                      // local memory)
+      const int which = i / (C * kLines), r = (i / kLines) % C;
+      const int64_t t = t0 + r;
+      const TIn* row = which == 0   ? (p0 != nullptr ? p0 + r0.at(t) : nullptr)
+                       : which == 1 ? (p1 != nullptr ? p1 + r1.at(t) : nullptr)
+                       : which == 2 ? (p2 != nullptr ? p2 + r2.at(t) : nullptr)
+                                    : (p3 != nullptr ? p3 + r3.at(t) : nullptr);
+      if (row != nullptr && t >= 0 && t < len)
+        at = reinterpret_cast<const char*>(row) + 128 * (i % kLines);
+    } else {
+      const int g = (i - kRows) / C, r = (i - kRows) % C;
+      const int64_t t = t0 + r;
+      const float* gate = g == 0 ? p.lr : g == 1 ? p.forget : p.momentum;
+      if (t >= 0 && t < len) at = reinterpret_cast<const char*>(gate + (row_base + t) * p.heads + h);
+    }
+    if (at != nullptr) asm volatile("prefetch.global.L2 [%0];" ::"l"(at));
+  }
+}
+
 // The chunk's slots t0 .. t0 + C - 1 of sequence rows [0, len): q and k rows into split planes
 // (inactive slots: zero rows) and the gates (inactive slots: theta 0, a = eta = 1, act 0).
 // Every thread of the CTA calls it; the caller synchronises before use.
@@ -761,8 +794,12 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
 
     // ---- load: q, k rows and gates of the chunk's slots ----
     const int64_t t0 = int64_t(j) * C - off;  // token of slot 0
-    load_chunk<TIn, D, C, kThreads, 1>(s_q, s_k, gq, gk, rq, rk, p, row_base, h, t0, len, s_theta,
-                                    s_a, s_eta, s_act);
+    load_chunk<TIn, D, C, kThreads, 1>(s_q, s_k, gq, gk, rq, rk, p, row_base, h, t0, len,
+                                       s_theta, s_a, s_eta, s_act);
+    if (j + 1 < n_chunks) {  // the next chunk's rows into L2 while this one computes
+      prefetch_chunk<TIn, D, C, kThreads>(gq, rq, gk, rk, gv, rv, nullptr, rv, p, row_base, h,
+                                          t0 + C, len);
+    }
     __syncthreads();
 
     // ---- gates ----
