@@ -573,7 +573,8 @@ __device__ __forceinline__ void prefetch_chunk(const TIn* p0, const Rows& r0, co
       const int g = (i - kRows) / C, r = (i - kRows) % C;
       const int64_t t = t0 + r;
       const float* gate = g == 0 ? p.lr : g == 1 ? p.forget : p.momentum;
-      if (t >= 0 && t < len) at = reinterpret_cast<const char*>(gate + (row_base + t) * p.heads + h);
+      if (t >= 0 && t < len)
+        at = reinterpret_cast<const char*>(gate + (row_base + t) * p.heads + h);
     }
     if (at != nullptr) asm volatile("prefetch.global.L2 [%0];" ::"l"(at));
   }
@@ -590,8 +591,9 @@ __device__ __forceinline__ void load_chunk(const Planes& s_q, const Planes& s_k,
                                            float* a, float* eta, float* act) {
   const int tid = threadIdx.x;
   // Groups of up to kGroupMax pairs per thread are loaded before any is converted (as stage):
-  // one load latency per group, not per pair. (The backward, whose chunk load waits alone,
-  // takes 8; the forward 1: its registers are scarcer there, and 8 measured slower.)
+  // one load latency per group, not per pair. The backward takes 8 (its profile showed the
+  // chunk load waiting on each pair in turn); the forward keeps 1: with 8 its split-1 instance
+  // spilled more (C = 64: 28 -> 68 B of stores) and it timed no faster.
   constexpr int kTotal = 2 * C * (D / 2);
   constexpr int kIters = (kTotal + kThreads - 1) / kThreads;
   constexpr int kGroup = kIters < kGroupMax ? kIters : kGroupMax;
