@@ -46,6 +46,7 @@ using chunked::Rows;
 using chunked::SplitA;
 using chunked::SplitB;
 using chunked::act3;
+using chunked::load_a_split;
 using chunked::load_b_split;
 using chunked::mma_split_b;
 using chunked::scale_cols2;
@@ -100,13 +101,7 @@ __device__ __forceinline__ void mma_tile(float (&acc)[2][4], const Planes& A, in
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
     SplitA a;
-    if constexpr (kAK) {
-      ::titans::load_a_kmajor(a.hi, A.hi(), A.ld, m0, kk * 16, lane);
-      if constexpr (!kAHi) ::titans::load_a_kmajor(a.lo, A.lo(), A.ld, m0, kk * 16, lane);
-    } else {
-      ::titans::load_a(a.hi, A.hi(), A.ld, m0, kk * 16, lane);
-      if constexpr (!kAHi) ::titans::load_a(a.lo, A.lo(), A.ld, m0, kk * 16, lane);
-    }
+    load_a_split<kAK, kAHi>(a, A, m0, kk * 16, lane);
     mma_split_b<kAHi, kBHi>(acc[0], acc[1], a, load_b_split<kBK, kBHi>(B, kk * 16, n0, lane));
   }
 }
@@ -121,7 +116,7 @@ __device__ __forceinline__ void mma_tile_cols2(float (&acc1)[2][4], float (&acc2
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
     SplitA a1, a2;
-    scale_cols2(chunked::load_a_kmajor(A, m0, kk * 16, lane), s1, s2, kk * 16, lane, a1, a2);
+    scale_cols2(load_a_split<true>(A, m0, kk * 16, lane), s1, s2, kk * 16, lane, a1, a2);
     const SplitB b = load_b_split<true>(B, kk * 16, n0, lane);
     mma_split_b(acc1[0], acc1[1], a1, b);
     mma_split_b(acc2[0], acc2[1], a2, b);
@@ -143,8 +138,7 @@ __device__ __forceinline__ void mma_tile_rows2(float (&acc)[2][4], const Planes&
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
     SplitA a;
-    ::titans::load_a(a.hi, A.hi(), A.ld, m0, kk * 16, lane);
-    if constexpr (!kAHi) ::titans::load_a(a.lo, A.lo(), A.ld, m0, kk * 16, lane);
+    load_a_split<false, kAHi>(a, A, m0, kk * 16, lane);
     mma_split_b<kAHi>(t1[0], t1[1], a, load_b_split<kBK>(B1, kk * 16, n0, lane));
     mma_split_b<kAHi>(t2[0], t2[1], a, load_b_split<kBK>(B2, kk * 16, n0, lane));
   }

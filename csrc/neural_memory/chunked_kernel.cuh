@@ -178,17 +178,25 @@ struct SplitA {
   FragA<bf16> hi, lo;
 };
 
-// A fragment (16 x 16 at (m0, k0)) of a buffer stored [m][k] / [k][m].
-__device__ __forceinline__ SplitA load_a(const Planes& s, int m0, int k0, int lane) {
-  SplitA a;
-  load_a(a.hi, s.hi(), s.ld, m0, k0, lane);
-  load_a(a.lo, s.lo(), s.ld, m0, k0, lane);
-  return a;
+// A fragment (16 x 16 at (m0, k0)) of split planes stored [m][k] (or [k][m] when kKMajor);
+// with kHiOnly its lo plane is known to be zero (q, k of bf16 inputs): not loaded, and left
+// unset, for the products skip its mmas (mma_split_b's kAHi).
+template <bool kKMajor = false, bool kHiOnly = false>
+__device__ __forceinline__ void load_a_split(SplitA& a, const Planes& s, int m0, int k0,
+                                             int lane) {
+  if constexpr (kKMajor) {
+    load_a_kmajor(a.hi, s.hi(), s.ld, m0, k0, lane);
+    if constexpr (!kHiOnly) load_a_kmajor(a.lo, s.lo(), s.ld, m0, k0, lane);
+  } else {
+    load_a(a.hi, s.hi(), s.ld, m0, k0, lane);
+    if constexpr (!kHiOnly) load_a(a.lo, s.lo(), s.ld, m0, k0, lane);
+  }
 }
-__device__ __forceinline__ SplitA load_a_kmajor(const Planes& s, int m0, int k0, int lane) {
+// Both planes, by value.
+template <bool kKMajor = false>
+__device__ __forceinline__ SplitA load_a_split(const Planes& s, int m0, int k0, int lane) {
   SplitA a;
-  load_a_kmajor(a.hi, s.hi(), s.ld, m0, k0, lane);
-  load_a_kmajor(a.lo, s.lo(), s.ld, m0, k0, lane);
+  load_a_split<kKMajor>(a, s, m0, k0, lane);
   return a;
 }
 // The split A fragment of fp32 values: accumulators of two neighbouring n-tiles (pack_a's
@@ -287,8 +295,7 @@ __device__ __forceinline__ void gemm_rows(float (&acc)[N / 8][4], const Planes& 
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
     SplitA af;
-    ::titans::load_a(af.hi, a.hi(), a.ld, m0, kk * 16, lane);
-    if constexpr (!kAHi) ::titans::load_a(af.lo, a.lo(), a.ld, m0, kk * 16, lane);
+    load_a_split<false, kAHi>(af, a, m0, kk * 16, lane);
 #pragma unroll
     for (int np = 0; np < N / 16; ++np)
       mma_split_b<kAHi, kBHi>(acc[2 * np], acc[2 * np + 1], af,
@@ -976,7 +983,7 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
         } else {  // (D wide: two accumulator sets would not fit the registers)
 #pragma unroll
           for (int kk = 0; kk < D / 16; ++kk) {
-            const SplitA qa = load_a(s_q, m0, kk * 16, lane);
+            const SplitA qa = load_a_split(s_q, m0, kk * 16, lane);
             const SplitA qb = scale_rows(qa, beta_r[0], beta_r[1]);
             const SplitA qc = scale_rows(qa, c_r[0], c_r[1]);
 #pragma unroll
@@ -1044,8 +1051,8 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
 #pragma unroll
         for (int ks = 0; ks < C / 16; ++ks) {
           SplitA ag, an;
-          scale_cols2(load_a_kmajor(sa, tm0, ks * 16, lane), s_gneg, s_nneg, ks * 16, lane, ag,
-                      an);
+          scale_cols2(load_a_split<true>(sa, tm0, ks * 16, lane), s_gneg, s_nneg, ks * 16, lane,
+                      ag, an);
           const SplitB bs = load_b_split<true>(sb, ks * 16, tn0, lane);
           mma_split_b(aw[0], aw[1], ag, bs);
           mma_split_b(as[0], as[1], an, bs);
