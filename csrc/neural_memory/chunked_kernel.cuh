@@ -604,6 +604,12 @@ __device__ __forceinline__ void load_chunk(const Planes& s_q, const Planes& s_k,
   constexpr int kTotal = 2 * C * (D / 2);
   constexpr int kIters = (kTotal + kThreads - 1) / kThreads;
   constexpr int kGroup = kIters < kGroupMax ? kIters : kGroupMax;
+  // pair i: q (which 0) or k, slot r, columns c, c + 1
+  auto pair = [](int i, int& which, int& r, int& c) {
+    which = i / (C * (D / 2));
+    r = (i / (D / 2)) % C;
+    c = (i % (D / 2)) * 2;
+  };
 #pragma unroll 1
   for (int g0 = 0; g0 < kIters; g0 += kGroup) {
     float2 x[kGroup];
@@ -612,8 +618,8 @@ __device__ __forceinline__ void load_chunk(const Planes& s_q, const Planes& s_k,
       const int i = (g0 + u) * kThreads + tid;
       x[u] = make_float2(0.f, 0.f);
       if (g0 + u < kIters && i < kTotal) {
-        const int which = i / (C * (D / 2));
-        const int r = (i / (D / 2)) % C, c = (i % (D / 2)) * 2;
+        int which, r, c;
+        pair(i, which, r, c);
         const int64_t t = t0 + r;
         if (t >= 0 && t < len) x[u] = load2(which == 0 ? gq + rq.at(t) + c : gk + rk.at(t) + c);
       }
@@ -622,8 +628,8 @@ __device__ __forceinline__ void load_chunk(const Planes& s_q, const Planes& s_k,
     for (int u = 0; u < kGroup; ++u) {
       const int i = (g0 + u) * kThreads + tid;
       if (g0 + u < kIters && i < kTotal) {
-        const int which = i / (C * (D / 2));
-        const int r = (i / (D / 2)) % C, c = (i % (D / 2)) * 2;
+        int which, r, c;
+        pair(i, which, r, c);
         (which == 0 ? s_q : s_k).put2(r, c, x[u].x, x[u].y);
       }
     }
