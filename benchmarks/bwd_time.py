@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from registry import SHAPES  # noqa: E402
 from run import make_memory_inputs  # noqa: E402
 from splits import _time_ms  # noqa: E402  (back-to-back calls, CUDA events after warm-up)
-from titans_cuda import neural_memory  # noqa: E402
+from titans_cuda import _lib, neural_memory  # noqa: E402
 from titans_cuda.ops.neural_memory import ops as nm_ops  # noqa: E402
 
 
@@ -60,8 +60,13 @@ def main():
             base = torch.cuda.memory_allocated()
             fb_ms = _time_ms(fwd_bwd, reps=3)
             peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+            taken = _lib._C.neural_memory_chunked_bwd_plan(
+                n_seq=s.B, heads=s.H, dim=s.D, hidden=w1.shape[-1], chunk=s.chunk,
+                dtype=nm_ops.KERNEL_DTYPES.index(q.dtype), split=split,
+                device=torch.cuda.current_device()) if fused else None
             print(f"{name} B{s.B} T{s.T} H{s.H}: fwd {f_ms:.2f} fwd+bwd {fb_ms:.2f} "
-                  f"(fused backward: {fused}, split {split}) peak {peak:.0f} MiB", flush=True)
+                  f"(fused backward: {fused}, split {split} -> {taken}) peak {peak:.0f} MiB",
+                  flush=True)
         nm_ops.FUSED_BWD_SPLIT = 0
 
 

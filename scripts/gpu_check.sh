@@ -81,9 +81,11 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
   compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest $SUBSET -q \
     -p no:cacheprovider -k "writes_every or strided or side_stream" >"$OUT/sanitizer.log" 2>&1
   rc=$?
-  # the fused backward: every checkpoint interval on fresh calls (clusters at the launcher's split)
+  # the fused backward: every checkpoint interval on fresh calls (clusters at the launcher's
+  # split), and the split over 8 ordinary CTAs (global exchange) with groups recomputed
   compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked_bwd.py \
-    -q -p no:cacheprovider -k "checkpoint_groups and fresh" >>"$OUT/sanitizer.log" 2>&1
+    -q -p no:cacheprovider -k "checkpoint_groups and fresh or global_split_is and 4-8" \
+    >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   status[memcheck]="$(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tr '\n' ' ')rc=$rc; $(grep -E 'passed|failed' "$OUT/sanitizer.log" | tail -2 | tr '\n' ' ')"
   compute-sanitizer --tool racecheck --error-exitcode 3 $PY -m pytest tests/test_gpu_mlp.py -q \
@@ -96,7 +98,8 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
     -p no:cacheprovider -k "writes_every" >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   compute-sanitizer --tool racecheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked_bwd.py \
-    -q -p no:cacheprovider -k "checkpoint_groups and h128-float16-fresh-silu-nores-noln-2" >>"$OUT/sanitizer.log" 2>&1
+    -q -p no:cacheprovider -k "checkpoint_groups and h128-float16-fresh-silu-nores-noln-2 or global_split_is and 4-3" \
+    >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   status[racecheck]="$(grep -E 'RACECHECK SUMMARY' "$OUT/sanitizer.log" | tr '\n' ' ')rc=$rc; $(grep -E 'passed|failed' "$OUT/sanitizer.log" | tail -2 | tr '\n' ' ')"
 fi

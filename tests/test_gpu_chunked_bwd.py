@@ -122,11 +122,12 @@ def test_fused_backward_matches_reference(case):
 SPLIT_CASES = [c for c in GRID if c[0] == 256 and c[1] == torch.bfloat16][:4]
 
 
-@pytest.mark.parametrize("split", (1, 2, 3, 4, 8))
+@pytest.mark.parametrize("split", (1, 2, 3, 4, 8, -2, -3, -4, -8))
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=[_id(c) for c in SPLIT_CASES])
-def test_fused_backward_every_cluster_split(case, split, monkeypatch):
-    """Every split of the hidden blocks over a cluster (8 blocks at hidden 256; 3 does not
-    divide them) gives the reference's gradients; splits past 1 need sm_90."""
+def test_fused_backward_every_split(case, split, monkeypatch):
+    """Every split of the hidden blocks (8 blocks at hidden 256; 3 does not divide them), over
+    a cluster (split > 1, sm_90+) or over ordinary CTAs exchanging through global memory
+    (split < 0), gives the reference's gradients."""
     needs_kernels()
     if split > 1 and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("clusters need sm_90+")
@@ -136,6 +137,52 @@ def test_fused_backward_every_cluster_split(case, split, monkeypatch):
     g32 = _grads(args, weights, st, mem, cu, "torch", torch.float32)
     g64 = _grads(args, weights, st, mem, cu, "torch", torch.float64)
     _assert_grads(g, g64, g32, args[0].dtype, f" (split {split})")
+
+
+@pytest.mark.parametrize("split", (2, 3, 8))
+@pytest.mark.parametrize("K", (1, 4))
+def test_fused_backward_global_split_is_the_cluster_split(split, K, monkeypatch):
+    """A split over ordinary CTAs adds the same parts in the same rank order as the cluster of
+    that size: the same bits, over 10 chunks (40 sums through the alternating buffers) with and
+    without the groups recomputed in the kernel."""
+    needs_kernels()
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("clusters need sm_90+")
+    monkeypatch.setattr(nm_ops, "FUSED_BWD_CHECKPOINT_EVERY", K)
+    args, weights, st, mem, cu = _case((256, torch.bfloat16, "long", HEADS[1], "silu"))
+    monkeypatch.setattr(nm_ops, "FUSED_BWD_SPLIT", split)
+    g_cluster = _grads(args, weights, st, mem, cu, "cuda")
+    monkeypatch.setattr(nm_ops, "FUSED_BWD_SPLIT", -split)
+    g_global = _grads(args, weights, st, mem, cu, "cuda")
+    for i, (a, b) in enumerate(zip(g_cluster, g_global)):
+        assert (a is None) == (b is None), i
+        if a is not None:
+            assert torch.equal(a, b), (i, (a - b).abs().max().item())
+
+
+def test_fused_backward_plan():
+    """The launcher's split: never more CTAs than resident at once for a split over ordinary
+    CTAs (their barriers spin), forced splits checked, and no fewer blocks per CTA left on
+    the table where the SMs allow it."""
+    needs_kernels()
+    from titans_cuda import _lib
+    dev = torch.cuda.current_device()
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    plan = lambda n, s, hidden=256: _lib._C.neural_memory_chunked_bwd_plan(  # noqa: E731
+        n_seq=n, heads=16, dim=64, hidden=hidden, chunk=64, dtype=0, split=s, device=dev)
+    for n in (1, 2, 4, 8, 64):
+        s = plan(n, 0)
+        assert s != 0
+        if s < 0:
+            assert 16 * n * -s <= sms
+        blocks = -(-8 // abs(s))
+        if 16 * n * 8 <= sms:  # one block per CTA fits
+            assert blocks == 1, (n, s)
+    assert plan(1, -8) == -8
+    assert plan(1, 3) == (3 if torch.cuda.get_device_capability(dev)[0] >= 9 else 0)
+    assert plan(64, -8) == 0  # 8192 CTAs are never resident at once
+    assert plan(1, 9) == 0 and plan(1, -9) == 0 and plan(1, 8, hidden=128) == 0
+    assert plan(1, -1) == 0
 
 
 def test_fused_backward_is_taken(monkeypatch):

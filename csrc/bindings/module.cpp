@@ -328,6 +328,8 @@ void neural_memory_chunked_bwd(const py::dict& a) {
   bp.dln_b = as_ptr<float>(ptr("dln_b"));
   bp.scratch = as_ptr<float>(ptr("scratch"));
   bp.ring = as_ptr<float>(ptr("ring"));
+  bp.exchange = as_ptr<float>(ptr("exchange"));
+  bp.arrivals = as_ptr<unsigned>(ptr("arrivals"));
   launch_released(a, "neural_memory_chunked_bwd", [&](cudaStream_t stream, int device) {
     return titans::neural_memory_chunked_bwd(bp, stream, device);
   });
@@ -457,6 +459,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("neural_memory_chunked_bwd_scratch_floats",
         &titans::neural_memory_chunked_bwd_scratch_floats, py::arg("dim"), py::arg("hidden"),
         py::arg("chunk"));
+  m.def("neural_memory_chunked_bwd_plan", &titans::neural_memory_chunked_bwd_plan,
+        py::arg("n_seq"), py::arg("heads"), py::arg("dim"), py::arg("hidden"), py::arg("chunk"),
+        py::arg("dtype"), py::arg("split"), py::arg("device"),
+        "The backward launcher's split for a request (0: its choice); negative: ordinary CTAs "
+        "exchanging through global memory; 0 when the request cannot run.");
+  m.def("neural_memory_chunked_bwd_exchange_floats",
+        &titans::neural_memory_chunked_bwd_exchange_floats, py::arg("dim"), py::arg("chunk"),
+        py::arg("split"));
   m.def("memory_mlp_tile_rows", [] { return titans::kMlpTileRows; });
   m.def("kernel_image", &kernel_image, py::arg("device"));
   m.def("build_info", &build_info);

@@ -1,9 +1,11 @@
 // neural_memory_chunked_bwd (chunked_bwd.h): the fused backward at depth 2, read "token".
 //
-// One CTA of 8 warps per (sequence, head) (or a cluster of `split` of them on sm_90+, CTA r
-// owning the hidden blocks b with b % split == r: the per-block work divides, the chunk-wide
-// work repeats, and four sums cross the cluster per chunk in rank order over DSMEM: fk, z2 and
-// dz̄2 to every CTA, the end group to rank 0, which alone stores the per-token gradients)
+// One CTA of 8 warps per (sequence, head) (or `split` of them, CTA r owning the hidden blocks
+// b with b % split == r: the per-block work divides, the chunk-wide work repeats, and four sums
+// cross the group per chunk in rank order: fk, z2 and dz̄2 to every CTA, the end group to rank
+// 0, which alone stores the per-token gradients; the group is a cluster on sm_90+, over DSMEM,
+// or ordinary CTAs of a cooperative launch exchanging through global memory, where clusters of
+// that size would not all be resident at once: GlobalGroup, csrc/common/cluster.cuh)
 // walks the chunks last to first. W̄ and S̄ (the cotangents of the state after the chunk)
 // live in the fp32 output tensors and are updated in place, hidden block by hidden block, into
 // those of the state before it. The chunk-start states come from the forward's checkpoints
@@ -92,35 +94,46 @@ __device__ __forceinline__ void zero(float (&a)[2][4]) {
     for (int e = 0; e < 4; ++e) a[t][e] = 0.f;
 }
 
+// f(kk) for kk in [0, N): unrolled, or rolled (one copy of the body) when kRolled.
+template <bool kRolled, int N, typename F>
+__device__ __forceinline__ void k_steps(F&& f) {
+  if constexpr (kRolled) {
+#pragma unroll 1
+    for (int kk = 0; kk < N; ++kk) f(kk);
+  } else {
+#pragma unroll
+    for (int kk = 0; kk < N; ++kk) f(kk);
+  }
+}
+
 // acc (the 16 x 16 tile at (m0, n0)) += A B over K. A stored [m][k] (or [k][m] when kAK), B
 // stored [k][n] (kBK) or [n][k]. kAHi / kBHi: that operand's lo plane is zero (q, k of bf16
 // inputs), so it is not loaded and its mma is skipped (the same sum: the skipped terms are 0).
-template <int K, bool kAK, bool kBK, bool kAHi = false, bool kBHi = false>
+// kR: the k steps rolled (one copy of the body) rather than unrolled (k_steps; the kernel's kR).
+template <bool kR, int K, bool kAK, bool kBK, bool kAHi = false, bool kBHi = false>
 __device__ __forceinline__ void mma_tile(float (&acc)[2][4], const Planes& A, int m0,
                                          const Planes& B, int n0, int lane) {
-#pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) {
+  k_steps<kR, K / 16>([&](int kk) {
     SplitA a;
     load_a_split<kAK, kAHi>(a, A, m0, kk * 16, lane);
     mma_split_b<kAHi, kBHi>(acc[0], acc[1], a, load_b_split<kBK, kBHi>(B, kk * 16, n0, lane));
-  }
+  });
 }
 
 // acc1 += A^T diag(s1) B and acc2 += A^T diag(s2) B on the 16 x 16 tile at (m0, n0) (A stored
 // [k][m], B [k][n], k over K): A is loaded and joined once per k step and re-split for each
 // scale (scale_cols2); B is loaded once for both products.
-template <int K>
+template <bool kR, int K>
 __device__ __forceinline__ void mma_tile_cols2(float (&acc1)[2][4], float (&acc2)[2][4],
                                                const Planes& A, int m0, const Planes& B, int n0,
                                                int lane, const float* s1, const float* s2) {
-#pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) {
+  k_steps<kR, K / 16>([&](int kk) {
     SplitA a1, a2;
     scale_cols2(load_a_split<true>(A, m0, kk * 16, lane), s1, s2, kk * 16, lane, a1, a2);
     const SplitB b = load_b_split<true>(B, kk * 16, n0, lane);
     mma_split_b(acc1[0], acc1[1], a1, b);
     mma_split_b(acc2[0], acc2[1], a2, b);
-  }
+  });
 }
 
 // acc += diag(r1) (A B1) + diag(r2) (A B2) on the 16 x 16 tile at (m0, n0), A stored [m][k],
@@ -128,20 +141,19 @@ __device__ __forceinline__ void mma_tile_cols2(float (&acc1)[2][4], float (&acc2
 // scales apply to the two fp32 products at the end, rather than to A re-split per use
 // (unpack, scale and split again every fragment, ~14 instructions per register). kAHi as
 // mma_tile's.
-template <int K, bool kBK, bool kAHi = false>
+template <bool kR, int K, bool kBK, bool kAHi = false>
 __device__ __forceinline__ void mma_tile_rows2(float (&acc)[2][4], const Planes& A, int m0,
                                                const Planes& B1, const Planes& B2, int n0,
                                                int lane, const float* r1, const float* r2) {
   float t1[2][4], t2[2][4];
   zero(t1);
   zero(t2);
-#pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) {
+  k_steps<kR, K / 16>([&](int kk) {
     SplitA a;
     load_a_split<false, kAHi>(a, A, m0, kk * 16, lane);
     mma_split_b<kAHi>(t1[0], t1[1], a, load_b_split<kBK>(B1, kk * 16, n0, lane));
     mma_split_b<kAHi>(t2[0], t2[1], a, load_b_split<kBK>(B2, kk * 16, n0, lane));
-  }
+  });
   const float r1g[2] = {r1[m0 + lane / 4], r1[m0 + lane / 4 + 8]};
   const float r2g[2] = {r2[m0 + lane / 4], r2[m0 + lane / 4 + 8]};
 #pragma unroll
@@ -188,7 +200,7 @@ __device__ __forceinline__ void store_tile(float* dst, int64_t ld, int m0, int n
 // The block's zk = k Wg1_b and u = dz2 Wg2_b^T on this warp's C x 32 tile at (m0, n0) (g1:
 // Wg1_b [D][32], g2: Wg2_b [32][D]); hk1 = phi(zk) and dz1 = u phi'(zk) stored as split planes.
 // kKHi: k is exact in bf16 (mma_tile's kAHi).
-template <int D, bool kKHi>
+template <bool kR, int D, bool kKHi>
 __device__ __forceinline__ void block_errors(float (&zk)[2][4], float (&u)[2][4],
                                              const Planes& s_k, const Planes& g1,
                                              const Planes& s_dz2, const Planes& g2,
@@ -196,8 +208,8 @@ __device__ __forceinline__ void block_errors(float (&zk)[2][4], float (&u)[2][4]
                                              int n0, int lane, int act_kind) {
   zero(zk);
   zero(u);
-  mma_tile<D, false, true, kKHi>(zk, s_k, m0, g1, n0, lane);
-  mma_tile<D, false, false>(u, s_dz2, m0, g2, n0, lane);
+  mma_tile<kR, D, false, true, kKHi>(zk, s_k, m0, g1, n0, lane);
+  mma_tile<kR, D, false, false>(u, s_dz2, m0, g2, n0, lane);
   float hk[2][4], dz[2][4];
 #pragma unroll
   for (int t = 0; t < 2; ++t)
@@ -241,7 +253,7 @@ __device__ __forceinline__ float3 state_cotangent_tile(float (&aw)[2][4], float 
 // One 16 x 16 tile at (m0, n0) of the forward's state update, W' = beta_C W0 + c_C S0 +
 // x^T (gneg * dz) and S' = m_C S0 + x^T (nneg * dz) (x [C][rows], dz [C][cols] in shared
 // memory), read from w0, s0 and written to wn, sn (leading dimension ld).
-template <int C>
+template <bool kR, int C>
 __device__ __forceinline__ void state_update_tile(const Planes& x, const Planes& dz,
                                                   const float* gneg, const float* nneg,
                                                   const float* w0, const float* s0, float* wn,
@@ -258,7 +270,7 @@ __device__ __forceinline__ void state_update_tile(const Planes& x, const Planes&
       aw[t][e] = beta_c * aw[t][e] + c_c * sv[t][e];
       as[t][e] = m_c * sv[t][e];
     }
-  mma_tile_cols2<C>(aw, as, x, m0, dz, n0, lane, gneg, nneg);
+  mma_tile_cols2<kR, C>(aw, as, x, m0, dz, n0, lane, gneg, nneg);
   store_tile(wn, ld, m0, n0, aw, lane);
   store_tile(sn, ld, m0, n0, as, lane);
 }
@@ -363,13 +375,15 @@ __host__ __device__ inline size_t scratch_floats(int D, int hidden, int C) {
   return size_t(2) * C * hidden + chunked::kMaxSplit * head_floats(D, C);
 }
 
-// Sums this thread's values over the CTAs of the cluster in rank order through `buf` (NF *
-// kThreads floats of shared memory, free on entry in every CTA and again on return), so that
-// every receiving CTA holds the same bits. Every thread of every CTA calls it.
-template <int NF>
-__device__ __forceinline__ void cluster_sum(ClusterGroup& grp, int split, float (&v)[NF],
-                                            float* buf, bool receive) {
+// Sums this thread's values over the CTAs of the group in rank order, so that every receiving
+// CTA holds the same bits. `smem_buf` (NF * kThreads floats of shared memory, free on entry in
+// every CTA and again on return) carries the parts of a cluster; a GlobalGroup publishes in its
+// own global buffers instead. Every thread of every CTA calls it.
+template <typename Group, int NF>
+__device__ __forceinline__ void cluster_sum(Group& grp, int split, float (&v)[NF],
+                                            float* smem_buf, bool receive) {
   const int tid = threadIdx.x;
+  float* buf = grp.publish(smem_buf);
 #pragma unroll
   for (int k = 0; k < NF; ++k) buf[k * kThreads + tid] = v[k];
   grp.sync();
@@ -379,30 +393,30 @@ __device__ __forceinline__ void cluster_sum(ClusterGroup& grp, int split, float 
     for (int r = 0; r < split; ++r) {
       const float* rb = grp.remote(static_cast<const float*>(buf), r);
 #pragma unroll
-      for (int k = 0; k < NF; ++k) v[k] += rb[k * kThreads + tid];
+      for (int k = 0; k < NF; ++k) v[k] += grp.load(rb + k * kThreads + tid);
     }
   }
-  grp.sync();
+  grp.done();
 }
 // The same for an array of tiles.
-template <int N>
-__device__ __forceinline__ void cluster_sum(ClusterGroup& grp, int split, float (&a)[N][2][4],
-                                            float* buf, bool receive) {
+template <typename Group, int N>
+__device__ __forceinline__ void cluster_sum(Group& grp, int split, float (&a)[N][2][4],
+                                            float* smem_buf, bool receive) {
   float v[N * 8];
 #pragma unroll
   for (int k = 0; k < N * 8; ++k) v[k] = a[k / 8][(k / 4) % 2][k % 4];
-  cluster_sum(grp, split, v, buf, receive);
+  cluster_sum(grp, split, v, smem_buf, receive);
 #pragma unroll
   for (int k = 0; k < N * 8; ++k) a[k / 8][(k / 4) % 2][k % 4] = v[k];
 }
-// Sum 4 in one publish and two cluster barriers (not three sums and six): qb, kb (CD tiles),
-// mm1, gpart (CC tiles) and rs[11], in that order, through `buf` (end_sum_floats * kThreads
-// floats); the same rank-order sums as cluster_sum, into the receiving CTA only.
-template <int ND, int NC>
-__device__ __forceinline__ void cluster_sum_end(ClusterGroup& grp, int split,
-                                                float (&qb)[ND][2][4], float (&kb)[ND][2][4],
-                                                float (&mm1)[NC][2][4], float (&gp)[NC][2][4],
-                                                float (&rs)[11], float* buf, bool receive) {
+// Sum 4 in one publish and one barrier round (not three sums): qb, kb (CD tiles), mm1, gpart
+// (CC tiles) and rs[11], in that order, through `smem_buf` (end_sum_floats * kThreads floats)
+// or the group's buffers; the same rank-order sums as cluster_sum, into the receiving CTA only.
+template <typename Group, int ND, int NC>
+__device__ __forceinline__ void cluster_sum_end(Group& grp, int split, float (&qb)[ND][2][4],
+                                                float (&kb)[ND][2][4], float (&mm1)[NC][2][4],
+                                                float (&gp)[NC][2][4], float (&rs)[11],
+                                                float* smem_buf, bool receive) {
   const int tid = threadIdx.x;
   auto each = [&](auto&& f) {
     int k = 0;
@@ -417,22 +431,32 @@ __device__ __forceinline__ void cluster_sum_end(ClusterGroup& grp, int split,
 #pragma unroll
     for (int i = 0; i < 11; ++i) f(rs[i], k++);
   };
+  float* buf = grp.publish(smem_buf);
   each([&](float& v, int k) { buf[k * kThreads + tid] = v; });
   grp.sync();
   if (receive) {
     each([&](float& v, int) { v = 0.f; });
     for (int r = 0; r < split; ++r) {
       const float* rb = grp.remote(static_cast<const float*>(buf), r);
-      each([&](float& v, int k) { v += rb[k * kThreads + tid]; });
+      each([&](float& v, int k) { v += grp.load(rb + k * kThreads + tid); });
     }
   }
-  grp.sync();
+  grp.done();
 }
 
-// kCluster: the instance for split > 1 (a cluster of `split` CTAs per (sequence, head), CTA
-// r owning the hidden blocks b with b % split == r, as the forward); the split-1 instance
-// compiles the cluster code out.
-template <typename TIn, int D, int C, bool kCluster>
+// The kernel's instances: one CTA per (sequence, head), a cluster of `split` CTAs (sm_90+),
+// or `split` ordinary CTAs of a cooperative launch exchanging through global memory (any
+// architecture: splits whose clusters would not all be resident at once). With a split, CTA r
+// owns the hidden blocks b with b % split == r, as the forward; the one-CTA instance compiles
+// the group code out.
+enum Mode : int { kOne = 0, kClusterSplit = 1, kGlobalSplit = 2 };
+
+// A GlobalGroup's buffer: the largest sum (sum 4) of every thread.
+__host__ __device__ constexpr int64_t exchange_buffer_floats(int D, int C) {
+  return int64_t(end_sum_floats(D, C)) * kThreads;
+}
+
+template <typename TIn, int D, int C, int kMode>
 __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdParams bp) {
   const NeuralMemoryParams& p = bp.f;
   constexpr int HB = kHB;
@@ -497,10 +521,27 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
   float* v_rp = v_theta + kVecs * C;     // [4][kSlots][C] row partials
   float* v_red = v_rp + 4 * kSlots * C;  // [kWarps][4] (frobenius partials)
 
-  ClusterGroup grp;
+  constexpr bool kCluster = kMode != kOne;  // split over CTAs (a cluster or a global group)
+  // The products' k steps unrolled, or rolled (kR). The kernel is ~300 KB of
+  // SASS, beyond the instruction caches, and at one or two hidden blocks per CTA (the global
+  // splits) instruction fetch stalls lead; rolled k steps shrink it and spill less. Measured
+  // (H100, long shape, split -8): 105.1 -> 101.1 ms forward+backward; at split 1 (B = 8) the
+  // same change cost 18.1 -> 19.0 ms, so the one-CTA and cluster instances stay unrolled.
+  constexpr bool kR = kMode == kGlobalSplit;
   const int split = kCluster ? p.split : 1;
   const int rank = kCluster ? int(blockIdx.x) % split : 0;
   const int h = kCluster ? int(blockIdx.x) / split : int(blockIdx.x), n = blockIdx.y;
+  using Group = std::conditional_t<kMode == kGlobalSplit, GlobalGroup, ClusterGroup>;
+  Group grp{};
+  if constexpr (kMode == kGlobalSplit) {  // this CTA's exchange buffers and the group's counter
+    constexpr int64_t kFloats = exchange_buffer_floats(D, C);
+    const int64_t pair = int64_t(n) * p.heads + h;
+    grp.mine = bp.exchange + (pair * split + rank) * 2 * kFloats;
+    grp.arrivals = bp.arrivals + pair * GlobalGroup::kArrivalStride;
+    grp.floats = kFloats;
+    grp.rank = rank;
+    grp.split = split;
+  }
   const bool lead = rank == 0;  // stores what every CTA computes (dq, dk, dv, gates, LN)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   int64_t start = 0, len = p.seqlen, row_base = int64_t(n) * p.seqlen;
@@ -643,7 +684,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
           greg[i][t][e] = f_g[trow(m0, e, lane) * kLdC + tcol(n0, t, e, lane)];
       float a[2][4];
       zero(a);
-      mma_tile<D, false, false, kX, kX>(a, s_q, m0, s_k, n0, lane);  // q k^T
+      mma_tile<kR, D, false, false, kX, kX>(a, s_q, m0, s_k, n0, lane);  // q k^T
 #pragma unroll
       for (int t = 0; t < 2; ++t)
 #pragma unroll
@@ -663,7 +704,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       if (ch_ok) {
         float z[2][4];
         zero(z);
-        mma_tile<D, false, true, kX>(z, s_k, chm, s_w1, chn, lane);
+        mma_tile<kR, D, false, true, kX>(z, s_k, chm, s_w1, chn, lane);
 #pragma unroll
         for (int t = 0; t < 2; ++t)
 #pragma unroll
@@ -674,7 +715,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
 #pragma unroll
       for (int i = 0; i < CD::kIt; ++i)
         if (CD::ok(i, warp))
-          mma_tile<HB, false, true>(acc[i], s_hk1, CD::m0(i, warp), s_w2, CD::n0(i, warp), lane);
+          mma_tile<kR, HB, false, true>(acc[i], s_hk1, CD::m0(i, warp), s_w2, CD::n0(i, warp), lane);
     }
     __syncthreads();  // s_hk1 (f_row) free
     if (kCluster) cluster_sum(grp, split, acc, f_row, true);  // sum 1: fk
@@ -764,15 +805,15 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         __syncthreads();
         if (ch_ok) {
           float z[2][4], u[2][4];
-          block_errors<D, kX>(z, u, s_k, s_w1, s_dz2, s_w2, s_hk1, s_dz1, chm, chn, lane, act_kind);
+          block_errors<kR, D, kX>(z, u, s_k, s_w1, s_dz2, s_w2, s_hk1, s_dz1, chm, chn, lane, act_kind);
         }
         __syncthreads();
         if (dh_ok) {
-          state_update_tile<C>(s_k, s_dz1, v_gneg, v_nneg, w0[0] + c1, s0[0] + c1, wn[0] + c1,
+          state_update_tile<kR, C>(s_k, s_dz1, v_gneg, v_nneg, w0[0] + c1, s0[0] + c1, wn[0] + c1,
                                sn[0] + c1, hidden, dhm, dhn, lane, beta_c, c_c, m_c);
         }
         if (hd_ok) {
-          state_update_tile<C>(s_hk1, s_dz2, v_gneg, v_nneg, w0[1] + r2, s0[1] + r2, wn[1] + r2,
+          state_update_tile<kR, C>(s_hk1, s_dz2, v_gneg, v_nneg, w0[1] + r2, s0[1] + r2, wn[1] + r2,
                                sn[1] + r2, D, hdm, hdn, lane, beta_c, c_c, m_c);
         }
       }
@@ -796,14 +837,14 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       __syncthreads();
       if (ch_ok) {  // hk1, dz1 of the block
         float z[2][4], u[2][4];
-        block_errors<D, kX>(z, u, s_k, s_g1, s_dz2, s_g2, s_hk1, s_dz1, chm, chn, lane, act_kind);
+        block_errors<kR, D, kX>(z, u, s_k, s_g1, s_dz2, s_g2, s_hk1, s_dz1, chm, chn, lane, act_kind);
       }
       __syncthreads();
       if (ch_ok) {  // h1 = phi(beta q W0_1 + c q S0_1 + ga1 dz1)
         float z[2][4];
         zero(z);
-        mma_tile_rows2<D, true, kX>(z, s_q, chm, s_w1, s_s1, chn, lane, v_beta, v_c);
-        mma_tile<C, false, true>(z, s_ga1, chm, s_dz1, chn, lane);
+        mma_tile_rows2<kR, D, true, kX>(z, s_q, chm, s_w1, s_s1, chn, lane, v_beta, v_c);
+        mma_tile<kR, C, false, true>(z, s_ga1, chm, s_dz1, chn, lane);
 #pragma unroll
         for (int t = 0; t < 2; ++t)
 #pragma unroll
@@ -815,12 +856,12 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       for (int i = 0; i < CD::kIt; ++i) {
         if (!CD::ok(i, warp)) continue;
         const int m0 = CD::m0(i, warp), n0 = CD::n0(i, warp);
-        mma_tile_rows2<HB, true>(acc[i], s_h1, m0, s_w2, s_s2, n0, lane, v_beta, v_c);
+        mma_tile_rows2<kR, HB, true>(acc[i], s_h1, m0, s_w2, s_s2, n0, lane, v_beta, v_c);
       }
 #pragma unroll
       for (int i = 0; i < CC::kIt; ++i)
         if (CC::ok(i, warp))
-          mma_tile<HB, false, false>(pp[i], s_h1, CC::m0(i, warp), s_hk1, CC::n0(i, warp), lane);
+          mma_tile<kR, HB, false, false>(pp[i], s_h1, CC::m0(i, warp), s_hk1, CC::n0(i, warp), lane);
     }
     __syncthreads();
 #pragma unroll
@@ -838,7 +879,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
     for (int i = 0; i < CD::kIt; ++i) {
       if (!CD::ok(i, warp)) continue;
       const int m0 = CD::m0(i, warp), n0 = CD::n0(i, warp);
-      mma_tile<C, false, true>(acc[i], s_a2b, m0, s_dz2, n0, lane);
+      mma_tile<kR, C, false, true>(acc[i], s_a2b, m0, s_dz2, n0, lane);
     }
     // sum 2: z2 (each CTA added its own blocks' (-G * P) dz2: P enters linearly)
     if (kCluster) cluster_sum(grp, split, acc, f_row, true);
@@ -908,14 +949,14 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
 #pragma unroll
     for (int i = 0; i < CD::kIt; ++i)
       if (CD::ok(i, warp))
-        mma_tile<C, true, true>(dzb[i], s_a2b, CD::m0(i, warp), s_zb2, CD::n0(i, warp), lane);
+        mma_tile<kR, C, true, true>(dzb[i], s_a2b, CD::m0(i, warp), s_zb2, CD::n0(i, warp), lane);
     float gpart[CC::kIt][2][4];
 #pragma unroll
     for (int i = 0; i < CC::kIt; ++i) {
       if (!CC::ok(i, warp)) continue;
       float mm[2][4];
       zero(mm);
-      mma_tile<D, false, false>(mm, s_zb2, CC::m0(i, warp), s_dz2, CC::n0(i, warp), lane);
+      mma_tile<kR, D, false, false>(mm, s_zb2, CC::m0(i, warp), s_dz2, CC::n0(i, warp), lane);
 #pragma unroll
       for (int t = 0; t < 2; ++t)
 #pragma unroll
@@ -954,16 +995,16 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       zero(zk);
       zero(uu);
       if (ch_ok) {
-        block_errors<D, kX>(zk, uu, s_k, s_g1, s_dz2, s_g2, s_hk1, s_dz1, chm, chn, lane, act_kind);
+        block_errors<kR, D, kX>(zk, uu, s_k, s_g1, s_dz2, s_g2, s_hk1, s_dz1, chm, chn, lane, act_kind);
       }
       __syncthreads();
       zero(xq);
       zero(yq);
       zero(z1);
       if (ch_ok) {
-        mma_tile<D, false, true, kX>(xq, s_q, chm, s_w1, chn, lane);
-        mma_tile<D, false, true, kX>(yq, s_q, chm, s_s1, chn, lane);
-        mma_tile<C, false, true>(z1, s_ga1, chm, s_dz1, chn, lane);
+        mma_tile<kR, D, false, true, kX>(xq, s_q, chm, s_w1, chn, lane);
+        mma_tile<kR, D, false, true, kX>(yq, s_q, chm, s_s1, chn, lane);
+        mma_tile<kR, C, false, true>(z1, s_ga1, chm, s_dz1, chn, lane);
         float h1[2][4];
 #pragma unroll
         for (int t = 0; t < 2; ++t)
@@ -988,9 +1029,9 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         zero(X);
         zero(Y);
         zero(R);
-        mma_tile<D, false, false>(X, s_zb2, chm, s_w2, chn, lane);
-        mma_tile<D, false, false>(Y, s_zb2, chm, s_s2, chn, lane);
-        mma_tile<C, false, true>(R, s_a2b, chm, s_hk1, chn, lane);
+        mma_tile<kR, D, false, false>(X, s_zb2, chm, s_w2, chn, lane);
+        mma_tile<kR, D, false, false>(Y, s_zb2, chm, s_s2, chn, lane);
+        mma_tile<kR, C, false, true>(R, s_a2b, chm, s_hk1, chn, lane);
         float zb1[2][4];
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
@@ -1014,7 +1055,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         put_tile(s_zb1, chm, chn, zb1, lane);
       }
       if (hd_ok) {
-        mma_tile_cols2<C>(aw2, as2, s_h1, hdm, s_zb2, hdn, lane, v_beta, v_c);
+        mma_tile_cols2<kR, C>(aw2, as2, s_h1, hdm, s_zb2, hdn, lane, v_beta, v_c);
       }
       __syncthreads();
       // C3: q̄ += (beta z̄1) W0_1^T + (c z̄1) S0_1^T; mm1 += z̄1 dz1^T; W̄_1 += q^T (beta z̄1),
@@ -1023,15 +1064,15 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       for (int i = 0; i < CD::kIt; ++i) {
         if (!CD::ok(i, warp)) continue;
         const int m0 = CD::m0(i, warp), n0 = CD::n0(i, warp);
-        mma_tile_rows2<HB, false>(qb[i], s_zb1, m0, s_w1, s_s1, n0, lane, v_beta, v_c);
+        mma_tile_rows2<kR, HB, false>(qb[i], s_zb1, m0, s_w1, s_s1, n0, lane, v_beta, v_c);
       }
 #pragma unroll
       for (int i = 0; i < CC::kIt; ++i)
         if (CC::ok(i, warp))
-          mma_tile<HB, false, false>(mm1[i], s_zb1, CC::m0(i, warp), s_dz1, CC::n0(i, warp),
+          mma_tile<kR, HB, false, false>(mm1[i], s_zb1, CC::m0(i, warp), s_dz1, CC::n0(i, warp),
                                      lane);
       if (dh_ok) {
-        mma_tile_cols2<C>(aw1, as1, s_q, dhm, s_zb1, dhn, lane, v_beta, v_c);
+        mma_tile_cols2<kR, C>(aw1, as1, s_q, dhm, s_zb1, dhn, lane, v_beta, v_c);
       }
       stage<HB, D, kThreads>(s_pw2, wbar[1] + r2, D);
       stage<HB, D, kThreads>(s_ps2, sbar[1] + r2, D);
@@ -1043,9 +1084,9 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         float X[2][4], Y[2][4];
         zero(X);
         zero(Y);
-        mma_tile<D, false, false>(X, s_dz2, chm, s_pw2, chn, lane);
-        mma_tile<D, false, false>(Y, s_dz2, chm, s_ps2, chn, lane);
-        mma_tile<C, true, true>(hkb, s_a2b, chm, s_h1, chn, lane);
+        mma_tile<kR, D, false, false>(X, s_dz2, chm, s_pw2, chn, lane);
+        mma_tile<kR, D, false, false>(Y, s_dz2, chm, s_ps2, chn, lane);
+        mma_tile<kR, C, true, true>(hkb, s_a2b, chm, s_h1, chn, lane);
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int row = chm + lane / 4 + 8 * half;
@@ -1068,7 +1109,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       for (int i = 0; i < CD::kIt; ++i) {
         if (!CD::ok(i, warp)) continue;
         const int m0 = CD::m0(i, warp), n0 = CD::n0(i, warp);
-        mma_tile_rows2<HB, true>(dzb[i], s_hk1, m0, s_pw2, s_ps2, n0, lane, v_gneg, v_nneg);
+        mma_tile_rows2<kR, HB, true>(dzb[i], s_hk1, m0, s_pw2, s_ps2, n0, lane, v_gneg, v_nneg);
       }
       if (hd_ok) {
         const float3 fro = state_cotangent_tile(aw2, as2, wbar[1] + r2, sbar[1] + r2, w0[1] + r2,
@@ -1087,9 +1128,9 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         zero(X);
         zero(Y);
         zero(dzb1);
-        mma_tile<D, false, true, kX>(X, s_k, chm, s_pw1, chn, lane);
-        mma_tile<D, false, true, kX>(Y, s_k, chm, s_ps1, chn, lane);
-        mma_tile<C, true, true>(dzb1, s_ga1, chm, s_zb1, chn, lane);
+        mma_tile<kR, D, false, true, kX>(X, s_k, chm, s_pw1, chn, lane);
+        mma_tile<kR, D, false, true, kX>(Y, s_k, chm, s_ps1, chn, lane);
+        mma_tile<kR, C, true, true>(dzb1, s_ga1, chm, s_zb1, chn, lane);
         float ub[2][4], Z[2][4];
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
@@ -1120,7 +1161,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       for (int i = 0; i < CD::kIt; ++i) {
         if (!CD::ok(i, warp)) continue;
         const int m0 = CD::m0(i, warp), n0 = CD::n0(i, warp);
-        mma_tile_rows2<HB, false>(kb[i], s_dz1, m0, s_pw1, s_ps1, n0, lane, v_gneg, v_nneg);
+        mma_tile_rows2<kR, HB, false>(kb[i], s_dz1, m0, s_pw1, s_ps1, n0, lane, v_gneg, v_nneg);
       }
       if (dh_ok) {
         const float3 fro = state_cotangent_tile(aw1, as1, wbar[0] + c1, sbar[0] + c1, w0[0] + c1,
@@ -1139,11 +1180,11 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
 #pragma unroll
       for (int i = 0; i < CD::kIt; ++i)
         if (CD::ok(i, warp))
-          mma_tile<HB, false, true>(dzb[i], s_h1, CD::m0(i, warp), s_g2, CD::n0(i, warp), lane);
+          mma_tile<kR, HB, false, true>(dzb[i], s_h1, CD::m0(i, warp), s_g2, CD::n0(i, warp), lane);
       if (hd_ok) {
         float ag[2][4];
         zero(ag);
-        mma_tile<C, true, true>(ag, s_h1, hdm, s_dz2, hdn, lane);
+        mma_tile<kR, C, true, true>(ag, s_h1, hdm, s_dz2, hdn, lane);
         if (j > 0) {
 #pragma unroll
           for (int t = 0; t < 2; ++t)
@@ -1275,7 +1316,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       if (ch_ok) {  // zk1_bar = Z + (f̄ Wg2^T) phi'(zk)
         float F[2][4], Z[2][4];
         zero(F);
-        mma_tile<D, false, false>(F, s_zb2, chm, s_w2, chn, lane);
+        mma_tile<kR, D, false, false>(F, s_zb2, chm, s_w2, chn, lane);
         load_tile_cg(Z, scr_zb + int64_t(b) * C * HB, HB, chm, chn, lane);
 #pragma unroll
         for (int t = 0; t < 2; ++t)
@@ -1287,7 +1328,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       if (hd_ok) {  // W̄g_2 += hk1^T f̄
         float ag[2][4];
         load_tile_cg(ag, wg_dst[1] + r2, D, hdm, hdn, lane);
-        mma_tile<C, true, true>(ag, s_hk1, hdm, s_zb2, hdn, lane);
+        mma_tile<kR, C, true, true>(ag, s_hk1, hdm, s_zb2, hdn, lane);
         store_tile(wg_dst[1] + r2, D, hdm, hdn, ag, lane);
       }
       __syncthreads();
@@ -1298,13 +1339,13 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         } else {
           zero(ag);
         }
-        mma_tile<C, true, true, kX>(ag, s_k, dhm, s_zb1, dhn, lane);
+        mma_tile<kR, C, true, true, kX>(ag, s_k, dhm, s_zb1, dhn, lane);
         store_tile(wg_dst[0] + c1, hidden, dhm, dhn, ag, lane);
       }
 #pragma unroll
       for (int i = 0; i < CD::kIt; ++i)
         if (CD::ok(i, warp))
-          mma_tile<HB, false, false>(kb[i], s_zb1, CD::m0(i, warp), s_w1, CD::n0(i, warp), lane);
+          mma_tile<kR, HB, false, false>(kb[i], s_zb1, CD::m0(i, warp), s_w1, CD::n0(i, warp), lane);
     }
     __syncthreads();
     // the final chunk weights' cotangent owed to this chunk's Wg (the CTA's own blocks)
@@ -1329,7 +1370,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       const int m0 = CC::m0(i, warp), n0 = CC::n0(i, warp);
       float a1[2][4], ab[2][4];
       zero(a1);
-      mma_tile<D, false, false, kX, kX>(a1, s_q, m0, s_k, n0, lane);
+      mma_tile<kR, D, false, false, kX, kX>(a1, s_q, m0, s_k, n0, lane);
 #pragma unroll
       for (int t = 0; t < 2; ++t)
 #pragma unroll
@@ -1365,8 +1406,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
     for (int i = 0; i < CD::kIt; ++i) {
       if (!CD::ok(i, warp)) continue;
       const int m0 = CD::m0(i, warp), n0 = CD::n0(i, warp);
-      mma_tile<C, false, true, false, kX>(qb[i], s_a2b, m0, s_k, n0, lane);
-      mma_tile<C, true, true, false, kX>(kb[i], s_a2b, m0, s_q, n0, lane);
+      mma_tile<kR, C, false, true, false, kX>(qb[i], s_a2b, m0, s_k, n0, lane);
+      mma_tile<kR, C, true, true, false, kX>(kb[i], s_a2b, m0, s_q, n0, lane);
 #pragma unroll
       for (int t = 0; t < 2; ++t)
 #pragma unroll
@@ -1457,43 +1498,107 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
   }
 }
 
+// CTAs of `kernel` resident at once on the current device (a cooperative launch's limit).
+template <typename Kernel>
+int64_t resident_ctas(Kernel kernel, size_t smem) {
+  int device = 0, per_sm = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem) !=
+          cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return int64_t(per_sm) * sms;
+}
+
 template <typename TIn, int D, int C>
-cudaError_t launch(NeuralMemoryBwdParams p, cudaStream_t stream) {
-  const BwdLayout lay = make_bwd_layout(D, C);
-  if (!aliases_fit(lay, D, C)) return cudaErrorInvalidValue;
-  auto kernel = bwd_kernel<TIn, D, C, false>;
-  auto cluster_kernel = bwd_kernel<TIn, D, C, true>;
-  for (auto k : {kernel, cluster_kernel}) {
-    TITANS_RETURN_IF_ERROR(
-        cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(lay.total)));
+struct Kernels {
+  decltype(&bwd_kernel<TIn, D, C, kOne>) one = bwd_kernel<TIn, D, C, kOne>;
+  decltype(&bwd_kernel<TIn, D, C, kOne>) cluster = bwd_kernel<TIn, D, C, kClusterSplit>;
+  decltype(&bwd_kernel<TIn, D, C, kOne>) global = bwd_kernel<TIn, D, C, kGlobalSplit>;
+  size_t smem = make_bwd_layout(D, C).total;
+  cudaError_t prepare() const {
+    for (auto k : {one, cluster, global}) {
+      TITANS_RETURN_IF_ERROR(
+          cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    }
+    return cudaSuccess;
+  }
+};
+
+// The launcher's split for a request (chunked_bwd.h, neural_memory_chunked_bwd_plan); 0 when
+// the request cannot run here.
+template <typename TIn, int D, int C>
+int plan(int n_seq, int heads, int hidden, int split) {
+  const Kernels<TIn, D, C> ks;
+  if (ks.prepare() != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
   }
   int device = 0, major = 0;
-  TITANS_RETURN_IF_ERROR(cudaGetDevice(&device));
-  TITANS_RETURN_IF_ERROR(
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  const int n_blocks = p.f.hidden / kHB;
-  if (p.f.split <= 0) {  // as the forward: the fewest blocks per CTA whose clusters all fit
-    p.f.split = 1;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  const int n_blocks = hidden / kHB;
+  const int64_t pairs = int64_t(n_seq) * heads;
+  auto per_cta = [&](int s) { return (n_blocks + s - 1) / s; };
+  if (split == 0) {
+    // The fewest hidden blocks per CTA (then the fewest CTAs) such that every CTA of the grid
+    // is resident at once (the chunk loop is latency bound: a group that waits for a free slot
+    // doubles the time): a cluster where its clusters fit, else ordinary CTAs exchanging
+    // through global memory where they give fewer blocks per CTA (their barriers and exchanges
+    // are slower than the cluster's).
+    split = 1;
     if (major >= 9) {
-      const int64_t pairs = int64_t(p.f.n_seq) * p.f.heads;
       for (int s = 2; s <= chunked::kMaxSplit && s <= n_blocks; ++s) {
-        if ((n_blocks + s - 1) / s == (n_blocks + p.f.split - 1) / p.f.split) continue;
-        if (pairs > chunked::max_clusters(cluster_kernel, s, lay.total, kThreads)) continue;
-        p.f.split = s;
+        if (per_cta(s) == per_cta(split)) continue;
+        if (pairs > chunked::max_clusters(ks.cluster, s, ks.smem, kThreads)) continue;
+        split = s;
       }
     }
+    const int64_t resident = resident_ctas(ks.global, ks.smem);
+    int global = 0;
+    for (int s = 2; s <= chunked::kMaxSplit && s <= n_blocks; ++s) {
+      if (per_cta(s) >= per_cta(global > 0 ? global : split)) continue;
+      if (pairs * s > resident) continue;
+      global = s;
+    }
+    return global > 0 ? -global : split;
   }
-  const int s = p.f.split;
-  if (s != 1 && (major < 9 || s > chunked::kMaxSplit || s > n_blocks)) {
-    return cudaErrorInvalidValue;
-  }
+  const int s = split < 0 ? -split : split;
+  if (s > chunked::kMaxSplit || s > n_blocks) return 0;
+  if (split > 1 && major < 9) return 0;
+  if (split < 0 && (s < 2 || pairs * s > resident_ctas(ks.global, ks.smem))) return 0;
+  return split;
+}
+
+template <typename TIn, int D, int C>
+cudaError_t launch(NeuralMemoryBwdParams p, cudaStream_t stream) {
+  const Kernels<TIn, D, C> ks;
+  const BwdLayout lay = make_bwd_layout(D, C);
+  if (!aliases_fit(lay, D, C)) return cudaErrorInvalidValue;
+  TITANS_RETURN_IF_ERROR(ks.prepare());
+  const int split = plan<TIn, D, C>(p.f.n_seq, p.f.heads, p.f.hidden, p.f.split);
+  if (split == 0) return cudaErrorInvalidValue;
+  const bool global = split < 0;
+  if (global && (p.exchange == nullptr || p.arrivals == nullptr)) return cudaErrorInvalidValue;
+  const int s = global ? -split : split;
+  p.f.split = s;
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(unsigned(p.f.heads) * unsigned(s), unsigned(p.f.n_seq));
   config.blockDim = dim3(unsigned(kThreads));
   config.dynamicSmemBytes = lay.total;
   config.stream = stream;
   cudaLaunchAttribute attr[1];
-  if (s > 1) {
+  if (global) {  // every CTA resident at once (or the launch fails): the groups' barriers spin
+    attr[0].id = cudaLaunchAttributeCooperative;
+    attr[0].val.cooperative = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
+  } else if (s > 1) {
     attr[0].id = cudaLaunchAttributeClusterDimension;
     attr[0].val.clusterDim.x = unsigned(s);
     attr[0].val.clusterDim.y = 1;
@@ -1501,7 +1606,7 @@ cudaError_t launch(NeuralMemoryBwdParams p, cudaStream_t stream) {
     config.attrs = attr;
     config.numAttrs = 1;
   }
-  return cudaLaunchKernelEx(&config, s > 1 ? cluster_kernel : kernel, p);
+  return cudaLaunchKernelEx(&config, global ? ks.global : s > 1 ? ks.cluster : ks.one, p);
 }
 
 }  // namespace chunked_bwd
@@ -1520,6 +1625,23 @@ size_t neural_memory_chunked_bwd_smem_bytes(int dim, int hidden, int depth, int 
 
 size_t neural_memory_chunked_bwd_scratch_floats(int dim, int hidden, int chunk) {
   return chunked_bwd::scratch_floats(dim, hidden, chunk);
+}
+
+int neural_memory_chunked_bwd_plan(int n_seq, int heads, int dim, int hidden, int chunk,
+                                   int dtype, int split, int device) {
+  if (!neural_memory_chunked_bwd_supported(dim, hidden, 2, chunk, dtype, false) || n_seq < 1 ||
+      heads < 1) {
+    return 0;
+  }
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return 0;
+  return dtype == 0 ? chunked_bwd::plan<__nv_bfloat16, 64, 64>(n_seq, heads, hidden, split)
+                    : chunked_bwd::plan<__half, 64, 64>(n_seq, heads, hidden, split);
+}
+
+size_t neural_memory_chunked_bwd_exchange_floats(int dim, int chunk, int split) {
+  if (split >= 0) return 0;
+  return size_t(-split) * 2 * size_t(chunked_bwd::exchange_buffer_floats(dim, chunk));
 }
 
 cudaError_t neural_memory_chunked_bwd(const NeuralMemoryBwdParams& bp, cudaStream_t stream,

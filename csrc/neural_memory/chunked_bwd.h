@@ -7,7 +7,11 @@
 // K-th with the others recomputed in the kernel a group at a time (ring).
 // Supported: bf16/fp16 inputs, D = 64, chunk 64, hidden a multiple of 32 up to 512
 // (neural_memory_chunked_bwd_supported); everything else falls back to the reference's VJP in
-// Python. params.f.split forces a split (1..8, at most hidden / 32); 0 lets the launcher choose.
+// Python. params.f.split forces a split: 1..8 CTAs per (sequence, head), a cluster on sm_90+,
+// or -2..-8, ordinary CTAs of a cooperative launch that exchange through global memory (any
+// architecture; every CTA must be resident at once), at most hidden / 32 either way; 0 lets the
+// launcher choose (neural_memory_chunked_bwd_plan tells its choice first, so that the caller can
+// allocate the exchange).
 #pragma once
 
 #include <cstddef>
@@ -56,6 +60,12 @@ struct NeuralMemoryBwdParams {
   // 2K, ...): per (sequence, head) K - 1 chunk-start states [W1, W2, S1, S2] fp32, recomputed
   // group by group from the checkpoint. nullptr when K = 1.
   float* ring;
+  // A split over ordinary CTAs (params.f.split = -s: s CTAs per (sequence, head) in one
+  // cooperative launch, the sums exchanged through global memory): per (sequence, head)
+  // neural_memory_chunked_bwd_exchange_floats(-s) floats, and an arrival counter 32 unsigned
+  // apart (its own 128-byte line), zero at launch. nullptr otherwise.
+  float* exchange;
+  unsigned* arrivals;
 };
 
 bool neural_memory_chunked_bwd_supported(int dim, int hidden, int depth, int chunk, int dtype,
@@ -67,6 +77,16 @@ size_t neural_memory_chunked_bwd_smem_bytes(int dim, int hidden, int depth, int 
 
 // fp32 scratch per (sequence, head).
 size_t neural_memory_chunked_bwd_scratch_floats(int dim, int hidden, int chunk);
+
+// The split the launcher takes for `split` (0: its choice; otherwise `split` itself once
+// checked) on `device`: the fewest hidden blocks per CTA, a cluster where the
+// clusters of every (sequence, head) are resident at once, else ordinary CTAs (a negative
+// split) where those are and give fewer blocks per CTA. 0 when unsupported or invalid.
+int neural_memory_chunked_bwd_plan(int n_seq, int heads, int dim, int hidden, int chunk,
+                                   int dtype, int split, int device);
+
+// fp32 exchange floats per (sequence, head) for a split (0 unless split < 0).
+size_t neural_memory_chunked_bwd_exchange_floats(int dim, int chunk, int split);
 
 cudaError_t neural_memory_chunked_bwd(const NeuralMemoryBwdParams& params, cudaStream_t stream,
                                       int device);

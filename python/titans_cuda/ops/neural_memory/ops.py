@@ -362,8 +362,10 @@ def _offsets(q, cu_seqlens, state_offset, chunk_size):
     return offset, (offset + lengths) % int(chunk_size)
 
 
-# CTAs per (sequence, head) of the fused backward (a cluster on sm_90+, CTA r owning the hidden
-# blocks b with b % split == r); 0: the launcher's choice. The tests force each split.
+# CTAs per (sequence, head) of the fused backward, CTA r owning the hidden blocks b with
+# b % split == r: s > 0 a cluster of s (sm_90+), s < 0 -s ordinary CTAs of a cooperative launch
+# that exchange their sums through global memory; 0: the launcher's choice
+# (neural_memory_chunked_bwd_plan). The tests force each split.
 FUSED_BWD_SPLIT = 0
 # The forward's state is kept at every K-th chunk start for the fused backward, which recomputes
 # the others a group of K at a time (memory / K, time + the keys' pass and state update of the
@@ -408,6 +410,18 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
     K = int(checkpoint_every) if kept else max(1, int(FUSED_BWD_CHECKPOINT_EVERY))
     ring = (torch.empty(N * H * (K - 1) * 4 * D * hidden, dtype=torch.float32, device=dev)
             if K > 1 else None)
+    split = _lib._C.neural_memory_chunked_bwd_plan(
+        n_seq=N, heads=H, dim=D, hidden=hidden, chunk=C, dtype=KERNEL_DTYPES.index(q.dtype),
+        split=int(FUSED_BWD_SPLIT),
+        device=dev.index if dev.index is not None else torch.cuda.current_device())
+    if split == 0:
+        raise RuntimeError(f"titans_cuda: the fused backward cannot run split={FUSED_BWD_SPLIT} "
+                           f"for {N} sequences x {H} heads on this device")
+    xfloats = _lib._C.neural_memory_chunked_bwd_exchange_floats(dim=D, chunk=C, split=split)
+    exchange = (torch.empty(N * H * xfloats, dtype=torch.float32, device=dev) if xfloats
+                else None)
+    # one counter per (sequence, head), each on a 128-byte line of its own
+    arrivals = torch.zeros(N * H * 32, dtype=torch.int32, device=dev) if xfloats else None
 
     def bwd(ckpts):
         ckpts = list(checkpoints) if kept else ckpts
@@ -419,8 +433,10 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
                     dmomentum=dgates[2].data_ptr(),
                     dln_w=0 if dln_w is None else dln_w.data_ptr(),
                     dln_b=0 if dln_b is None else dln_b.data_ptr(),
-                    scratch=scratch.data_ptr(), split=int(FUSED_BWD_SPLIT),
-                    ring=0 if ring is None else ring.data_ptr())
+                    scratch=scratch.data_ptr(), split=int(split),
+                    ring=0 if ring is None else ring.data_ptr(),
+                    exchange=0 if exchange is None else exchange.data_ptr(),
+                    arrivals=0 if arrivals is None else arrivals.data_ptr())
     _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
             state_momentum, state_chunk_weights, state_offset, chunk_size, activation,
             residual, ln_eps, read, cu_seqlens=cu_seqlens, kernel="chunked",
