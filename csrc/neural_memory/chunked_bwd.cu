@@ -522,11 +522,11 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
   float* v_red = v_rp + 4 * kSlots * C;  // [kWarps][4] (frobenius partials)
 
   constexpr bool kCluster = kMode != kOne;  // split over CTAs (a cluster or a global group)
-  // The products' k steps unrolled, or rolled (kR). The kernel is ~300 KB of
-  // SASS, beyond the instruction caches, and at one or two hidden blocks per CTA (the global
-  // splits) instruction fetch stalls lead; rolled k steps shrink it and spill less. Measured
-  // (H100, long shape, split -8): 105.1 -> 101.1 ms forward+backward; at split 1 (B = 8) the
-  // same change cost 18.1 -> 19.0 ms, so the one-CTA and cluster instances stay unrolled.
+  // The products' k steps unrolled, or rolled (kR). The kernel is ~300 KB of SASS, beyond
+  // the instruction caches, and at one or two hidden blocks per CTA (the global splits)
+  // instruction fetch stalls lead; rolled k steps shrink it and spill less. Measured (H100,
+  // long shape, split -8): 105.1 -> 101.1 ms forward+backward; at split 1 (B = 8) the same
+  // change cost 18.1 -> 19.0 ms, so the one-CTA and cluster instances stay unrolled.
   constexpr bool kR = kMode == kGlobalSplit;
   const int split = kCluster ? p.split : 1;
   const int rank = kCluster ? int(blockIdx.x) % split : 0;
@@ -715,7 +715,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
 #pragma unroll
       for (int i = 0; i < CD::kIt; ++i)
         if (CD::ok(i, warp))
-          mma_tile<kR, HB, false, true>(acc[i], s_hk1, CD::m0(i, warp), s_w2, CD::n0(i, warp), lane);
+          mma_tile<kR, HB, false, true>(acc[i], s_hk1, CD::m0(i, warp), s_w2, CD::n0(i, warp),
+                                        lane);
     }
     __syncthreads();  // s_hk1 (f_row) free
     if (kCluster) cluster_sum(grp, split, acc, f_row, true);  // sum 1: fk
@@ -805,7 +806,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         __syncthreads();
         if (ch_ok) {
           float z[2][4], u[2][4];
-          block_errors<kR, D, kX>(z, u, s_k, s_w1, s_dz2, s_w2, s_hk1, s_dz1, chm, chn, lane, act_kind);
+          block_errors<kR, D, kX>(z, u, s_k, s_w1, s_dz2, s_w2, s_hk1, s_dz1, chm, chn, lane,
+                                  act_kind);
         }
         __syncthreads();
         if (dh_ok) {
@@ -837,7 +839,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       __syncthreads();
       if (ch_ok) {  // hk1, dz1 of the block
         float z[2][4], u[2][4];
-        block_errors<kR, D, kX>(z, u, s_k, s_g1, s_dz2, s_g2, s_hk1, s_dz1, chm, chn, lane, act_kind);
+        block_errors<kR, D, kX>(z, u, s_k, s_g1, s_dz2, s_g2, s_hk1, s_dz1, chm, chn, lane,
+                                act_kind);
       }
       __syncthreads();
       if (ch_ok) {  // h1 = phi(beta q W0_1 + c q S0_1 + ga1 dz1)
@@ -861,7 +864,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
 #pragma unroll
       for (int i = 0; i < CC::kIt; ++i)
         if (CC::ok(i, warp))
-          mma_tile<kR, HB, false, false>(pp[i], s_h1, CC::m0(i, warp), s_hk1, CC::n0(i, warp), lane);
+          mma_tile<kR, HB, false, false>(pp[i], s_h1, CC::m0(i, warp), s_hk1, CC::n0(i, warp),
+                                         lane);
     }
     __syncthreads();
 #pragma unroll
@@ -995,7 +999,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       zero(zk);
       zero(uu);
       if (ch_ok) {
-        block_errors<kR, D, kX>(zk, uu, s_k, s_g1, s_dz2, s_g2, s_hk1, s_dz1, chm, chn, lane, act_kind);
+        block_errors<kR, D, kX>(zk, uu, s_k, s_g1, s_dz2, s_g2, s_hk1, s_dz1, chm, chn, lane,
+                                act_kind);
       }
       __syncthreads();
       zero(xq);
@@ -1345,7 +1350,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
 #pragma unroll
       for (int i = 0; i < CD::kIt; ++i)
         if (CD::ok(i, warp))
-          mma_tile<kR, HB, false, false>(kb[i], s_zb1, CD::m0(i, warp), s_w1, CD::n0(i, warp), lane);
+          mma_tile<kR, HB, false, false>(kb[i], s_zb1, CD::m0(i, warp), s_w1, CD::n0(i, warp),
+                                         lane);
     }
     __syncthreads();
     // the final chunk weights' cotangent owed to this chunk's Wg (the CTA's own blocks)
