@@ -197,6 +197,48 @@ def test_fused_backward_is_taken(monkeypatch):
     assert all(t is None or torch.isfinite(t).all() for t in g)
 
 
+@pytest.mark.parametrize("split", (0, 3, -2))
+def test_fused_backward_cuda_graph_capture_and_replay(split, monkeypatch):
+    """The fused backward (forward with checkpoints, then the backward kernel, as
+    _fused_grads runs them; no host synchronisation on a fresh call) captured once and
+    replayed on new inputs gives the eager gradients bit for bit: at the launcher's split, a
+    cluster, and ordinary CTAs (a cooperative launch, its arrival counters zeroed inside the
+    graph)."""
+    needs_kernels()
+    if split > 1 and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("clusters need sm_90+")
+    monkeypatch.setattr(nm_ops, "FUSED_BWD_SPLIT", split)
+    case = (256, torch.bfloat16, "fresh", HEADS[1], "silu")
+    args, weights, _, mem, _ = _case(case)
+    B, _, H, _ = args[0].shape
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    g_o = torch.randn(args[0].shape, generator=gen, device=DEV).to(args[0].dtype)
+    g_st = [torch.randn(B, H, *w.shape[-2:], generator=gen, device=DEV)
+            for _ in range(3) for w in weights]
+
+    def grads(a):
+        return nm_ops._fused_grads([g_o, *g_st], *a, list(weights), mem["ln_weight"],
+                                   mem["ln_bias"], [], [], [], None, mem["chunk_size"],
+                                   mem["activation"], mem["residual"], 1e-5, "token")
+    static = [t.clone() for t in args]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        grads(static)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_g = grads(static)
+    new_args = _case(case)[0]
+    for dst, src in zip(static, new_args):
+        dst.copy_(src.mul(0.5) if dst.is_floating_point() and dst.dim() == 4 else src)
+    graph.replay()
+    torch.cuda.synchronize()
+    out_e = grads(static)
+    for i, (a, b) in enumerate(zip(out_g, out_e)):
+        assert torch.equal(a, b), i
+
+
 def test_fused_backward_is_deterministic():
     needs_kernels()
     args, weights, st, mem, cu = _case(GRID[7])
