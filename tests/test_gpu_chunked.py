@@ -273,16 +273,19 @@ def test_chunked_kernel_writes_every_element():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_chunked_every_cluster_split_matches_the_reference(kind):
-    """Depth 2 spreads a (sequence, head) over a cluster of 1 to 8 CTAs (sm_90+), each owning
-    every split-th hidden block (3 does not divide the 8 blocks) and adding fk and z2 over
-    DSMEM: every split the launcher may pick writes every output (NaN-poisoned buffers),
-    matches the float64 reference, and is bitwise reproducible. The launcher's own choice (split 0) is one of them."""
+    """Depth 2 spreads a (sequence, head) over a cluster of 1 to 8 CTAs (sm_90+), or over 2 to
+    8 ordinary CTAs exchanging through global memory (split < 0), each owning every split-th
+    hidden block (3 does not divide the 8 blocks) and adding fk and z2 in rank order: every
+    split the launcher may pick writes every output (NaN-poisoned buffers), matches the float64
+    reference, and is bitwise reproducible; a global split equals the cluster of its size bit
+    for bit. The launcher's own choice (split 0) is one of them."""
     needs_kernels()
     args, weights, st, mem, cu = _default_case(kind=kind)
     B, _, H, _ = args[0].shape
     N = B if cu is None else cu.numel() - 1
     L = len(weights)
-    splits = [1] + ([2, 3, 4, 8] if torch.cuda.get_device_capability()[0] >= 9 else [])
+    clusters = [2, 3, 4, 8] if torch.cuda.get_device_capability()[0] >= 9 else []
+    splits = [1] + clusters + [-2, -3, -4, -8]  # < 0: ordinary CTAs, global exchange
     (o_ref, st_ref), (o32, st32) = _references(args, weights, st, mem, cu)
     runs = {}
     for split in splits + [0]:
@@ -306,6 +309,8 @@ def test_chunked_every_cluster_split_matches_the_reference(kind):
             _compare(got[0], state, o_ref, st_ref, TOL[args[0].dtype], o32, st32,
                      TOL[args[0].dtype], AMP)
     assert any(all(torch.equal(a, b) for a, b in zip(runs[0], runs[s])) for s in splits)
+    for s in clusters:  # the same sums in the same order: the same bits
+        assert all(torch.equal(a, b) for a, b in zip(runs[s], runs[-s])), s
     with pytest.raises(RuntimeError):  # more CTAs than the 8 hidden blocks
         nm_ops._launch(*_op_args(args, weights, st, mem, None)[:-2], cu_seqlens=cu, split=9,
                        kernel="chunked")

@@ -264,6 +264,10 @@ titans::NeuralMemoryParams neural_memory_params(const py::dict& a, const char* o
   p.read_chunk = arg<bool>(a, "read_chunk");
   p.dtype = i32("dtype");
   p.split = i32("split");
+  if (a.contains("exchange")) {  // chunked only: a split over ordinary CTAs
+    p.exchange = as_ptr<float>(ptr("exchange"));
+    p.arrivals = as_ptr<unsigned>(ptr("arrivals"));
+  }
   if (a.contains("ckpt_every")) {  // chunked only
     p.ckpt_every = i32("ckpt_every");
     const auto ckpt_w = layers("ckpt_w"), ckpt_s = layers("ckpt_s");

@@ -34,6 +34,9 @@ struct ClusterGroup {
   // the parts are published in the caller's shared-memory buffer
   __device__ __forceinline__ float* publish(float* smem_buf) { return smem_buf; }
   __device__ __forceinline__ float load(const float* p) { return *p; }
+  __device__ __forceinline__ float2 load2(const float* p) {
+    return *reinterpret_cast<const float2*>(p);
+  }
   // the buffer is reused right after the sum: every CTA must have read it
   __device__ __forceinline__ void done() { sync(); }
 };
@@ -76,6 +79,9 @@ struct GlobalGroup {
     return local + int64_t(r - rank) * 2 * floats;
   }
   __device__ __forceinline__ float load(const float* p) { return __ldcg(p); }
+  __device__ __forceinline__ float2 load2(const float* p) {
+    return __ldcg(reinterpret_cast<const float2*>(p));
+  }
   __device__ __forceinline__ void done() { parity ^= 1; }
 };
 

@@ -9,8 +9,10 @@
 //              layer by layer; "chunk": M_Wg(q)
 //   4. state   W = beta_C W0 + c_C S0 - hk^T (G[C,:] dz),  S = m_C S0 - hk^T (N[C,:] dz)
 //
-// At depth 2 on sm_90+ a (sequence, head) may span a thread-block cluster of up to 8 CTAs, each
-// owning every split-th hidden block (params.split; 0 lets the launcher choose).
+// At depth 2 a (sequence, head) may span up to 8 CTAs, each owning every split-th hidden block:
+// a thread-block cluster on sm_90+, or ordinary CTAs of a cooperative launch exchanging through
+// global memory (params.split < 0, or the launcher's choice given params.exchange; 0 lets the
+// launcher choose).
 // The fp32 state lives in the output tensors (L2-resident between chunks); every product takes
 // split-bf16 operands (hi + lo, three mma.sync m16n8k16 per product, fp32 accumulation) staged
 // in shared memory, the hidden axis in blocks of 32. Supported: bf16/fp16 inputs, D in

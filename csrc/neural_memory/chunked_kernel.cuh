@@ -40,7 +40,10 @@
 // (two cluster barriers): fk (every CTA needs dz2) and z2 (rank 0 stores o); (-G * P) dz2 is
 // linear in P, so each CTA adds its own blocks' part before the z2 sum. The launcher picks the
 // fewest blocks per CTA whose clusters can all be resident at once (at B = 2, H = 16, D = 64,
-// hidden 256 on H100: 3 CTAs per (sequence, head); B = 1: 4; B = 8: 1).
+// hidden 256 on H100: 3 CTAs per (sequence, head); B = 1: 4; B = 8: 1), or, given an
+// exchange (params.h), ordinary CTAs of a cooperative launch that sum through global memory
+// (GlobalGroup, csrc/common/cluster.cuh: the same sums in the same order) where those give
+// fewer blocks per CTA (B = 2: 4 CTAs; B = 1: 8).
 //
 // Every block of the state is read (staged) before the warps write it back, and the next block
 // is disjoint, so the update runs in place. Depth 1 is the same with one D x D block (dz =
@@ -68,6 +71,7 @@ using mlp::quad_sum;
 using bf16 = __nv_bfloat16;
 
 constexpr int kHB = 32;  // hidden block (columns of W1, rows of W2)
+constexpr int kMaxSplit = 8;  // CTAs per (sequence, head): the portable cluster size
 
 // 8 warps (one 16-row group each at C = 128; at smaller C the warps past C / 16 join the
 // staging and the state update only).
@@ -382,16 +386,16 @@ __device__ __forceinline__ void reduce_parts(float (&acc)[NT][4], float* red, bo
   __syncthreads();
 }
 
-// Sums the accumulators of the holder warps (one per row group) over the CTAs of the cluster,
-// through `red` (same layout as reduce_parts): each CTA publishes its partial, then the
-// receiving CTAs add all partials in rank order (so every receiver holds the same bits). Every
-// thread of every CTA of the cluster calls it (two cluster barriers); `red` must be free on
-// entry in every CTA, and is again on return.
-template <int NT>
-__device__ __forceinline__ void cluster_sum(ClusterGroup& grp, int split, float (&acc)[NT][4],
+// Sums the accumulators of the holder warps (one per row group) over the CTAs of the group,
+// through `red` (same layout as reduce_parts; a GlobalGroup publishes in its own global
+// buffers instead): each CTA publishes its partial, then the receiving CTAs add all partials
+// in rank order (so every receiver holds the same bits). Every thread of every CTA of the group
+// calls it; `red` must be free on entry in every CTA, and is again on return.
+template <typename Group, int NT>
+__device__ __forceinline__ void cluster_sum(Group& grp, int split, float (&acc)[NT][4],
                                             float* red, bool holder, bool receive, int rg,
                                             int lane) {
-  float* base = red + rg * 16 * (NT * 8);
+  float* base = grp.publish(red) + rg * 16 * (NT * 8);
   const int r = lane / 4;
   if (holder) {
 #pragma unroll
@@ -411,8 +415,8 @@ __device__ __forceinline__ void cluster_sum(ClusterGroup& grp, int split, float 
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const int c = nt * 8 + 2 * (lane % 4);
-        const float2 a = *reinterpret_cast<const float2*>(rb + r * (NT * 8) + c);
-        const float2 b = *reinterpret_cast<const float2*>(rb + (r + 8) * (NT * 8) + c);
+        const float2 a = grp.load2(rb + r * (NT * 8) + c);
+        const float2 b = grp.load2(rb + (r + 8) * (NT * 8) + c);
         acc[nt][0] += a.x;
         acc[nt][1] += a.y;
         acc[nt][2] += b.x;
@@ -420,7 +424,7 @@ __device__ __forceinline__ void cluster_sum(ClusterGroup& grp, int split, float 
       }
     }
   }
-  grp.sync();  // every remote read done before any CTA reuses its `red`
+  grp.done();  // a cluster: every remote read done before any CTA reuses its `red`
 }
 
 __device__ __forceinline__ float2 to_float2(const __nv_bfloat162& v) {
@@ -645,11 +649,14 @@ __device__ __forceinline__ void load_chunk(const Planes& s_q, const Planes& s_k,
   }
 }
 
-// kCluster: the instance for split > 1; the split-1 instance compiles the cluster code out
-// (rank 0, split 1 as constants: the hot loop keeps two registers fewer).
-template <typename TIn, int D, int C, int kDepth, bool kCluster>
+// The instances: kMode 0 one CTA per (sequence, head), 1 a cluster of split CTAs (sm_90+), 2
+// split ordinary CTAs of a cooperative launch exchanging through global memory (GlobalGroup).
+// The split-1 instance compiles the group code out (rank 0, split 1 as constants: the hot loop
+// keeps two registers fewer).
+template <typename TIn, int D, int C, int kDepth, int kMode>
 __global__ void __launch_bounds__(Threads<C>::kThreads)
     chunked_kernel(const NeuralMemoryParams p) {
+  constexpr bool kCluster = kMode != 0;
   constexpr int kThreads = Threads<C>::kThreads, kWarps = Threads<C>::kWarps;
   constexpr int kRowGroups = C / 16;
   constexpr int kBW = kDepth == 2 ? kHB : D;  // width of a staged layer-1 block
@@ -692,10 +699,20 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
 
   // the CTAs of one (sequence, head): a cluster of p.split along x (depth 2; at most one CTA
   // per hidden block), CTA `rank` owning the hidden blocks b with b % split == rank
-  ClusterGroup grp;
   const int split = kCluster ? p.split : 1;
   const int rank = kCluster ? int(blockIdx.x) % split : 0;
   const int h = kCluster ? int(blockIdx.x) / split : int(blockIdx.x), n = blockIdx.y;
+  using Group = std::conditional_t<kMode == 2, GlobalGroup, ClusterGroup>;
+  Group grp{};
+  if constexpr (kMode == 2) {  // this CTA's exchange buffers and the group's counter
+    constexpr int64_t kFloats = int64_t(C) * D;
+    const int64_t pair = int64_t(n) * p.heads + h;
+    grp.mine = p.exchange + (pair * kMaxSplit + rank) * 2 * kFloats;
+    grp.arrivals = p.arrivals + pair * GlobalGroup::kArrivalStride;
+    grp.floats = kFloats;
+    grp.rank = rank;
+    grp.split = split;
+  }
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int rg = warp % kRowGroups, part = warp / kRowGroups;
   const int m0 = rg * 16, row_lo = m0 + lane / 4;
@@ -1115,8 +1132,6 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
   }
 }
 
-constexpr int kMaxSplit = 8;  // portable cluster size
-
 // Clusters of `split` CTAs of `kernel` that can be resident at once on the current device
 // (cached per device, kernel, split and shared memory; 0 when such a cluster cannot launch).
 // Every instance of a kernel template has the same function type, so the kernel's address is
@@ -1166,39 +1181,72 @@ template <typename TIn, int D, int C, int kDepth>
 cudaError_t launch(NeuralMemoryParams p, cudaStream_t stream) {
   const size_t smem = make_layout(D, C, kDepth).total;
   constexpr int kThreads = Threads<C>::kThreads;
-  auto kernel = chunked_kernel<TIn, D, C, kDepth, false>;
-  auto cluster_kernel = chunked_kernel<TIn, D, C, kDepth, kDepth == 2>;
+  auto kernel = chunked_kernel<TIn, D, C, kDepth, 0>;
+  auto cluster_kernel = chunked_kernel<TIn, D, C, kDepth, kDepth == 2 ? 1 : 0>;
+  auto global_kernel = chunked_kernel<TIn, D, C, kDepth, kDepth == 2 ? 2 : 0>;
   TITANS_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   if (kDepth == 2) {
-    TITANS_RETURN_IF_ERROR(cudaFuncSetAttribute(
-        cluster_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    for (auto k : {cluster_kernel, global_kernel}) {
+      TITANS_RETURN_IF_ERROR(
+          cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    }
   }
   int device = 0, major = 0;
   TITANS_RETURN_IF_ERROR(cudaGetDevice(&device));
   TITANS_RETURN_IF_ERROR(
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   const int n_blocks = kDepth == 2 ? p.hidden / kHB : 1;
-  if (p.split <= 0) {
-    // The fewest hidden blocks per CTA (then the fewest CTAs) such that every cluster of the
-    // grid is resident at once: the chunk loop is latency bound, and a cluster that waits for a
-    // free slot doubles the time. Splits need not divide the blocks (the last CTAs take one
-    // block fewer).
+  const bool can_global = kDepth == 2 && p.exchange != nullptr && p.arrivals != nullptr;
+  auto per_cta = [&](int s) { return (n_blocks + s - 1) / s; };
+  // CTAs of the global instance resident at once (a cooperative launch's limit)
+  auto resident = [&]() -> int64_t {
+    int per_sm = 0, sms = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, global_kernel, kThreads, smem) !=
+            cudaSuccess) {
+      (void)cudaGetLastError();
+      return 0;
+    }
+    return int64_t(per_sm) * sms;
+  };
+  const int64_t pairs = int64_t(p.n_seq) * p.heads;
+  bool global = p.split < 0;
+  if (p.split == 0) {
+    // The fewest hidden blocks per CTA (then the fewest CTAs) such that every CTA of the grid
+    // is resident at once: the chunk loop is latency bound, and a group that waits for a free
+    // slot doubles the time. Splits need not divide the blocks (the last CTAs take one block
+    // fewer). A cluster where its clusters all fit, else (with an exchange) ordinary CTAs of a
+    // cooperative launch where they give fewer blocks per CTA.
     p.split = 1;
     if (kDepth == 2 && major >= 9) {
-      const int64_t pairs = int64_t(p.n_seq) * p.heads;
       for (int s = 2; s <= kMaxSplit && s <= n_blocks; ++s) {
-        if ((n_blocks + s - 1) / s == (n_blocks + p.split - 1) / p.split) continue;
+        if (per_cta(s) == per_cta(p.split)) continue;
         if (pairs > max_clusters(cluster_kernel, s, smem, kThreads)) continue;
         p.split = s;
       }
+    }
+    if (can_global) {
+      const int64_t fit = resident();
+      int g = 0;
+      for (int s = 2; s <= kMaxSplit && s <= n_blocks; ++s) {
+        if (per_cta(s) >= per_cta(g > 0 ? g : p.split) || pairs * s > fit) continue;
+        g = s;
+      }
+      if (g > 0) p.split = g, global = true;
+    }
+  } else if (global) {
+    p.split = -p.split;
+    if (!can_global || p.split < 2 || pairs * p.split > resident()) {
+      return cudaErrorInvalidValue;
     }
   }
   const int s = p.split;
   // cluster_sum's buffer (C x D fp32) is the staging blocks' region
   const Layout lay = make_layout(D, C, kDepth);
   const bool red_fits = lay.g - lay.w1 >= size_t(C) * D * sizeof(float);
-  if (s != 1 && (kDepth != 2 || major < 9 || s > kMaxSplit || s > n_blocks || !red_fits)) {
+  if (s != 1 && (kDepth != 2 || (major < 9 && !global) || s > kMaxSplit || s > n_blocks ||
+                 !red_fits)) {
     return cudaErrorInvalidValue;
   }
   cudaLaunchConfig_t config = {};
@@ -1207,7 +1255,12 @@ cudaError_t launch(NeuralMemoryParams p, cudaStream_t stream) {
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   cudaLaunchAttribute attr[1];
-  if (s > 1) {
+  if (global) {  // every CTA resident at once (or the launch fails): the groups' barriers spin
+    attr[0].id = cudaLaunchAttributeCooperative;
+    attr[0].val.cooperative = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
+  } else if (s > 1) {
     attr[0].id = cudaLaunchAttributeClusterDimension;
     attr[0].val.clusterDim.x = unsigned(s);
     attr[0].val.clusterDim.y = 1;
@@ -1215,7 +1268,7 @@ cudaError_t launch(NeuralMemoryParams p, cudaStream_t stream) {
     config.attrs = attr;
     config.numAttrs = 1;
   }
-  return cudaLaunchKernelEx(&config, s > 1 ? cluster_kernel : kernel, p);
+  return cudaLaunchKernelEx(&config, global ? global_kernel : s > 1 ? cluster_kernel : kernel, p);
 }
 
 // The instances of one (dtype, D), compiled in their own translation unit.

@@ -61,6 +61,12 @@ struct NeuralMemoryParams {
   float* ckpt_w[kNeuralMemoryMaxLayers];
   float* ckpt_s[kNeuralMemoryMaxLayers];
   int ckpt_every;
+  // chunked forward only: the exchange of a split over ordinary CTAs (a cooperative launch,
+  // the sums through global memory, where clusters of that size would not all be resident at
+  // once): per (sequence, head) kMaxSplit * 2 * chunk * dim floats, and an arrival counter
+  // every 32 unsigned (one 128-byte line each), zero at launch. nullptr: clusters only.
+  float* exchange;
+  unsigned* arrivals;
 };
 
 }  // namespace titans

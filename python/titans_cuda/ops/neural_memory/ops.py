@@ -191,7 +191,8 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
             run_forward: bool = True) -> List[Tensor]:
     """Runs a kernel ("decode" or "chunked"): [o, W..., S..., chunk weights...]. ``out``:
     preallocated outputs in that order (the tests pass NaN-poisoned ones); ``split``: CTAs per
-    (sequence, head), a thread-block cluster on sm_90+, 0 lets the launcher choose (params.h).
+    (sequence, head), a thread-block cluster on sm_90+ (s > 0) or ordinary CTAs exchanging
+    through global memory (s < 0, chunked depth 2), 0 lets the launcher choose (params.h).
     ``checkpoint_every`` = K > 0 (chunked only): also returns, per layer, the W then the S at
     the start of chunks 0, K, 2K, ... as [n_ckpt, N, H, d_in, d_out] (params.h; slots past a
     sequence's last chunk are left unwritten). ``bwd`` (chunked, with ``checkpoint_every``):
@@ -265,6 +266,15 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
                 stream=_lib.stream_handle(dev),
                 device=dev.index if dev.index is not None else torch.cuda.current_device())
     ckpts = []
+    if kernel == "chunked" and depth == 2 and (split < 0 or (split == 0 and 2 * N * H <= (
+            torch.cuda.get_device_properties(dev).multi_processor_count))):
+        # a split over ordinary CTAs may be taken (params.h): the exchange of 8 CTAs per
+        # (sequence, head), 2 buffers of C x D floats each, and a zeroed counter per pair
+        exchange = torch.empty(N * H * 8 * 2 * int(chunk_size) * D, dtype=torch.float32,
+                               device=dev)
+        arrivals = torch.zeros(N * H * 32, dtype=torch.int32, device=dev)
+        keep += [exchange, arrivals]
+        args.update(exchange=exchange.data_ptr(), arrivals=arrivals.data_ptr())
     if kernel == "chunked":
         K = int(checkpoint_every)
         if K > 0:  # chunks on the padded timeline: at most ceil((offset + length) / C)
