@@ -13,6 +13,7 @@ shapes) the ops run the reference, so opcheck runs in CPU CI.
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional
 
 import torch
@@ -266,8 +267,9 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
                 stream=_lib.stream_handle(dev),
                 device=dev.index if dev.index is not None else torch.cuda.current_device())
     ckpts = []
-    if kernel == "chunked" and depth == 2 and (split < 0 or (split == 0 and 2 * N * H <= (
-            torch.cuda.get_device_properties(dev).multi_processor_count))):
+    if kernel == "chunked" and depth == 2 and (split < 0 or (
+            split == 0 and FORWARD_GLOBAL_SPLIT and 2 * N * H <= (
+                torch.cuda.get_device_properties(dev).multi_processor_count))):
         # a split over ordinary CTAs may be taken (params.h): the exchange of 8 CTAs per
         # (sequence, head), 2 buffers of C x D floats each, and a zeroed counter per pair
         exchange = torch.empty(N * H * 8 * 2 * int(chunk_size) * D, dtype=torch.float32,
@@ -371,6 +373,13 @@ def _offsets(q, cu_seqlens, state_offset, chunk_size):
               else state_offset.to(device=q.device, dtype=torch.int64))
     return offset, (offset + lengths) % int(chunk_size)
 
+
+# The chunked forward's launcher may choose a split over ordinary CTAs (the sums through global
+# memory; it then gets an exchange) where it gives fewer hidden blocks per CTA than a resident
+# cluster. Off until timed: the forced splits (split < 0) pass the tests, including bitwise
+# equality with the cluster of the same size, but the default shapes have not been timed on it
+# (the backward's own global split was slower at one block per CTA until its k steps rolled).
+FORWARD_GLOBAL_SPLIT = os.environ.get("TITANS_FORWARD_GLOBAL_SPLIT", "0") == "1"
 
 # CTAs per (sequence, head) of the fused backward, CTA r owning the hidden blocks b with
 # b % split == r: s > 0 a cluster of s (sm_90+), s < 0 -s ordinary CTAs of a cooperative launch
