@@ -79,7 +79,7 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
   step "compute-sanitizer memcheck + racecheck (kernel subset)"
   SUBSET="tests/test_gpu.py tests/test_gpu_mlp.py tests/test_gpu_decode.py tests/test_gpu_chunked.py"
   compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest $SUBSET -q \
-    -p no:cacheprovider -k "writes_every or strided or side_stream or every_cluster_split and fresh" \
+    -p no:cacheprovider -k "writes_every or strided or side_stream or every_cluster_split and fresh or one_block_per_cta" \
     >"$OUT/sanitizer.log" 2>&1
   rc=$?
   # the fused backward: every checkpoint interval on fresh calls (clusters at the launcher's

@@ -316,6 +316,29 @@ def test_chunked_every_cluster_split_matches_the_reference(kind):
                        kernel="chunked")
 
 
+def test_chunked_launcher_takes_one_block_per_cta_where_ordinary_ctas_fit(monkeypatch):
+    """At 15 (sequence, head) pairs and 8 hidden blocks, 8 ordinary CTAs per pair (120 CTAs)
+    are resident at once on a GPU of >= 120 SMs, one hidden block each: the launcher's choice
+    (split 0) then gives the bits of the global split of 8 (those of a cluster of 8 too, where
+    15 such clusters fit; on an H100 they do not, and clusters of 4 are the best). With
+    FORWARD_GLOBAL_SPLIT off it is one of the cluster splits (one CTA below sm_90)."""
+    needs_kernels()
+    args, weights, st, mem, cu = _case((64, 256, 2, 64, torch.bfloat16, "silu", True, True,
+                                        "bias", "fresh"), H=5)
+    props = torch.cuda.get_device_properties(DEV)
+    if props.multi_processor_count < 120:
+        pytest.skip("fewer than 120 SMs: 8 CTAs for each of 15 pairs would not all be resident")
+    run = lambda split: nm_ops._launch(  # noqa: E731
+        *_op_args(args, weights, st, mem, None)[:-2], split=split, kernel="chunked")
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b))  # noqa: E731
+    chosen, global8 = run(0), run(-8)
+    assert same(chosen, global8)
+    monkeypatch.setattr(nm_ops, "FORWARD_GLOBAL_SPLIT", False)
+    clusters = run(0)
+    cands = [1] + ([2, 3, 4, 8] if torch.cuda.get_device_capability()[0] >= 9 else [])
+    assert any(same(clusters, run(s)) for s in cands)
+
+
 def _chunk_starts(args, weights, st, mem, cu, dtype):
     """The reference's (W, S) at the start of every chunk of the padded timeline, in dtype."""
     from titans_cuda.ops.neural_memory import reference as nm_ref

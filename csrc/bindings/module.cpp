@@ -451,6 +451,12 @@ PYBIND11_MODULE(_C, m) {
         "The chunked neural memory, one CTA per (sequence, head) (chunked.h).");
   m.def("neural_memory_chunked_supported", &titans::neural_memory_chunked_supported,
         py::arg("dim"), py::arg("hidden"), py::arg("depth"), py::arg("chunk"), py::arg("dtype"));
+  m.def("neural_memory_chunked_exchange_floats",
+        &titans::neural_memory_chunked_exchange_floats, py::arg("dim"), py::arg("chunk"),
+        "fp32 exchange floats per (sequence, head) the forward's split over ordinary CTAs "
+        "may use.");
+  m.def("neural_memory_arrival_stride", &titans::neural_memory_arrival_stride,
+        "int32 apart of the arrival counters of a split over ordinary CTAs.");
   m.def("neural_memory_chunked_smem_bytes", &titans::neural_memory_chunked_smem_bytes,
         py::arg("dim"), py::arg("hidden"), py::arg("depth"), py::arg("chunk"), py::arg("dtype"));
   m.def("neural_memory_chunked_bwd", &neural_memory_chunked_bwd, py::arg("args"),

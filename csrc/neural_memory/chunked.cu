@@ -32,6 +32,12 @@ size_t neural_memory_chunked_smem_bytes(int dim, int hidden, int depth, int chun
   return chunked::make_layout(dim, chunk, depth).total;
 }
 
+size_t neural_memory_chunked_exchange_floats(int dim, int chunk) {
+  return size_t(chunked::kMaxSplit) * 2 * size_t(chunk) * size_t(dim);
+}
+
+int neural_memory_arrival_stride() { return GlobalGroup::kArrivalStride; }
+
 cudaError_t neural_memory_chunked(const NeuralMemoryParams& p, cudaStream_t stream, int device) {
   if (!neural_memory_chunked_supported(p.dim, p.hidden, p.depth, p.chunk, p.dtype) ||
       p.n_seq < 1 || p.heads < 1 || p.n_seq > 65535 || p.heads > 65535 || p.seqlen < 0) {

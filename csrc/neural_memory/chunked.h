@@ -34,6 +34,14 @@ bool neural_memory_chunked_supported(int dim, int hidden, int depth, int chunk, 
 // Dynamic shared memory one CTA needs (0 when the configuration is unsupported).
 size_t neural_memory_chunked_smem_bytes(int dim, int hidden, int depth, int chunk, int dtype);
 
+// fp32 exchange floats per (sequence, head) for a forward split over ordinary CTAs
+// (params.exchange: room for the most CTAs, kMaxSplit, two C x D buffers each).
+size_t neural_memory_chunked_exchange_floats(int dim, int chunk);
+
+// unsigned apart of the arrival counters of a split over ordinary CTAs, forward and backward
+// (params.arrivals: one counter per (sequence, head), each on a 128-byte line of its own).
+int neural_memory_arrival_stride();
+
 cudaError_t neural_memory_chunked(const NeuralMemoryParams& params, cudaStream_t stream,
                                   int device);
 

@@ -1533,15 +1533,12 @@ struct Kernels {
   }
 };
 
-// The launcher's split for a request (chunked_bwd.h, neural_memory_chunked_bwd_plan); 0 when
-// the request cannot run here.
+// The launcher's split for a request (chunked_bwd.h, neural_memory_chunked_bwd_plan), given
+// the prepared kernels; 0 when the request cannot run here. `allow_global`: whether the
+// launcher's choice may be a split over ordinary CTAs.
 template <typename TIn, int D, int C>
-int plan(int n_seq, int heads, int hidden, int split) {
-  const Kernels<TIn, D, C> ks;
-  if (ks.prepare() != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
+int plan(const Kernels<TIn, D, C>& ks, int n_seq, int heads, int hidden, int split,
+         bool allow_global = true) {
   int device = 0, major = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
@@ -1565,6 +1562,7 @@ int plan(int n_seq, int heads, int hidden, int split) {
         split = s;
       }
     }
+    if (!allow_global) return split;
     const int64_t resident = resident_ctas(ks.global, ks.smem);
     int global = 0;
     for (int s = 2; s <= chunked::kMaxSplit && s <= n_blocks; ++s) {
@@ -1582,37 +1580,61 @@ int plan(int n_seq, int heads, int hidden, int split) {
 }
 
 template <typename TIn, int D, int C>
+int plan(int n_seq, int heads, int hidden, int split) {
+  const Kernels<TIn, D, C> ks;
+  if (ks.prepare() != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return plan(ks, n_seq, heads, hidden, split);
+}
+
+template <typename TIn, int D, int C>
 cudaError_t launch(NeuralMemoryBwdParams p, cudaStream_t stream) {
   const Kernels<TIn, D, C> ks;
   const BwdLayout lay = make_bwd_layout(D, C);
   if (!aliases_fit(lay, D, C)) return cudaErrorInvalidValue;
   TITANS_RETURN_IF_ERROR(ks.prepare());
-  const int split = plan<TIn, D, C>(p.f.n_seq, p.f.heads, p.f.hidden, p.f.split);
+  const bool chosen = p.f.split == 0;
+  const int split = plan(ks, p.f.n_seq, p.f.heads, p.f.hidden, p.f.split);
   if (split == 0) return cudaErrorInvalidValue;
-  const bool global = split < 0;
-  if (global && (p.exchange == nullptr || p.arrivals == nullptr)) return cudaErrorInvalidValue;
-  const int s = global ? -split : split;
-  p.f.split = s;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(unsigned(p.f.heads) * unsigned(s), unsigned(p.f.n_seq));
-  config.blockDim = dim3(unsigned(kThreads));
-  config.dynamicSmemBytes = lay.total;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  if (global) {  // every CTA resident at once (or the launch fails): the groups' barriers spin
-    attr[0].id = cudaLaunchAttributeCooperative;
-    attr[0].val.cooperative = 1;
-    config.attrs = attr;
-    config.numAttrs = 1;
-  } else if (s > 1) {
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = unsigned(s);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    config.attrs = attr;
-    config.numAttrs = 1;
+  if (split < 0 && (p.exchange == nullptr || p.arrivals == nullptr)) return cudaErrorInvalidValue;
+  auto run = [&](int split) -> cudaError_t {
+    const bool global = split < 0;
+    const int s = global ? -split : split;
+    NeuralMemoryBwdParams q = p;
+    q.f.split = s;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(unsigned(q.f.heads) * unsigned(s), unsigned(q.f.n_seq));
+    config.blockDim = dim3(unsigned(kThreads));
+    config.dynamicSmemBytes = lay.total;
+    config.stream = stream;
+    cudaLaunchAttribute attr[1];
+    if (global) {  // every CTA resident at once (or the launch fails): the barriers spin
+      attr[0].id = cudaLaunchAttributeCooperative;
+      attr[0].val.cooperative = 1;
+      config.attrs = attr;
+      config.numAttrs = 1;
+    } else if (s > 1) {
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = unsigned(s);
+      attr[0].val.clusterDim.y = 1;
+      attr[0].val.clusterDim.z = 1;
+      config.attrs = attr;
+      config.numAttrs = 1;
+    }
+    return cudaLaunchKernelEx(&config, global ? ks.global : s > 1 ? ks.cluster : ks.one, q);
+  };
+  const cudaError_t err = run(split);
+  // The launcher's global split sized itself by the device's SMs; where fewer are available
+  // (MPS with a thread percentage, green contexts) the cooperative launch is refused: the
+  // cluster choice then runs instead (the exchange goes unused).
+  if (chosen && split < 0 && err == cudaErrorCooperativeLaunchTooLarge) {
+    (void)cudaGetLastError();
+    const int fallback = plan(ks, p.f.n_seq, p.f.heads, p.f.hidden, 0, false);
+    return fallback > 0 ? run(fallback) : err;
   }
-  return cudaLaunchKernelEx(&config, global ? ks.global : s > 1 ? ks.cluster : ks.one, p);
+  return err;
 }
 
 }  // namespace chunked_bwd

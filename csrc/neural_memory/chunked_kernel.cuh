@@ -1211,21 +1211,23 @@ cudaError_t launch(NeuralMemoryParams p, cudaStream_t stream) {
     return int64_t(per_sm) * sms;
   };
   const int64_t pairs = int64_t(p.n_seq) * p.heads;
+  const bool chosen = p.split == 0;
   bool global = p.split < 0;
-  if (p.split == 0) {
+  int cluster_split = 1;  // the launcher's choice without an exchange
+  if (chosen) {
     // The fewest hidden blocks per CTA (then the fewest CTAs) such that every CTA of the grid
     // is resident at once: the chunk loop is latency bound, and a group that waits for a free
     // slot doubles the time. Splits need not divide the blocks (the last CTAs take one block
     // fewer). A cluster where its clusters all fit, else (with an exchange) ordinary CTAs of a
     // cooperative launch where they give fewer blocks per CTA.
-    p.split = 1;
     if (kDepth == 2 && major >= 9) {
       for (int s = 2; s <= kMaxSplit && s <= n_blocks; ++s) {
-        if (per_cta(s) == per_cta(p.split)) continue;
+        if (per_cta(s) == per_cta(cluster_split)) continue;
         if (pairs > max_clusters(cluster_kernel, s, smem, kThreads)) continue;
-        p.split = s;
+        cluster_split = s;
       }
     }
+    p.split = cluster_split;
     if (can_global) {
       const int64_t fit = resident();
       int g = 0;
@@ -1241,34 +1243,47 @@ cudaError_t launch(NeuralMemoryParams p, cudaStream_t stream) {
       return cudaErrorInvalidValue;
     }
   }
-  const int s = p.split;
   // cluster_sum's buffer (C x D fp32) is the staging blocks' region
   const Layout lay = make_layout(D, C, kDepth);
   const bool red_fits = lay.g - lay.w1 >= size_t(C) * D * sizeof(float);
-  if (s != 1 && (kDepth != 2 || (major < 9 && !global) || s > kMaxSplit || s > n_blocks ||
-                 !red_fits)) {
-    return cudaErrorInvalidValue;
+  auto run = [&](int s, bool over_global) -> cudaError_t {
+    if (s != 1 && (kDepth != 2 || (major < 9 && !over_global) || s > kMaxSplit ||
+                   s > n_blocks || !red_fits)) {
+      return cudaErrorInvalidValue;
+    }
+    NeuralMemoryParams q = p;
+    q.split = s;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(unsigned(q.heads) * unsigned(s), unsigned(q.n_seq));
+    config.blockDim = dim3(unsigned(kThreads));
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    cudaLaunchAttribute attr[1];
+    if (over_global) {  // every CTA resident at once (or the launch fails): the barriers spin
+      attr[0].id = cudaLaunchAttributeCooperative;
+      attr[0].val.cooperative = 1;
+      config.attrs = attr;
+      config.numAttrs = 1;
+    } else if (s > 1) {
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = unsigned(s);
+      attr[0].val.clusterDim.y = 1;
+      attr[0].val.clusterDim.z = 1;
+      config.attrs = attr;
+      config.numAttrs = 1;
+    }
+    return cudaLaunchKernelEx(&config,
+                              over_global ? global_kernel : s > 1 ? cluster_kernel : kernel, q);
+  };
+  const cudaError_t err = run(p.split, global);
+  // The launcher's global split sized itself by the device's SMs; where fewer are available
+  // (MPS with a thread percentage, green contexts) the cooperative launch is refused: the
+  // cluster choice then runs instead.
+  if (chosen && global && err == cudaErrorCooperativeLaunchTooLarge) {
+    (void)cudaGetLastError();
+    return run(cluster_split, false);
   }
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(unsigned(p.heads) * unsigned(s), unsigned(p.n_seq));
-  config.blockDim = dim3(unsigned(kThreads));
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  if (global) {  // every CTA resident at once (or the launch fails): the groups' barriers spin
-    attr[0].id = cudaLaunchAttributeCooperative;
-    attr[0].val.cooperative = 1;
-    config.attrs = attr;
-    config.numAttrs = 1;
-  } else if (s > 1) {
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = unsigned(s);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    config.attrs = attr;
-    config.numAttrs = 1;
-  }
-  return cudaLaunchKernelEx(&config, global ? global_kernel : s > 1 ? cluster_kernel : kernel, p);
+  return err;
 }
 
 // The instances of one (dtype, D), compiled in their own translation unit.

@@ -270,11 +270,12 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
     if kernel == "chunked" and depth == 2 and (split < 0 or (
             split == 0 and FORWARD_GLOBAL_SPLIT and 2 * N * H <= (
                 torch.cuda.get_device_properties(dev).multi_processor_count))):
-        # a split over ordinary CTAs may be taken (params.h): the exchange of 8 CTAs per
-        # (sequence, head), 2 buffers of C x D floats each, and a zeroed counter per pair
-        exchange = torch.empty(N * H * 8 * 2 * int(chunk_size) * D, dtype=torch.float32,
+        # a split over ordinary CTAs may be taken (params.h): the exchange for the most CTAs
+        # per (sequence, head), and a zeroed counter per pair
+        xfloats = _lib._C.neural_memory_chunked_exchange_floats(dim=D, chunk=int(chunk_size))
+        exchange = torch.empty(N * H * xfloats, dtype=torch.float32, device=dev)
+        arrivals = torch.zeros(N * H * _lib._C.neural_memory_arrival_stride(), dtype=torch.int32,
                                device=dev)
-        arrivals = torch.zeros(N * H * 32, dtype=torch.int32, device=dev)
         keep += [exchange, arrivals]
         args.update(exchange=exchange.data_ptr(), arrivals=arrivals.data_ptr())
     if kernel == "chunked":
@@ -376,10 +377,10 @@ def _offsets(q, cu_seqlens, state_offset, chunk_size):
 
 # The chunked forward's launcher may choose a split over ordinary CTAs (the sums through global
 # memory; it then gets an exchange) where it gives fewer hidden blocks per CTA than a resident
-# cluster. Off until timed: the forced splits (split < 0) pass the tests, including bitwise
-# equality with the cluster of the same size, but the default shapes have not been timed on it
-# (the backward's own global split was slower at one block per CTA until its k steps rolled).
-FORWARD_GLOBAL_SPLIT = os.environ.get("TITANS_FORWARD_GLOBAL_SPLIT", "0") == "1"
+# cluster (on an H100: 4 CTAs per (sequence, head) at B = 2, T = 8192, H = 16 and 8 at B = 1,
+# T = 32768, against clusters of 3 and 4). TITANS_FORWARD_GLOBAL_SPLIT=0 keeps it to clusters
+# (an A/B switch; docs/perf_notes.md has the timings).
+FORWARD_GLOBAL_SPLIT = os.environ.get("TITANS_FORWARD_GLOBAL_SPLIT", "1") != "0"
 
 # CTAs per (sequence, head) of the fused backward, CTA r owning the hidden blocks b with
 # b % split == r: s > 0 a cluster of s (sm_90+), s < 0 -s ordinary CTAs of a cooperative launch
@@ -440,7 +441,8 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
     exchange = (torch.empty(N * H * xfloats, dtype=torch.float32, device=dev) if xfloats
                 else None)
     # one counter per (sequence, head), each on a 128-byte line of its own
-    arrivals = torch.zeros(N * H * 32, dtype=torch.int32, device=dev) if xfloats else None
+    arrivals = (torch.zeros(N * H * _lib._C.neural_memory_arrival_stride(), dtype=torch.int32,
+                            device=dev) if xfloats else None)
 
     def bwd(ckpts):
         ckpts = list(checkpoints) if kept else ckpts
@@ -452,7 +454,7 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
                     dmomentum=dgates[2].data_ptr(),
                     dln_w=0 if dln_w is None else dln_w.data_ptr(),
                     dln_b=0 if dln_b is None else dln_b.data_ptr(),
-                    scratch=scratch.data_ptr(), split=int(split),
+                    scratch=scratch.data_ptr(), split=int(FUSED_BWD_SPLIT),
                     ring=0 if ring is None else ring.data_ptr(),
                     exchange=0 if exchange is None else exchange.data_ptr(),
                     arrivals=0 if arrivals is None else arrivals.data_ptr())
