@@ -1504,38 +1504,17 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
   }
 }
 
-// CTAs of `kernel` resident at once on the current device (a cooperative launch's limit).
-template <typename Kernel>
-int64_t resident_ctas(Kernel kernel, size_t smem) {
-  int device = 0, per_sm = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem) !=
-          cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  return int64_t(per_sm) * sms;
-}
-
 template <typename TIn, int D, int C>
-struct Kernels {
-  decltype(&bwd_kernel<TIn, D, C, kOne>) one = bwd_kernel<TIn, D, C, kOne>;
-  decltype(&bwd_kernel<TIn, D, C, kOne>) cluster = bwd_kernel<TIn, D, C, kClusterSplit>;
-  decltype(&bwd_kernel<TIn, D, C, kOne>) global = bwd_kernel<TIn, D, C, kGlobalSplit>;
-  size_t smem = make_bwd_layout(D, C).total;
-  cudaError_t prepare() const {
-    for (auto k : {one, cluster, global}) {
-      TITANS_RETURN_IF_ERROR(
-          cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    }
-    return cudaSuccess;
-  }
+struct Kernels : SplitKernels<decltype(&bwd_kernel<TIn, D, C, kOne>)> {
+  Kernels()
+      : SplitKernels<decltype(&bwd_kernel<TIn, D, C, kOne>)>{
+            bwd_kernel<TIn, D, C, kOne>, bwd_kernel<TIn, D, C, kClusterSplit>,
+            bwd_kernel<TIn, D, C, kGlobalSplit>, kThreads, make_bwd_layout(D, C).total} {}
 };
 
 // The launcher's split for a request (chunked_bwd.h, neural_memory_chunked_bwd_plan), given
 // the prepared kernels; 0 when the request cannot run here. `allow_global`: whether the
-// launcher's choice may be a split over ordinary CTAs.
+// launcher's choice may be a split over ordinary CTAs (launch.cuh, choose_split).
 template <typename TIn, int D, int C>
 int plan(const Kernels<TIn, D, C>& ks, int n_seq, int heads, int hidden, int split,
          bool allow_global = true) {
@@ -1547,35 +1526,13 @@ int plan(const Kernels<TIn, D, C>& ks, int n_seq, int heads, int hidden, int spl
   }
   const int n_blocks = hidden / kHB;
   const int64_t pairs = int64_t(n_seq) * heads;
-  auto per_cta = [&](int s) { return (n_blocks + s - 1) / s; };
   if (split == 0) {
-    // The fewest hidden blocks per CTA (then the fewest CTAs) such that every CTA of the grid
-    // is resident at once (the chunk loop is latency bound: a group that waits for a free slot
-    // doubles the time): a cluster where its clusters fit, else ordinary CTAs exchanging
-    // through global memory where they give fewer blocks per CTA (their barriers and exchanges
-    // are slower than the cluster's).
-    split = 1;
-    if (major >= 9) {
-      for (int s = 2; s <= chunked::kMaxSplit && s <= n_blocks; ++s) {
-        if (per_cta(s) == per_cta(split)) continue;
-        if (pairs > chunked::max_clusters(ks.cluster, s, ks.smem, kThreads)) continue;
-        split = s;
-      }
-    }
-    if (!allow_global) return split;
-    const int64_t resident = resident_ctas(ks.global, ks.smem);
-    int global = 0;
-    for (int s = 2; s <= chunked::kMaxSplit && s <= n_blocks; ++s) {
-      if (per_cta(s) >= per_cta(global > 0 ? global : split)) continue;
-      if (pairs * s > resident) continue;
-      global = s;
-    }
-    return global > 0 ? -global : split;
+    return choose_split(ks, n_blocks, pairs, chunked::kMaxSplit, major >= 9, allow_global);
   }
   const int s = split < 0 ? -split : split;
   if (s > chunked::kMaxSplit || s > n_blocks) return 0;
   if (split > 1 && major < 9) return 0;
-  if (split < 0 && (s < 2 || pairs * s > resident_ctas(ks.global, ks.smem))) return 0;
+  if (split < 0 && (s < 2 || pairs * s > resident_ctas(ks.global, kThreads, ks.smem))) return 0;
   return split;
 }
 
@@ -1600,30 +1557,9 @@ cudaError_t launch(NeuralMemoryBwdParams p, cudaStream_t stream) {
   if (split == 0) return cudaErrorInvalidValue;
   if (split < 0 && (p.exchange == nullptr || p.arrivals == nullptr)) return cudaErrorInvalidValue;
   auto run = [&](int split) -> cudaError_t {
-    const bool global = split < 0;
-    const int s = global ? -split : split;
     NeuralMemoryBwdParams q = p;
-    q.f.split = s;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(unsigned(q.f.heads) * unsigned(s), unsigned(q.f.n_seq));
-    config.blockDim = dim3(unsigned(kThreads));
-    config.dynamicSmemBytes = lay.total;
-    config.stream = stream;
-    cudaLaunchAttribute attr[1];
-    if (global) {  // every CTA resident at once (or the launch fails): the barriers spin
-      attr[0].id = cudaLaunchAttributeCooperative;
-      attr[0].val.cooperative = 1;
-      config.attrs = attr;
-      config.numAttrs = 1;
-    } else if (s > 1) {
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = unsigned(s);
-      attr[0].val.clusterDim.y = 1;
-      attr[0].val.clusterDim.z = 1;
-      config.attrs = attr;
-      config.numAttrs = 1;
-    }
-    return cudaLaunchKernelEx(&config, global ? ks.global : s > 1 ? ks.cluster : ks.one, q);
+    q.f.split = split < 0 ? -split : split;
+    return launch_split(ks, q, q.f.heads, q.f.n_seq, split, stream);
   };
   const cudaError_t err = run(split);
   // The launcher's global split sized itself by the device's SMs; where fewer are available

@@ -51,9 +51,7 @@
 // state is read with ld.global.cg (L2): the same CTA wrote it in the previous chunk.
 #pragma once
 
-#include <mutex>
 #include <type_traits>
-#include <vector>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -61,6 +59,7 @@
 #include "chunked.h"
 #include "../common/cluster.cuh"
 #include "../common/cuda_check.h"
+#include "../common/launch.cuh"
 #include "../common/mma.cuh"
 #include "../memory_mlp/tile.cuh"
 
@@ -1132,156 +1131,51 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
   }
 }
 
-// Clusters of `split` CTAs of `kernel` that can be resident at once on the current device
-// (cached per device, kernel, split and shared memory; 0 when such a cluster cannot launch).
-// Every instance of a kernel template has the same function type, so the kernel's address is
-// part of the key.
-template <typename Kernel>
-int max_clusters(Kernel kernel, int split, size_t smem, int threads) {
-  struct Entry {
-    int device, split, threads;
-    const void* kernel;
-    size_t smem;
-    int count;
-  };
-  static std::mutex mutex;
-  static std::vector<Entry> cache;
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  const void* key = reinterpret_cast<const void*>(kernel);
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    for (const Entry& e : cache)
-      if (e.device == device && e.split == split && e.threads == threads && e.kernel == key &&
-          e.smem == smem)
-        return e.count;
-  }
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(unsigned(split), 1, 1);
-  config.blockDim = dim3(unsigned(threads));
-  config.dynamicSmemBytes = smem;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = unsigned(split);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  int count = 0;
-  if (cudaOccupancyMaxActiveClusters(&count, kernel, &config) != cudaSuccess) {
-    (void)cudaGetLastError();
-    count = 0;
-  }
-  std::lock_guard<std::mutex> lock(mutex);
-  cache.push_back(Entry{device, split, threads, key, smem, count});
-  return count;
-}
-
 template <typename TIn, int D, int C, int kDepth>
 cudaError_t launch(NeuralMemoryParams p, cudaStream_t stream) {
   const size_t smem = make_layout(D, C, kDepth).total;
   constexpr int kThreads = Threads<C>::kThreads;
-  auto kernel = chunked_kernel<TIn, D, C, kDepth, 0>;
-  auto cluster_kernel = chunked_kernel<TIn, D, C, kDepth, kDepth == 2 ? 1 : 0>;
-  auto global_kernel = chunked_kernel<TIn, D, C, kDepth, kDepth == 2 ? 2 : 0>;
-  TITANS_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  if (kDepth == 2) {
-    for (auto k : {cluster_kernel, global_kernel}) {
-      TITANS_RETURN_IF_ERROR(
-          cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    }
-  }
+  const SplitKernels<decltype(&chunked_kernel<TIn, D, C, kDepth, 0>)> ks{
+      chunked_kernel<TIn, D, C, kDepth, 0>, chunked_kernel<TIn, D, C, kDepth, kDepth == 2 ? 1 : 0>,
+      chunked_kernel<TIn, D, C, kDepth, kDepth == 2 ? 2 : 0>, kThreads, smem};
+  TITANS_RETURN_IF_ERROR(ks.prepare());
   int device = 0, major = 0;
   TITANS_RETURN_IF_ERROR(cudaGetDevice(&device));
   TITANS_RETURN_IF_ERROR(
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   const int n_blocks = kDepth == 2 ? p.hidden / kHB : 1;
   const bool can_global = kDepth == 2 && p.exchange != nullptr && p.arrivals != nullptr;
-  auto per_cta = [&](int s) { return (n_blocks + s - 1) / s; };
-  // CTAs of the global instance resident at once (a cooperative launch's limit)
-  auto resident = [&]() -> int64_t {
-    int per_sm = 0, sms = 0;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, global_kernel, kThreads, smem) !=
-            cudaSuccess) {
-      (void)cudaGetLastError();
-      return 0;
-    }
-    return int64_t(per_sm) * sms;
-  };
   const int64_t pairs = int64_t(p.n_seq) * p.heads;
   const bool chosen = p.split == 0;
-  bool global = p.split < 0;
+  int split = p.split;   // signed: -s for s ordinary CTAs (launch.cuh)
   int cluster_split = 1;  // the launcher's choice without an exchange
   if (chosen) {
-    // The fewest hidden blocks per CTA (then the fewest CTAs) such that every CTA of the grid
-    // is resident at once: the chunk loop is latency bound, and a group that waits for a free
-    // slot doubles the time. Splits need not divide the blocks (the last CTAs take one block
-    // fewer). A cluster where its clusters all fit, else (with an exchange) ordinary CTAs of a
-    // cooperative launch where they give fewer blocks per CTA.
-    if (kDepth == 2 && major >= 9) {
-      for (int s = 2; s <= kMaxSplit && s <= n_blocks; ++s) {
-        if (per_cta(s) == per_cta(cluster_split)) continue;
-        if (pairs > max_clusters(cluster_kernel, s, smem, kThreads)) continue;
-        cluster_split = s;
-      }
-    }
-    p.split = cluster_split;
-    if (can_global) {
-      const int64_t fit = resident();
-      int g = 0;
-      for (int s = 2; s <= kMaxSplit && s <= n_blocks; ++s) {
-        if (per_cta(s) >= per_cta(g > 0 ? g : p.split) || pairs * s > fit) continue;
-        g = s;
-      }
-      if (g > 0) p.split = g, global = true;
-    }
-  } else if (global) {
-    p.split = -p.split;
-    if (!can_global || p.split < 2 || pairs * p.split > resident()) {
-      return cudaErrorInvalidValue;
-    }
+    split = choose_split(ks, n_blocks, pairs, kMaxSplit, kDepth == 2 && major >= 9, can_global,
+                         &cluster_split);
+  } else if (split < 0 && (!can_global || split > -2 ||
+                           pairs * -split > resident_ctas(ks.global, kThreads, smem))) {
+    return cudaErrorInvalidValue;
   }
   // cluster_sum's buffer (C x D fp32) is the staging blocks' region
   const Layout lay = make_layout(D, C, kDepth);
   const bool red_fits = lay.g - lay.w1 >= size_t(C) * D * sizeof(float);
-  auto run = [&](int s, bool over_global) -> cudaError_t {
-    if (s != 1 && (kDepth != 2 || (major < 9 && !over_global) || s > kMaxSplit ||
-                   s > n_blocks || !red_fits)) {
+  auto run = [&](int split) -> cudaError_t {
+    const int s = split < 0 ? -split : split;
+    if (s != 1 && (kDepth != 2 || (major < 9 && split > 0) || s > kMaxSplit || s > n_blocks ||
+                   !red_fits)) {
       return cudaErrorInvalidValue;
     }
     NeuralMemoryParams q = p;
     q.split = s;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(unsigned(q.heads) * unsigned(s), unsigned(q.n_seq));
-    config.blockDim = dim3(unsigned(kThreads));
-    config.dynamicSmemBytes = smem;
-    config.stream = stream;
-    cudaLaunchAttribute attr[1];
-    if (over_global) {  // every CTA resident at once (or the launch fails): the barriers spin
-      attr[0].id = cudaLaunchAttributeCooperative;
-      attr[0].val.cooperative = 1;
-      config.attrs = attr;
-      config.numAttrs = 1;
-    } else if (s > 1) {
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = unsigned(s);
-      attr[0].val.clusterDim.y = 1;
-      attr[0].val.clusterDim.z = 1;
-      config.attrs = attr;
-      config.numAttrs = 1;
-    }
-    return cudaLaunchKernelEx(&config,
-                              over_global ? global_kernel : s > 1 ? cluster_kernel : kernel, q);
+    return launch_split(ks, q, q.heads, q.n_seq, split, stream);
   };
-  const cudaError_t err = run(p.split, global);
+  const cudaError_t err = run(split);
   // The launcher's global split sized itself by the device's SMs; where fewer are available
   // (MPS with a thread percentage, green contexts) the cooperative launch is refused: the
   // cluster choice then runs instead.
-  if (chosen && global && err == cudaErrorCooperativeLaunchTooLarge) {
+  if (chosen && split < 0 && err == cudaErrorCooperativeLaunchTooLarge) {
     (void)cudaGetLastError();
-    return run(cluster_split, false);
+    return run(cluster_split);
   }
   return err;
 }

@@ -20,6 +20,7 @@
 
 #include "../common/cluster.cuh"
 #include "../common/cuda_check.h"
+#include "../common/launch.cuh"
 
 namespace titans {
 namespace {
@@ -482,10 +483,7 @@ cudaError_t neural_memory_decode(const DecodeParams& params, cudaStream_t stream
   config.stream = stream;
   cudaLaunchAttribute attr[1];
   if (p.split > 1) {
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = unsigned(p.split);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
+    attr[0] = cluster_attribute(p.split);
     config.attrs = attr;
     config.numAttrs = 1;
   }
