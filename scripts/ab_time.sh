@@ -9,6 +9,8 @@
 #                                                           # as a wheel (concurrently), then
 #                                                           # time them ROUNDS times, interleaved
 #   rm -rf _ab                                              # here, afterwards
+# A revision whose wheel an earlier call on the same (warm) machine built is not built again:
+# with three or more revisions, ROUNDS=0 in one call builds them, a second call times them.
 #
 # Environment: ROUNDS (default 2), SHAPES (bwd_time.py's, default "default long short"),
 # ARCHS (default 90a-real), OUT (logs; default ./ab_out). The timing script is this checkout's
@@ -39,6 +41,9 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 t0=$SECONDS
 for d in $dirs; do
   name=$(basename "$d")
+  if ls /tmp/ab_wheels/"$name"/*.whl >/dev/null 2>&1; then  # built by an earlier call here
+    echo "$name: reusing $(ls /tmp/ab_wheels/"$name"/*.whl)"; continue
+  fi
   (cd "$d" && TITANS_PTXAS_VERBOSE=1 $PY -m pip wheel --no-build-isolation --no-deps -v \
      -w "/tmp/ab_wheels/$name" . >"$OUT/build_$name.log" 2>&1 \
      || { echo "build of $name FAILED"; tail -20 "$OUT/build_$name.log"; }) &
