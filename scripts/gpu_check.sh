@@ -9,6 +9,8 @@
 #   PYTEST_K="cluster_split or C64" ...  # pytest -k expression for that subset
 #   SKIP_TESTS=1 BENCH_ARGS="--no-sweep" ...                # build + benchmark only
 #   SKIP_BUILD=1 ...                     # reuse the extension a previous call installed
+#   WHEEL=_wheels/work ...               # install a wheel built here (scripts/device_wheel.sh)
+#                                        # instead of building: saves 4-6 min of device time
 #   ARCHS=90a-real (default) selects what nvcc compiles; carried wheels in .whl/ (titans-pytorch
 #   and its needs) are installed to /tmp/site for the benchmark's baseline.
 # The build (~3 min) plus the whole GPU suite (~1500 tests) no longer fit one 600 s device call:
@@ -45,6 +47,13 @@ step "build (archs $ARCHS)"
 t0=$SECONDS
 if [ -n "${SKIP_BUILD:-}" ]; then
   status[build]="skipped (the installed extension)"
+elif [ -n "${WHEEL:-}" ]; then  # built off the device (scripts/device_wheel.sh)
+  whl=$(ls "$WHEEL"/*.whl 2>/dev/null | head -1); whl=${whl:-$WHEEL}
+  if $PY -m pip install --no-deps --force-reinstall "$whl" >"$OUT/build.log" 2>&1; then
+    status[build]="installed $(basename "$whl") (built elsewhere)"
+  else
+    status[build]="FAILED (installing $whl)"; tail -20 "$OUT/build.log"
+  fi
 elif TITANS_REQUIRE_CUDA=1 TITANS_CUDA_ARCHS="$ARCHS" TITANS_PTXAS_VERBOSE=1 \
    $PY -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1; then
   status[build]="ok ($((SECONDS - t0)) s)"
