@@ -1147,7 +1147,7 @@ cudaError_t launch(NeuralMemoryParams p, cudaStream_t stream) {
   const bool can_global = kDepth == 2 && p.exchange != nullptr && p.arrivals != nullptr;
   const int64_t pairs = int64_t(p.n_seq) * p.heads;
   const bool chosen = p.split == 0;
-  int split = p.split;   // signed: -s for s ordinary CTAs (launch.cuh)
+  int split = p.split;  // signed: -s for s ordinary CTAs (launch.cuh)
   int cluster_split = 1;  // the launcher's choice without an exchange
   if (chosen) {
     split = choose_split(ks, n_blocks, pairs, kMaxSplit, kDepth == 2 && major >= 9, can_global,
