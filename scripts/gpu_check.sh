@@ -94,7 +94,8 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
   # the fused backward: every checkpoint interval on fresh calls (clusters at the launcher's
   # split), and the split over 8 ordinary CTAs (global exchange) with groups recomputed
   compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked_bwd.py \
-    -q -p no:cacheprovider -k "checkpoint_groups and fresh or global_split_is and 4-8" \
+    -q -p no:cacheprovider \
+    -k "checkpoint_groups and fresh or global_split_is and 4-8 or other_shapes and fresh and bfloat16" \
     >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   status[memcheck]="$(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tr '\n' ' ')rc=$rc; $(grep -E 'passed|failed' "$OUT/sanitizer.log" | tail -2 | tr '\n' ' ')"
@@ -129,6 +130,6 @@ step "summary"
 {
   echo "gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
   for k in build pytest memcheck racecheck check bench; do
-    [ -n "${status[$k]:-}" ] && printf '%-9s %s\n' "$k" "${status[$k]}"
+    if [ -n "${status[$k]:-}" ]; then printf '%-9s %s\n' "$k" "${status[$k]}"; fi
   done
 } | tee "$OUT/summary.txt"

@@ -372,7 +372,16 @@ def test_chunked_checkpoints_are_the_chunk_start_states(kind, K):
     got = nm_ops._launch(*base, cu_seqlens=cu, kernel="chunked", checkpoint_every=K)
     for a, b in zip(plain, got[:len(plain)]):
         assert torch.equal(a, b)
-    ck_w, ck_s = got[1 + 3 * L:1 + 4 * L], got[1 + 4 * L:]
+    ck_w, ck_s, z2 = got[1 + 3 * L:1 + 4 * L], got[1 + 4 * L:1 + 5 * L], got[1 + 5 * L]
+    assert len(got) == 2 + 5 * L
+    # the read's z2 gives o through the head: o = q + LN(z2) gamma + beta
+    q = args[0]
+    ln_eps = base[16]
+    o_hat = q.float() + torch.nn.functional.layer_norm(z2, (q.shape[-1],), eps=ln_eps) * \
+        mem["ln_weight"].view(1, 1, *mem["ln_weight"].shape) + \
+        mem["ln_bias"].view(1, 1, *mem["ln_bias"].shape)
+    assert mem["residual"] and z2.shape == q.shape
+    assert rel_err(o_hat.to(q.dtype).float(), got[0].float()) < 1e-2
     s64 = _chunk_starts(args, weights, st, mem, cu, torch.float64)
     s32 = _chunk_starts(args, weights, st, mem, cu, torch.float32)
     lengths = (cu.diff() if cu is not None else

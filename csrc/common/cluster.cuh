@@ -57,6 +57,20 @@ struct GlobalGroup {
   unsigned target = 0;  // arrivals that complete the next barrier (thread 0's copy is used)
   int parity = 0;
 
+  // CTA `rank` of the `split` CTAs of group `pair`: its two buffers at slot pair * slots + rank
+  // of `exchange` (`slots` >= split pairs of buffers per group), the group's counter in
+  // `arrivals`.
+  __device__ static GlobalGroup make(float* exchange, unsigned* arrivals, int64_t pair,
+                                     int slots, int rank, int split, int64_t floats) {
+    GlobalGroup g{};
+    g.mine = exchange + (pair * slots + rank) * 2 * floats;
+    g.arrivals = arrivals + pair * kArrivalStride;
+    g.floats = floats;
+    g.rank = rank;
+    g.split = split;
+    return g;
+  }
+
   __device__ __forceinline__ float* publish(float*) { return mine + parity * floats; }
   __device__ __forceinline__ void sync() {
     __syncthreads();

@@ -704,13 +704,8 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
   using Group = std::conditional_t<kMode == 2, GlobalGroup, ClusterGroup>;
   Group grp{};
   if constexpr (kMode == 2) {  // this CTA's exchange buffers and the group's counter
-    constexpr int64_t kFloats = int64_t(C) * D;
-    const int64_t pair = int64_t(n) * p.heads + h;
-    grp.mine = p.exchange + (pair * kMaxSplit + rank) * 2 * kFloats;
-    grp.arrivals = p.arrivals + pair * GlobalGroup::kArrivalStride;
-    grp.floats = kFloats;
-    grp.rank = rank;
-    grp.split = split;
+    grp = GlobalGroup::make(p.exchange, p.arrivals, int64_t(n) * p.heads + h, kMaxSplit, rank,
+                            split, int64_t(C) * D);
   }
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int rg = warp % kRowGroups, part = warp / kRowGroups;
@@ -779,7 +774,20 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
                      p.ln_eps, p.residual, {1.f, 1.f}};
 
   // Stores o (this lane's rows of a warp tile, normalized in place by hd) for active slots.
+  float* __restrict__ gz2 = p.read_chunk ? nullptr : p.read_z2;  // the backward's z2
   auto store_o = [&](float (&f)[kNtD][4], int64_t t0) {
+    if (gz2 != nullptr) {  // the read's z2 before the head, fp32 (read "token")
+#pragma unroll
+      for (int nt = 0; nt < kNtD; ++nt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int64_t t = t0 + row_lo + 8 * half;
+          if (t >= 0 && t < len) {
+            *reinterpret_cast<float2*>(gz2 + ro.at(t) + nt * 8 + 2 * (lane % 4)) =
+                make_float2(f[nt][2 * half], f[nt][2 * half + 1]);
+          }
+        }
+    }
     Head<D> hd = head;
     hd.normalize(f);
 #pragma unroll

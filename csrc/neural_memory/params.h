@@ -61,6 +61,10 @@ struct NeuralMemoryParams {
   float* ckpt_w[kNeuralMemoryMaxLayers];
   float* ckpt_s[kNeuralMemoryMaxLayers];
   int ckpt_every;
+  // chunked, read "token", depth 2, for the backward: the read's output before its head (z2,
+  // LayerNorm's and the residual's input), fp32 [B, T, H, D] as o; the forward writes it, the
+  // backward (chunked_bwd.h) reads it instead of recomputing the read. nullptr: not kept.
+  float* read_z2;
   // chunked forward only: the exchange of a split over ordinary CTAs (a cooperative launch,
   // the sums through global memory, where clusters of that size would not all be resident at
   // once): per (sequence, head) kMaxSplit * 2 * chunk * dim floats, and an arrival counter

@@ -130,9 +130,10 @@ def chunked_reason(q: Tensor, weights, chunk_size: int, cu_seqlens,
 def chunked_bwd_shape_supported(dim: int, hidden: int, depth: int, chunk: int,
                                 read: str) -> bool:
     """The rule of neural_memory_chunked_bwd_supported (chunked_bwd.cu): depth 2, read
-    "token", D = 64, chunk 64, hidden a multiple of 32 up to 512 (bf16/fp16 inputs)."""
+    "token", D 32 or 64, chunk 16, 32 or 64, hidden a multiple of 32 up to 512 (bf16/fp16
+    inputs)."""
     hb = CHUNKED_HIDDEN_BLOCK
-    return (dim == 64 and chunk == 64 and depth == 2 and read == "token" and
+    return (dim in (32, 64) and chunk in (16, 32, 64) and depth == 2 and read == "token" and
             hb <= hidden <= 512 and hidden % hb == 0)
 
 
@@ -146,8 +147,9 @@ def chunked_bwd_reason(q: Tensor, weights, chunk_size: int, cu_seqlens, initial_
     D, depth, hidden = q.shape[-1], len(weights), weights[0].shape[-1]
     if not chunked_bwd_shape_supported(D, hidden, depth, chunk_size, read):
         return (f"no fused backward for D={D}, hidden={hidden}, depth={depth}, "
-                f"chunk_size={chunk_size}, read={read!r} in this version (supported: D=64, "
-                f"chunk_size=64, depth 2, read 'token')")
+                f"chunk_size={chunk_size}, read={read!r} in this version (supported: D 32 or "
+                f"64, chunk_size 16, 32 or 64, depth 2, hidden a multiple of "
+                f"{CHUNKED_HIDDEN_BLOCK} up to 512, read 'token')")
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     smem = _lib._C.neural_memory_chunked_bwd_smem_bytes(dim=D, hidden=hidden, depth=depth,
                                                          chunk=chunk_size, dtype=0)
@@ -196,7 +198,8 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
     through global memory (s < 0, chunked depth 2), 0 lets the launcher choose (params.h).
     ``checkpoint_every`` = K > 0 (chunked only): also returns, per layer, the W then the S at
     the start of chunks 0, K, 2K, ... as [n_ckpt, N, H, d_in, d_out] (params.h; slots past a
-    sequence's last chunk are left unwritten). ``bwd`` (chunked, with ``checkpoint_every``):
+    sequence's last chunk are left unwritten), then the read's z2 (its output before the head,
+    fp32 [B, T, H, D]; written for read "token" at depth 2), the fused backward's inputs. ``bwd`` (chunked, with ``checkpoint_every``):
     a function of the checkpoints returning the backward kernel's own arguments, launched right
     after the forward on the same arguments (_fused_grads); ``run_forward`` False launches the
     backward alone (on checkpoints the forward op kept)."""
@@ -284,8 +287,10 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
             n_ckpt, = _checkpoint_shape(T, chunk_size, K, bool(state_weights))
             ckpts = [torch.empty(n_ckpt, N, H, w.shape[-2], w.shape[-1], dtype=torch.float32,
                                  device=dev) for _ in range(2) for w in weights]
+            ckpts.append(torch.empty(B, T, H, D, dtype=torch.float32, device=dev))  # z2
+            args.update(read_z2=ckpts[-1].data_ptr())
         args.update(ckpt_every=max(K, 0), ckpt_w=[t.data_ptr() for t in ckpts[:depth]],
-                    ckpt_s=[t.data_ptr() for t in ckpts[depth:]])
+                    ckpt_s=[t.data_ptr() for t in ckpts[depth:2 * depth]])
         if not ckpts:
             args.update(ckpt_w=[0] * depth, ckpt_s=[0] * depth)
     if run_forward:
@@ -447,7 +452,8 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
     def bwd(ckpts):
         ckpts = list(checkpoints) if kept else ckpts
         ptrs = lambda ts: [t.data_ptr() for t in ts]  # noqa: E731
-        return dict(ckpt_every=K, bwd_ckpt_w=ptrs(ckpts[:L]), bwd_ckpt_s=ptrs(ckpts[L:]),
+        return dict(ckpt_every=K, bwd_ckpt_w=ptrs(ckpts[:L]), bwd_ckpt_s=ptrs(ckpts[L:2 * L]),
+                    read_z2=ckpts[2 * L].data_ptr(),
                     w_bar=ptrs(w_bar), s_bar=ptrs(s_bar), wg0_bar=ptrs(wg0), cw_bar=ptrs(cw_owed),
                     o_bar=g_o.data_ptr(), dq=dq.data_ptr(), dk=dk.data_ptr(), dv=dv.data_ptr(),
                     dlr=dgates[0].data_ptr(), dforget=dgates[1].data_ptr(),
@@ -523,10 +529,10 @@ def chunked_op(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, forget: Tensor, mome
                chunk_size: int, activation: str, residual: bool, ln_eps: float, read: str,
                cu_seqlens: Optional[Tensor], checkpoint_every: int) -> List[Tensor]:
     """decode_op for any call, cu_seqlens included (then q, k, v are [1, total, H, D] and the
-    states have one row per sequence), then 2 L more outputs: with ``checkpoint_every`` = K > 0
-    and the fused backward's shapes (chunked_bwd_reason), the state at every K-th chunk start
-    for the backward (W per layer, then S, each [n_ckpt, N, H, d_in, d_out], _checkpoint_shape),
-    else empty tensors."""
+    states have one row per sequence), then 2 L + 1 more outputs: with ``checkpoint_every`` =
+    K > 0 and the fused backward's shapes (chunked_bwd_reason), what the backward reads: the
+    state at every K-th chunk start (W per layer, then S, each [n_ckpt, N, H, d_in, d_out],
+    _checkpoint_shape) and the read's z2 (fp32 [B, T, H, D]), else empty tensors."""
     args = (q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
             state_momentum, state_chunk_weights, state_offset, chunk_size, activation,
             residual, ln_eps, read)
@@ -535,7 +541,7 @@ def chunked_op(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, forget: Tensor, mome
     outs = _forward("chunked", chunked_reason(q, weights, chunk_size, cu_seqlens, state), args,
                     cu_seqlens, checkpoint_every=K)
     if K == 0:
-        outs = outs + [q.new_empty(0, dtype=torch.float32) for _ in range(2 * len(weights))]
+        outs = outs + [q.new_empty(0, dtype=torch.float32) for _ in range(2 * len(weights) + 1)]
     return outs
 
 
@@ -547,11 +553,12 @@ def _(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
     K = _kept_every(q, weights, chunk_size, cu_seqlens, state, read, checkpoint_every)
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if K == 0:
-        ckpts = [q.new_empty(0, dtype=torch.float32) for _ in range(2 * len(weights))]
+        ckpts = [q.new_empty(0, dtype=torch.float32) for _ in range(2 * len(weights) + 1)]
     else:
         n_ckpt, = _checkpoint_shape(q.shape[1], chunk_size, K, bool(state_weights))
         ckpts = [q.new_empty(n_ckpt, N, q.shape[2], w.shape[-2], w.shape[-1],
                              dtype=torch.float32) for _ in range(2) for w in weights]
+        ckpts.append(q.new_empty(q.shape, dtype=torch.float32))  # z2
     return _fake(q, k, v, weights, state_weights, state_momentum, state_chunk_weights,
                  cu_seqlens) + ckpts
 
