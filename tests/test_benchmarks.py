@@ -16,6 +16,9 @@ def test_benchmark_run_times_several_shapes_in_one_process(tmp_path, monkeypatch
     pass and shape (here the tiny CPU shape twice: on a CPU the reference and the parallel
     variant; on a GPU also the fused op and SDPA, as methods_for lists them)."""
     monkeypatch.setattr(run, "time_fn", lambda fn, device: (fn(), (1.0, None))[1])
+    if torch.cuda.is_available():  # the fused op takes bf16 and D >= 32: a GPU-sized "cpu" shape
+        monkeypatch.setitem(run.SHAPES, "cpu", run.Shape("cpu", B=1, T=256, H=2, D=32, hidden=64,
+                                                         chunk=16))
     assert run.main(["--memory", "--no-sweep", "--no-titans-pytorch", "--shape", "cpu", "cpu",
                      "--out", str(tmp_path)]) == 0
     rows = json.load(open(tmp_path / "bench.json"))["rows"]

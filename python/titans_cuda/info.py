@@ -25,8 +25,9 @@ KERNELS = {
                      "q/k/v, D in (32, 64, 128), depth 1, or depth 2 with hidden % 32 == 0 up to "
                      "512, chunk in (16, 32, 64, 128) where its shared memory fits, cu_seqlens "
                      "and states included); gradients: a fused backward kernel at depth 2, "
-                     "read 'token', D 64, chunk 64, bf16/fp16 (checkpoints every 4 chunks, "
-                     "clusters on sm_90+), the reference's VJP elsewhere",
+                     "read 'token', D 32 or 64, chunk 16, 32 or 64, bf16/fp16 (checkpoints "
+                     "every 4 chunks and the read's z2 kept by the forward; clusters on sm_90+ "
+                     "or CTAs exchanging through global memory), the reference's VJP elsewhere",
 }
 # Composed from the blocks above: runs whatever kernels they have.
 COMPOSED = {"parallel_neural_memory": ("memory_grad", "memory_scan", "memory_forward")}
