@@ -372,8 +372,9 @@ def test_chunked_checkpoints_are_the_chunk_start_states(kind, K):
     got = nm_ops._launch(*base, cu_seqlens=cu, kernel="chunked", checkpoint_every=K)
     for a, b in zip(plain, got[:len(plain)]):
         assert torch.equal(a, b)
-    ck_w, ck_s, z2 = got[1 + 3 * L:1 + 4 * L], got[1 + 4 * L:1 + 5 * L], got[1 + 5 * L]
-    assert len(got) == 2 + 5 * L
+    ck_w, ck_s, z2, fk = (got[1 + 3 * L:1 + 4 * L], got[1 + 4 * L:1 + 5 * L], got[1 + 5 * L],
+                          got[2 + 5 * L])
+    assert len(got) == 3 + 5 * L
     # the read's z2 gives o through the head: o = q + LN(z2) gamma + beta
     q = args[0]
     ln_eps = base[16]
@@ -382,6 +383,15 @@ def test_chunked_checkpoints_are_the_chunk_start_states(kind, K):
         mem["ln_bias"].view(1, 1, *mem["ln_bias"].shape)
     assert mem["residual"] and z2.shape == q.shape
     assert rel_err(o_hat.to(q.dtype).float(), got[0].float()) < 1e-2
+    # the keys' fk: the memory at the chunk's gradient weights, for the first chunk of a fresh
+    # call the initial weights: phi(k W1) W2
+    if kind == "fresh":
+        kk = args[1][:, :C].float()
+        h1 = torch.einsum("bthd,hde->bthe", kk, weights[0].float())
+        h1 = torch.nn.functional.silu(h1) if mem["activation"] == "silu" else \
+            torch.nn.functional.gelu(h1)
+        want = torch.einsum("bthe,hed->bthd", h1, weights[1].float())
+        assert rel_err(fk[:, :C], want) < 1e-4, rel_err(fk[:, :C], want)
     s64 = _chunk_starts(args, weights, st, mem, cu, torch.float64)
     s32 = _chunk_starts(args, weights, st, mem, cu, torch.float32)
     lengths = (cu.diff() if cu is not None else

@@ -268,8 +268,9 @@ titans::NeuralMemoryParams neural_memory_params(const py::dict& a, const char* o
     p.exchange = as_ptr<float>(ptr("exchange"));
     p.arrivals = as_ptr<unsigned>(ptr("arrivals"));
   }
-  if (a.contains("read_z2")) {  // chunked only: the read's z2, written or (backward) read
-    p.read_z2 = as_ptr<float>(ptr("read_z2"));
+  if (a.contains("read_z2")) {  // chunked only: the read's z2 and the keys' fk, written or
+    p.read_z2 = as_ptr<float>(ptr("read_z2"));  // (backward) read
+    p.keys_fk = as_ptr<float>(ptr("keys_fk"));
   }
   if (a.contains("ckpt_every")) {  // chunked only
     p.ckpt_every = i32("ckpt_every");

@@ -60,7 +60,7 @@ cudaError_t neural_memory_chunked_bwd(const NeuralMemoryBwdParams& bp, cudaStrea
     }
   }
   if (p.q == nullptr || p.k == nullptr || p.v == nullptr || bp.o_bar == nullptr ||
-      p.read_z2 == nullptr ||
+      p.read_z2 == nullptr || p.keys_fk == nullptr ||
       p.lr == nullptr || p.forget == nullptr || p.momentum == nullptr || bp.dq == nullptr ||
       bp.dk == nullptr || bp.dv == nullptr || bp.dlr == nullptr || bp.dforget == nullptr ||
       bp.dmomentum == nullptr || bp.scratch == nullptr ||

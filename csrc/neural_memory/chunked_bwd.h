@@ -4,8 +4,8 @@
 // carries the state's cotangents (W̄, S̄) in global memory, computing per chunk what
 // python/titans_cuda/ops/neural_memory/chunk_vjp_blocked.py computes. The chunk-start states
 // come from the forward's checkpoints (NeuralMemoryParams::ckpt_every = K): every chunk, or every
-// K-th with the others recomputed in the kernel a group at a time (ring), and the read's z2 from
-// the forward's NeuralMemoryParams::read_z2 (required).
+// K-th with the others recomputed in the kernel a group at a time (ring), and the read's z2 and
+// the keys' fk from the forward's NeuralMemoryParams::read_z2 / keys_fk (required).
 // Supported: bf16/fp16 inputs, D 32 or 64, chunk 16, 32 or 64, hidden a multiple of 32 up to
 // 512 (neural_memory_chunked_bwd_supported); everything else falls back to the reference's VJP in
 // Python. params.f.split forces a split: 1..8 CTAs per (sequence, head), a cluster on sm_90+,
@@ -25,8 +25,8 @@ namespace titans {
 
 struct NeuralMemoryBwdParams {
   // The forward's arguments (q, k, v, gates, cu_seqlens, w_in / cw_in / offset of the initial
-  // state, LayerNorm, sizes, and read_z2, which the forward wrote; its outputs and s_in are
-  // unused).
+  // state, LayerNorm, sizes, and read_z2 / keys_fk, which the forward wrote; its outputs and
+  // s_in are unused).
   NeuralMemoryParams f;
   // dl/do: contiguous [B, T, H, D] in the input dtype.
   const void* o_bar;

@@ -3,8 +3,8 @@
 // chunked_bwd_<dtype>_d<D>.cu the instances of one (dtype, D) for every supported chunk.
 //
 // One CTA of 8 warps per (sequence, head) (or `split` of them, CTA r owning the hidden blocks
-// b with b % split == r: the per-block work divides, the chunk-wide work repeats, and three sums
-// cross the group per chunk in rank order: fk and dz̄2 to every CTA, the end group to rank
+// b with b % split == r: the per-block work divides, the chunk-wide work repeats, and two sums
+// cross the group per chunk in rank order: dz̄2 to every CTA, the end group to rank
 // 0, which alone stores the per-token gradients; the group is a cluster on sm_90+, over DSMEM,
 // or ordinary CTAs of a cooperative launch exchanging through global memory, where clusters of
 // that size would not all be resident at once: GlobalGroup, csrc/common/cluster.cuh)
@@ -12,14 +12,14 @@
 // live in the fp32 output tensors and are updated in place, hidden block by hidden block, into
 // those of the state before it. The chunk-start states come from the forward's checkpoints
 // every K = params.f.ckpt_every chunks: entering a group (walking down), the kernel first
-// recomputes the group's other chunk starts into a ring (load, pass A, head, then the state
-// update per block: the forward without its read). Per chunk (notation
+// recomputes the group's other chunk starts into a ring (load, head, then the state update per
+// block: the forward without its keys pass and read, whose fk it kept). Per chunk (notation
 // of chunk_vjp.py; gneg = -G[C-1, :], nneg = -N[C-1, :]; every product takes split-bf16
 // operands from shared memory, three mma.sync per product, fp32 accumulation):
 //
 //   load      q, k, gates; G (column recurrences), ga1 = -G * (q k^T)
-//   pass A    keys forward at Wg, block by block: fk += phi(k Wg1_b) Wg2_b
-//   head      (row mode) e = 2 (y - v), dz2 = LNB(fk, e); e, xhat, rstd to scratch
+//   head      (row mode) e = 2 (y - v), dz2 = LNB(fk, e); e, xhat, rstd to scratch, from the
+//             keys' forward at Wg that the forward kept (params.h keys_fk: no keys pass here)
 //   read      (row mode) z̄2 = LN backward of dl/do at the read's z2, which the forward kept
 //             (params.h read_z2: no recompute of the read); mm2 = -z̄2 dz2^T, a2_bar = mm2 * G
 //   pass C    per block (chunk_vjp_blocked's pass C): the read's adjoint (layer 2, then 1), the
@@ -582,6 +582,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
   const TIn* __restrict__ gv = static_cast<const TIn*>(p.v);
   const TIn* __restrict__ gob = static_cast<const TIn*>(bp.o_bar);
   const float* __restrict__ gz2 = p.read_z2;  // the forward's z2 (read "token")
+  const float* __restrict__ gfk = p.keys_fk;  // and its keys' fk
   TIn* __restrict__ gdq = static_cast<TIn*>(bp.dq);
   TIn* __restrict__ gdk = static_cast<TIn*>(bp.dk);
   TIn* __restrict__ gdv = static_cast<TIn*>(bp.dv);
@@ -716,45 +717,20 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
     }
     const float beta_c = v_beta[C - 1], c_c = v_c[C - 1], m_c = v_m[C - 1];
 
-    // ---- pass A: fk = sum_b phi(k Wg1_b) Wg2_b ----
-    float acc[CD::kIt][2][4];  // fk, then z2
-    zero(acc);
-    for (int b = rank; b < n_blocks; b += split) {
-      __syncthreads();  // G read (b = 0); the previous block's operands are free
-      stage<D, HB, kThreads>(s_w1, wg[0] + b * HB, hidden);
-      stage<HB, D, kThreads>(s_w2, wg[1] + int64_t(b) * HB * D, D);
-      __syncthreads();
-      if (ch_ok) {
-        float z[2][4];
-        zero(z);
-        mma_tile<kR, D, false, true, kX>(z, s_k, chm, s_w1, chn, lane);
-#pragma unroll
-        for (int t = 0; t < 2; ++t)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) z[t][e] = act3(z[t][e], act_kind).f;
-        put_tile(s_hk1, chm, chn, z, lane);
-      }
-      __syncthreads();
-#pragma unroll
-      for (int i = 0; i < CD::kIt; ++i)
-        if (CD::ok(i, warp))
-          mma_tile<kR, HB, false, true>(acc[i], s_hk1, CD::m0(i, warp), s_w2, CD::n0(i, warp),
-                                        lane);
-    }
-    __syncthreads();  // s_hk1 (f_row) free
-    if (kCluster) cluster_sum(grp, split, acc, f_row, true);  // sum 1: fk
-#pragma unroll
-    for (int i = 0; i < CD::kIt; ++i)
-      if (CD::ok(i, warp)) store_tile(f_row, kLdF, CD::m0(i, warp), CD::n0(i, warp), acc[i], lane);
-    __syncthreads();
-
-    // ---- head of the keys (row mode) ----
+    // The keys' forward fk = sum_b phi(k Wg1_b) Wg2_b at the chunk's gradient weights comes from
+    // the forward (params.h keys_fk) instead of a pass over the hidden blocks.
+    // ---- head of the keys (row mode), from the forward's fk ----
     {
       const int64_t t = t0 + rr;
       const bool active = t >= 0 && t < len;
       float f[kCPT], e[kCPT];
 #pragma unroll
-      for (int c = 0; c < kCPT; ++c) f[c] = f_row[rr * kLdF + rc0 + c];
+      for (int c = 0; c < kCPT; c += 2) {
+        float2 x = make_float2(0.f, 0.f);  // fk of a padding row: phi(0) W2 = 0
+        if (active) x = *reinterpret_cast<const float2*>(gfk + ro.at(t) + rc0 + c);
+        f[c] = x.x;
+        f[c + 1] = x.y;
+      }
       float rstd = 1.f;
       if (gamma != nullptr) {
         float s = 0.f;

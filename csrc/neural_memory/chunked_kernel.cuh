@@ -773,21 +773,25 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
                      p.ln_weight != nullptr && p.ln_bias != nullptr ? p.ln_bias + h * D : nullptr,
                      p.ln_eps, p.residual, {1.f, 1.f}};
 
-  // Stores o (this lane's rows of a warp tile, normalized in place by hd) for active slots.
-  float* __restrict__ gz2 = p.read_chunk ? nullptr : p.read_z2;  // the backward's z2
-  auto store_o = [&](float (&f)[kNtD][4], int64_t t0) {
-    if (gz2 != nullptr) {  // the read's z2 before the head, fp32 (read "token")
+  // What the backward reads instead of recomputing (read "token"): the read's z2 and the keys'
+  // fk before their heads, fp32 rows [B, T, H, D] as o; this lane's rows of a warp tile.
+  float* __restrict__ gz2 = p.read_chunk ? nullptr : p.read_z2;
+  float* __restrict__ gfk = p.read_chunk ? nullptr : p.keys_fk;
+  auto store_f32 = [&](float* __restrict__ dst, const float (&f)[kNtD][4], int64_t t0) {
 #pragma unroll
-      for (int nt = 0; nt < kNtD; ++nt)
+    for (int nt = 0; nt < kNtD; ++nt)
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int64_t t = t0 + row_lo + 8 * half;
-          if (t >= 0 && t < len) {
-            *reinterpret_cast<float2*>(gz2 + ro.at(t) + nt * 8 + 2 * (lane % 4)) =
-                make_float2(f[nt][2 * half], f[nt][2 * half + 1]);
-          }
+      for (int half = 0; half < 2; ++half) {
+        const int64_t t = t0 + row_lo + 8 * half;
+        if (t >= 0 && t < len) {
+          *reinterpret_cast<float2*>(dst + ro.at(t) + nt * 8 + 2 * (lane % 4)) =
+              make_float2(f[nt][2 * half], f[nt][2 * half + 1]);
         }
-    }
+      }
+  };
+  // Stores o (this lane's rows of a warp tile, normalized in place by hd) for active slots.
+  auto store_o = [&](float (&f)[kNtD][4], int64_t t0) {
+    if (gz2 != nullptr) store_f32(gz2, f, t0);
     Head<D> hd = head;
     hd.normalize(f);
 #pragma unroll
@@ -899,6 +903,7 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
 
     // ---- head of the keys: dl/df of the last layer -> s_dz2 ----
     if (row_warp && lead) {
+      if (gfk != nullptr && rank == 0) store_f32(gfk, fk, t0);
       Head<D> hd = head;
       hd.normalize(fk);
       float dy[kNtD][4];

@@ -65,6 +65,9 @@ struct NeuralMemoryParams {
   // LayerNorm's and the residual's input), fp32 [B, T, H, D] as o; the forward writes it, the
   // backward (chunked_bwd.h) reads it instead of recomputing the read. nullptr: not kept.
   float* read_z2;
+  // the same for the keys' forward at the chunk's gradient weights (fk, the keys' head's
+  // input), fp32 [B, T, H, D]: the backward reads it instead of a keys pass.
+  float* keys_fk;
   // chunked forward only: the exchange of a split over ordinary CTAs (a cooperative launch,
   // the sums through global memory, where clusters of that size would not all be resident at
   // once): per (sequence, head) kMaxSplit * 2 * chunk * dim floats, and an arrival counter

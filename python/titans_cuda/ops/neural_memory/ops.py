@@ -198,8 +198,10 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
     through global memory (s < 0, chunked depth 2), 0 lets the launcher choose (params.h).
     ``checkpoint_every`` = K > 0 (chunked only): also returns, per layer, the W then the S at
     the start of chunks 0, K, 2K, ... as [n_ckpt, N, H, d_in, d_out] (params.h; slots past a
-    sequence's last chunk are left unwritten), then the read's z2 (its output before the head,
-    fp32 [B, T, H, D]; written for read "token" at depth 2), the fused backward's inputs. ``bwd`` (chunked, with ``checkpoint_every``):
+    sequence's last chunk are left unwritten), then the read's z2 (its output before the head)
+    and the keys' fk (the memory's output for the keys at the chunk's gradient weights, the
+    keys' head's input), fp32 [B, T, H, D] each, written for read "token" at depth 2: the fused
+    backward's inputs. ``bwd`` (chunked, with ``checkpoint_every``):
     a function of the checkpoints returning the backward kernel's own arguments, launched right
     after the forward on the same arguments (_fused_grads); ``run_forward`` False launches the
     backward alone (on checkpoints the forward op kept)."""
@@ -287,8 +289,9 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
             n_ckpt, = _checkpoint_shape(T, chunk_size, K, bool(state_weights))
             ckpts = [torch.empty(n_ckpt, N, H, w.shape[-2], w.shape[-1], dtype=torch.float32,
                                  device=dev) for _ in range(2) for w in weights]
-            ckpts.append(torch.empty(B, T, H, D, dtype=torch.float32, device=dev))  # z2
-            args.update(read_z2=ckpts[-1].data_ptr())
+            ckpts += [torch.empty(B, T, H, D, dtype=torch.float32, device=dev)
+                      for _ in range(2)]  # z2, fk
+            args.update(read_z2=ckpts[-2].data_ptr(), keys_fk=ckpts[-1].data_ptr())
         args.update(ckpt_every=max(K, 0), ckpt_w=[t.data_ptr() for t in ckpts[:depth]],
                     ckpt_s=[t.data_ptr() for t in ckpts[depth:2 * depth]])
         if not ckpts:
@@ -453,7 +456,7 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
         ckpts = list(checkpoints) if kept else ckpts
         ptrs = lambda ts: [t.data_ptr() for t in ts]  # noqa: E731
         return dict(ckpt_every=K, bwd_ckpt_w=ptrs(ckpts[:L]), bwd_ckpt_s=ptrs(ckpts[L:2 * L]),
-                    read_z2=ckpts[2 * L].data_ptr(),
+                    read_z2=ckpts[2 * L].data_ptr(), keys_fk=ckpts[2 * L + 1].data_ptr(),
                     w_bar=ptrs(w_bar), s_bar=ptrs(s_bar), wg0_bar=ptrs(wg0), cw_bar=ptrs(cw_owed),
                     o_bar=g_o.data_ptr(), dq=dq.data_ptr(), dk=dk.data_ptr(), dv=dv.data_ptr(),
                     dlr=dgates[0].data_ptr(), dforget=dgates[1].data_ptr(),
@@ -529,10 +532,11 @@ def chunked_op(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, forget: Tensor, mome
                chunk_size: int, activation: str, residual: bool, ln_eps: float, read: str,
                cu_seqlens: Optional[Tensor], checkpoint_every: int) -> List[Tensor]:
     """decode_op for any call, cu_seqlens included (then q, k, v are [1, total, H, D] and the
-    states have one row per sequence), then 2 L + 1 more outputs: with ``checkpoint_every`` =
+    states have one row per sequence), then 2 L + 2 more outputs: with ``checkpoint_every`` =
     K > 0 and the fused backward's shapes (chunked_bwd_reason), what the backward reads: the
     state at every K-th chunk start (W per layer, then S, each [n_ckpt, N, H, d_in, d_out],
-    _checkpoint_shape) and the read's z2 (fp32 [B, T, H, D]), else empty tensors."""
+    _checkpoint_shape), the read's z2 and the keys' fk (fp32 [B, T, H, D] each), else empty
+    tensors."""
     args = (q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
             state_momentum, state_chunk_weights, state_offset, chunk_size, activation,
             residual, ln_eps, read)
@@ -541,7 +545,7 @@ def chunked_op(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, forget: Tensor, mome
     outs = _forward("chunked", chunked_reason(q, weights, chunk_size, cu_seqlens, state), args,
                     cu_seqlens, checkpoint_every=K)
     if K == 0:
-        outs = outs + [q.new_empty(0, dtype=torch.float32) for _ in range(2 * len(weights) + 1)]
+        outs = outs + [q.new_empty(0, dtype=torch.float32) for _ in range(2 * len(weights) + 2)]
     return outs
 
 
@@ -553,12 +557,12 @@ def _(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
     K = _kept_every(q, weights, chunk_size, cu_seqlens, state, read, checkpoint_every)
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if K == 0:
-        ckpts = [q.new_empty(0, dtype=torch.float32) for _ in range(2 * len(weights) + 1)]
+        ckpts = [q.new_empty(0, dtype=torch.float32) for _ in range(2 * len(weights) + 2)]
     else:
         n_ckpt, = _checkpoint_shape(q.shape[1], chunk_size, K, bool(state_weights))
         ckpts = [q.new_empty(n_ckpt, N, q.shape[2], w.shape[-2], w.shape[-1],
                              dtype=torch.float32) for _ in range(2) for w in weights]
-        ckpts.append(q.new_empty(q.shape, dtype=torch.float32))  # z2
+        ckpts += [q.new_empty(q.shape, dtype=torch.float32) for _ in range(2)]  # z2, fk
     return _fake(q, k, v, weights, state_weights, state_momentum, state_chunk_weights,
                  cu_seqlens) + ckpts
 
