@@ -26,8 +26,9 @@ KERNELS = {
                      "512, chunk in (16, 32, 64, 128) where its shared memory fits, cu_seqlens "
                      "and states included); gradients: a fused backward kernel at depth 2, "
                      "read 'token', D 32 or 64, chunk 16, 32 or 64, bf16/fp16 (checkpoints "
-                     "every 4 chunks and the read's z2 kept by the forward; clusters on sm_90+ "
-                     "or CTAs exchanging through global memory), the reference's VJP elsewhere",
+                     "every 4 chunks, the read's z2 and the keys' fk kept by the forward; "
+                     "clusters on sm_90+ or CTAs exchanging through global memory), the "
+                     "reference's VJP elsewhere",
 }
 # Composed from the blocks above: runs whatever kernels they have.
 COMPOSED = {"parallel_neural_memory": ("memory_grad", "memory_scan", "memory_forward")}
