@@ -727,7 +727,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
 #pragma unroll
       for (int c = 0; c < kCPT; c += 2) {
         float2 x = make_float2(0.f, 0.f);  // fk of a padding row: phi(0) W2 = 0
-        if (active) x = *reinterpret_cast<const float2*>(gfk + ro.at(t) + rc0 + c);
+        if (active) x = load2(gfk + ro.at(t) + rc0 + c);
         f[c] = x.x;
         f[c + 1] = x.y;
       }
@@ -835,7 +835,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         float2 x = make_float2(0.f, 0.f), z = make_float2(0.f, 0.f);
         if (active) {
           x = load2(gob + ro.at(t) + rc0 + c);
-          z = *reinterpret_cast<const float2*>(gz2 + ro.at(t) + rc0 + c);
+          z = load2(gz2 + ro.at(t) + rc0 + c);
         }
         ob[c] = x.x;
         ob[c + 1] = x.y;
@@ -1137,7 +1137,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       }
     }
     // the read's P terms of this CTA's blocks: Ḡ's part mm2 * P, dz̄2 += (-G * P)^T z̄2 (s_a2b
-    // was last read in the last block's C4, before two barriers)
+    // was last read in the last block's C4, before two barriers). mm2 is computed again rather
+    // than kept from before pass C: its 16 registers would be live across the whole pass.
     float gpart[CC::kIt][2][4];
     zero(gpart);
 #pragma unroll

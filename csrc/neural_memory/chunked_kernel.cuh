@@ -783,10 +783,8 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int64_t t = t0 + row_lo + 8 * half;
-        if (t >= 0 && t < len) {
-          *reinterpret_cast<float2*>(dst + ro.at(t) + nt * 8 + 2 * (lane % 4)) =
-              make_float2(f[nt][2 * half], f[nt][2 * half + 1]);
-        }
+        if (t >= 0 && t < len)
+          store2(dst + ro.at(t) + nt * 8 + 2 * (lane % 4), f[nt][2 * half], f[nt][2 * half + 1]);
       }
   };
   // Stores o (this lane's rows of a warp tile, normalized in place by hd) for active slots.
