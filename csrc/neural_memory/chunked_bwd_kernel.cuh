@@ -25,7 +25,9 @@
 //   pass C    per block (chunk_vjp_blocked's pass C): the read's adjoint (layer 2, then 1), the
 //             state's cotangents (layer 2, then 1), the errors' second-order adjoint; W̄_b, S̄_b
 //             written in place, the block's keys' adjoints kept in scratch for pass D; P +=
-//             h1 hk1^T; after the blocks dz̄2 += (-G * P)^T z̄2 and Ḡ = mm2 * P (this CTA's part)
+//             h1 hk1^T; after the blocks dz̄2 += (-G * P)^T z̄2 and Ḡ = mm2 * P (this CTA's part).
+//             Two staging points per block: W0, S0 and W̄', S̄' of layer 2 at its start, W̄', S̄'
+//             of layer 1 over W0_1, S0_1 once C3 (with C4 in the same step) has read them
 //   sync 3    (row mode) LayerNorm double backward: f̄, dv, and the head's cotangents
 //   pass D    the keys' forward adjoint: W̄g_b (into W̄, or wg0_bar at chunk 0), k̄
 //   end       q̄, k̄ (+ a1_bar terms), Ḡ; the gates' adjoint by reverse-mode through the
@@ -317,6 +319,22 @@ __device__ __forceinline__ void add_row(float* dst, const float (&v)[N]) {
       x[i].x += v[2 * i];
       x[i].y += v[2 * i + 1];
       reinterpret_cast<float2*>(dst)[i] = x[i];
+    }
+  }
+}
+
+// Asks L2 for the fp32 rows [.., T, H, D] (through r) of chunk slots t0 .. t0 + C - 1 (those
+// in [0, len)) of a and b (nullptr: none). A hint: no effect on any value.
+template <int D, int C>
+__device__ __forceinline__ void prefetch_rows_f32(const float* a, const float* b, const Rows& r,
+                                                  int64_t t0, int64_t len) {
+  constexpr int kLines = (D * int(sizeof(float)) + 127) / 128;  // 128-byte lines per row
+  for (int i = threadIdx.x; i < 2 * C * kLines; i += kThreads) {
+    const int which = i / (C * kLines), rr = (i / kLines) % C;
+    const int64_t t = t0 + rr;
+    const float* base = which == 0 ? a : b;
+    if (base != nullptr && t >= 0 && t < len) {
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(base + r.at(t) + 32 * (i % kLines)));
     }
   }
 }
@@ -677,15 +695,30 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
     __syncthreads();  // the previous chunk is done with shared memory
     chunked::load_chunk<TIn, D, C, kThreads, 8>(s_q, s_k, gq, gk, rq, rk, p, row_base, h, t0,
                                                 len, v_theta, v_a, v_eta, v_act);
-    {  // the next step's chunk into L2 while this one computes: j + 1 within the group, else
-       // the first step of jb - 1 (its group's first chunk when jb opens a group)
-      const int next = j < jb ? j + 1 : jb == 0 ? -1 : jb % K == 0 ? (jb - 1) - (jb - 1) % K
-                                                                   : jb - 1;
-      if (next >= 0) {
-        chunked::prefetch_chunk<TIn, D, C, kThreads>(gq, rq, gk, rk, gv, rv, gob, ro, p, row_base,
-                                                     h, int64_t(next) * C - off, len);
-      }
-    }
+    // The next step's rows into L2 while this one computes (a hint): j + 1 within the group,
+    // else the first step of jb - 1 (its group's first chunk when jb opens a group); with the
+    // forward's fk (read by every step) and z2 (by a full step). The rows are built from the
+    // parameters, the form that was timed (the same prefetch written with rq, rk, ... compiles
+    // to other spills: not timed). Issued at pass D instead, closer to the next step's loads,
+    // it spilled more and was slower (B = 8: 16.4 against 16.0 ms, docs/perf_notes.md v15).
+    auto prefetch_next = [&](const NeuralMemoryParams& pp_, const NeuralMemoryBwdParams& bp_) {
+      const int nx = j < jb ? j + 1 : jb == 0 ? -1 : jb % K == 0 ? (jb - 1) - (jb - 1) % K
+                                                                 : jb - 1;
+      if (nx < 0) return;
+      const bool next_full = j < jb ? nx == jb : nx == jb - 1;
+      const int64_t tn = int64_t(nx) * C - off;
+      const Rows r_q{packed ? 0 : n * pp_.q_n_stride, start, pp_.q_t_stride, h * pp_.q_h_stride};
+      const Rows r_k{packed ? 0 : n * pp_.k_n_stride, start, pp_.k_t_stride, h * pp_.k_h_stride};
+      const Rows r_v{packed ? 0 : n * pp_.v_n_stride, start, pp_.v_t_stride, h * pp_.v_h_stride};
+      const Rows r_o{0, row_base, int64_t(pp_.heads) * D, int64_t(h) * D};
+      chunked::prefetch_chunk<TIn, D, C, kThreads>(
+          static_cast<const TIn*>(pp_.q), r_q, static_cast<const TIn*>(pp_.k), r_k,
+          static_cast<const TIn*>(pp_.v), r_v, static_cast<const TIn*>(bp_.o_bar), r_o, pp_,
+          row_base, h, tn, len);
+      // the forward's fk (every step) and z2 (when the next step is a full one)
+      prefetch_rows_f32<D, C>(pp_.keys_fk, next_full ? pp_.read_z2 : nullptr, r_o, tn, len);
+    };
+    prefetch_next(p, bp);
     __syncthreads();
     if (tid < C) {  // column tid of G
       const float2 last = chunked::gate_column<C>(tid, v_theta, v_a, v_eta, v_act, f_g, nullptr,
@@ -696,23 +729,40 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       chunked::gate_scalars<C>(v_a, v_eta, v_act, v_m, v_beta, v_c);
     }
     __syncthreads();
-    float greg[CC::kIt][2][4];  // G, this warp's C x C tiles
+    // G on this warp's C x C tiles: the one-CTA instance reads it from f_g where it is needed
+    // (here, for a2_bar below, after pass C and at the end, each time from the gates again)
+    // rather than holding 16 registers across the passes (fewer spills: B = 8 forward+backward
+    // went from 4.6% slower than main's to 0.4% faster, each beside main on its H100,
+    // docs/perf_notes.md v15). The split instances keep it in
+    // registers (greg): with two more gate_column recurrences and barriers per chunk they were
+    // 0.3-0.5% slower, near the noise.
+    constexpr bool kGreg = kMode != kOne;
+    float greg[kGreg ? CC::kIt : 1][2][4];
+    auto g_at = [&](int i, int m0, int n0, int t, int e) {
+      if constexpr (kGreg) {
+        return greg[i][t][e];
+      } else {
+        return f_g[trow(m0, e, lane) * kLdC + tcol(n0, t, e, lane)];
+      }
+    };
 #pragma unroll
     for (int i = 0; i < CC::kIt; ++i) {
       if (recompute || !CC::ok(i, warp)) continue;
       const int m0 = CC::m0(i, warp), n0 = CC::n0(i, warp);
+      if constexpr (kGreg) {
 #pragma unroll
-      for (int t = 0; t < 2; ++t)
+        for (int t = 0; t < 2; ++t)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-          greg[i][t][e] = f_g[trow(m0, e, lane) * kLdC + tcol(n0, t, e, lane)];
+          for (int e = 0; e < 4; ++e)
+            greg[i][t][e] = f_g[trow(m0, e, lane) * kLdC + tcol(n0, t, e, lane)];
+      }
       float a[2][4];
       zero(a);
       mma_tile<kR, D, false, false, kX, kX>(a, s_q, m0, s_k, n0, lane);  // q k^T
 #pragma unroll
       for (int t = 0; t < 2; ++t)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) a[t][e] *= -greg[i][t][e];
+        for (int e = 0; e < 4; ++e) a[t][e] *= -g_at(i, m0, n0, t, e);
       put_tile(s_ga1, m0, n0, a, lane);
     }
     const float beta_c = v_beta[C - 1], c_c = v_c[C - 1], m_c = v_m[C - 1];
@@ -896,7 +946,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
 #pragma unroll
       for (int t = 0; t < 2; ++t)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) pp[i][t][e] = -mm[t][e] * greg[i][t][e];
+        for (int e = 0; e < 4; ++e)
+          pp[i][t][e] = -mm[t][e] * g_at(i, CC::m0(i, warp), CC::n0(i, warp), t, e);
       put_tile(s_a2b, CC::m0(i, warp), CC::n0(i, warp), pp[i], lane);
     }
     zero(pp);
@@ -916,7 +967,10 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       stage<D, HB, kThreads>(s_s1, s0[0] + c1, hidden);
       stage<HB, D, kThreads>(s_w2, w0[1] + r2, D);
       stage<HB, D, kThreads>(s_s2, s0[1] + r2, D);
-      if (!g_is_w) {
+      if (g_is_w) {  // the layer-2 blocks of W̄', S̄' (C4) now: their buffers are free
+        stage<HB, D, kThreads>(s_pw2, wbar[1] + r2, D);
+        stage<HB, D, kThreads>(s_ps2, sbar[1] + r2, D);
+      } else {  // Wg's blocks take them until C1 is done
         stage<D, HB, kThreads>(s_pw1, wg[0] + c1, hidden);
         stage<HB, D, kThreads>(s_ps2, wg[1] + r2, D);
       }
@@ -947,6 +1001,10 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
             h1[t][e] = act3(z1[t][e], act_kind).f;
           }
         put_tile(s_h1, chm, chn, h1, lane);
+      }
+      if (!g_is_w) {  // C1 has read Wg's blocks
+        stage<HB, D, kThreads>(s_pw2, wbar[1] + r2, D);
+        stage<HB, D, kThreads>(s_ps2, sbar[1] + r2, D);
       }
       __syncthreads();
       // C2: the read's adjoint, layer 2 (h̄1 = beta z̄2 W0_2^T + c z̄2 S0_2^T + a2_bar hk1) and
@@ -991,7 +1049,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       }
       __syncthreads();
       // C3: q̄ += (beta z̄1) W0_1^T + (c z̄1) S0_1^T; mm1 += z̄1 dz1^T; W̄_1 += q^T (beta z̄1),
-      // S̄_1 += q^T (c z̄1); then the layer-2 blocks of W̄', S̄' are staged
+      // S̄_1 += q^T (c z̄1); P += h1 hk1^T. C3 and C4 read disjoint inputs: one step
 #pragma unroll
       for (int i = 0; i < CD::kIt; ++i) {
         if (!CD::ok(i, warp)) continue;
@@ -1009,9 +1067,6 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       if (dh_ok) {
         mma_tile_cols2<kR, C>(aw1, as1, s_q, dhm, s_zb1, dhn, lane, v_beta, v_c);
       }
-      stage<HB, D, kThreads>(s_pw2, wbar[1] + r2, D);
-      stage<HB, D, kThreads>(s_ps2, sbar[1] + r2, D);
-      __syncthreads();
       // C4: the state, layer 2
       float hkb[2][4];
       zero(hkb);
@@ -1054,8 +1109,11 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         rs[10] += fro.z;
       }
       __syncthreads();
-      stage<D, HB, kThreads>(s_pw1, wbar[0] + c1, hidden);
-      stage<D, HB, kThreads>(s_ps1, sbar[0] + c1, hidden);
+      // the layer-1 blocks of W̄', S̄' over W0's and S0's (C3 has read them); C6's Wg2 (when
+      // not W0's) over S̄'_2 (C4 has read it)
+      stage<D, HB, kThreads>(s_w1, wbar[0] + c1, hidden);
+      stage<D, HB, kThreads>(s_s1, sbar[0] + c1, hidden);
+      if (!g_is_w) stage<HB, D, kThreads>(s_ps2, wg[1] + r2, D);
       __syncthreads();
       // C5: the state, layer 1; the errors' second-order adjoint
       if (ch_ok) {
@@ -1063,8 +1121,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         zero(X);
         zero(Y);
         zero(dzb1);
-        mma_tile<kR, D, false, true, kX>(X, s_k, chm, s_pw1, chn, lane);
-        mma_tile<kR, D, false, true, kX>(Y, s_k, chm, s_ps1, chn, lane);
+        mma_tile<kR, D, false, true, kX>(X, s_k, chm, s_w1, chn, lane);
+        mma_tile<kR, D, false, true, kX>(Y, s_k, chm, s_s1, chn, lane);
         mma_tile<kR, C, true, true>(dzb1, s_ga1, chm, s_zb1, chn, lane);
         float ub[2][4], Z[2][4];
 #pragma unroll
@@ -1096,7 +1154,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       for (int i = 0; i < CD::kIt; ++i) {
         if (!CD::ok(i, warp)) continue;
         const int m0 = CD::m0(i, warp), n0 = CD::n0(i, warp);
-        mma_tile_rows2<kR, HB, false>(kb[i], s_dz1, m0, s_pw1, s_ps1, n0, lane, v_gneg, v_nneg);
+        mma_tile_rows2<kR, HB, false>(kb[i], s_dz1, m0, s_w1, s_s1, n0, lane, v_gneg, v_nneg);
       }
       if (dh_ok) {
         const float3 fro = state_cotangent_tile(aw1, as1, wbar[0] + c1, sbar[0] + c1, w0[0] + c1,
@@ -1107,10 +1165,6 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         rs[10] += fro.z;
       }
       __syncthreads();
-      if (!g_is_w) {
-        stage<HB, D, kThreads>(s_ps2, wg[1] + r2, D);
-        __syncthreads();
-      }
       // C6: dz̄2 += ū Wg2; W̄g_2 = ū^T dz2; the block's W̄, S̄ written in place
 #pragma unroll
       for (int i = 0; i < CD::kIt; ++i)
@@ -1138,7 +1192,14 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
     }
     // the read's P terms of this CTA's blocks: Ḡ's part mm2 * P, dz̄2 += (-G * P)^T z̄2 (s_a2b
     // was last read in the last block's C4, before two barriers). mm2 is computed again rather
-    // than kept from before pass C: its 16 registers would be live across the whole pass.
+    // than kept from before pass C: its 16 registers would be live across the whole pass; G
+    // likewise in the one-CTA instance, into f_g again (the blocks' buffers it spans are free
+    // once every warp is here).
+    if constexpr (!kGreg) {
+      __syncthreads();
+      if (tid < C) chunked::gate_column<C>(tid, v_theta, v_a, v_eta, v_act, f_g, nullptr, kLdC);
+      __syncthreads();
+    }
     float gpart[CC::kIt][2][4];
     zero(gpart);
 #pragma unroll
@@ -1152,7 +1213,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           gpart[i][t][e] = -mm[t][e] * pp[i][t][e];
-          pp[i][t][e] *= -greg[i][t][e];
+          pp[i][t][e] *= -g_at(i, CC::m0(i, warp), CC::n0(i, warp), t, e);
         }
       put_tile(s_a2b, CC::m0(i, warp), CC::n0(i, warp), pp[i], lane);
     }
@@ -1259,6 +1320,18 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
     for (int b = rank; b < n_blocks; b += split) {
       const int64_t c1 = b * HB, r2 = int64_t(b) * HB * D;
       __syncthreads();  // f_row read (b = 0); the previous block's operands are free
+      // this block's fp32 tiles first (the stored Z, W̄g's two blocks): their latency overlaps
+      // the staging's instead of following a barrier
+      float zb[2][4], ag2[2][4], ag1[2][4];
+      if (ch_ok) load_tile_cg(zb, scr_zb + int64_t(b) * C * HB, HB, chm, chn, lane);
+      if (hd_ok) load_tile_cg(ag2, wg_dst[1] + r2, D, hdm, hdn, lane);
+      if (dh_ok) {
+        if (j > 0) {
+          load_tile_cg(ag1, wg_dst[0] + c1, hidden, dhm, dhn, lane);
+        } else {
+          zero(ag1);
+        }
+      }
       stage<D, HB, kThreads>(s_w1, wg[0] + c1, hidden);
       stage<HB, D, kThreads>(s_w2, wg[1] + r2, D);
       float zk[2][4];
@@ -1274,33 +1347,24 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       }
       __syncthreads();
       if (ch_ok) {  // zk1_bar = Z + (f̄ Wg2^T) phi'(zk)
-        float F[2][4], Z[2][4];
+        float F[2][4];
         zero(F);
         mma_tile<kR, D, false, false>(F, s_zb2, chm, s_w2, chn, lane);
-        load_tile_cg(Z, scr_zb + int64_t(b) * C * HB, HB, chm, chn, lane);
 #pragma unroll
         for (int t = 0; t < 2; ++t)
 #pragma unroll
           for (int e = 0; e < 4; ++e)
-            Z[t][e] += F[t][e] * act3(zk[t][e], act_kind).d1;
-        put_tile(s_zb1, chm, chn, Z, lane);
+            zb[t][e] += F[t][e] * act3(zk[t][e], act_kind).d1;
+        put_tile(s_zb1, chm, chn, zb, lane);
       }
       if (hd_ok) {  // W̄g_2 += hk1^T f̄
-        float ag[2][4];
-        load_tile_cg(ag, wg_dst[1] + r2, D, hdm, hdn, lane);
-        mma_tile<kR, C, true, true>(ag, s_hk1, hdm, s_zb2, hdn, lane);
-        store_tile(wg_dst[1] + r2, D, hdm, hdn, ag, lane);
+        mma_tile<kR, C, true, true>(ag2, s_hk1, hdm, s_zb2, hdn, lane);
+        store_tile(wg_dst[1] + r2, D, hdm, hdn, ag2, lane);
       }
       __syncthreads();
       if (dh_ok) {  // W̄g_1 += k^T zk1_bar
-        float ag[2][4];
-        if (j > 0) {
-          load_tile_cg(ag, wg_dst[0] + c1, hidden, dhm, dhn, lane);
-        } else {
-          zero(ag);
-        }
-        mma_tile<kR, C, true, true, kX>(ag, s_k, dhm, s_zb1, dhn, lane);
-        store_tile(wg_dst[0] + c1, hidden, dhm, dhn, ag, lane);
+        mma_tile<kR, C, true, true, kX>(ag1, s_k, dhm, s_zb1, dhn, lane);
+        store_tile(wg_dst[0] + c1, hidden, dhm, dhn, ag1, lane);
       }
 #pragma unroll
       for (int i = 0; i < CD::kIt; ++i)
@@ -1324,7 +1388,11 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       if (!lead) continue;
     }
 
-    // ---- end: a1_bar = mm1 * G, Ḡ; the row sums; G, N columns for the gates' adjoint ----
+    // ---- end: G, N columns for the gates' adjoint; a1_bar = mm1 * G, Ḡ; the row sums ----
+    if constexpr (!kGreg) {  // G (for a1_bar) before it is read
+      if (tid < C) chunked::gate_column<C>(tid, v_theta, v_a, v_eta, v_act, f_g, f_n, kLdC);
+      __syncthreads();
+    }
 #pragma unroll
     for (int i = 0; i < CC::kIt; ++i) {
       if (!CC::ok(i, warp)) continue;
@@ -1337,7 +1405,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const float mm = -mm1[i][t][e];
-          ab[t][e] = mm * greg[i][t][e];
+          ab[t][e] = mm * g_at(i, m0, n0, t, e);
           f_gbar[trow(m0, e, lane) * kLdC + tcol(n0, t, e, lane)] =
               mm * a1[t][e] + gpart[i][t][e];
         }
@@ -1360,7 +1428,9 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
       if (lane == 0) v_red[warp * 4 + k3] = v;
     }
-    if (tid < C) chunked::gate_column<C>(tid, v_theta, v_a, v_eta, v_act, f_g, f_n, kLdC);
+    if constexpr (kGreg) {  // G, N columns for the gates' adjoint
+      if (tid < C) chunked::gate_column<C>(tid, v_theta, v_a, v_eta, v_act, f_g, f_n, kLdC);
+    }
     __syncthreads();
     // q̄ = beta z̄1 W0^T + c z̄1 S0^T + a1_bar k [+ dl/do]; k̄ += a1_bar^T q [+ ȳk]
 #pragma unroll
