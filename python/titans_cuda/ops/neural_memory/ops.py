@@ -355,6 +355,10 @@ def _reference_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, l
     """The body of both backward ops: the reference's VJP, in the order the ops document."""
     L, n_state = len(weights), len(state_weights)
     H, D = q.shape[2], q.shape[3]
+    # outputs without a cotangent come as empty tensors (_make_backward): zeros here
+    like = _fake(q, k, v, weights, state_weights, state_momentum, state_chunk_weights,
+                 cu_seqlens)
+    grads = [g if g.numel() == t.numel() else torch.zeros_like(t) for g, t in zip(grads, like)]
 
     def fn(q_, k_, v_, lr_, fo_, mo_, lnw_, lnb_, *ts):
         ws, ts = list(ts[:L]), ts[L:]
@@ -373,6 +377,10 @@ def _reference_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, l
 def _offsets(q, cu_seqlens, state_offset, chunk_size):
     """(offset, final offset) per sequence, int64 on q's device: the initial state's offset into
     its open chunk (zeros without one) and (offset + length) % chunk_size after the call."""
+    if cu_seqlens is None and state_offset is None:  # two launches, not four
+        return (torch.zeros(q.shape[0], dtype=torch.int64, device=q.device),
+                torch.full((q.shape[0],), q.shape[1] % int(chunk_size), dtype=torch.int64,
+                           device=q.device))
     if cu_seqlens is None:
         lengths = torch.full((q.shape[0],), q.shape[1], dtype=torch.int64, device=q.device)
     else:
@@ -415,18 +423,44 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
     dev = q.device
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     has_state = bool(state_weights)
-    off, final_offset = _offsets(q, cu_seqlens, state_offset if has_state else None, C)
-    still_open = (final_offset > 0).view(N, 1, 1, 1)
-    g_o = grads[0].to(q.dtype).contiguous()
-    g_w, g_s, g_cw = grads[1:1 + L], grads[1 + L:1 + 2 * L], grads[1 + 2 * L:1 + 3 * L]
-    zero = torch.zeros((), dtype=torch.float32, device=dev)
-    w_bar = [(gw.float() + torch.where(still_open, zero, gc.float())).contiguous()
-             for gw, gc in zip(g_w, g_cw)]
-    s_bar = [gs.float().contiguous().clone() for gs in g_s]
-    cw_owed = [torch.where(still_open, gc.float(), zero).contiguous() for gc in g_cw]
+    # Without cu_seqlens or a state every sequence holds T tokens from slot 0, so whether its
+    # last chunk stays open is known here (fewer small launches on the host's critical path).
+    dense = cu_seqlens is None and not has_state
+    if not dense:
+        off, final_offset = _offsets(q, cu_seqlens, state_offset if has_state else None, C)
+        still_open = (final_offset > 0).view(N, 1, 1, 1)
+        zero = torch.zeros((), dtype=torch.float32, device=dev)
+    g_o = (grads[0].to(q.dtype).contiguous() if grads[0].numel() else torch.zeros_like(q))
+    w_bar, s_bar, cw_owed = [], [], []
+    for w, gw, gs, gc in zip(weights, grads[1:1 + L], grads[1 + L:1 + 2 * L],
+                             grads[1 + 2 * L:1 + 3 * L]):
+        shape = (N, H, w.shape[-2], w.shape[-1])
+        gw, gs, gc = (g.float() if g.numel() else None for g in (gw, gs, gc))  # None: no grad
+        # W̄ (updated in place: never an alias of a cotangent) starts as dl/dW plus, where a
+        # sequence's last chunk closed (its chunk weights are then its weights), dl/dCW; the
+        # rest of dl/dCW is owed to the last chunk's gradient weights (cw_owed)
+        if gc is None:
+            wb, owed = None, None
+        elif dense and T % C > 0:
+            wb, owed = None, gc.contiguous()
+        elif dense:
+            wb, owed = gc, None
+        else:
+            wb, owed = torch.where(still_open, zero, gc), torch.where(still_open, gc, zero)
+        if gw is not None:
+            wb = gw if wb is None else gw + wb
+        w_bar.append(torch.zeros(shape, dtype=torch.float32, device=dev) if wb is None
+                     else wb.clone(memory_format=torch.contiguous_format) if wb is gw or wb is gc
+                     else wb.contiguous())
+        s_bar.append(torch.zeros(shape, dtype=torch.float32, device=dev) if gs is None
+                     else gs.clone(memory_format=torch.contiguous_format))
+        cw_owed.append(owed)
     wg0 = [torch.empty_like(w) for w in w_bar]
-    dq, dk, dv = (torch.zeros(B, T, H, D, dtype=q.dtype, device=dev) for _ in range(3))
-    dgates = [torch.zeros(B, T, H, dtype=torch.float32, device=dev) for _ in range(3)]
+    # the kernel writes every token's dq, dk, dv and gate gradients; packed rows past the last
+    # sequence (cu_seqlens[-1] < total) are zeros
+    alloc = torch.empty if cu_seqlens is None else torch.zeros
+    dq, dk, dv = (alloc(B, T, H, D, dtype=q.dtype, device=dev) for _ in range(3))
+    dgates = [alloc(B, T, H, dtype=torch.float32, device=dev) for _ in range(3)]
     ln = ln_weight is not None
     dln_w = torch.zeros(N, H, C, D, dtype=torch.float32, device=dev) if ln else None
     dln_b = (torch.zeros(N, H, C, D, dtype=torch.float32, device=dev)
@@ -454,7 +488,7 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
 
     def bwd(ckpts):
         ckpts = list(checkpoints) if kept else ckpts
-        ptrs = lambda ts: [t.data_ptr() for t in ts]  # noqa: E731
+        ptrs = lambda ts: [0 if t is None else t.data_ptr() for t in ts]  # noqa: E731
         return dict(ckpt_every=K, bwd_ckpt_w=ptrs(ckpts[:L]), bwd_ckpt_s=ptrs(ckpts[L:2 * L]),
                     read_z2=ckpts[2 * L].data_ptr(), keys_fk=ckpts[2 * L + 1].data_ptr(),
                     w_bar=ptrs(w_bar), s_bar=ptrs(s_bar), wg0_bar=ptrs(wg0), cw_bar=ptrs(cw_owed),
@@ -650,7 +684,9 @@ def _make_backward(bwd_op):
         sw, sm, scw = (list(saved[6 + L + i * n_state:6 + L + (i + 1) * n_state])
                        for i in range(3))
         ln_weight, ln_bias, trailing = ctx.rest
-        grads = [g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
+        # an output without a cotangent goes to the backward op as an empty tensor (its zeros
+        # are made only where needed: the reference's VJP, or no launch at all in the kernel's)
+        grads = [g if g is not None else torch.empty(0, dtype=dtype, device=device)
                  for g, (shape, dtype, device) in zip(grads, ctx.out_like)]
         extra = ([list(saved[len(saved) - ctx.n_extra:])] if ctx.n_extra else [])
         g = bwd_op(grads, *saved[:6], weights, ln_weight, ln_bias, sw, sm, scw, *trailing,
