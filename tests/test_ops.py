@@ -375,3 +375,25 @@ def test_neural_memory_chunked_op_gradcheck_and_reference():
             q, k, v, lr, fo, mo, [w1, w2], g, b, rest[0:2], rest[2:4], rest[4:6], st.offset, 2,
             "gelu", True, 1e-6, "token", cu, 0))
     assert torch.autograd.gradcheck(fn, tensors)
+
+
+@pytest.mark.parametrize("op", ["decode", "chunked"])
+def test_backward_ops_take_an_empty_cotangent_as_zeros(op):
+    """The autograd formula hands an output without a cotangent to the backward op as an empty
+    tensor (no zeros of the states' shape on the kernel path); the ops must read it as zeros."""
+    args, _ = _decode_op_args(T=5, C=2, D=4, hidden=4)
+    args = [a.detach() if isinstance(a, torch.Tensor) else
+            [t.detach() for t in a] if isinstance(a, list) else a for a in args]
+    extra = (None, 0, []) if op == "chunked" else ()
+    fwd = getattr(torch.ops.titans_cuda, f"neural_memory_{op}")
+    bwd = getattr(torch.ops.titans_cuda, f"neural_memory_{op}_bwd")
+    outs = fwd(*args, *extra[:2])[:7]  # o, then W, S, CW per layer
+    g = torch.Generator().manual_seed(3)
+    full = [torch.randn(t.shape, dtype=t.dtype, generator=g) for t in outs]
+    for none in ([3, 4, 5, 6], [1, 2, 5, 6]):  # S and CW without a cotangent; W and CW
+        zeros = [torch.zeros_like(t) if i in none else t for i, t in enumerate(full)]
+        empty = [t.new_empty(0) if i in none else t for i, t in enumerate(full)]
+        a = bwd(zeros, *args, *extra)
+        b = bwd(empty, *args, *extra)
+        assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+        assert any(x.abs().sum() > 0 for x in a)

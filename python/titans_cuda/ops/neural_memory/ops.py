@@ -609,7 +609,8 @@ def decode_bwd_op(grads: List[Tensor], q: Tensor, k: Tensor, v: Tensor, lr: Tens
                   state_chunk_weights: List[Tensor], state_offset: Optional[Tensor],
                   chunk_size: int, activation: str, residual: bool, ln_eps: float,
                   read: str) -> List[Tensor]:
-    """Gradients of decode_op's outputs against ``grads`` (one per output, zeros for none):
+    """Gradients of decode_op's outputs against ``grads`` (one per output; an empty tensor
+    stands for zeros, an output without a cotangent):
     [dq, dk, dv, dlr, dforget, dmomentum, dW per layer, d ln_weight, d ln_bias (zeros [H, D]
     when absent), d state weights, d state momentum, d state chunk weights (per layer, none
     without a state)]. The reference's VJP: an opaque op, so that traced backward graphs never
