@@ -430,7 +430,8 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
         off, final_offset = _offsets(q, cu_seqlens, state_offset if has_state else None, C)
         still_open = (final_offset > 0).view(N, 1, 1, 1)
         zero = torch.zeros((), dtype=torch.float32, device=dev)
-    g_o = (grads[0].to(q.dtype).contiguous() if grads[0].numel() else torch.zeros_like(q))
+    g_o = (grads[0].to(q.dtype).contiguous() if grads[0].numel()
+           else torch.zeros(q.shape, dtype=q.dtype, device=dev))
     w_bar, s_bar, cw_owed = [], [], []
     for w, gw, gs, gc in zip(weights, grads[1:1 + L], grads[1 + L:1 + 2 * L],
                              grads[1 + 2 * L:1 + 3 * L]):
