@@ -732,10 +732,9 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
     // G on this warp's C x C tiles: the one-CTA instance reads it from f_g where it is needed
     // (here, for a2_bar below, after pass C and at the end, each time from the gates again)
     // rather than holding 16 registers across the passes (fewer spills: B = 8 forward+backward
-    // went from 4.6% slower than main's to 0.4% faster, each beside main on its H100,
-    // docs/perf_notes.md v15). The split instances keep it in
-    // registers (greg): with two more gate_column recurrences and barriers per chunk they were
-    // 0.3-0.5% slower, near the noise.
+    // went from 4.5% slower than main's to 0.5% faster, each beside main on its H100,
+    // docs/perf_notes.md v15). The split instances keep it in registers (greg): with two more
+    // gate_column recurrences and barriers per chunk they were 0.4-0.5% slower, near the noise.
     constexpr bool kGreg = kMode != kOne;
     float greg[kGreg ? CC::kIt : 1][2][4];
     auto g_at = [&](int i, int m0, int n0, int t, int e) {
