@@ -356,9 +356,11 @@ def _reference_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, l
     L, n_state = len(weights), len(state_weights)
     H, D = q.shape[2], q.shape[3]
     # outputs without a cotangent come as empty tensors (_make_backward): zeros here
-    like = _fake(q, k, v, weights, state_weights, state_momentum, state_chunk_weights,
-                 cu_seqlens)
-    grads = [g if g.numel() == t.numel() else torch.zeros_like(t) for g, t in zip(grads, like)]
+    if any(g.numel() == 0 for g in grads):
+        like = _fake(q, k, v, weights, state_weights, state_momentum, state_chunk_weights,
+                     cu_seqlens)
+        grads = [g if g.numel() == t.numel() else torch.zeros_like(t)
+                 for g, t in zip(grads, like)]
 
     def fn(q_, k_, v_, lr_, fo_, mo_, lnw_, lnb_, *ts):
         ws, ts = list(ts[:L]), ts[L:]
