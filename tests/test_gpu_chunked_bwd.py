@@ -188,6 +188,26 @@ def test_fused_backward_every_split(case, split, monkeypatch):
     _assert_grads(g, g64, g32, args[0].dtype, f" (split {split})")
 
 
+# (a 10-chunk fp16 call without LayerNorm is not here: with this test's seed its state diverges,
+# the float64 gradients reach 1e77 and the fp32 reference's are NaN, for every split alike)
+ONE_CTA = GRID + [(256, torch.bfloat16, "long", HEADS[1], "gelu")]
+
+
+@pytest.mark.parametrize("case", ONE_CTA, ids=[_id(c) for c in ONE_CTA])
+def test_fused_backward_one_cta_matches_reference(case, monkeypatch):
+    """The one-CTA instance (split 1: the launcher's choice when a split's CTAs would not all be
+    resident at once, e.g. B = 8, H = 16, the benchmark's short shape) over the whole grid and a
+    10-chunk call (groups recomputed), against float64. The grid's other tests run the
+    launcher's cluster splits."""
+    needs_kernels()
+    monkeypatch.setattr(nm_ops, "FUSED_BWD_SPLIT", 1)
+    args, weights, st, mem, cu = _case(case)
+    g = _grads(args, weights, st, mem, cu, "cuda")
+    g32 = _grads(args, weights, st, mem, cu, "torch", torch.float32)
+    g64 = _grads(args, weights, st, mem, cu, "torch", torch.float64)
+    _assert_grads(g, g64, g32, args[0].dtype, " (split 1)")
+
+
 GLOBAL_CASES = [(s, k, (64, 64)) for s in (2, 3, 8) for k in (1, 4)] + [(3, 3, (64, 32)),
                                                                        (3, 3, (32, 16))]
 
