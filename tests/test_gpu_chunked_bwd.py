@@ -189,7 +189,8 @@ def test_fused_backward_every_split(case, split, monkeypatch):
 
 
 # (a 10-chunk fp16 call without LayerNorm is not here: with this test's seed its state diverges,
-# the float64 gradients reach 1e77 and the fp32 reference's are NaN, for every split alike)
+# the float64 gradients reach 1e77 and the fp32 reference's are NaN; the kernel's are then
+# non-finite at split 1 and at the launcher's split alike)
 ONE_CTA = GRID + [(256, torch.bfloat16, "long", HEADS[1], "gelu")]
 
 
@@ -198,7 +199,7 @@ def test_fused_backward_one_cta_matches_reference(case, monkeypatch):
     """The one-CTA instance (split 1: the launcher's choice when a split's CTAs would not all be
     resident at once, e.g. B = 8, H = 16, the benchmark's short shape) over the whole grid and a
     10-chunk call (groups recomputed), against float64. The grid's other tests run the
-    launcher's cluster splits."""
+    launcher's split (a cluster on sm_90+ at these sizes)."""
     needs_kernels()
     monkeypatch.setattr(nm_ops, "FUSED_BWD_SPLIT", 1)
     args, weights, st, mem, cu = _case(case)
