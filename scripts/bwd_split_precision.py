@@ -1,0 +1,121 @@
+"""Could the fused backward drop a plane from its products? A CPU emulation.
+
+The fused backward takes every product with split-bf16 operands (x = hi + lo, three mma:
+hi*hi + hi*lo + lo*hi, ~17 significant bits), which costs about a sixth of B = 8's forward +
+backward against one-plane products (docs/perf_notes.md). This runs the backward's plan
+(chunk_vjp.sequence_vjp) in float64 with the forward's products (the chunk steps and the
+recomputed group starts) as the kernel's two planes, and the one-chunk adjoints' products
+(everything the backward kernel multiplies, its recompute of the chunk's keys and read
+included) in one of these forms, each operand first rounded to fp32:
+  2 planes      hi*hi + hi*lo + lo*hi (the kernel today, three mma)
+  A one plane   hi(A) * (B hi + B lo)  (two mma: the left operand's lo plane dropped)
+  B one plane   (A hi + A lo) * hi(B)  (two mma)
+  one plane     hi(A) * hi(B)          (one mma)
+and prints each gradient's error against float64 next to the fp32 reference's own error, over
+draws shaped like tests/test_gpu_chunked_bwd.py's (bf16 inputs: SPEC's bound is 2e-2, or the
+tests' 256 times the fp32 reference's error where that is larger).
+
+    python scripts/bwd_split_precision.py [draws]
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+import torch
+
+sys.path.insert(0, "tests")
+from conftest import make_inputs, make_weights, rel_err  # noqa: E402
+from titans_cuda.ops.neural_memory import chunk_vjp  # noqa: E402
+
+_matmul = torch.matmul
+NAMES = ("q", "k", "v", "lr", "forget", "momentum", "w1", "w2")
+
+
+def _planes(x):
+    x = x.to(torch.float32).to(torch.float64)
+    hi = x.to(torch.bfloat16).to(torch.float64)
+    return hi, (x - hi).to(torch.bfloat16).to(torch.float64)
+
+
+def _mm(mode):
+    def mm(a, b):
+        (ah, al), (bh, bl) = _planes(a), _planes(b)
+        if mode == "2 planes":
+            acc = _matmul(ah, bh) + _matmul(ah, bl) + _matmul(al, bh)
+        elif mode == "A one plane":
+            acc = _matmul(ah, bh) + _matmul(ah, bl)
+        elif mode == "B one plane":
+            acc = _matmul(ah, bh) + _matmul(al, bh)
+        else:
+            acc = _matmul(ah, bh)
+        return acc.to(torch.float32).to(torch.float64)
+    return mm
+
+
+def _patched(fn, mm):
+    @functools.wraps(fn)
+    def run(*a, **k):
+        saved, torch.matmul = torch.matmul, mm
+        try:
+            return fn(*a, **k)
+        finally:
+            torch.matmul = saved
+    return run
+
+
+def _grads(args, weights, kw, dtype, bwd_mode=None):
+    xs = [t.to(dtype) for t in args]
+    ws = [w.to(dtype) for w in weights]
+    k2 = dict(kw)
+    for name in ("ln_weight", "ln_bias"):
+        if k2[name] is not None:
+            k2[name] = k2[name].to(dtype)
+    o_bar = k2.pop("o_bar").to(dtype)
+    if bwd_mode is None:  # unpatched: float64 exact, or the fp32 reference's rounding
+        r = chunk_vjp.sequence_vjp(*xs, ws, o_bar=o_bar, **k2)
+    else:
+        one = _patched(chunk_vjp.chunk_step_vjp, _mm(bwd_mode))
+        saved, torch.matmul = torch.matmul, _mm("2 planes")  # the forward's products
+        try:
+            r = chunk_vjp.sequence_vjp(*xs, ws, o_bar=o_bar, one_chunk_vjp=one, **k2)
+        finally:
+            torch.matmul = saved
+    return [r[n].double() for n in NAMES[:6]] + [w.double() for w in r["weights"]]
+
+
+def main(draws=6):
+    B, T, H, D, hidden, C = 2, 2 * 64 + 5, 2, 64, 256, 64
+    modes = ("2 planes", "A one plane", "B one plane", "one plane")
+    worst = {m: 0.0 for m in modes}  # max over draws and gradients of err / bound
+    for seed in range(draws):
+        torch.manual_seed(seed)
+        q, k, v, lr, forget, momentum = make_inputs(B, T, H, D, dtype=torch.float32)
+        q, k, v = (t.to(torch.bfloat16).float() for t in (q, k, v))  # bf16 inputs
+        weights = make_weights(H, D, hidden, 2, dtype=torch.float32)
+        ln = seed % 3 != 2
+        kw = dict(chunk_size=C, activation=("gelu", "silu")[seed % 2], residual=seed % 4 < 2,
+                  ln_weight=(1 + 0.2 * torch.randn(H, D)) if ln else None,
+                  ln_bias=(0.2 * torch.randn(H, D)) if ln else None, ln_eps=1e-5,
+                  read="token", initial_state=None, cu_seqlens=None,
+                  o_bar=torch.randn(B, T, H, D))
+        args = (q, k, v, lr, forget, momentum)
+        g64 = _grads(args, weights, kw, torch.float64)
+        g32 = _grads(args, weights, kw, torch.float32)
+        bounds = [max(2e-2, 256 * rel_err(c, b)) for c, b in zip(g32, g64)]
+        print(f"draw {seed} (LN {ln}, residual {kw['residual']}, {kw['activation']}): "
+              "rel err per gradient " + " ".join(NAMES))
+        print(f"  {'fp32 reference':12s} " + " ".join(f"{rel_err(c, b):.1e}"
+                                                      for c, b in zip(g32, g64)))
+        for m in modes:
+            g = _grads(args, weights, kw, torch.float64, m)
+            errs = [rel_err(a, b) for a, b in zip(g, g64)]
+            worst[m] = max(worst[m], max(e / bd for e, bd in zip(errs, bounds)))
+            print(f"  {m:12s}   " + " ".join(f"{e:.1e}" for e in errs))
+    print("worst error / bound over the draws (bound: max(2e-2, 256 x fp32's); <= 1 passes):")
+    for m in modes:
+        print(f"  {m:12s} {worst[m]:.3f}")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 6)
