@@ -15,11 +15,20 @@ and prints each gradient's error against float64 next to the fp32 reference's ow
 draws shaped like tests/test_gpu_chunked_bwd.py's (bf16 inputs: SPEC's bound is 2e-2, or the
 tests' 256 times the fp32 reference's error where that is larger).
 
+With --groups, one plane (both operands') is applied to one group of the adjoint's products
+at a time, the others keeping two planes: the recompute of the chunk's keys and read (the
+kernel's block_errors and C1, and what its forward keeps: fk, z2), the state's cotangent
+products, the read's adjoint, the keys' errors' adjoint, the keys' forward adjoint, and last
+all four adjoint groups at once. It prints each choice's worst error / bound: which products
+could take one plane.
+
     python scripts/bwd_split_precision.py [draws]
+    python scripts/bwd_split_precision.py --groups [draws]
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 
 import torch
@@ -53,6 +62,56 @@ def _mm(mode):
     return mm
 
 
+GROUPS = ("recompute", "state", "read adjoint", "errors adjoint", "keys adjoint",
+          "all adjoints")  # the last: every group but the recompute
+
+
+def _group_lines():
+    """chunk_step_vjp's source lines -> its product groups (by the section comments)."""
+    src, first = inspect.getsourcelines(chunk_vjp.chunk_step_vjp)
+    marks = {}
+    for i, line in enumerate(src):
+        t = line.strip()
+        if t.startswith("# ---- state ----"):
+            marks["state"] = first + i
+        elif t.startswith("# ---- read ----"):
+            marks["read"] = first + i
+        elif t.startswith("z_bar = _head_backward(o_bar"):
+            marks["read adjoint"] = first + i
+        elif t.startswith("# ---- keys: the errors"):
+            marks["errors"] = first + i
+        elif t.startswith("# the keys' forward, top down"):
+            marks["keys"] = first + i
+        elif t.startswith("u = torch.matmul("):
+            marks["u"] = first + i
+    assert len(marks) == 6, marks
+
+    def group(frame):
+        if frame.f_code.co_name != "chunk_step_vjp":
+            return "recompute"  # forward_pass: the keys' forward
+        ln = frame.f_lineno
+        if ln == marks["u"] or ln < marks["state"] or marks["read"] <= ln < marks["read adjoint"]:
+            return "recompute"
+        if ln < marks["read"]:
+            return "state"
+        if ln < marks["errors"]:
+            return "read adjoint"
+        if ln < marks["keys"]:
+            return "errors adjoint"
+        return "keys adjoint"
+    return group
+
+
+def _mm_group(one_plane_group, group_of):
+    two, one = _mm("2 planes"), _mm("one plane")
+
+    def mm(a, b):
+        g = group_of(sys._getframe(1))
+        on = g == one_plane_group or (one_plane_group == "all adjoints" and g != "recompute")
+        return (one if on else two)(a, b)
+    return mm
+
+
 def _patched(fn, mm):
     @functools.wraps(fn)
     def run(*a, **k):
@@ -64,7 +123,7 @@ def _patched(fn, mm):
     return run
 
 
-def _grads(args, weights, kw, dtype, bwd_mode=None):
+def _grads(args, weights, kw, dtype, bwd_mode=None, bwd_mm=None):
     xs = [t.to(dtype) for t in args]
     ws = [w.to(dtype) for w in weights]
     k2 = dict(kw)
@@ -72,10 +131,10 @@ def _grads(args, weights, kw, dtype, bwd_mode=None):
         if k2[name] is not None:
             k2[name] = k2[name].to(dtype)
     o_bar = k2.pop("o_bar").to(dtype)
-    if bwd_mode is None:  # unpatched: float64 exact, or the fp32 reference's rounding
+    if bwd_mode is None and bwd_mm is None:  # unpatched: float64 exact, or fp32's rounding
         r = chunk_vjp.sequence_vjp(*xs, ws, o_bar=o_bar, **k2)
     else:
-        one = _patched(chunk_vjp.chunk_step_vjp, _mm(bwd_mode))
+        one = _patched(chunk_vjp.chunk_step_vjp, bwd_mm or _mm(bwd_mode))
         saved, torch.matmul = torch.matmul, _mm("2 planes")  # the forward's products
         try:
             r = chunk_vjp.sequence_vjp(*xs, ws, o_bar=o_bar, one_chunk_vjp=one, **k2)
@@ -84,9 +143,10 @@ def _grads(args, weights, kw, dtype, bwd_mode=None):
     return [r[n].double() for n in NAMES[:6]] + [w.double() for w in r["weights"]]
 
 
-def main(draws=6):
+def main(draws=6, groups=False):
     B, T, H, D, hidden, C = 2, 2 * 64 + 5, 2, 64, 256, 64
-    modes = ("2 planes", "A one plane", "B one plane", "one plane")
+    modes = GROUPS if groups else ("2 planes", "A one plane", "B one plane", "one plane")
+    group_of = _group_lines()
     worst = {m: 0.0 for m in modes}  # max over draws and gradients of err / bound
     for seed in range(draws):
         torch.manual_seed(seed)
@@ -105,17 +165,22 @@ def main(draws=6):
         bounds = [max(2e-2, 256 * rel_err(c, b)) for c, b in zip(g32, g64)]
         print(f"draw {seed} (LN {ln}, residual {kw['residual']}, {kw['activation']}): "
               "rel err per gradient " + " ".join(NAMES))
-        print(f"  {'fp32 reference':12s} " + " ".join(f"{rel_err(c, b):.1e}"
+        print(f"  {'fp32 reference':14s} " + " ".join(f"{rel_err(c, b):.1e}"
                                                       for c, b in zip(g32, g64)))
         for m in modes:
-            g = _grads(args, weights, kw, torch.float64, m)
+            if groups:
+                g = _grads(args, weights, kw, torch.float64, bwd_mm=_mm_group(m, group_of))
+            else:
+                g = _grads(args, weights, kw, torch.float64, m)
             errs = [rel_err(a, b) for a, b in zip(g, g64)]
             worst[m] = max(worst[m], max(e / bd for e, bd in zip(errs, bounds)))
-            print(f"  {m:12s}   " + " ".join(f"{e:.1e}" for e in errs))
-    print("worst error / bound over the draws (bound: max(2e-2, 256 x fp32's); <= 1 passes):")
+            print(f"  {m:14s} " + " ".join(f"{e:.1e}" for e in errs))
+    print("worst error / bound over the draws (bound: max(2e-2, 256 x fp32's); <= 1 passes)"
+          + (", one plane in that group only:" if groups else ":"))
     for m in modes:
-        print(f"  {m:12s} {worst[m]:.3f}")
+        print(f"  {m:14s} {worst[m]:.3f}")
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 6)
+    argv = [a for a in sys.argv[1:] if a != "--groups"]
+    main(int(argv[0]) if argv else 6, groups="--groups" in sys.argv[1:])
