@@ -675,7 +675,7 @@ def _setup_context(ctx, inputs, output):
     ctx.rest = inputs[7], inputs[8], inputs[12:]
     ctx.counts = L, len(inputs[9])
     ctx.n_extra = len(extra)
-    ctx.out_like = [(o.shape, o.dtype, o.device) for o in output[:1 + 3 * L]]
+    ctx.out_like = [(o.dtype, o.device) for o in output[:1 + 3 * L]]
 
 
 def _make_backward(bwd_op):
@@ -691,7 +691,7 @@ def _make_backward(bwd_op):
         # an output without a cotangent goes to the backward op as an empty tensor (its zeros
         # are made only where needed: the reference's VJP, or no launch at all in the kernel's)
         grads = [g if g is not None else torch.empty(0, dtype=dtype, device=device)
-                 for g, (shape, dtype, device) in zip(grads, ctx.out_like)]
+                 for g, (dtype, device) in zip(grads, ctx.out_like)]
         extra = ([list(saved[len(saved) - ctx.n_extra:])] if ctx.n_extra else [])
         g = bwd_op(grads, *saved[:6], weights, ln_weight, ln_bias, sw, sm, scw, *trailing,
                    *extra)
