@@ -68,23 +68,13 @@ GROUPS = ("recompute", "state", "read adjoint", "errors adjoint", "keys adjoint"
 
 def _group_lines():
     """chunk_step_vjp's source lines -> its product groups (by the section comments)."""
+    starts = {"state": "# ---- state ----", "read": "# ---- read ----",
+              "read adjoint": "z_bar = _head_backward(o_bar", "errors": "# ---- keys: the errors",
+              "keys": "# the keys' forward, top down", "u": "u = torch.matmul("}
     src, first = inspect.getsourcelines(chunk_vjp.chunk_step_vjp)
-    marks = {}
-    for i, line in enumerate(src):
-        t = line.strip()
-        if t.startswith("# ---- state ----"):
-            marks["state"] = first + i
-        elif t.startswith("# ---- read ----"):
-            marks["read"] = first + i
-        elif t.startswith("z_bar = _head_backward(o_bar"):
-            marks["read adjoint"] = first + i
-        elif t.startswith("# ---- keys: the errors"):
-            marks["errors"] = first + i
-        elif t.startswith("# the keys' forward, top down"):
-            marks["keys"] = first + i
-        elif t.startswith("u = torch.matmul("):
-            marks["u"] = first + i
-    assert len(marks) == 6, marks
+    marks = {name: first + i for i, line in enumerate(src) for name, start in starts.items()
+             if line.strip().startswith(start)}
+    assert marks.keys() == starts.keys(), marks
 
     def group(frame):
         if frame.f_code.co_name != "chunk_step_vjp":
