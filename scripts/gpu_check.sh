@@ -62,7 +62,9 @@ else
 fi
 [ -s "$OUT/build.log" ] && grep -E "ptxas info *: (Used|Compiling)|spill" "$OUT/build.log" | sed 's/^ *//' | sort -u | head -20
 SO=$($PY -c "import titans_cuda, glob, os; print(glob.glob(os.path.join(os.path.dirname(titans_cuda.__file__), '_C*.so'))[0])" 2>/dev/null)
-if [ -n "$SO" ]; then
+# The SASS listing (~90 s of cuobjdump for the whole extension) only after a build or install:
+# PART=2 and SKIP_BUILD=1 reuse an extension whose listing an earlier call wrote.
+if [ -n "$SO" ] && [ -z "${SKIP_BUILD:-}" ]; then
   { echo "# NEEDED"; readelf -d "$SO" | grep NEEDED; echo "# ELF"; cuobjdump --list-elf "$SO";
     echo "# SASS"; cuobjdump -sass "$SO"; } >"$OUT/sass.txt" 2>&1
   echo "NEEDED: $(readelf -d "$SO" | grep NEEDED | sed 's/.*\[\(.*\)\]/\1/' | tr '\n' ' ')"
