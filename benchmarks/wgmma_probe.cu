@@ -109,14 +109,21 @@ __device__ __forceinline__ void ld_b_kn(FragB<bf16> (&b)[2], const bf16* s, int 
   unpack_b2(b, r);
 }
 
+// both planes of A's 16 x 16 fragment at (m0, k0)
+template <bool kTiled>
+__device__ __forceinline__ void ld_a2(FragA<bf16>& ah, FragA<bf16>& al, const Buf& A, int m0,
+                                      int k0, int lane) {
+  ld_a<kTiled>(ah, A.hi(), A.cols, m0, k0, lane);
+  ld_a<kTiled>(al, A.lo(), A.cols, m0, k0, lane);
+}
+
 template <bool kTiled, bool kBKN>
 __device__ __forceinline__ void mma_tile(float (&acc)[8], const Buf& A, int m0, const Buf& B,
                                          int n0, int lane) {
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
     FragA<bf16> ah, al;
-    ld_a<kTiled>(ah, A.hi(), A.cols, m0, kk * 16, lane);
-    ld_a<kTiled>(al, A.lo(), A.cols, m0, kk * 16, lane);
+    ld_a2<kTiled>(ah, al, A, m0, kk * 16, lane);
     FragB<bf16> bh[2], bl[2];
     if constexpr (kBKN) {
       ld_b_kn<kTiled>(bh, B.hi(), B.cols, kk * 16, n0, lane);
@@ -157,14 +164,13 @@ __device__ __forceinline__ void wg_tile_rs(float (&acc)[8], const Buf& A, int m0
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
     FragA<bf16> ah, al;
-    ld_a<true>(ah, A.hi(), A.cols, m0, kk * 16, lane);
-    ld_a<true>(al, A.lo(), A.cols, m0, kk * 16, lane);
+    ld_a2<true>(ah, al, A, m0, kk * 16, lane);
     const uint64_t bh = desc_b<kTB>(B.hi(), B.cols, kk * 16, n0);
     const uint64_t bl = desc_b<kTB>(B.lo(), B.cols, kk * 16, n0);
     wgmma_fence();  // ah, al written by ldmatrix
-    wgmma_m64n16_rs<bf16, kTB>(acc, ah, bh);
-    wgmma_m64n16_rs<bf16, kTB>(acc, ah, bl);
-    wgmma_m64n16_rs<bf16, kTB>(acc, al, bh);
+    wgmma_m64n16_rs<kTB>(acc, ah, bh);
+    wgmma_m64n16_rs<kTB>(acc, ah, bl);
+    wgmma_m64n16_rs<kTB>(acc, al, bh);
   }
 }
 
@@ -176,9 +182,9 @@ __device__ __forceinline__ void wg_tile_ss(float (&acc)[8], const Buf& A, const 
     const uint64_t al = desc_nk(A.lo(), A.cols, kk * 16, 0);
     const uint64_t bh = desc_b<kTB>(B.hi(), B.cols, kk * 16, n0);
     const uint64_t bl = desc_b<kTB>(B.lo(), B.cols, kk * 16, n0);
-    wgmma_m64n16_ss<bf16, 0, kTB>(acc, ah, bh);
-    wgmma_m64n16_ss<bf16, 0, kTB>(acc, ah, bl);
-    wgmma_m64n16_ss<bf16, 0, kTB>(acc, al, bh);
+    wgmma_m64n16_ss<0, kTB>(acc, ah, bh);
+    wgmma_m64n16_ss<0, kTB>(acc, ah, bl);
+    wgmma_m64n16_ss<0, kTB>(acc, al, bh);
   }
 }
 // m64n32 (16 floats per thread), A and B by descriptor: way 4

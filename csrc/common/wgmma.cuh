@@ -1,4 +1,4 @@
-// Hopper's warpgroup MMA (wgmma, sm_90a only) for 16-bit operands with fp32 accumulation, and
+// Hopper's warpgroup MMA (wgmma, sm_90a only) for bf16 operands with fp32 accumulation, and
 // the shared-memory layout its descriptors read without swizzling.
 //
 // Layout ("tiled", the no-swizzle canonical layout, PTX ISA "Shared Memory Matrix Layout"): a
@@ -18,7 +18,6 @@
 #pragma once
 
 #include <cstdint>
-#include <type_traits>
 
 #include "mma.cuh"
 
@@ -69,48 +68,30 @@ __device__ __forceinline__ void wgmma_pin(float (&d)[N]) {
   for (int i = 0; i < N; ++i) wgmma_pin(d[i]);
 }
 
-// d (m64 n16, 8 floats per thread) += A (registers) * B (descriptor); kTransB: B MN-major.
-template <typename T, int kTransB>
-__device__ __forceinline__ void wgmma_m64n16_rs(float (&d)[8], const FragA<T>& a, uint64_t b) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, %13;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-          "+f"(d[7])
-        : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "l"(b), "n"(kTransB));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, %13;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-          "+f"(d[7])
-        : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "l"(b), "n"(kTransB));
-  }
+// d (m64 n16, 8 floats per thread) += A (registers) * B (descriptor), bf16 operands (the
+// kernels' split planes are bf16 for every input dtype); kTransB: B MN-major.
+template <int kTransB>
+__device__ __forceinline__ void wgmma_m64n16_rs(float (&d)[8], const FragA<__nv_bfloat16>& a,
+                                                uint64_t b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, %13;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7])
+      : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "l"(b), "n"(kTransB));
 }
 
-// d (m64 n16) += A (descriptor) * B (descriptor); kTransA: A M-major, kTransB: B N-major.
-template <typename T, int kTransA, int kTransB>
+// d (m64 n16) += A (descriptor) * B (descriptor), bf16; kTransA: A M-major, kTransB: B N-major.
+template <int kTransA, int kTransB>
 __device__ __forceinline__ void wgmma_m64n16_ss(float (&d)[8], uint64_t a, uint64_t b) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, %10, %11;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-          "+f"(d[7])
-        : "l"(a), "l"(b), "n"(kTransA), "n"(kTransB));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, %10, %11;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-          "+f"(d[7])
-        : "l"(a), "l"(b), "n"(kTransA), "n"(kTransB));
-  }
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, %10, %11;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7])
+      : "l"(a), "l"(b), "n"(kTransA), "n"(kTransB));
 }
 
 #endif  // TITANS_HAS_WGMMA
