@@ -84,7 +84,7 @@ __device__ void load_buf(const Buf& b, const bf16* ghi, const bf16* glo, int row
   }
 }
 
-// ---- mma.sync (ways 0, 1) ----
+// ---- mma.sync (ways 0, 1, 5) ----
 template <bool kTiled>
 __device__ __forceinline__ void ld_a(FragA<bf16>& a, const bf16* s, int cols, int m0, int k0,
                                      int lane) {
@@ -144,7 +144,7 @@ __device__ __forceinline__ void mma_tile(float (&acc)[8], const Buf& A, int m0, 
 }
 
 #ifdef TITANS_HAS_WGMMA
-// ---- wgmma (ways 2, 3): this warpgroup's n16 slice at n0 ----
+// ---- wgmma (ways 2, 3; way 4 below): this warpgroup's n16 slice at n0 ----
 // B [n][k] (K-major): LBO 128 B (k halves), SBO cols / 8 * 128 B (8-row n groups)
 __device__ __forceinline__ uint64_t desc_nk(const bf16* s, int cols, int k0, int n0) {
   return wgmma_desc(s + tiled_offset(n0, k0, cols), 128, cols / 8 * 128);
