@@ -27,9 +27,11 @@
 #include <cuda_runtime.h>
 
 #include "common/wgmma.cuh"
+#include "neural_memory/chunked_kernel.cuh"  // split2: the kernels' hi / lo split
 
 using namespace titans;
 using bf16 = __nv_bfloat16;
+using chunked::split2;
 
 #define CK(x)                                                                          \
   do {                                                                                 \
@@ -57,14 +59,6 @@ struct Buf {  // hi plane, then lo plane
   __device__ bf16* hi() const { return p; }
   __device__ bf16* lo() const { return p + plane; }
 };
-
-__device__ __forceinline__ void split2(float x, float y, uint32_t& h, uint32_t& l) {
-  const __nv_bfloat162 hv = __floats2bfloat162_rn(x, y);
-  const float2 hf = __bfloat1622float2(hv);
-  const __nv_bfloat162 lv = __floats2bfloat162_rn(x - hf.x, y - hf.y);
-  h = *reinterpret_cast<const uint32_t*>(&hv);
-  l = *reinterpret_cast<const uint32_t*>(&lv);
-}
 
 template <bool kTiled>
 __device__ void put2(const Buf& b, int r, int c, float x, float y) {
