@@ -108,15 +108,20 @@ def _assert_grads(g, g64, g32, dtype, tag=""):
         assert rel_err(a[keep], b[keep]) <= bound, (name, rel_err(a[keep], b[keep]), bound)
 
 
+def _check_kernel_grads(args, weights, st, mem, cu, tag=""):
+    """The kernels' gradients of the call against the float64 reference's (_assert_grads)."""
+    g = _grads(args, weights, st, mem, cu, "cuda")
+    g32 = _grads(args, weights, st, mem, cu, "torch", torch.float32)
+    g64 = _grads(args, weights, st, mem, cu, "torch", torch.float64)
+    _assert_grads(g, g64, g32, args[0].dtype, tag)
+
+
 @pytest.mark.parametrize("case", GRID, ids=[_id(c) for c in GRID])
 def test_fused_backward_matches_reference(case):
     needs_kernels()
     args, weights, st, mem, cu = _case(case)
     assert nm_ops.chunked_bwd_reason(args[0], weights, 64, cu, st, "token") is None
-    g = _grads(args, weights, st, mem, cu, "cuda")
-    g32 = _grads(args, weights, st, mem, cu, "torch", torch.float32)
-    g64 = _grads(args, weights, st, mem, cu, "torch", torch.float64)
-    _assert_grads(g, g64, g32, args[0].dtype)
+    _check_kernel_grads(args, weights, st, mem, cu)
 
 
 SPLIT_CASES = [c for c in GRID if c[0] == 256 and c[1] == torch.bfloat16][:4]
@@ -143,10 +148,7 @@ def test_fused_backward_other_shapes(case):
     d, c, *rest = case
     args, weights, st, mem, cu = _case(tuple(rest), C=c, D=d)
     assert nm_ops.chunked_bwd_reason(args[0], weights, c, cu, st, "token") is None
-    g = _grads(args, weights, st, mem, cu, "cuda")
-    g32 = _grads(args, weights, st, mem, cu, "torch", torch.float32)
-    g64 = _grads(args, weights, st, mem, cu, "torch", torch.float64)
-    _assert_grads(g, g64, g32, args[0].dtype, f" (D {d}, C {c})")
+    _check_kernel_grads(args, weights, st, mem, cu, f" (D {d}, C {c})")
 
 
 @pytest.mark.parametrize("split", (2, 4, -3))
@@ -182,10 +184,7 @@ def test_fused_backward_every_split(case, split, monkeypatch):
         pytest.skip("clusters need sm_90+")
     monkeypatch.setattr(nm_ops, "FUSED_BWD_SPLIT", split)
     args, weights, st, mem, cu = _case(case)
-    g = _grads(args, weights, st, mem, cu, "cuda")
-    g32 = _grads(args, weights, st, mem, cu, "torch", torch.float32)
-    g64 = _grads(args, weights, st, mem, cu, "torch", torch.float64)
-    _assert_grads(g, g64, g32, args[0].dtype, f" (split {split})")
+    _check_kernel_grads(args, weights, st, mem, cu, f" (split {split})")
 
 
 # (a 10-chunk fp16 call without LayerNorm is not here: with this test's seed its state diverges,
@@ -203,10 +202,7 @@ def test_fused_backward_one_cta_matches_reference(case, monkeypatch):
     needs_kernels()
     monkeypatch.setattr(nm_ops, "FUSED_BWD_SPLIT", 1)
     args, weights, st, mem, cu = _case(case)
-    g = _grads(args, weights, st, mem, cu, "cuda")
-    g32 = _grads(args, weights, st, mem, cu, "torch", torch.float32)
-    g64 = _grads(args, weights, st, mem, cu, "torch", torch.float64)
-    _assert_grads(g, g64, g32, args[0].dtype, " (split 1)")
+    _check_kernel_grads(args, weights, st, mem, cu, " (split 1)")
 
 
 GLOBAL_CASES = [(s, k, (64, 64)) for s in (2, 3, 8) for k in (1, 4)] + [(3, 3, (64, 32)),
