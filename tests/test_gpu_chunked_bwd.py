@@ -60,10 +60,11 @@ def _case(case, H=2, C=64, D=64):
     return [t.to(dtype) for t in (q, k, v)] + [lr, forget, momentum], weights, st, mem, cu
 
 
-def _grads(args, weights, st, mem, cu, backend, to=None, seed=0):
-    """Gradients of <o, R_o> + sum over the returned state tensors <s, R_s> (fixed random R)
-    with respect to every input: [q, k, v, lr, forget, momentum, weights..., ln_weight,
-    ln_bias, state tensors...] (None where unused)."""
+def _grads(args, weights, st, mem, cu, backend, to=None, seed=0,
+           cot_states=("weights", "momentum", "chunk_weights")):
+    """Gradients of <o, R_o> + sum over the returned state tensors <s, R_s> (fixed random R;
+    the state fields in ``cot_states``) with respect to every input: [q, k, v, lr, forget,
+    momentum, weights..., ln_weight, ln_bias, state tensors...] (None where unused)."""
     n_w = len(weights)
     gen = torch.Generator(device=DEV).manual_seed(seed)
     state_leaves = [] if st is None else [*st.weights, *st.momentum, *st.chunk_weights]
@@ -82,7 +83,7 @@ def _grads(args, weights, st, mem, cu, backend, to=None, seed=0):
     o, s = neural_memory(*leaves[:6], ws, initial_state=state, output_final_state=True,
                          backend=backend, cu_seqlens=cu, **m)
     loss = (o * torch.randn(o.shape, generator=gen, device=DEV).to(o.dtype)).sum()
-    for t in (*s.weights, *s.momentum, *s.chunk_weights):
+    for t in (t for field in cot_states for t in getattr(s, field)):
         loss = loss + (t * torch.randn(t.shape, generator=gen, device=DEV).to(t.dtype)).sum()
     return torch.autograd.grad(loss, leaves, allow_unused=True)
 
@@ -375,7 +376,7 @@ def test_fused_backward_uses_the_forwards_checkpoints(monkeypatch):
     g = _grads(args, weights, st, mem, cu, "cuda")
     K = nm_ops.FUSED_BWD_CHECKPOINT_EVERY
     assert calls == [(True, False, K), (False, True, 0)], calls
-    monkeypatch.setattr(nm_ops, "_kept_every", lambda *a: 0)  # the forward keeps nothing
+    monkeypatch.setattr(nm_ops, "_kept_every", lambda *a, **k: 0)  # the forward keeps nothing
     calls.clear()
     g_rerun = _grads(args, weights, st, mem, cu, "cuda")
     assert calls == [(True, False, 0), (True, True, K)], calls
@@ -431,3 +432,92 @@ def test_kept_checkpoints_cost_no_more_memory_than_the_rerun(monkeypatch):
     rerun = peak()
     z2_fk = 2 * B * T * H * D * 4
     assert kept <= rerun + z2_fk, (kept, rerun, z2_fk)
+
+
+COTS = ((), ("weights",), ("momentum",), ("chunk_weights",), ("weights", "momentum"))
+
+
+@pytest.mark.parametrize("cot_states", COTS, ids=lambda c: "o+" + "+".join(c) if c else "o")
+@pytest.mark.parametrize("kind", ("fresh", "open", "varlen"))
+def test_fused_backward_partial_cotangents(kind, cot_states):
+    """Cotangents on o and on none or some of the returned state only (the backward starts the
+    missing W̄ / S̄ at zero, one buffer for both layers without a state): against float64,
+    fresh calls with T % C > 0, states with open chunks and packed sequences."""
+    needs_kernels()
+    args, weights, st, mem, cu = _case((128, torch.bfloat16, kind, HEADS[1], "silu"))
+    kw = dict(cot_states=cot_states)
+    g = _grads(args, weights, st, mem, cu, "cuda", **kw)
+    g32 = _grads(args, weights, st, mem, cu, "torch", torch.float32, **kw)
+    g64 = _grads(args, weights, st, mem, cu, "torch", torch.float64, **kw)
+    _assert_grads(g, g64, g32, args[0].dtype, f" ({kind}, {cot_states})")
+
+
+@pytest.mark.parametrize("kind", ("fresh", "open", "varlen"))
+def test_eager_direct_path_equals_the_ops_on_the_kernels(kind, monkeypatch):
+    """Eager calls take the kernels through _Direct (no dispatcher): the gradients equal those
+    of the registered ops (TITANS_EAGER_DIRECT=0's path) bit for bit, with cotangents on o only
+    and on everything."""
+    needs_kernels()
+    args, weights, st, mem, cu = _case((256, torch.bfloat16, kind, HEADS[1], "gelu"))
+    for cots in ((), ("weights", "momentum", "chunk_weights")):
+        monkeypatch.setattr(nm_ops, "EAGER_DIRECT", True)
+        g_d = _grads(args, weights, st, mem, cu, "cuda", cot_states=cots)
+        monkeypatch.setattr(nm_ops, "EAGER_DIRECT", False)
+        g_o = _grads(args, weights, st, mem, cu, "cuda", cot_states=cots)
+        for i, (a, b) in enumerate(zip(g_d, g_o)):
+            assert (a is None) == (b is None), i
+            if a is not None:
+                assert torch.equal(a, b), i
+
+
+def test_neural_memory_torch_compile_fullgraph_forward_and_backward():
+    """The public call compiled whole (fullgraph; the ops, not _Direct, under Dynamo): the
+    output and every gradient equal eager's (the same kernels)."""
+    needs_kernels()
+    args, weights, st, mem, cu = _case((256, torch.bfloat16, "fresh", HEADS[1], "silu"))
+    cot = torch.randn(args[0].shape, device=DEV).to(args[0].dtype)
+
+    def run(fn):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (*args, *weights)]
+        o = fn(*leaves)
+        return [o, *torch.autograd.grad((o * cot).sum(), leaves)]
+
+    def call(q, k, v, lr, forget, momentum, w1, w2):
+        return neural_memory(q, k, v, lr, forget, momentum, (w1, w2), backend="cuda", **mem)[0]
+    eager = run(call)
+    compiled = run(torch.compile(call, fullgraph=True, backend="aot_eager"))
+    for i, (a, b) in enumerate(zip(compiled, eager)):
+        assert torch.equal(a, b), i
+
+
+def test_public_training_step_captures_in_a_cuda_graph():
+    """A whole forward + backward through the public call (the eager _Direct path, the fused
+    backward on the forward's kept checkpoints) captured once and replayed on new inputs gives
+    the eager output and gradients bit for bit: what makes short calls, which are host-bound,
+    cheap to repeat."""
+    needs_kernels()
+    case = (256, torch.bfloat16, "fresh", HEADS[1], "silu")
+    args, weights, _, mem, _ = _case(case)
+    static = [t.detach().clone().requires_grad_(True) for t in (*args, *weights)]
+    cot = torch.randn(args[0].shape, device=DEV).to(args[0].dtype)
+
+    def step():
+        o = neural_memory(*static[:6], tuple(static[6:]), backend="cuda", **mem)[0]
+        return [o.detach(), *torch.autograd.grad((o * cot).sum(), static)]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_g = step()
+    with torch.no_grad():
+        for dst, src in zip(static, _case(case)[0]):
+            dst.copy_(src.mul(0.5) if dst.dim() == 4 else src)
+    graph.replay()
+    torch.cuda.synchronize()
+    out_e = step()
+    for i, (a, b) in enumerate(zip(out_g, out_e)):
+        assert torch.equal(a, b), i

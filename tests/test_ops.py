@@ -397,3 +397,86 @@ def test_backward_ops_take_an_empty_cotangent_as_zeros(op):
         b = bwd(empty, *args, *extra)
         assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
         assert any(x.abs().sum() > 0 for x in a)
+
+
+def _fused_call(kernel, with_state, ln, cot_states, direct, monkeypatch):
+    """nm_ops.fused on CPU (the reference inside either path): o, final state and gradients
+    of <o, R> + the chosen state outputs' <s, R_s>, through _Direct or through the ops."""
+    from titans_cuda import MemoryState
+    from titans_cuda.ops.neural_memory import ops as nm_ops
+    monkeypatch.setattr(nm_ops, "EAGER_DIRECT", direct)
+    torch.manual_seed(0)
+    T, N = (3, 2) if kernel == "decode" else (7, 1)
+    args, st = _decode_op_args(T=T, N=N, with_state=with_state, C=2, D=4, hidden=4)
+    cu = torch.tensor([0, 5, 7]) if kernel == "chunked" else None
+    if with_state and kernel == "chunked":  # one state row per packed sequence
+        st = MemoryState(*(tuple(torch.cat([t, t.flip(0)]).detach().requires_grad_() for t in f)
+                           for f in (st.weights, st.momentum, st.chunk_weights)),
+                         torch.tensor([1, 0]))
+    leaves = [*args[:6], *args[6], args[7], args[8]]
+    if st is not None:
+        leaves += [*st.weights, *st.momentum, *st.chunk_weights]
+    o, out = nm_ops.fused(*args[:6], args[6], chunk_size=2, activation="gelu", residual=True,
+                          ln_weight=args[7] if ln else None, ln_bias=args[8] if ln else None,
+                          ln_eps=1e-6, read="token", initial_state=st, cu_seqlens=cu,
+                          kernel=kernel)
+    gen = torch.Generator().manual_seed(1)
+    loss = (o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum()
+    for field in cot_states:
+        for t in getattr(out, field):
+            loss = loss + (t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum()
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return [o, *out.weights, *out.momentum, *out.chunk_weights, out.offset], grads
+
+
+@pytest.mark.parametrize("kernel", ["decode", "chunked"])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("cot_states", [(), ("weights",), ("momentum", "chunk_weights"),
+                                        ("weights", "momentum", "chunk_weights")])
+def test_eager_direct_path_equals_the_ops(kernel, with_state, cot_states, monkeypatch):
+    """Eager calls take the ops' implementations through _Direct, not the dispatcher: the
+    outputs, the final state and every gradient (cotangents on o and on none, some or all of
+    the returned state) equal the registered ops' bit for bit, LayerNorm on and off."""
+    for ln in (True, False):
+        outs_d, g_d = _fused_call(kernel, with_state, ln, cot_states, True, monkeypatch)
+        outs_o, g_o = _fused_call(kernel, with_state, ln, cot_states, False, monkeypatch)
+        for a, b in zip(outs_d, outs_o):
+            assert torch.equal(a, b)
+        assert len(g_d) == len(g_o)
+        for i, (a, b) in enumerate(zip(g_d, g_o)):
+            assert (a is None) == (b is None), i
+            if a is not None:
+                assert torch.equal(a, b), i
+        assert any(g is not None and g.abs().sum() > 0 for g in g_d)
+
+
+def test_eager_direct_path_is_taken_only_for_plain_eager_calls(monkeypatch):
+    """_direct: plain tensors in eager mode; not under a dispatch mode (FakeTensor), a
+    torch.func transform, for tensor subclasses, or with TITANS_EAGER_DIRECT off (the switch
+    read into EAGER_DIRECT)."""
+    from titans_cuda.ops.neural_memory import ops as nm_ops
+    x, p = torch.randn(2, 3), torch.nn.Parameter(torch.randn(2))
+    assert nm_ops._direct([x, p, None])
+    with FakeTensorMode():
+        assert not nm_ops._direct([x])
+    seen = []
+    torch.func.grad(lambda t: (seen.append(nm_ops._direct([t])), t.sum())[1])(torch.randn(3))
+    assert seen == [False]
+
+    class Sub(torch.Tensor):
+        pass
+    assert not nm_ops._direct([x.as_subclass(Sub)])
+    monkeypatch.setattr(nm_ops, "EAGER_DIRECT", False)
+    assert not nm_ops._direct([x])
+
+
+def test_eager_direct_path_refuses_double_backward():
+    """The ops have no second derivative; neither has _Direct (once_differentiable)."""
+    args, st = _decode_op_args(T=3, C=2, D=4, hidden=4)
+    from titans_cuda.ops.neural_memory import ops as nm_ops
+    o, _ = nm_ops.fused(*args[:6], args[6], chunk_size=2, activation="gelu", residual=True,
+                        ln_weight=args[7], ln_bias=args[8], ln_eps=1e-6, read="token",
+                        initial_state=st, kernel="decode")
+    (g,) = torch.autograd.grad(o.square().sum(), args[0], create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.sum(), args[0])

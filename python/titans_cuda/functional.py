@@ -94,7 +94,7 @@ def neural_memory(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, forget: Tensor,
                                 activation=activation, residual=residual, ln_weight=ln_weight,
                                 ln_bias=ln_bias, ln_eps=ln_eps, read=read,
                                 initial_state=initial_state, cu_seqlens=cu_seqlens,
-                                kernel=kernel)
+                                kernel=kernel, reason=reason)
         return o, state if output_final_state else None
     return nm_ref.neural_memory(
         q, k, v, lr, forget, momentum, weights, chunk_size=chunk_size, activation=activation,

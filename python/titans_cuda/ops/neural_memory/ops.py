@@ -13,11 +13,13 @@ shapes) the ops run the reference, so opcheck runs in CPU CI.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import List, Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ... import _lib
 from ...state import MemoryState
@@ -25,6 +27,8 @@ from ..activations import ACTIVATIONS
 from ..memory_mlp.ops import KERNEL_DTYPES, _reference_vjp
 from ..memory_mlp.reference import compute_dtype
 from . import reference as ref
+
+_UNSET = object()  # an argument not given (None is a value: "the kernel runs")
 
 DECODE_MAX_T = 16  # longer calls wait for the chunked fused kernel
 DECODE_DIMS = (16, 32, 64, 128)
@@ -138,10 +142,11 @@ def chunked_bwd_shape_supported(dim: int, hidden: int, depth: int, chunk: int,
 
 
 def chunked_bwd_reason(q: Tensor, weights, chunk_size: int, cu_seqlens, initial_state,
-                       read: str) -> Optional[str]:
+                       read: str, fwd_reason=_UNSET) -> Optional[str]:
     """None when the fused backward kernel computes this call's gradients, else why the
-    reference's VJP does."""
-    reason = chunked_reason(q, weights, chunk_size, cu_seqlens, initial_state)
+    reference's VJP does. ``fwd_reason``: chunked_reason's answer where the caller has it."""
+    reason = (chunked_reason(q, weights, chunk_size, cu_seqlens, initial_state)
+              if fwd_reason is _UNSET else fwd_reason)
     if reason is not None:
         return reason
     D, depth, hidden = q.shape[-1], len(weights), weights[0].shape[-1]
@@ -158,14 +163,16 @@ def chunked_bwd_reason(q: Tensor, weights, chunk_size: int, cu_seqlens, initial_
     return None
 
 
-def _kept_every(q, weights, chunk_size, cu_seqlens, state, read, checkpoint_every) -> int:
+def _kept_every(q, weights, chunk_size, cu_seqlens, state, read, checkpoint_every,
+                bwd_reason=_UNSET) -> int:
     """The checkpoint interval chunked_op keeps for the fused backward: ``checkpoint_every``
-    where the fused backward will run, else 0 (nothing kept)."""
+    where the fused backward will run (``bwd_reason``: chunked_bwd_reason's answer where the
+    caller has it), else 0 (nothing kept)."""
     if checkpoint_every <= 0:
         return 0
-    if chunked_bwd_reason(q, weights, chunk_size, cu_seqlens, state, read) is not None:
-        return 0
-    return int(checkpoint_every)
+    if bwd_reason is _UNSET:
+        bwd_reason = chunked_bwd_reason(q, weights, chunk_size, cu_seqlens, state, read)
+    return 0 if bwd_reason is not None else int(checkpoint_every)
 
 
 def _checkpoint_shape(T: int, chunk_size: int, K: int, has_state: bool):
@@ -240,9 +247,10 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
             w_h.append(src.stride(0))
             s_in.append(0)
             cw_in.append(0)
-        for lst in (outs_w, outs_s, outs_cw):
-            lst.append(torch.empty(shape, dtype=torch.float32, device=dev))
-    o = torch.empty(B, T, H, D, dtype=q.dtype, device=dev)
+        if run_forward:  # (the backward writes none of the forward's outputs)
+            for lst in (outs_w, outs_s, outs_cw):
+                lst.append(torch.empty(shape, dtype=torch.float32, device=dev))
+    o = torch.empty(B, T, H, D, dtype=q.dtype, device=dev) if run_forward else None
     if out is not None:
         o, outs_w, outs_s, outs_cw = (out[0], out[1:1 + depth], out[1 + depth:1 + 2 * depth],
                                       out[1 + 2 * depth:])
@@ -259,12 +267,13 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
         keep.append(cu)
     args.update(cu_seqlens=0 if cu is None else cu.data_ptr(), w_in=w_in, w_in_n_stride=w_n,
                 w_in_h_stride=w_h, s_in=s_in, cw_in=cw_in,
-                w_out=[t.data_ptr() for t in outs_w], s_out=[t.data_ptr() for t in outs_s],
-                cw_out=[t.data_ptr() for t in outs_cw],
+                w_out=[t.data_ptr() for t in outs_w] or [0] * depth,
+                s_out=[t.data_ptr() for t in outs_s] or [0] * depth,
+                cw_out=[t.data_ptr() for t in outs_cw] or [0] * depth,
                 offset=0 if offset is None else offset.data_ptr(),
                 ln_weight=0 if ln_w is None else ln_w.data_ptr(),
                 ln_bias=0 if ln_b is None else ln_b.data_ptr(), ln_eps=float(ln_eps),
-                o=o.data_ptr(), n_seq=N, seqlen=T, heads=H, dim=D,
+                o=0 if o is None else o.data_ptr(), n_seq=N, seqlen=T, heads=H, dim=D,
                 hidden=weights[0].shape[-1] if depth == 2 else D, depth=depth,
                 chunk=int(chunk_size), activation=ACTIVATIONS.index(activation),
                 residual=bool(residual), read_chunk=read == "chunk",
@@ -272,9 +281,8 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
                 stream=_lib.stream_handle(dev),
                 device=dev.index if dev.index is not None else torch.cuda.current_device())
     ckpts = []
-    if kernel == "chunked" and depth == 2 and (split < 0 or (
-            split == 0 and FORWARD_GLOBAL_SPLIT and 2 * N * H <= (
-                torch.cuda.get_device_properties(dev).multi_processor_count))):
+    if run_forward and kernel == "chunked" and depth == 2 and (split < 0 or (
+            split == 0 and FORWARD_GLOBAL_SPLIT and 2 * N * H <= _sm_count(args["device"]))):
         # a split over ordinary CTAs may be taken (params.h): the exchange for the most CTAs
         # per (sequence, head), and a zeroed counter per pair
         xfloats = _lib._C.neural_memory_chunked_exchange_floats(dim=D, chunk=int(chunk_size))
@@ -302,7 +310,12 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
     if bwd is not None:
         args.update(bwd(ckpts))
         _lib._C.neural_memory_chunked_bwd(args)
-    return [o, *outs_w, *outs_s, *outs_cw, *ckpts]
+    return [o, *outs_w, *outs_s, *outs_cw, *ckpts]  # (o None, no states: backward alone)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _state(state_weights, state_momentum, state_chunk_weights, state_offset):
@@ -411,6 +424,14 @@ FUSED_BWD_SPLIT = 0
 FUSED_BWD_CHECKPOINT_EVERY = 4
 
 
+@functools.lru_cache(maxsize=256)
+def _bwd_plan(n_seq, heads, dim, hidden, chunk, dtype, split, device) -> int:
+    """neural_memory_chunked_bwd_plan: the backward's CTAs per (sequence, head), 0 if none."""
+    return _lib._C.neural_memory_chunked_bwd_plan(n_seq=n_seq, heads=heads, dim=dim,
+                                                  hidden=hidden, chunk=chunk, dtype=dtype,
+                                                  split=split, device=device)
+
+
 def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias,
                  state_weights, state_momentum, state_chunk_weights, state_offset, chunk_size,
                  activation, residual, ln_eps, read, cu_seqlens=None, checkpoints=None,
@@ -434,14 +455,12 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
         zero = torch.zeros((), dtype=torch.float32, device=dev)
     g_o = (grads[0].to(q.dtype).contiguous() if grads[0].numel()
            else torch.zeros(q.shape, dtype=q.dtype, device=dev))
-    w_bar, s_bar, cw_owed = [], [], []
-    for w, gw, gs, gc in zip(weights, grads[1:1 + L], grads[1 + L:1 + 2 * L],
-                             grads[1 + 2 * L:1 + 3 * L]):
-        shape = (N, H, w.shape[-2], w.shape[-1])
+    # W̄ (updated in place: never an alias of a cotangent) starts as dl/dW plus, where a
+    # sequence's last chunk closed (its chunk weights are then its weights), dl/dCW; the rest
+    # of dl/dCW is owed to the last chunk's gradient weights (cw_owed); S̄ starts as dl/dS
+    starts, cw_owed = [], []
+    for gw, gs, gc in zip(grads[1:1 + L], grads[1 + L:1 + 2 * L], grads[1 + 2 * L:1 + 3 * L]):
         gw, gs, gc = (g.float() if g.numel() else None for g in (gw, gs, gc))  # None: no grad
-        # W̄ (updated in place: never an alias of a cotangent) starts as dl/dW plus, where a
-        # sequence's last chunk closed (its chunk weights are then its weights), dl/dCW; the
-        # rest of dl/dCW is owed to the last chunk's gradient weights (cw_owed)
         if gc is None:
             wb, owed = None, None
         elif dense and T % C > 0:
@@ -452,22 +471,37 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
             wb, owed = torch.where(still_open, zero, gc), torch.where(still_open, gc, zero)
         if gw is not None:
             wb = gw if wb is None else gw + wb
-        w_bar.append(torch.zeros(shape, dtype=torch.float32, device=dev) if wb is None
-                     else wb.clone(memory_format=torch.contiguous_format) if wb is gw or wb is gc
-                     else wb.contiguous())
-        s_bar.append(torch.zeros(shape, dtype=torch.float32, device=dev) if gs is None
-                     else gs.clone(memory_format=torch.contiguous_format))
+        starts.append((wb, wb is not None and wb is not gw and wb is not gc, gs))
         cw_owed.append(owed)
-    wg0 = [torch.empty_like(w) for w in w_bar]
+    # every layer's W̄, then every layer's S̄. Without a state, one buffer (at depth 2 both
+    # layers' states hold D x hidden floats), zeroed by one launch where a cotangent is missing;
+    # with one, separate tensors (the S̄ are returned, and outputs must not alias each other)
+    shapes = [(N, H, w.shape[-2], w.shape[-1]) for w in weights]
+    size = shapes[0][2] * shapes[0][3]
+    firsts = [(wb, fresh) for wb, fresh, _ in starts] + [(gs, False) for _, _, gs in starts]
+    if has_state or any(sh[2] * sh[3] != size for sh in shapes):
+        views = [torch.zeros(shapes[i % L], dtype=torch.float32, device=dev) if t is None
+                 else t.contiguous() if fresh else t.clone(memory_format=torch.contiguous_format)
+                 for i, (t, fresh) in enumerate(firsts)]
+    else:
+        bars = (torch.zeros if any(t is None for t, _ in firsts) else torch.empty)(
+            2 * L, N, H, size, dtype=torch.float32, device=dev)
+        views = [bars[i].view(shapes[i % L]) for i in range(2 * L)]
+        for (t, _), view in zip(firsts, views):
+            if t is not None:
+                view.copy_(t)
+    w_bar, s_bar = views[:L], views[L:]
+    wg0 = [torch.empty(sh, dtype=torch.float32, device=dev) for sh in shapes]
     # the kernel writes every token's dq, dk, dv and gate gradients; packed rows past the last
     # sequence (cu_seqlens[-1] < total) are zeros
     alloc = torch.empty if cu_seqlens is None else torch.zeros
     dq, dk, dv = (alloc(B, T, H, D, dtype=q.dtype, device=dev) for _ in range(3))
     dgates = [alloc(B, T, H, dtype=torch.float32, device=dev) for _ in range(3)]
-    ln = ln_weight is not None
-    dln_w = torch.zeros(N, H, C, D, dtype=torch.float32, device=dev) if ln else None
-    dln_b = (torch.zeros(N, H, C, D, dtype=torch.float32, device=dev)
-             if ln and ln_bias is not None else None)
+    # the LayerNorm parameters' gradient partials per (sequence, head, row of a chunk)
+    n_ln = 0 if ln_weight is None else 1 if ln_bias is None else 2
+    dln = torch.zeros(n_ln, N, H, C, D, dtype=torch.float32, device=dev) if n_ln else None
+    dln_w = dln[0] if n_ln else None
+    dln_b = dln[1] if n_ln == 2 else None
     hidden = weights[0].shape[-1]
     per = _lib._C.neural_memory_chunked_bwd_scratch_floats(dim=D, hidden=hidden, chunk=C)
     scratch = torch.empty(N * H * per, dtype=torch.float32, device=dev)
@@ -475,10 +509,8 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
     K = int(checkpoint_every) if kept else max(1, int(FUSED_BWD_CHECKPOINT_EVERY))
     ring = (torch.empty(N * H * (K - 1) * 4 * D * hidden, dtype=torch.float32, device=dev)
             if K > 1 else None)
-    split = _lib._C.neural_memory_chunked_bwd_plan(
-        n_seq=N, heads=H, dim=D, hidden=hidden, chunk=C, dtype=KERNEL_DTYPES.index(q.dtype),
-        split=int(FUSED_BWD_SPLIT),
-        device=dev.index if dev.index is not None else torch.cuda.current_device())
+    split = _bwd_plan(N, H, D, hidden, C, KERNEL_DTYPES.index(q.dtype), int(FUSED_BWD_SPLIT),
+                      dev.index if dev.index is not None else torch.cuda.current_device())
     if split == 0:
         raise RuntimeError(f"titans_cuda: the fused backward cannot run split={FUSED_BWD_SPLIT} "
                            f"for {N} sequences x {H} heads on this device")
@@ -519,8 +551,9 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
     else:
         g_weights = [(a + b).sum(0).to(w.dtype) for a, b, w in zip(w_bar, wg0, weights)]
         g_state = []
-    g_ln = [torch.zeros(H, D, dtype=torch.float32, device=dev) if g is None or p is None
-            else g.sum((0, 2)).to(p.dtype) for g, p in ((dln_w, ln_weight), (dln_b, ln_bias))]
+    # (no output may alias another: the custom ops check)
+    g_ln = [dln[i].sum((0, 2)).to(p.dtype) for i, p in enumerate((ln_weight, ln_bias)[:n_ln])]
+    g_ln += [torch.zeros(H, D, dtype=torch.float32, device=dev) for _ in range(2 - n_ln)]
     out = [dq, dk, dv, dgates[0].to(lr.dtype), dgates[1].to(forget.dtype),
            dgates[2].to(momentum.dtype), *g_weights, *g_ln, *g_state]
     return [t.contiguous() for t in out]
@@ -706,24 +739,115 @@ decode_op.register_autograd(_make_backward(decode_bwd_op), setup_context=_setup_
 chunked_op.register_autograd(_make_backward(chunked_bwd_op), setup_context=_setup_context)
 
 
+# Eager calls on plain CUDA tensors skip the dispatcher and custom_op's autograd layer: a
+# torch.autograd.Function calls the ops' own implementations (_forward, _fused_grads,
+# _reference_grads), so the results are the ops' results. That layer (argument flattening,
+# schema checks, two dispatches per op) took about half the host time of a short call
+# (docs/perf_notes.md, v18). Under torch.compile, a dispatch mode (FakeTensor, ...), a torch.func
+# transform or for tensor subclasses the ops run as registered. TITANS_EAGER_DIRECT=0 always
+# takes the ops (an A/B switch).
+EAGER_DIRECT = os.environ.get("TITANS_EAGER_DIRECT", "1") != "0"
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def _direct(tensors) -> bool:
+    """Whether this call may take the implementations directly (_Direct)."""
+    if not EAGER_DIRECT or torch.compiler.is_compiling():
+        return False
+    if _get_current_dispatch_mode() is not None or \
+            torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
+
+
+class _Direct(torch.autograd.Function):
+    """decode_op / chunked_op with their autograd formula, minus the dispatcher. apply(call,
+    q, k, v, lr, forget, momentum, ln_weight, ln_bias, *weights, *state weights, *state
+    momentum, *state chunk weights) -> (o, W per layer, S per layer, chunk weights per layer).
+    ``call``: (kernel, forward reason, backward reason, L, n_state, state_offset, chunk_size,
+    activation, residual, ln_eps, read, cu_seqlens, K), K the kept checkpoints' interval."""
+
+    @staticmethod
+    def forward(ctx, call, q, k, v, lr, forget, momentum, ln_weight, ln_bias, *lists):
+        kernel, reason, _, L, n_state, state_offset, *opts, cu_seqlens, K = call
+        sw, sm, scw = (list(lists[L + i * n_state:L + (i + 1) * n_state]) for i in range(3))
+        args = (q, k, v, lr, forget, momentum, list(lists[:L]), ln_weight, ln_bias, sw, sm, scw,
+                state_offset, *opts)
+        outs = _forward(kernel, reason, args, cu_seqlens, checkpoint_every=K)
+        n = 1 + 3 * L
+        ctx.set_materialize_grads(False)
+        ctx.call = call
+        ctx.out_like = [(o.dtype, o.device) for o in outs[:n]]
+        ctx.save_for_backward(q, k, v, lr, forget, momentum, ln_weight, ln_bias, *lists,
+                              *outs[n:])  # the kept checkpoints (chunked, K > 0)
+        return tuple(outs[:n])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        kernel, _, bwd_reason, L, n_state, state_offset, *opts, cu_seqlens, K = ctx.call
+        saved = ctx.saved_tensors
+        q, k, v, lr, forget, momentum, ln_weight, ln_bias = saved[:8]
+        lists = saved[8:8 + L + 3 * n_state]
+        weights = list(lists[:L])
+        sw, sm, scw = (list(lists[L + i * n_state:L + (i + 1) * n_state]) for i in range(3))
+        grads = [g if g is not None else torch.empty(0, dtype=dtype, device=device)
+                 for g, (dtype, device) in zip(grads, ctx.out_like)]
+        args = (grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, sw, sm, scw,
+                state_offset, *opts)
+        if kernel == "chunked" and bwd_reason is None:
+            kept = list(saved[8 + L + 3 * n_state:])
+            g = _fused_grads(*args, cu_seqlens, checkpoints=kept or None,
+                             checkpoint_every=K if kept else 0)
+        else:
+            g = _reference_grads(*args, cu_seqlens)
+        g_ln = g[6 + L:8 + L]
+        return (None, *g[:6], g_ln[0] if ln_weight is not None else None,
+                g_ln[1] if ln_bias is not None else None, *g[6:6 + L], *g[8 + L:])
+
+
 def fused(q, k, v, lr, forget, momentum, weights, *, chunk_size, activation, residual,
-          ln_weight, ln_bias, ln_eps, read, initial_state, cu_seqlens=None, kernel="decode"):
-    """neural_memory through decode_op (kernel="decode") or chunked_op: (o, MemoryState)."""
+          ln_weight, ln_bias, ln_eps, read, initial_state, cu_seqlens=None, kernel="decode",
+          reason=_UNSET):
+    """neural_memory through decode_op (kernel="decode") or chunked_op: (o, MemoryState).
+    ``reason``: this call's decode_reason / chunked_reason when the caller has it (None: the
+    kernel runs); eager calls hand it to the implementations directly (_Direct)."""
     st = initial_state
-    args = (q, k, v, lr, forget, momentum, list(weights), ln_weight, ln_bias,
-            [] if st is None else list(st.weights), [] if st is None else list(st.momentum),
-            [] if st is None else list(st.chunk_weights), None if st is None else st.offset,
-            chunk_size, activation, residual, ln_eps, read)
+    sw, sm, scw = (([], [], []) if st is None else
+                   (list(st.weights), list(st.momentum), list(st.chunk_weights)))
+    offset = None if st is None else st.offset
+    args = (q, k, v, lr, forget, momentum, list(weights), ln_weight, ln_bias, sw, sm, scw,
+            offset, chunk_size, activation, residual, ln_eps, read)
+    tensors = [q, k, v, lr, forget, momentum, *weights, ln_weight, ln_bias, *sw, *sm, *scw]
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     L = len(weights)
-    if kernel == "decode":
+    if _direct(tensors):
+        if reason is _UNSET:
+            reason = (decode_reason(q, weights, None, st) if kernel == "decode" else
+                      chunked_reason(q, weights, chunk_size, cu_seqlens, st))
+        if not grad:  # no autograd graph: the forward alone
+            outs = _forward(kernel, reason, args, cu_seqlens)
+        else:
+            bwd_reason = None  # the decode op's backward is the reference's VJP
+            if kernel == "chunked":
+                bwd_reason = chunked_bwd_reason(q, weights, chunk_size, cu_seqlens, st, read,
+                                                fwd_reason=reason)
+            K = (_kept_every(q, weights, chunk_size, cu_seqlens, st, read,
+                             FUSED_BWD_CHECKPOINT_EVERY, bwd_reason=bwd_reason)
+                 if kernel == "chunked" else 0)
+            call = (kernel, reason, bwd_reason, L, len(sw), offset, chunk_size, activation,
+                    residual, ln_eps, read, cu_seqlens, K)
+            outs = _Direct.apply(call, q, k, v, lr, forget, momentum, ln_weight, ln_bias,
+                                 *weights, *sw, *sm, *scw)
+    elif kernel == "decode":
         outs = decode_op(*args)
     else:  # keep the fused backward's checkpoints when a backward can follow
-        tensors = [q, k, v, lr, forget, momentum, *weights, ln_weight, ln_bias,
-                   *(() if st is None else (*st.weights, *st.momentum, *st.chunk_weights))]
-        grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in tensors)
         outs = chunked_op(*args, cu_seqlens, FUSED_BWD_CHECKPOINT_EVERY if grad else 0)
-    _, final_offset = _offsets(q, cu_seqlens, None if st is None else st.offset, chunk_size)
+    if cu_seqlens is None and offset is None:  # one launch
+        final_offset = torch.full((q.shape[0],), q.shape[1] % int(chunk_size), dtype=torch.int64,
+                                  device=q.device)
+    else:
+        _, final_offset = _offsets(q, cu_seqlens, offset, chunk_size)
     return outs[0], MemoryState(tuple(outs[1:1 + L]), tuple(outs[1 + L:1 + 2 * L]),
                                 tuple(outs[1 + 2 * L:1 + 3 * L]), final_offset)
 
