@@ -99,6 +99,23 @@ def chunked_shape_supported(dim: int, hidden: int, depth: int, chunk: int) -> bo
             (depth == 1 or (depth == 2 and hb <= hidden <= 512 and hidden % hb == 0)))
 
 
+def _smem(kernel: str, dim: int, hidden: int, depth: int, chunk: int, device):
+    """(bytes of shared memory per block the chunked "forward" / "backward" kernel needs, bytes
+    the device allows). Under torch.compile (Dynamo cannot trace the extension's queries) it
+    reports a fit: the ops check again when they run, and fall back to the reference there."""
+    if torch.compiler.is_compiling():
+        return 0, 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _smem_bytes(kernel, dim, hidden, depth, chunk), _lib.smem_per_block_optin(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_bytes(kernel, dim, hidden, depth, chunk) -> int:
+    query = (_lib._C.neural_memory_chunked_smem_bytes if kernel == "forward"
+             else _lib._C.neural_memory_chunked_bwd_smem_bytes)
+    return query(dim=dim, hidden=hidden, depth=depth, chunk=chunk, dtype=0)
+
+
 def chunked_reason(q: Tensor, weights, chunk_size: int, cu_seqlens,
                    initial_state) -> Optional[str]:
     """None when the chunked kernel handles this neural_memory call, else why not."""
@@ -117,10 +134,7 @@ def chunked_reason(q: Tensor, weights, chunk_size: int, cu_seqlens,
                 f"chunk_size={chunk_size} (supported: D in {CHUNKED_DIMS}, chunk_size in "
                 f"{CHUNKED_CHUNKS}, depth 1, or depth 2 with hidden a multiple of "
                 f"{CHUNKED_HIDDEN_BLOCK} up to 512)")
-    smem = _lib._C.neural_memory_chunked_smem_bytes(dim=D, hidden=hidden, depth=depth,
-                                                     chunk=chunk_size, dtype=0)
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    limit = _lib.smem_per_block_optin(index)
+    smem, limit = _smem("forward", D, hidden, depth, chunk_size, q.device)
     if smem > limit:
         return (f"the chunked kernel for D={D}, depth={depth}, chunk_size={chunk_size} needs "
                 f"{smem // 1024} KiB of shared memory per block and this GPU allows "
@@ -155,10 +169,8 @@ def chunked_bwd_reason(q: Tensor, weights, chunk_size: int, cu_seqlens, initial_
                 f"chunk_size={chunk_size}, read={read!r} in this version (supported: D 32 or "
                 f"64, chunk_size 16, 32 or 64, depth 2, hidden a multiple of "
                 f"{CHUNKED_HIDDEN_BLOCK} up to 512, read 'token')")
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    smem = _lib._C.neural_memory_chunked_bwd_smem_bytes(dim=D, hidden=hidden, depth=depth,
-                                                         chunk=chunk_size, dtype=0)
-    if smem > _lib.smem_per_block_optin(index):
+    smem, limit = _smem("backward", D, hidden, depth, chunk_size, q.device)
+    if smem > limit:
         return f"the fused backward needs {smem // 1024} KiB of shared memory per block"
     return None
 
