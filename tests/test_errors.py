@@ -175,3 +175,35 @@ def test_nan_propagates_only_where_it_should(read):
     assert torch.isnan(o[0, first_nan:, 1]).all()
     assert torch.isfinite(o[0, :first_nan, 1]).all()
     assert torch.isfinite(o[0, :, 0]).all() and torch.isfinite(o[1]).all()
+
+
+def test_a_returned_offset_is_trusted_until_modified(monkeypatch):
+    """check_state reads an offset back to the host (a GPU synchronisation) unless this library
+    computed it for the same chunk size and it was not modified in place since; a modified or
+    foreign offset is checked, and a bad one still raises."""
+    import titans_cuda._checks as chk
+    from titans_cuda import state as state_mod
+    _, st = _call(output_final_state=True, chunk_size=4)
+    assert state_mod.is_own_offset(st.offset, 4) and not state_mod.is_own_offset(st.offset, 8)
+    reads = []
+    real_to = torch.Tensor.to
+
+    def spy(self, *a, **k):
+        if a and a[0] == "cpu":
+            reads.append(self)
+        return real_to(self, *a, **k)
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    chk.check_state(st, B, H, _good()["weights"], 4)
+    assert reads == []  # trusted: no read-back
+    chk.check_state(st, B, H, _good()["weights"], 8)  # another chunk size: checked
+    assert len(reads) == 1
+    st.offset.fill_(7)  # modified in place: checked again, and now out of range
+    assert not state_mod.is_own_offset(st.offset, 4)
+    with pytest.raises(ValueError, match="initial_state.offset"):
+        _call(initial_state=st, chunk_size=4)
+    foreign = MemoryState(st.weights, st.momentum, st.chunk_weights, torch.tensor([0, 9]))
+    with pytest.raises(ValueError, match="initial_state.offset"):
+        _call(initial_state=foreign, chunk_size=4)
+    with torch.inference_mode():  # no version counter: never trusted
+        _, st_inf = _call(output_final_state=True, chunk_size=4)
+    assert not state_mod.is_own_offset(st_inf.offset, 4)

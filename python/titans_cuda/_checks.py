@@ -165,7 +165,7 @@ def check_cu_seqlens(cu_seqlens, B: int, T: int) -> Optional[torch.Tensor]:
 
 
 def check_state(state, n_seq: int, H: int, weights: tuple, chunk_size: int):
-    from .state import MemoryState
+    from .state import MemoryState, is_own_offset
     if state is None:
         return None
     if not isinstance(state, MemoryState):
@@ -188,6 +188,8 @@ def check_state(state, n_seq: int, H: int, weights: tuple, chunk_size: int):
     if off.shape[0] != n_seq:
         raise ValueError(f"initial_state.offset must have shape ({n_seq},) (one per sequence), "
                          f"got {tuple(off.shape)}")
+    if is_own_offset(off, chunk_size):  # a previous call's, unmodified: no read-back
+        return state
     off_cpu = off.to("cpu")
     if n_seq and (bool((off_cpu < 0).any()) or bool((off_cpu >= chunk_size).any())):
         raise ValueError(f"initial_state.offset must lie in [0, chunk_size={chunk_size}), got "

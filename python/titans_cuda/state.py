@@ -1,8 +1,9 @@
 """MemoryState: what a neural memory carries from one call to the next (SPEC §4)."""
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 
@@ -56,3 +57,28 @@ class MemoryState:
         return MemoryState(tuple(t.detach() for t in self.weights),
                            tuple(t.detach() for t in self.momentum),
                            tuple(t.detach() for t in self.chunk_weights), self.offset)
+
+
+# The offsets this library computed (a call's final offset, valid for its chunk size by
+# construction), by id: (weak reference, version counter then, chunk_size). check_state trusts
+# such an offset without reading it back to the host, a synchronisation with the GPU per call
+# that would keep a streaming loop's host from running ahead, unless it was modified in place
+# since (its version counter moved). Inference tensors have no version counter: not trusted.
+_OWN_OFFSETS: Dict[int, tuple] = {}
+
+
+def own_offset(offset: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Records ``offset`` (computed by this library for ``chunk_size``) as valid; returns it."""
+    if offset.is_inference():
+        return offset
+    key = id(offset)
+    ref = weakref.ref(offset, lambda _, key=key: _OWN_OFFSETS.pop(key, None))
+    _OWN_OFFSETS[key] = (ref, offset._version, int(chunk_size))
+    return offset
+
+
+def is_own_offset(offset: torch.Tensor, chunk_size: int) -> bool:
+    """Whether ``offset`` is one own_offset recorded for ``chunk_size``, unmodified since."""
+    entry = _OWN_OFFSETS.get(id(offset))
+    return (entry is not None and entry[0]() is offset and not offset.is_inference() and
+            entry[1] == offset._version and entry[2] == int(chunk_size))

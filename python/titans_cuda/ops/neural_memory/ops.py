@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ... import _lib
-from ...state import MemoryState
+from ...state import MemoryState, own_offset
 from ..activations import ACTIVATIONS
 from ..memory_mlp.ops import KERNEL_DTYPES, _reference_vjp
 from ..memory_mlp.reference import compute_dtype
@@ -860,6 +860,8 @@ def fused(q, k, v, lr, forget, momentum, weights, *, chunk_size, activation, res
                                   device=q.device)
     else:
         _, final_offset = _offsets(q, cu_seqlens, offset, chunk_size)
+    if not torch.compiler.is_compiling():
+        own_offset(final_offset, chunk_size)
     return outs[0], MemoryState(tuple(outs[1:1 + L]), tuple(outs[1 + L:1 + 2 * L]),
                                 tuple(outs[1 + 2 * L:1 + 3 * L]), final_offset)
 

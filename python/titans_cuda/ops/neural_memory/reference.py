@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...state import MemoryState
+from ...state import MemoryState, own_offset
 from ..activations import activate
 from ..memory_mlp.reference import compute_dtype, forward_pass, loss_errors, output_head
 
@@ -263,6 +263,8 @@ def neural_memory(q, k, v, lr, forget, momentum, weights, *, chunk_size=64, acti
     if not output_final_state:
         return o, None
     final_offset = timeline.final_offset
+    if not torch.compiler.is_compiling():  # valid by construction: check_state trusts it
+        own_offset(final_offset, chunk_size)
     still_open = (final_offset > 0).view(n_seq, 1, 1, 1)
     cw = [torch.where(still_open, c_, w_) for c_, w_ in zip(cw, w)]
     w = [wt.contiguous() for wt in w]  # no stride-0 batch views escape into the state
