@@ -106,7 +106,10 @@ def _smem(kernel: str, dim: int, hidden: int, depth: int, chunk: int, device):
     if torch.compiler.is_compiling():
         return 0, 1
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _smem_bytes(kernel, dim, hidden, depth, chunk), _lib.smem_per_block_optin(index)
+    # int(): a fake tensor's sizes may be SymInts (opcheck's dynamic shapes), which the cache
+    # cannot hash; the query specialised on them before it was cached too
+    return (_smem_bytes(kernel, int(dim), int(hidden), int(depth), int(chunk)),
+            _lib.smem_per_block_optin(index))
 
 
 @functools.lru_cache(maxsize=None)
