@@ -15,6 +15,11 @@ and prints each gradient's error against float64 next to the fp32 reference's ow
 draws shaped like tests/test_gpu_chunked_bwd.py's (bf16 inputs: SPEC's bound is 2e-2, or the
 tests' 256 times the fp32 reference's error where that is larger).
 
+With --tf32, every product of the adjoints ("tf32 adjoints"), or every product of the
+forward and the adjoints ("tf32 everywhere"), is one TF32 product (both operands rounded to
+10 mantissa bits, fp32 accumulation) instead of split bf16: no packing, two thirds of the mma
+work.
+
 With --groups, one plane (both operands') is applied to one group of the adjoint's products
 at a time, the others keeping two planes: the recompute of the chunk's keys and read (the
 kernel's block_errors and C1, and what its forward keeps: fk, z2), the state's cotangent
@@ -24,6 +29,7 @@ could take one plane.
 
     python scripts/bwd_split_precision.py [draws]
     python scripts/bwd_split_precision.py --groups [draws]
+    python scripts/bwd_split_precision.py --tf32 [draws]
 """
 from __future__ import annotations
 
@@ -47,8 +53,16 @@ def _planes(x):
     return hi, (x - hi).to(torch.bfloat16).to(torch.float64)
 
 
+def _tf32(x):
+    """x rounded to TF32 (10 explicit mantissa bits, to nearest, ties away: cvt.rna.tf32)."""
+    i = x.to(torch.float32).contiguous().view(torch.int32)
+    return ((i + 0x1000) & ~0x1FFF).view(torch.float32).to(torch.float64)
+
+
 def _mm(mode):
     def mm(a, b):
+        if mode == "tf32":  # one TF32 product (mma .tf32), fp32 accumulation
+            return _matmul(_tf32(a), _tf32(b)).to(torch.float32).to(torch.float64)
         (ah, al), (bh, bl) = _planes(a), _planes(b)
         if mode == "2 planes":
             acc = _matmul(ah, bh) + _matmul(ah, bl) + _matmul(al, bh)
@@ -113,7 +127,7 @@ def _patched(fn, mm):
     return run
 
 
-def _grads(args, weights, kw, dtype, bwd_mode=None, bwd_mm=None):
+def _grads(args, weights, kw, dtype, bwd_mode=None, bwd_mm=None, fwd_mode="2 planes"):
     xs = [t.to(dtype) for t in args]
     ws = [w.to(dtype) for w in weights]
     k2 = dict(kw)
@@ -125,7 +139,7 @@ def _grads(args, weights, kw, dtype, bwd_mode=None, bwd_mm=None):
         r = chunk_vjp.sequence_vjp(*xs, ws, o_bar=o_bar, **k2)
     else:
         one = _patched(chunk_vjp.chunk_step_vjp, bwd_mm or _mm(bwd_mode))
-        saved, torch.matmul = torch.matmul, _mm("2 planes")  # the forward's products
+        saved, torch.matmul = torch.matmul, _mm(fwd_mode)  # the forward's products
         try:
             r = chunk_vjp.sequence_vjp(*xs, ws, o_bar=o_bar, one_chunk_vjp=one, **k2)
         finally:
@@ -133,9 +147,13 @@ def _grads(args, weights, kw, dtype, bwd_mode=None, bwd_mm=None):
     return [r[n].double() for n in NAMES[:6]] + [w.double() for w in r["weights"]]
 
 
-def main(draws=6, groups=False):
+TF32 = ("2 planes", "tf32 adjoints", "tf32 everywhere")
+
+
+def main(draws=6, groups=False, tf32=False):
     B, T, H, D, hidden, C = 2, 2 * 64 + 5, 2, 64, 256, 64
-    modes = GROUPS if groups else ("2 planes", "A one plane", "B one plane", "one plane")
+    modes = (GROUPS if groups else TF32 if tf32 else
+             ("2 planes", "A one plane", "B one plane", "one plane"))
     group_of = _group_lines()
     worst = {m: 0.0 for m in modes}  # max over draws and gradients of err / bound
     for seed in range(draws):
@@ -160,6 +178,9 @@ def main(draws=6, groups=False):
         for m in modes:
             if groups:
                 g = _grads(args, weights, kw, torch.float64, bwd_mm=_mm_group(m, group_of))
+            elif m in TF32[1:]:
+                g = _grads(args, weights, kw, torch.float64, "tf32",
+                           fwd_mode="tf32" if m == "tf32 everywhere" else "2 planes")
             else:
                 g = _grads(args, weights, kw, torch.float64, m)
             errs = [rel_err(a, b) for a, b in zip(g, g64)]
@@ -172,5 +193,6 @@ def main(draws=6, groups=False):
 
 
 if __name__ == "__main__":
-    argv = [a for a in sys.argv[1:] if a != "--groups"]
-    main(int(argv[0]) if argv else 6, groups="--groups" in sys.argv[1:])
+    argv = [a for a in sys.argv[1:] if a not in ("--groups", "--tf32")]
+    main(int(argv[0]) if argv else 6, groups="--groups" in sys.argv[1:],
+         tf32="--tf32" in sys.argv[1:])
