@@ -20,22 +20,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from registry import SHAPES  # noqa: E402
 from run import make_memory_inputs  # noqa: E402
+from splits import _time_ms  # noqa: E402
 
 from titans_cuda import neural_memory  # noqa: E402
 
 
 def _back_to_back_ms(fn, reps=20, rounds=3):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t0) / reps * 1e3)
-    return best
+    """The best of ``rounds`` back-to-back means (splits._time_ms: the GPU queue kept full)."""
+    return min(_time_ms(fn, reps) for _ in range(rounds))
 
 
 def training_call(T: int, B: int = 1):

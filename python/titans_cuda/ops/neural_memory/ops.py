@@ -475,7 +475,7 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
     # W̄ (updated in place: never an alias of a cotangent) starts as dl/dW plus, where a
     # sequence's last chunk closed (its chunk weights are then its weights), dl/dCW; the rest
     # of dl/dCW is owed to the last chunk's gradient weights (cw_owed); S̄ starts as dl/dS
-    starts, cw_owed = [], []
+    w_starts, s_starts, cw_owed = [], [], []  # (start or None, whether it is a new tensor)
     for gw, gs, gc in zip(grads[1:1 + L], grads[1 + L:1 + 2 * L], grads[1 + 2 * L:1 + 3 * L]):
         gw, gs, gc = (g.float() if g.numel() else None for g in (gw, gs, gc))  # None: no grad
         if gc is None:
@@ -488,14 +488,15 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
             wb, owed = torch.where(still_open, zero, gc), torch.where(still_open, gc, zero)
         if gw is not None:
             wb = gw if wb is None else gw + wb
-        starts.append((wb, wb is not None and wb is not gw and wb is not gc, gs))
+        w_starts.append((wb, wb is not None and wb is not gw and wb is not gc))
+        s_starts.append((gs, False))
         cw_owed.append(owed)
     # every layer's W̄, then every layer's S̄. Without a state, one buffer (at depth 2 both
     # layers' states hold D x hidden floats), zeroed by one launch where a cotangent is missing;
     # with one, separate tensors (the S̄ are returned, and outputs must not alias each other)
     shapes = [(N, H, w.shape[-2], w.shape[-1]) for w in weights]
     size = shapes[0][2] * shapes[0][3]
-    firsts = [(wb, fresh) for wb, fresh, _ in starts] + [(gs, False) for _, _, gs in starts]
+    firsts = w_starts + s_starts
     if has_state or any(sh[2] * sh[3] != size for sh in shapes):
         views = [torch.zeros(shapes[i % L], dtype=torch.float32, device=dev) if t is None
                  else t.contiguous() if fresh else t.clone(memory_format=torch.contiguous_format)
@@ -694,16 +695,23 @@ def chunked_bwd_op(grads: List[Tensor], q: Tensor, k: Tensor, v: Tensor, lr: Ten
     chunked_bwd_reason allows (on the forward's ``checkpoints`` when it kept them), else the
     reference's VJP."""
     state = _state(state_weights, state_momentum, state_chunk_weights, state_offset)
-    if chunked_bwd_reason(q, weights, chunk_size, cu_seqlens, state, read) is None:
+    args = (grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
+            state_momentum, state_chunk_weights, state_offset, chunk_size, activation, residual,
+            ln_eps, read)
+    return _chunked_grads(chunked_bwd_reason(q, weights, chunk_size, cu_seqlens, state, read),
+                          args, cu_seqlens, checkpoints, checkpoint_every)
+
+
+def _chunked_grads(bwd_reason, args, cu_seqlens, checkpoints, checkpoint_every) -> List[Tensor]:
+    """chunked_op's gradients (``args``: _reference_grads' up to ``read``): the fused backward
+    where ``bwd_reason`` is None, on the forward's ``checkpoints`` when it kept them all (K =
+    ``checkpoint_every``), else the reference's VJP."""
+    if bwd_reason is None:
         kept = [t for t in checkpoints if t.numel() > 0]
-        return _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias,
-                            state_weights, state_momentum, state_chunk_weights, state_offset,
-                            chunk_size, activation, residual, ln_eps, read, cu_seqlens,
+        return _fused_grads(*args, cu_seqlens,
                             checkpoints=kept if len(kept) == len(checkpoints) else None,
                             checkpoint_every=checkpoint_every)
-    return _reference_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias,
-                            state_weights, state_momentum, state_chunk_weights, state_offset,
-                            chunk_size, activation, residual, ln_eps, read, cu_seqlens)
+    return _reference_grads(*args, cu_seqlens)
 
 
 @chunked_bwd_op.register_fake
@@ -728,20 +736,28 @@ def _setup_context(ctx, inputs, output):
     ctx.out_like = [(o.dtype, o.device) for o in output[:1 + 3 * L]]
 
 
+def _layers(ts, L: int, n_state: int):
+    """(weights, state weights, state momentum, state chunk weights) as lists, from the flat
+    sequence ``ts`` that holds them in that order (L, then n_state each, then anything)."""
+    return (list(ts[:L]), *(list(ts[L + i * n_state:L + (i + 1) * n_state]) for i in range(3)))
+
+
+def _cotangents(grads, out_like):
+    """An output without a cotangent (None) goes to the backward as an empty tensor: its zeros
+    are made only where needed (the reference's VJP; no launch at all in the kernel's)."""
+    return [g if g is not None else torch.empty(0, dtype=dtype, device=device)
+            for g, (dtype, device) in zip(grads, out_like)]
+
+
 def _make_backward(bwd_op):
     """The autograd formula of a forward op whose backward op is ``bwd_op`` (the same
     arguments, with the output gradients in front)."""
     def backward(ctx, grads):
         L, n_state = ctx.counts
         saved = ctx.saved_tensors
-        weights = list(saved[6:6 + L])
-        sw, sm, scw = (list(saved[6 + L + i * n_state:6 + L + (i + 1) * n_state])
-                       for i in range(3))
+        weights, sw, sm, scw = _layers(saved[6:], L, n_state)
         ln_weight, ln_bias, trailing = ctx.rest
-        # an output without a cotangent goes to the backward op as an empty tensor (its zeros
-        # are made only where needed: the reference's VJP, or no launch at all in the kernel's)
-        grads = [g if g is not None else torch.empty(0, dtype=dtype, device=device)
-                 for g, (dtype, device) in zip(grads, ctx.out_like)]
+        grads = _cotangents(grads, ctx.out_like)
         extra = ([list(saved[len(saved) - ctx.n_extra:])] if ctx.n_extra else [])
         g = bwd_op(grads, *saved[:6], weights, ln_weight, ln_bias, sw, sm, scw, *trailing,
                    *extra)
@@ -787,8 +803,8 @@ class _Direct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call, q, k, v, lr, forget, momentum, ln_weight, ln_bias, *lists):
         kernel, reason, _, L, n_state, state_offset, *opts, cu_seqlens, K = call
-        sw, sm, scw = (list(lists[L + i * n_state:L + (i + 1) * n_state]) for i in range(3))
-        args = (q, k, v, lr, forget, momentum, list(lists[:L]), ln_weight, ln_bias, sw, sm, scw,
+        weights, sw, sm, scw = _layers(lists, L, n_state)
+        args = (q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, sw, sm, scw,
                 state_offset, *opts)
         outs = _forward(kernel, reason, args, cu_seqlens, checkpoint_every=K)
         n = 1 + 3 * L
@@ -805,18 +821,13 @@ class _Direct(torch.autograd.Function):
         kernel, _, bwd_reason, L, n_state, state_offset, *opts, cu_seqlens, K = ctx.call
         saved = ctx.saved_tensors
         q, k, v, lr, forget, momentum, ln_weight, ln_bias = saved[:8]
-        lists = saved[8:8 + L + 3 * n_state]
-        weights = list(lists[:L])
-        sw, sm, scw = (list(lists[L + i * n_state:L + (i + 1) * n_state]) for i in range(3))
-        grads = [g if g is not None else torch.empty(0, dtype=dtype, device=device)
-                 for g, (dtype, device) in zip(grads, ctx.out_like)]
-        args = (grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, sw, sm, scw,
-                state_offset, *opts)
-        if kernel == "chunked" and bwd_reason is None:
-            kept = list(saved[8 + L + 3 * n_state:])
-            g = _fused_grads(*args, cu_seqlens, checkpoints=kept or None,
-                             checkpoint_every=K if kept else 0)
-        else:
+        weights, sw, sm, scw = _layers(saved[8:], L, n_state)
+        args = (_cotangents(grads, ctx.out_like), q, k, v, lr, forget, momentum, weights,
+                ln_weight, ln_bias, sw, sm, scw, state_offset, *opts)
+        if kernel == "chunked":  # on the kept checkpoints, saved last (none when K = 0)
+            g = _chunked_grads(bwd_reason, args, cu_seqlens, list(saved[8 + L + 3 * n_state:]),
+                               K)
+        else:  # the decode op's backward: the reference's VJP
             g = _reference_grads(*args, cu_seqlens)
         g_ln = g[6 + L:8 + L]
         return (None, *g[:6], g_ln[0] if ln_weight is not None else None,
