@@ -4,9 +4,10 @@ three gates, the learned weights or the initial state's weights, momentum and ch
 the LayerNorm parameters) with cotangents on o and on every returned state tensor, against the
 float64 reference's VJP on the same rounded inputs, within SPEC §7 (the input dtype's bound, or
 AMP times the fp32 reference's own error on an ill-conditioned draw), over a grid of the
-supported shapes (depth 2, read "token"; D = 64, chunk 64 with hidden 64 / 128 / 256, and D 32 /
-64 with chunks 16 / 32 / 64 at hidden 96 / 128; bf16, fp16; fresh calls, initial states with open chunks, cu_seqlens with lengths that are not multiples of
-C and an empty sequence; silu / gelu, residual and LayerNorm +- bias cycled; alpha = 1 resets
+supported shapes (depth 2, read "token", and read "chunk" on a grid of its own; D = 64, chunk
+64 with hidden 64 / 128 / 256, and D 32 / 64 with chunks 16 / 32 / 64 at hidden 96 / 128; bf16,
+fp16; fresh calls, initial states with open chunks, cu_seqlens with lengths that are not
+multiples of C and an empty sequence; silu / gelu, residual and LayerNorm +- bias cycled; alpha = 1 resets
 and eta = 0 in every draw) at the library's checkpoint interval; every cluster split; other
 checkpoint intervals (groups recomputed in the kernel); that the fused path is the one taken;
 determinism; fallbacks."""
@@ -328,7 +329,11 @@ def test_fused_backward_reasons():
     q = torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16, device=DEV)
     w = make_weights(2, 64, 128, 2, dtype=torch.float32, device=DEV)
     assert nm_ops.chunked_bwd_reason(q, w, 64, None, None, "token") is None
-    assert "read" in nm_ops.chunked_bwd_reason(q, w, 64, None, None, "chunk")
+    assert nm_ops.chunked_bwd_reason(q, w, 64, None, None, "chunk") is None
+    st = _random_state(1, 2, w, 64)
+    assert nm_ops.chunked_bwd_reason(q, w, 64, None, st, "token") is None
+    assert "read='chunk' with an initial state" in nm_ops.chunked_bwd_reason(q, w, 64, None, st,
+                                                                            "chunk")
     assert nm_ops.chunked_bwd_reason(q, w, 32, None, None, "token") is None
     assert "chunk_size=128" in nm_ops.chunked_bwd_reason(q, w, 128, None, None, "token")
     q128 = torch.zeros(1, 8, 2, 128, dtype=torch.bfloat16, device=DEV)
@@ -336,6 +341,63 @@ def test_fused_backward_reasons():
     assert "D=128" in nm_ops.chunked_bwd_reason(q128, w128, 64, None, None, "token")
     w1 = make_weights(2, 64, 64, 1, dtype=torch.float32, device=DEV)
     assert "depth=1" in nm_ops.chunked_bwd_reason(q, w1, 64, None, None, "token")
+
+
+# read "chunk" (SPEC §3, o_t = M_{W_c}(q_t)): the same kernel with the read's row scales (1, 0)
+# and no couplings to G. Calls without an initial state (with one, chunk 0 of an open chunk reads
+# its chunk weights: the reference's VJP, test_fused_backward_read_chunk_with_a_state_falls_back);
+# every (D, chunk) instance, both dtypes, fresh, varlen (lengths not multiples of C, an empty
+# sequence) and 10-chunk calls (groups recomputed), the heads and activations cycled.
+READ_CHUNK = [(d, c, hid, dtype, kind, HEADS[i % 4], ("silu", "gelu")[i % 2])
+              for i, (d, c, hid, dtype, kind) in enumerate(
+                  (d, c, hid, dtype, kind)
+                  for d, c, hid in ((64, 64, 256), (64, 64, 64), (64, 32, 128), (32, 16, 96),
+                                    (32, 64, 128))
+                  for dtype in (torch.bfloat16, torch.float16) for kind in ("fresh", "varlen"))]
+READ_CHUNK += [(64, 64, 256, torch.bfloat16, "long", HEADS[1], "gelu"),
+               (32, 32, 128, torch.float16, "long", HEADS[2], "silu")]
+assert len(READ_CHUNK) == 22
+
+
+def _read_chunk_case(case):
+    d, c, hid, dtype, kind, head, act = case
+    args, weights, st, mem, cu = _case((hid, dtype, kind, head, act), C=c, D=d)
+    return args, weights, st, dict(mem, read="chunk"), cu
+
+
+@pytest.mark.parametrize("case", READ_CHUNK,
+                         ids=[f"D{c[0]}-C{c[1]}-" + _id(c[2:]) for c in READ_CHUNK])
+def test_fused_backward_read_chunk_matches_reference(case):
+    needs_kernels()
+    args, weights, st, mem, cu = _read_chunk_case(case)
+    assert nm_ops.chunked_bwd_reason(args[0], weights, case[1], cu, st, "chunk") is None
+    _check_kernel_grads(args, weights, st, mem, cu, " (read chunk)")
+
+
+@pytest.mark.parametrize("split, K", ((1, 4), (1, 1), (2, 2), (4, 4), (-3, 2), (-8, 1)))
+def test_fused_backward_read_chunk_splits(split, K, monkeypatch):
+    """Read "chunk" on the one-CTA instance, clusters and ordinary CTAs, with and without groups
+    recomputed (a 10-chunk call), against float64."""
+    needs_kernels()
+    if split > 1 and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("clusters need sm_90+")
+    args, weights, st, mem, cu = _read_chunk_case(READ_CHUNK[-2])
+    g64 = _grads(args, weights, st, mem, cu, "torch", torch.float64)
+    g32 = _grads(args, weights, st, mem, cu, "torch", torch.float32)
+    monkeypatch.setattr(nm_ops, "FUSED_BWD_CHECKPOINT_EVERY", K)
+    monkeypatch.setattr(nm_ops, "FUSED_BWD_SPLIT", split)
+    g = _grads(args, weights, st, mem, cu, "cuda")
+    _assert_grads(g, g64, g32, args[0].dtype, f" (read chunk, K {K}, split {split})")
+
+
+def test_fused_backward_read_chunk_with_a_state_falls_back():
+    """With an initial state (open chunks) read "chunk" takes the reference's VJP, whose
+    gradients match float64 as the forward kernel's outputs do."""
+    needs_kernels()
+    args, weights, st, mem, cu = _case((128, torch.bfloat16, "open", HEADS[1], "silu"))
+    mem = dict(mem, read="chunk")
+    assert nm_ops.chunked_bwd_reason(args[0], weights, 64, cu, st, "chunk") is not None
+    _check_kernel_grads(args, weights, st, mem, cu, " (read chunk, state)")
 
 
 KCASES = [c for c in GRID if c[0] == 128 and c[1] == torch.float16] + [

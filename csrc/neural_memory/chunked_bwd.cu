@@ -8,7 +8,8 @@ bool neural_memory_chunked_bwd_supported(int dim, int hidden, int depth, int chu
                                          bool read_chunk) {
   const bool dim_ok = dim == 32 || dim == 64;
   const bool chunk_ok = chunk == 16 || chunk == 32 || chunk == 64;
-  return dim_ok && chunk_ok && depth == 2 && !read_chunk && hidden >= chunked::kHB &&
+  (void)read_chunk;  // both reads (read "chunk" without chunk weights: the launcher below)
+  return dim_ok && chunk_ok && depth == 2 && hidden >= chunked::kHB &&
          hidden <= 512 && hidden % chunked::kHB == 0 && (dtype == 0 || dtype == 1);
 }
 
@@ -27,6 +28,11 @@ int neural_memory_chunked_bwd_plan(int n_seq, int heads, int dim, int hidden, in
   if (!neural_memory_chunked_bwd_supported(dim, hidden, 2, chunk, dtype, false) || n_seq < 1 ||
       heads < 1) {
     return 0;
+  }
+  // read "chunk" reads through the chunk's gradient weights, which the kernel takes to be its
+  // start state: an initial state's open chunk (chunk weights) is the reference VJP's
+  if (p.read_chunk && (p.cw_in[0] != nullptr || p.cw_in[1] != nullptr)) {
+    return cudaErrorInvalidValue;
   }
   DeviceGuard guard(device);
   if (guard.status() != cudaSuccess) return 0;

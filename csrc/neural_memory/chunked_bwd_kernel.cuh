@@ -1,4 +1,5 @@
-// The fused backward of neural_memory_chunked (chunked_bwd.h) at depth 2, read "token": the
+// The fused backward of neural_memory_chunked (chunked_bwd.h) at depth 2 (read "token"; read
+// "chunk" is the same walk with the read's row scales 1, 0 and no couplings to G): the
 // kernel template and its launcher; chunked_bwd.cu holds the entry points, and
 // chunked_bwd_<dtype>_d<D>.cu the instances of one (dtype, D) for every supported chunk.
 //
@@ -345,7 +346,7 @@ struct BwdLayout {
   int pq, pcc, pw1, pw2, ppr, pch;
 };
 
-constexpr int kVecs = 16;  // per-row vectors of C floats (gates, sums)
+constexpr int kVecs = 18;  // per-row vectors of C floats (gates, sums, ones and zeros)
 
 // row partials: one slot per 16-column tile of a C x 32 block
 constexpr int kRowSlots = kHB / 16;
@@ -563,6 +564,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
   float* v_abar = v_nl + C;  // the scalar recurrences' parts of a-bar and eta-bar
   float* v_ebar = v_abar + C;
   float* v_thbar = v_ebar + C;
+  float* v_one = v_thbar + C;  // 1 and 0 per row: read "chunk"'s row scales (below)
+  float* v_zero = v_one + C;
   float* v_rp = v_theta + kVecs * C;     // [4][kSlots][C] row partials
   float* v_red = v_rp + 4 * kSlots * C;  // [kWarps][4] (frobenius partials)
 
@@ -634,6 +637,13 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
   const float* gamma = p.ln_weight != nullptr ? p.ln_weight + h * D : nullptr;
   const float* lbeta = gamma != nullptr && p.ln_bias != nullptr ? p.ln_bias + h * D : nullptr;
   const int act_kind = p.activation;
+  // read "chunk" (SPEC §3: o_t = M_{W_c}(q_t), the chunk's gradient weights, which are its start
+  // state W0 here: chunked_bwd.cu refuses chunk weights that differ from it) is read "token"
+  // with the row scales (beta, c) = (1, 0) and without the dual form's couplings to G (A1, P):
+  // the read's row vectors v_rb / v_rc and the factor rg = 0 on those couplings.
+  auto rg = [&] { return p.read_chunk ? 0.f : 1.f; };  // from the parameters at each use
+  auto v_rb = [&] { return p.read_chunk ? v_one : v_beta; };
+  auto v_rc = [&] { return p.read_chunk ? v_zero : v_c; };
 
   // the elements of layer l's matrices this CTA owns: layer 1 columns, layer 2 rows, of its
   // hidden blocks
@@ -662,6 +672,10 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
   // chunks past the first are recomputed from the checkpoint into the ring (the forward's keys
   // pass and state update, no read), then the group's chunks are taken in reverse.
   const int K = p.ckpt_every > 1 ? p.ckpt_every : 1;
+  if (tid < C) {  // read before the first chunk's load barrier
+    v_one[tid] = 1.f;
+    v_zero[tid] = 0.f;
+  }
   const int64_t ring_slot = 2 * (size[0] + size[1]);  // W1, W2, S1, S2
   float* ring = bp.ring != nullptr ? bp.ring + nh * (K - 1) * ring_slot : nullptr;
   for (int jb = n_chunks - 1; jb >= 0; --jb) {
@@ -761,7 +775,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
 #pragma unroll
       for (int t = 0; t < 2; ++t)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) a[t][e] *= -g_at(i, m0, n0, t, e);
+        for (int e = 0; e < 4; ++e) a[t][e] *= -rg() * g_at(i, m0, n0, t, e);
       put_tile(s_ga1, m0, n0, a, lane);
     }
     const float beta_c = v_beta[C - 1], c_c = v_c[C - 1], m_c = v_m[C - 1];
@@ -946,7 +960,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       for (int t = 0; t < 2; ++t)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-          pp[i][t][e] = -mm[t][e] * g_at(i, CC::m0(i, warp), CC::n0(i, warp), t, e);
+          pp[i][t][e] = -rg() * mm[t][e] * g_at(i, CC::m0(i, warp), CC::n0(i, warp), t, e);
       put_tile(s_a2b, CC::m0(i, warp), CC::n0(i, warp), pp[i], lane);
     }
     zero(pp);
@@ -996,7 +1010,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int row = trow(chm, e, lane);
-            z1[t][e] += v_beta[row] * xq[t][e] + v_c[row] * yq[t][e];
+            z1[t][e] += v_rb()[row] * xq[t][e] + v_rc()[row] * yq[t][e];
             h1[t][e] = act3(z1[t][e], act_kind).f;
           }
         put_tile(s_h1, chm, chn, h1, lane);
@@ -1025,7 +1039,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int row = chm + lane / 4 + 8 * half;
-          const float be = v_beta[row], ce = v_c[row];
+          const float be = v_rb()[row], ce = v_rc()[row];
           float sb = 0.f, scb = 0.f;
 #pragma unroll
           for (int t = 0; t < 2; ++t)
@@ -1038,13 +1052,13 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
               sb += h1 * X[t][e] + zb1[t][e] * xq[t][e];
               scb += h1 * Y[t][e] + zb1[t][e] * yq[t][e];
             }
-          rs[0 + half] += sb;
-          rs[2 + half] += scb;
+          rs[0 + half] += rg() * sb;  // the read's beta-bar, c-bar
+          rs[2 + half] += rg() * scb;
         }
         put_tile(s_zb1, chm, chn, zb1, lane);
       }
       if (hd_ok) {
-        mma_tile_cols2<kR, C>(aw2, as2, s_h1, hdm, s_zb2, hdn, lane, v_beta, v_c);
+        mma_tile_cols2<kR, C>(aw2, as2, s_h1, hdm, s_zb2, hdn, lane, v_rb(), v_rc());
       }
       __syncthreads();
       // C3: q̄ += (beta z̄1) W0_1^T + (c z̄1) S0_1^T; mm1 += z̄1 dz1^T; W̄_1 += q^T (beta z̄1),
@@ -1053,7 +1067,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       for (int i = 0; i < CD::kIt; ++i) {
         if (!CD::ok(i, warp)) continue;
         const int m0 = CD::m0(i, warp), n0 = CD::n0(i, warp);
-        mma_tile_rows2<kR, HB, false>(qb[i], s_zb1, m0, s_w1, s_s1, n0, lane, v_beta, v_c);
+        mma_tile_rows2<kR, HB, false>(qb[i], s_zb1, m0, s_w1, s_s1, n0, lane, v_rb(), v_rc());
       }
 #pragma unroll
       for (int i = 0; i < CC::kIt; ++i) {
@@ -1064,7 +1078,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
                                        lane);  // P += h1 hk1^T
       }
       if (dh_ok) {
-        mma_tile_cols2<kR, C>(aw1, as1, s_q, dhm, s_zb1, dhn, lane, v_beta, v_c);
+        mma_tile_cols2<kR, C>(aw1, as1, s_q, dhm, s_zb1, dhn, lane, v_rb(), v_rc());
       }
       // C4: the state, layer 2
       float hkb[2][4];
@@ -1211,8 +1225,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       for (int t = 0; t < 2; ++t)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          gpart[i][t][e] = -mm[t][e] * pp[i][t][e];
-          pp[i][t][e] *= -g_at(i, CC::m0(i, warp), CC::n0(i, warp), t, e);
+          gpart[i][t][e] = -rg() * mm[t][e] * pp[i][t][e];
+          pp[i][t][e] *= -rg() * g_at(i, CC::m0(i, warp), CC::n0(i, warp), t, e);
         }
       put_tile(s_a2b, CC::m0(i, warp), CC::n0(i, warp), pp[i], lane);
     }
@@ -1403,7 +1417,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       for (int t = 0; t < 2; ++t)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const float mm = -mm1[i][t][e];
+          const float mm = -rg() * mm1[i][t][e];
           ab[t][e] = mm * g_at(i, m0, n0, t, e);
           f_gbar[trow(m0, e, lane) * kLdC + tcol(n0, t, e, lane)] =
               mm * a1[t][e] + gpart[i][t][e];

@@ -773,10 +773,10 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
                      p.ln_weight != nullptr && p.ln_bias != nullptr ? p.ln_bias + h * D : nullptr,
                      p.ln_eps, p.residual, {1.f, 1.f}};
 
-  // What the backward reads instead of recomputing (read "token"): the read's z2 and the keys'
-  // fk before their heads, fp32 rows [B, T, H, D] as o; this lane's rows of a warp tile.
-  float* __restrict__ gz2 = p.read_chunk ? nullptr : p.read_z2;
-  float* __restrict__ gfk = p.read_chunk ? nullptr : p.keys_fk;
+  // What the backward reads instead of recomputing: the read's z2 and the keys' fk before
+  // their heads, fp32 rows [B, T, H, D] as o; this lane's rows of a warp tile.
+  float* __restrict__ gz2 = p.read_z2;
+  float* __restrict__ gfk = p.keys_fk;
   auto store_f32 = [&](float* __restrict__ dst, const float (&f)[kNtD][4], int64_t t0) {
 #pragma unroll
     for (int nt = 0; nt < kNtD; ++nt)

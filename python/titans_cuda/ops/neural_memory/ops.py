@@ -152,12 +152,12 @@ def chunked_reason(q: Tensor, weights, chunk_size: int, cu_seqlens,
 
 def chunked_bwd_shape_supported(dim: int, hidden: int, depth: int, chunk: int,
                                 read: str) -> bool:
-    """The rule of neural_memory_chunked_bwd_supported (chunked_bwd.cu): depth 2, read
-    "token", D 32 or 64, chunk 16, 32 or 64, hidden a multiple of 32 up to 512 (bf16/fp16
-    inputs)."""
+    """The rule of neural_memory_chunked_bwd_supported (chunked_bwd.cu): depth 2, either
+    read, D 32 or 64, chunk 16, 32 or 64, hidden a multiple of 32 up to 512 (bf16/fp16
+    inputs). Read "chunk" with an initial state is refused apart (chunked_bwd_reason)."""
     hb = CHUNKED_HIDDEN_BLOCK
-    return (dim in (32, 64) and chunk in (16, 32, 64) and depth == 2 and read == "token" and
-            hb <= hidden <= 512 and hidden % hb == 0)
+    return (dim in (32, 64) and chunk in (16, 32, 64) and depth == 2 and
+            read in ("token", "chunk") and hb <= hidden <= 512 and hidden % hb == 0)
 
 
 def chunked_bwd_reason(q: Tensor, weights, chunk_size: int, cu_seqlens, initial_state,
@@ -173,7 +173,11 @@ def chunked_bwd_reason(q: Tensor, weights, chunk_size: int, cu_seqlens, initial_
         return (f"no fused backward for D={D}, hidden={hidden}, depth={depth}, "
                 f"chunk_size={chunk_size}, read={read!r} in this version (supported: D 32 or "
                 f"64, chunk_size 16, 32 or 64, depth 2, hidden a multiple of "
-                f"{CHUNKED_HIDDEN_BLOCK} up to 512, read 'token')")
+                f"{CHUNKED_HIDDEN_BLOCK} up to 512)")
+    if read == "chunk" and initial_state is not None:
+        # the kernel reads through the chunk-start state; an open chunk's weights differ from it
+        return ("no fused backward for read='chunk' with an initial state in this version (the "
+                "open chunk's weights)")
     smem, limit = _smem("backward", D, hidden, depth, chunk_size, q.device)
     if smem > limit:
         return f"the fused backward needs {smem // 1024} KiB of shared memory per block"
@@ -224,7 +228,7 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
     the start of chunks 0, K, 2K, ... as [n_ckpt, N, H, d_in, d_out] (params.h; slots past a
     sequence's last chunk are left unwritten), then the read's z2 (its output before the head)
     and the keys' fk (the memory's output for the keys at the chunk's gradient weights, the
-    keys' head's input), fp32 [B, T, H, D] each, written for read "token" at depth 2: the fused
+    keys' head's input), fp32 [B, T, H, D] each, written at depth 2 (either read): the fused
     backward's inputs. ``bwd`` (chunked, with ``checkpoint_every``):
     a function of the checkpoints returning the backward kernel's own arguments, launched right
     after the forward on the same arguments (_fused_grads); ``run_forward`` False launches the
