@@ -9,6 +9,7 @@ per shape. Needs a GPU and the built extension.
                                                         # (0: the launcher's choice)
     BWD_K=4 python benchmarks/bwd_time.py      # checkpoints every 4 chunks (default: the
                                                 # library's FUSED_BWD_CHECKPOINT_EVERY)
+    READ=chunk python benchmarks/bwd_time.py   # read "chunk" (default "token")
     ONCE=1 SHAPES=default ncu -k regex:bwd_kernel python benchmarks/bwd_time.py  # one step"""
 from __future__ import annotations
 
@@ -36,9 +37,10 @@ def main():
         s = SHAPES[name]
         t = make_memory_inputs(s, torch.device("cuda"), requires_grad=True)
         q, k, v, lr, forget, momentum, w1, w2, gamma, beta = t
+        read = os.environ.get("READ", "token")
         kw = dict(chunk_size=s.chunk, activation="silu", residual=True, ln_weight=gamma,
-                  ln_bias=beta, read="token", backend="cuda")
-        fused = nm_ops.chunked_bwd_reason(q, [w1, w2], s.chunk, None, None, "token") is None
+                  ln_bias=beta, read=read, backend="cuda")
+        fused = nm_ops.chunked_bwd_reason(q, [w1, w2], s.chunk, None, None, read) is None
         cot = torch.randn_like(q)
 
         def fwd():
@@ -64,7 +66,7 @@ def main():
                 n_seq=s.B, heads=s.H, dim=s.D, hidden=w1.shape[-1], chunk=s.chunk,
                 dtype=nm_ops.KERNEL_DTYPES.index(q.dtype), split=split,
                 device=torch.cuda.current_device()) if fused else None
-            print(f"{name} B{s.B} T{s.T} H{s.H}: fwd {f_ms:.2f} fwd+bwd {fb_ms:.2f} "
+            print(f"{name} B{s.B} T{s.T} H{s.H} read {read}: fwd {f_ms:.2f} fwd+bwd {fb_ms:.2f} "
                   f"(fused backward: {fused}, split {split} -> {taken}) peak {peak:.0f} MiB",
                   flush=True)
         nm_ops.FUSED_BWD_SPLIT = 0

@@ -94,10 +94,10 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
     >"$OUT/sanitizer.log" 2>&1
   rc=$?
   # the fused backward: every checkpoint interval on fresh calls (clusters at the launcher's
-  # split), and the split over 8 ordinary CTAs (global exchange) with groups recomputed
+  # split), the split over 8 ordinary CTAs (global exchange) with groups recomputed, read "chunk"
   compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked_bwd.py \
     -q -p no:cacheprovider \
-    -k "checkpoint_groups and fresh or global_split_is and 4-8 or other_shapes and fresh and bfloat16" \
+    -k "checkpoint_groups and fresh or global_split_is and 4-8 or other_shapes and fresh and bfloat16 or read_chunk_splits and 1-4" \
     >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   status[memcheck]="$(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tr '\n' ' ')rc=$rc; $(grep -E 'passed|failed' "$OUT/sanitizer.log" | tail -2 | tr '\n' ' ')"

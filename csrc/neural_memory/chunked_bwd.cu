@@ -29,11 +29,6 @@ int neural_memory_chunked_bwd_plan(int n_seq, int heads, int dim, int hidden, in
       heads < 1) {
     return 0;
   }
-  // read "chunk" reads through the chunk's gradient weights, which the kernel takes to be its
-  // start state: an initial state's open chunk (chunk weights) is the reference VJP's
-  if (p.read_chunk && (p.cw_in[0] != nullptr || p.cw_in[1] != nullptr)) {
-    return cudaErrorInvalidValue;
-  }
   DeviceGuard guard(device);
   if (guard.status() != cudaSuccess) return 0;
   using namespace chunked_bwd;
@@ -72,6 +67,11 @@ cudaError_t neural_memory_chunked_bwd(const NeuralMemoryBwdParams& bp, cudaStrea
       bp.dmomentum == nullptr || bp.scratch == nullptr ||
       (p.ln_weight != nullptr && bp.dln_w == nullptr) ||
       (p.ln_weight != nullptr && p.ln_bias != nullptr && bp.dln_b == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  // read "chunk" reads through the chunk's gradient weights, which the kernel takes to be its
+  // start state: an initial state's open chunk (chunk weights) is the reference VJP's
+  if (p.read_chunk && (p.cw_in[0] != nullptr || p.cw_in[1] != nullptr)) {
     return cudaErrorInvalidValue;
   }
   DeviceGuard guard(device);
