@@ -118,6 +118,17 @@ def _check_kernel_grads(args, weights, st, mem, cu, tag=""):
     _assert_grads(g, g64, g32, args[0].dtype, tag)
 
 
+def _check_forced(args, weights, st, mem, cu, K, split, monkeypatch, tag):
+    """_check_kernel_grads with the backward forced to checkpoints every K chunks and a split
+    (the references run first, unforced)."""
+    g64 = _grads(args, weights, st, mem, cu, "torch", torch.float64)
+    g32 = _grads(args, weights, st, mem, cu, "torch", torch.float32)
+    monkeypatch.setattr(nm_ops, "FUSED_BWD_CHECKPOINT_EVERY", K)
+    monkeypatch.setattr(nm_ops, "FUSED_BWD_SPLIT", split)
+    g = _grads(args, weights, st, mem, cu, "cuda")
+    _assert_grads(g, g64, g32, args[0].dtype, f" ({tag}, K {K}, split {split})")
+
+
 @pytest.mark.parametrize("case", GRID, ids=[_id(c) for c in GRID])
 def test_fused_backward_matches_reference(case):
     needs_kernels()
@@ -167,12 +178,7 @@ def test_fused_backward_other_shapes_split_and_groups(dc, K, split, monkeypatch)
         pytest.skip("clusters need sm_90+")
     d, c = dc
     args, weights, st, mem, cu = _case((128, torch.bfloat16, "fresh", HEADS[1], "gelu"), C=c, D=d)
-    g64 = _grads(args, weights, st, mem, cu, "torch", torch.float64)
-    g32 = _grads(args, weights, st, mem, cu, "torch", torch.float32)
-    monkeypatch.setattr(nm_ops, "FUSED_BWD_CHECKPOINT_EVERY", K)
-    monkeypatch.setattr(nm_ops, "FUSED_BWD_SPLIT", split)
-    g = _grads(args, weights, st, mem, cu, "cuda")
-    _assert_grads(g, g64, g32, args[0].dtype, f" (D {d}, C {c}, K {K}, split {split})")
+    _check_forced(args, weights, st, mem, cu, K, split, monkeypatch, f"D {d}, C {c}")
 
 
 @pytest.mark.parametrize("split", (1, 2, 3, 4, 8, -2, -3, -4, -8))
@@ -392,12 +398,7 @@ def test_fused_backward_read_chunk_splits(split, K, case, monkeypatch):
     if split > 1 and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("clusters need sm_90+")
     args, weights, st, mem, cu = _read_chunk_case(READ_CHUNK[case])
-    g64 = _grads(args, weights, st, mem, cu, "torch", torch.float64)
-    g32 = _grads(args, weights, st, mem, cu, "torch", torch.float32)
-    monkeypatch.setattr(nm_ops, "FUSED_BWD_CHECKPOINT_EVERY", K)
-    monkeypatch.setattr(nm_ops, "FUSED_BWD_SPLIT", split)
-    g = _grads(args, weights, st, mem, cu, "cuda")
-    _assert_grads(g, g64, g32, args[0].dtype, f" (read chunk, K {K}, split {split})")
+    _check_forced(args, weights, st, mem, cu, K, split, monkeypatch, "read chunk")
 
 
 def test_fused_backward_read_chunk_with_a_state_falls_back():

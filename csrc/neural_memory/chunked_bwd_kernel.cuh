@@ -672,7 +672,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
   // chunks past the first are recomputed from the checkpoint into the ring (the forward's keys
   // pass and state update, no read), then the group's chunks are taken in reverse.
   const int K = p.ckpt_every > 1 ? p.ckpt_every : 1;
-  if (tid < C) {  // read before the first chunk's load barrier
+  if (tid < C) {  // the first chunk's load barrier publishes them
     v_one[tid] = 1.f;
     v_zero[tid] = 0.f;
   }

@@ -61,7 +61,7 @@ struct NeuralMemoryParams {
   float* ckpt_w[kNeuralMemoryMaxLayers];
   float* ckpt_s[kNeuralMemoryMaxLayers];
   int ckpt_every;
-  // chunked, depth 2, for the backward: the read's output before its head (z2,
+  // chunked, depth 2 (either read), for the backward: the read's output before its head (z2,
   // LayerNorm's and the residual's input), fp32 [B, T, H, D] as o; the forward writes it, the
   // backward (chunked_bwd.h) reads it instead of recomputing the read. nullptr: not kept.
   float* read_z2;
