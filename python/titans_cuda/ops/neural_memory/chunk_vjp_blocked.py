@@ -7,8 +7,8 @@ Every per-block step below reads only its block's slices of W0, S0, Wg (layer 1 
 gates, dz2, z̄2, ...). What needs the whole hidden axis is a per-CTA partial sum, added over the
 CTAs in rank order at four synchronisation points (the kernel's cluster sums over DSMEM):
 
-  sync 1  fk (fq for read "chunk")          -> keys' head, E, dz2 (o's head backward: f̄q)
-  sync 2  z2 (read "token")                 -> o's head backward: z̄2
+  sync 1  fk (fq for read "chunk" at Wg != W0) -> keys' head, E, dz2 (o's head backward: f̄q)
+  sync 2  z2 (the token walk)               -> o's head backward: z̄2
   sync 3  dz̄2                               -> LayerNorm double backward: f̄, Ē, v̄
   sync 4  q̄, k̄, Ḡ, the last rows of Ḡ / N̄,  -> the gates' adjoint (reverse-mode through the
           β̄, c̄, and <W0, W̄'>, <S0, W̄'>, <S0, S̄'>    forward's column recurrences, O(C^2):
@@ -23,6 +23,12 @@ Passes over a CTA's blocks:
   D  the keys' forward adjoint: W̄g2_b += hk1^T f̄, zk̄1 += (hk̄1 + f̄ Wg2_b^T) phi'(zk1),
      W̄g1_b = k^T zk̄1, k̄ += zk̄1 Wg1_b^T
 The block's W̄0, S̄0, W̄g come out of C and D whole: no sum crosses the cluster for them.
+
+Read "chunk" (o = M_Wg(q)) where the gradient weights are the start state (Wg = W0: every chunk
+but an initial state's open one) takes the token walk, as the kernel does: the read's row
+scales (beta, c) = (1, 0) and its couplings to G (A1 = G * (q k^T), the P term, their parts of
+Ḡ and the row sums beta-bar, c-bar) multiplied by rg = 0, its cotangent going to W̄0 (= W̄g).
+Where Wg != W0 it runs q through Wg's blocks in pass A (the reference's VJP in the library).
 
 It computes what chunk_vjp.chunk_step_vjp computes (tested equal in float64,
 tests/test_chunk_vjp.py); nothing calls it on the library's paths.
@@ -73,7 +79,12 @@ def chunk_step_vjp_blocked(q, k, v, lr, decay, eta, active, w0, s0, wg, o_bar, w
     g_last, n_last = gates.g_mat[..., -1, :, None], gates.n_mat[..., -1, :, None]
     beta_c, c_c = gates.beta[..., -1, None, None], gates.c[..., -1, None, None]
     m_c = gates.m[..., -1, None, None]
-    token = read == "token"
+    # the token walk: read "token", or read "chunk" through Wg = W0 (module doc)
+    token = read == "token" or all(torch.equal(a, b) for a, b in zip(wg, w0))
+    rg = 1.0 if read == "token" else 0.0
+    if read != "token":
+        bcol, ccol = torch.ones_like(bcol), torch.zeros_like(ccol)
+    g_read = G * rg  # G where the read's own terms use it
     grads = {"ln_weight": torch.zeros_like(q) if ln else None,
              "ln_bias": torch.zeros_like(q) if ln and mlp["ln_bias"] is not None else None}
     kept = {}  # per block: what later passes reuse (the kernel recomputes or keeps these)
@@ -104,7 +115,7 @@ def chunk_step_vjp_blocked(q, k, v, lr, decay, eta, active, w0, s0, wg, o_bar, w
 
     # ---- pass B: layer-1 errors; read "token" recompute -> sync 2 ----
     a1 = torch.matmul(q, _t(k))
-    ga1 = G * a1
+    ga1 = g_read * a1
     z2_p = zeros_parts(q)
     for r in range(split):
         for b in owned[r]:
@@ -118,13 +129,14 @@ def chunk_step_vjp_blocked(q, k, v, lr, decay, eta, active, w0, s0, wg, o_bar, w
                 h1 = activate(z1, act)
                 a2 = torch.matmul(h1, _t(kb["hk1"]))
                 z2_p[r] = (z2_p[r] + bcol * torch.matmul(h1, row(w0[1], b))
-                           + ccol * torch.matmul(h1, row(s0[1], b)) - torch.matmul(G * a2, dz2))
+                           + ccol * torch.matmul(h1, row(s0[1], b))
+                           - torch.matmul(g_read * a2, dz2))
                 kb.update(z1=z1, h1=h1, a2=a2)
     if token:
         _, xhat_o, rstd_o = output_head(_rank_sum(z2_p), q, **head)
         z2_bar = _head_backward(o_bar, xhat_o, rstd_o, mlp, grads)
         mm2 = -torch.matmul(z2_bar, _t(dz2))
-        a2_bar = mm2 * G
+        a2_bar = mm2 * g_read
 
     # ---- pass C: state, read, keys' second order -> sync 3 ----
     rows_c = gates.c  # [.., C]
@@ -166,25 +178,25 @@ def chunk_step_vjp_blocked(q, k, v, lr, decay, eta, active, w0, s0, wg, o_bar, w
             if token:
                 h1, a2 = kb["h1"], kb["a2"]
                 # read, layer 2
-                bb_p[r] = bb_p[r] + (z2_bar * torch.matmul(h1, row(w0[1], b))).sum(-1)
-                cb_p[r] = cb_p[r] + (z2_bar * torch.matmul(h1, row(s0[1], b))).sum(-1)
+                bb_p[r] = bb_p[r] + rg * (z2_bar * torch.matmul(h1, row(w0[1], b))).sum(-1)
+                cb_p[r] = cb_p[r] + rg * (z2_bar * torch.matmul(h1, row(s0[1], b))).sum(-1)
                 w0b2 = w0b2 + torch.matmul(_t(h1), bcol * z2_bar)
                 s0b2 = s0b2 + torch.matmul(_t(h1), ccol * z2_bar)
-                g_p[r] = g_p[r] + mm2 * a2
-                dz2b_p[r] = dz2b_p[r] - torch.matmul(_t(G * a2), z2_bar)
+                g_p[r] = g_p[r] + rg * mm2 * a2
+                dz2b_p[r] = dz2b_p[r] - torch.matmul(_t(g_read * a2), z2_bar)
                 h1_bar = (bcol * torch.matmul(z2_bar, _t(row(w0[1], b)))
                           + ccol * torch.matmul(z2_bar, _t(row(s0[1], b)))
                           + torch.matmul(a2_bar, hk1))
                 hk1_bar = hk1_bar + torch.matmul(_t(a2_bar), h1)
                 z1_bar = h1_bar * activate_grad(kb["z1"], act)
                 # read, layer 1
-                bb_p[r] = bb_p[r] + (z1_bar * torch.matmul(q, col(w0[0], b))).sum(-1)
-                cb_p[r] = cb_p[r] + (z1_bar * torch.matmul(q, col(s0[0], b))).sum(-1)
+                bb_p[r] = bb_p[r] + rg * (z1_bar * torch.matmul(q, col(w0[0], b))).sum(-1)
+                cb_p[r] = cb_p[r] + rg * (z1_bar * torch.matmul(q, col(s0[0], b))).sum(-1)
                 w0b1 = w0b1 + torch.matmul(_t(q), bcol * z1_bar)
                 s0b1 = s0b1 + torch.matmul(_t(q), ccol * z1_bar)
                 mm1 = -torch.matmul(z1_bar, _t(dz1))  # this block's part of the C x C product
-                g_p[r] = g_p[r] + mm1 * a1
-                a1_bar = mm1 * G
+                g_p[r] = g_p[r] + rg * mm1 * a1
+                a1_bar = mm1 * g_read
                 dz1_bar = dz1_bar - torch.matmul(_t(ga1), z1_bar)
                 q_p[r] = (q_p[r] + bcol * torch.matmul(z1_bar, _t(col(w0[0], b)))
                           + ccol * torch.matmul(z1_bar, _t(col(s0[0], b)))
