@@ -7,8 +7,8 @@ Every per-block step below reads only its block's slices of W0, S0, Wg (layer 1 
 gates, dz2, z̄2, ...). What needs the whole hidden axis is a per-CTA partial sum, added over the
 CTAs in rank order at four synchronisation points (the kernel's cluster sums over DSMEM):
 
-  sync 1  fk (fq for read "chunk" at Wg != W0) -> keys' head, E, dz2 (o's head backward: f̄q)
-  sync 2  z2 (the token walk)               -> o's head backward: z̄2
+  sync 1  fk                                -> keys' head, E, dz2
+  sync 2  z2                                -> o's head backward: z̄2
   sync 3  dz̄2                               -> LayerNorm double backward: f̄, Ē, v̄
   sync 4  q̄, k̄, Ḡ, the last rows of Ḡ / N̄,  -> the gates' adjoint (reverse-mode through the
           β̄, c̄, and <W0, W̄'>, <S0, W̄'>, <S0, S̄'>    forward's column recurrences, O(C^2):
@@ -16,7 +16,7 @@ CTAs in rank order at four synchronisation points (the kernel's cluster sums ove
 
 Passes over a CTA's blocks:
   A  keys forward: zk1 = k Wg1_b, hk1 = phi(zk1); fk += hk1 Wg2_b
-  B  errors u = dz2 Wg2_b^T, dz1 = u phi'(zk1); read "token" recompute: z1, h1 = phi(z1),
+  B  errors u = dz2 Wg2_b^T, dz1 = u phi'(zk1); the read's recompute: z1, h1 = phi(z1),
      z2 += beta h1 W0_2b + c h1 S0_2b - (G * h1 hk1^T) dz2
   C  state cotangents of the block, the read's adjoint (layer 2 then 1), the keys' errors'
      second-order adjoint; keeps hk̄1 and zk̄1 of the block for D
@@ -24,11 +24,12 @@ Passes over a CTA's blocks:
      W̄g1_b = k^T zk̄1, k̄ += zk̄1 Wg1_b^T
 The block's W̄0, S̄0, W̄g come out of C and D whole: no sum crosses the cluster for them.
 
-Read "chunk" (o = M_Wg(q)) where the gradient weights are the start state (Wg = W0: every chunk
-but an initial state's open one) takes the token walk, as the kernel does: the read's row
-scales (beta, c) = (1, 0) and its couplings to G (A1 = G * (q k^T), the P term, their parts of
-Ḡ and the row sums beta-bar, c-bar) multiplied by rg = 0, its cotangent going to W̄0 (= W̄g).
-Where Wg != W0 it runs q through Wg's blocks in pass A (the reference's VJP in the library).
+Read "chunk" (o = M_Wg(q)) is the same walk: the read goes through Wg's blocks in place of
+W0's with the row scales (beta, c) = (1, 0), its couplings to G (A1 = G * (q k^T), the P term,
+their parts of Ḡ and the row sums beta-bar, c-bar) multiplied by rg = 0, and its cotangent goes
+to W̄g. The kernel takes this walk where Wg = W0 (W̄g and W̄0 are then one buffer past chunk 0),
+i.e. for calls without an initial state; an open chunk's Wg != W0 keeps the reference's VJP in
+the library for now, and this plan covers it for the kernel step that will follow.
 
 It computes what chunk_vjp.chunk_step_vjp computes (tested equal in float64,
 tests/test_chunk_vjp.py); nothing calls it on the library's paths.
@@ -79,12 +80,13 @@ def chunk_step_vjp_blocked(q, k, v, lr, decay, eta, active, w0, s0, wg, o_bar, w
     g_last, n_last = gates.g_mat[..., -1, :, None], gates.n_mat[..., -1, :, None]
     beta_c, c_c = gates.beta[..., -1, None, None], gates.c[..., -1, None, None]
     m_c = gates.m[..., -1, None, None]
-    # the token walk: read "token", or read "chunk" through Wg = W0 (module doc)
-    token = read == "token" or all(torch.equal(a, b) for a, b in zip(wg, w0))
-    rg = 1.0 if read == "token" else 0.0
-    if read != "token":
+    # read "chunk": the read through Wg, row scales (1, 0), no couplings to G (module doc)
+    token = read == "token"
+    rg = 1.0 if token else 0.0
+    if not token:
         bcol, ccol = torch.ones_like(bcol), torch.zeros_like(ccol)
     g_read = G * rg  # G where the read's own terms use it
+    wr = w0 if token else wg  # the read's weights
     grads = {"ln_weight": torch.zeros_like(q) if ln else None,
              "ln_bias": torch.zeros_like(q) if ln and mlp["ln_bias"] is not None else None}
     kept = {}  # per block: what later passes reuse (the kernel recomputes or keeps these)
@@ -92,28 +94,20 @@ def chunk_step_vjp_blocked(q, k, v, lr, decay, eta, active, w0, s0, wg, o_bar, w
     def zeros_parts(like):
         return [torch.zeros_like(like) for _ in range(split)]
 
-    # ---- pass A: keys forward (and read "chunk": M_Wg(q)) -> sync 1 ----
-    fk_p, fq_p = zeros_parts(q), zeros_parts(q)
+    # ---- pass A: keys forward -> sync 1 ----
+    fk_p = zeros_parts(q)
     for r in range(split):
         for b in owned[r]:
             zk1 = torch.matmul(k, col(wg[0], b))
             hk1 = activate(zk1, act)
             fk_p[r] = fk_p[r] + torch.matmul(hk1, row(wg[1], b))
             kept[b] = dict(zk1=zk1, hk1=hk1)
-            if not token:
-                zq1 = torch.matmul(q, col(wg[0], b))
-                hq1 = activate(zq1, act)
-                fq_p[r] = fq_p[r] + torch.matmul(hq1, row(wg[1], b))
-                kept[b].update(zq1=zq1, hq1=hq1)
     fk = _rank_sum(fk_p)
     yk, xhat_k, rstd_k = output_head(fk, k, **head)
     e = 2.0 * (yk - v)
     dz2 = _ln_j(e * mlp["ln_weight"], xhat_k, rstd_k) if ln else e
-    if not token:
-        _, xhat_q, rstd_q = output_head(_rank_sum(fq_p), q, **head)
-        fq_bar = _head_backward(o_bar, xhat_q, rstd_q, mlp, grads)
 
-    # ---- pass B: layer-1 errors; read "token" recompute -> sync 2 ----
+    # ---- pass B: layer-1 errors; the read's recompute -> sync 2 ----
     a1 = torch.matmul(q, _t(k))
     ga1 = g_read * a1
     z2_p = zeros_parts(q)
@@ -123,20 +117,17 @@ def chunk_step_vjp_blocked(q, k, v, lr, decay, eta, active, w0, s0, wg, o_bar, w
             u = torch.matmul(dz2, _t(row(wg[1], b)))
             dz1 = u * activate_grad(kb["zk1"], act)
             kb.update(u=u, dz1=dz1)
-            if token:
-                z1 = (bcol * torch.matmul(q, col(w0[0], b)) + ccol * torch.matmul(q, col(s0[0], b))
-                      - torch.matmul(ga1, dz1))
-                h1 = activate(z1, act)
-                a2 = torch.matmul(h1, _t(kb["hk1"]))
-                z2_p[r] = (z2_p[r] + bcol * torch.matmul(h1, row(w0[1], b))
-                           + ccol * torch.matmul(h1, row(s0[1], b))
-                           - torch.matmul(g_read * a2, dz2))
-                kb.update(z1=z1, h1=h1, a2=a2)
-    if token:
-        _, xhat_o, rstd_o = output_head(_rank_sum(z2_p), q, **head)
-        z2_bar = _head_backward(o_bar, xhat_o, rstd_o, mlp, grads)
-        mm2 = -torch.matmul(z2_bar, _t(dz2))
-        a2_bar = mm2 * g_read
+            z1 = (bcol * torch.matmul(q, col(wr[0], b)) + ccol * torch.matmul(q, col(s0[0], b))
+                  - torch.matmul(ga1, dz1))
+            h1 = activate(z1, act)
+            a2 = torch.matmul(h1, _t(kb["hk1"]))
+            z2_p[r] = (z2_p[r] + bcol * torch.matmul(h1, row(wr[1], b))
+                       + ccol * torch.matmul(h1, row(s0[1], b)) - torch.matmul(g_read * a2, dz2))
+            kb.update(z1=z1, h1=h1, a2=a2)
+    _, xhat_o, rstd_o = output_head(_rank_sum(z2_p), q, **head)
+    z2_bar = _head_backward(o_bar, xhat_o, rstd_o, mlp, grads)
+    mm2 = -torch.matmul(z2_bar, _t(dz2))
+    a2_bar = mm2 * g_read
 
     # ---- pass C: state, read, keys' second order -> sync 3 ----
     rows_c = gates.c  # [.., C]
@@ -175,39 +166,34 @@ def chunk_step_vjp_blocked(q, k, v, lr, decay, eta, active, w0, s0, wg, o_bar, w
             sc_p[r] = sc_p[r] + torch.stack([frob(row(w0[1], b), wb2), frob(row(s0[1], b), wb2),
                                              frob(row(s0[1], b), sb2)])
             wgb1, wgb2 = torch.zeros_like(wb1), torch.zeros_like(wb2)
-            if token:
-                h1, a2 = kb["h1"], kb["a2"]
-                # read, layer 2
-                bb_p[r] = bb_p[r] + rg * (z2_bar * torch.matmul(h1, row(w0[1], b))).sum(-1)
-                cb_p[r] = cb_p[r] + rg * (z2_bar * torch.matmul(h1, row(s0[1], b))).sum(-1)
-                w0b2 = w0b2 + torch.matmul(_t(h1), bcol * z2_bar)
-                s0b2 = s0b2 + torch.matmul(_t(h1), ccol * z2_bar)
-                g_p[r] = g_p[r] + rg * mm2 * a2
-                dz2b_p[r] = dz2b_p[r] - torch.matmul(_t(g_read * a2), z2_bar)
-                h1_bar = (bcol * torch.matmul(z2_bar, _t(row(w0[1], b)))
-                          + ccol * torch.matmul(z2_bar, _t(row(s0[1], b)))
-                          + torch.matmul(a2_bar, hk1))
-                hk1_bar = hk1_bar + torch.matmul(_t(a2_bar), h1)
-                z1_bar = h1_bar * activate_grad(kb["z1"], act)
-                # read, layer 1
-                bb_p[r] = bb_p[r] + rg * (z1_bar * torch.matmul(q, col(w0[0], b))).sum(-1)
-                cb_p[r] = cb_p[r] + rg * (z1_bar * torch.matmul(q, col(s0[0], b))).sum(-1)
-                w0b1 = w0b1 + torch.matmul(_t(q), bcol * z1_bar)
-                s0b1 = s0b1 + torch.matmul(_t(q), ccol * z1_bar)
-                mm1 = -torch.matmul(z1_bar, _t(dz1))  # this block's part of the C x C product
-                g_p[r] = g_p[r] + rg * mm1 * a1
-                a1_bar = mm1 * g_read
-                dz1_bar = dz1_bar - torch.matmul(_t(ga1), z1_bar)
-                q_p[r] = (q_p[r] + bcol * torch.matmul(z1_bar, _t(col(w0[0], b)))
-                          + ccol * torch.matmul(z1_bar, _t(col(s0[0], b)))
-                          + torch.matmul(a1_bar, k))
-                k_p[r] = k_p[r] + torch.matmul(_t(a1_bar), q)
-            else:  # o = M_Wg(q): q's path through the block
-                hq_bar = torch.matmul(fq_bar, _t(row(wg[1], b)))
-                wgb2 = wgb2 + torch.matmul(_t(kb["hq1"]), fq_bar)
-                zq_bar = hq_bar * activate_grad(kb["zq1"], act)
-                wgb1 = wgb1 + torch.matmul(_t(q), zq_bar)
-                q_p[r] = q_p[r] + torch.matmul(zq_bar, _t(col(wg[0], b)))
+            h1, a2 = kb["h1"], kb["a2"]
+            # read, layer 2 (its W-part goes to W̄0, or to W̄g for read "chunk")
+            bb_p[r] = bb_p[r] + rg * (z2_bar * torch.matmul(h1, row(wr[1], b))).sum(-1)
+            cb_p[r] = cb_p[r] + rg * (z2_bar * torch.matmul(h1, row(s0[1], b))).sum(-1)
+            rw2 = torch.matmul(_t(h1), bcol * z2_bar)
+            w0b2, wgb2 = (w0b2 + rw2, wgb2) if token else (w0b2, wgb2 + rw2)
+            s0b2 = s0b2 + torch.matmul(_t(h1), ccol * z2_bar)
+            g_p[r] = g_p[r] + rg * mm2 * a2
+            dz2b_p[r] = dz2b_p[r] - torch.matmul(_t(g_read * a2), z2_bar)
+            h1_bar = (bcol * torch.matmul(z2_bar, _t(row(wr[1], b)))
+                      + ccol * torch.matmul(z2_bar, _t(row(s0[1], b)))
+                      + torch.matmul(a2_bar, hk1))
+            hk1_bar = hk1_bar + torch.matmul(_t(a2_bar), h1)
+            z1_bar = h1_bar * activate_grad(kb["z1"], act)
+            # read, layer 1
+            bb_p[r] = bb_p[r] + rg * (z1_bar * torch.matmul(q, col(wr[0], b))).sum(-1)
+            cb_p[r] = cb_p[r] + rg * (z1_bar * torch.matmul(q, col(s0[0], b))).sum(-1)
+            rw1 = torch.matmul(_t(q), bcol * z1_bar)
+            w0b1, wgb1 = (w0b1 + rw1, wgb1) if token else (w0b1, wgb1 + rw1)
+            s0b1 = s0b1 + torch.matmul(_t(q), ccol * z1_bar)
+            mm1 = -torch.matmul(z1_bar, _t(dz1))  # this block's part of the C x C product
+            g_p[r] = g_p[r] + rg * mm1 * a1
+            a1_bar = mm1 * g_read
+            dz1_bar = dz1_bar - torch.matmul(_t(ga1), z1_bar)
+            q_p[r] = (q_p[r] + bcol * torch.matmul(z1_bar, _t(col(wr[0], b)))
+                      + ccol * torch.matmul(z1_bar, _t(col(s0[0], b)))
+                      + torch.matmul(a1_bar, k))
+            k_p[r] = k_p[r] + torch.matmul(_t(a1_bar), q)
             # the keys' errors, second order: dz1 = (dz2 Wg2^T) phi'(zk1)
             u_bar = dz1_bar * activate_grad(kb["zk1"], act)
             zk1_bar = dz1_bar * kb["u"] * activate_grad2(kb["zk1"], act)
