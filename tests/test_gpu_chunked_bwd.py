@@ -7,10 +7,10 @@ AMP times the fp32 reference's own error on an ill-conditioned draw), over a gri
 supported shapes (depth 2, read "token", and read "chunk" on a grid of its own; D = 64, chunk
 64 with hidden 64 / 128 / 256, and D 32 / 64 with chunks 16 / 32 / 64 at hidden 96 / 128; bf16,
 fp16; fresh calls, initial states with open chunks, cu_seqlens with lengths that are not
-multiples of C and an empty sequence; silu / gelu, residual and LayerNorm +- bias cycled; alpha = 1 resets
-and eta = 0 in every draw) at the library's checkpoint interval; every cluster split; other
-checkpoint intervals (groups recomputed in the kernel); that the fused path is the one taken;
-determinism; fallbacks."""
+multiples of C and an empty sequence; silu / gelu, residual and LayerNorm +- bias cycled;
+alpha = 1 resets and eta = 0 in every draw) at the library's checkpoint interval; every cluster
+split; other checkpoint intervals (groups recomputed in the kernel); that the fused path is the
+one taken; determinism; fallbacks."""
 from __future__ import annotations
 
 import itertools
