@@ -338,8 +338,7 @@ def test_fused_backward_reasons():
     assert nm_ops.chunked_bwd_reason(q, w, 64, None, None, "chunk") is None
     st = _random_state(1, 2, w, 64)
     assert nm_ops.chunked_bwd_reason(q, w, 64, None, st, "token") is None
-    assert "read='chunk' with an initial state" in nm_ops.chunked_bwd_reason(q, w, 64, None, st,
-                                                                            "chunk")
+    assert nm_ops.chunked_bwd_reason(q, w, 64, None, st, "chunk") is None
     assert nm_ops.chunked_bwd_reason(q, w, 32, None, None, "token") is None
     assert "chunk_size=128" in nm_ops.chunked_bwd_reason(q, w, 128, None, None, "token")
     q128 = torch.zeros(1, 8, 2, 128, dtype=torch.bfloat16, device=DEV)
@@ -401,14 +400,29 @@ def test_fused_backward_read_chunk_splits(split, K, case, monkeypatch):
     _check_forced(args, weights, st, mem, cu, K, split, monkeypatch, "read chunk")
 
 
-def test_fused_backward_read_chunk_with_a_state_falls_back():
-    """With an initial state (open chunks) read "chunk" takes the reference's VJP, whose
-    gradients match float64 as the forward kernel's outputs do."""
+READ_CHUNK_STATES = [(d, c, hid, dtype, kind, HEADS[i % 4], ("gelu", "silu")[i % 2])
+                     for i, (d, c, hid, dtype, kind) in enumerate(
+                         (d, c, hid, dtype, kind)
+                         for d, c, hid in ((64, 64, 256), (64, 32, 128), (32, 16, 96))
+                         for dtype in (torch.bfloat16, torch.float16)
+                         for kind in ("open", "varlen"))]
+
+
+@pytest.mark.parametrize("split", (0, 1, -3))
+@pytest.mark.parametrize("case", READ_CHUNK_STATES,
+                         ids=[f"D{c[0]}-C{c[1]}-" + _id(c[2:]) for c in READ_CHUNK_STATES])
+def test_fused_backward_read_chunk_with_a_state(case, split, monkeypatch):
+    """Read "chunk" with an initial state: an open chunk reads its chunk weights (Wg != W0), so
+    the read's cotangent in chunk 0 goes to the chunk weights' (the kernel's C6 moves it to
+    wg0); offsets 0 (Wg = W0) and C - 1 included (_random_state), varlen with its state; the
+    launcher's split, one CTA and ordinary CTAs, against float64."""
     needs_kernels()
-    args, weights, st, mem, cu = _case((128, torch.bfloat16, "open", HEADS[1], "silu"))
+    d, c, hid, dtype, kind, head, act = case
+    args, weights, st, mem, cu = _case((hid, dtype, kind, head, act), C=c, D=d)
     mem = dict(mem, read="chunk")
-    assert nm_ops.chunked_bwd_reason(args[0], weights, 64, cu, st, "chunk") is not None
-    _check_kernel_grads(args, weights, st, mem, cu, " (read chunk, state)")
+    assert nm_ops.chunked_bwd_reason(args[0], weights, c, cu, st, "chunk") is None
+    monkeypatch.setattr(nm_ops, "FUSED_BWD_SPLIT", split)
+    _check_kernel_grads(args, weights, st, mem, cu, f" (read chunk, state, split {split})")
 
 
 KCASES = [c for c in GRID if c[0] == 128 and c[1] == torch.float16] + [

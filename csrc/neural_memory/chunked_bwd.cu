@@ -8,7 +8,7 @@ bool neural_memory_chunked_bwd_supported(int dim, int hidden, int depth, int chu
                                          bool read_chunk) {
   const bool dim_ok = dim == 32 || dim == 64;
   const bool chunk_ok = chunk == 16 || chunk == 32 || chunk == 64;
-  (void)read_chunk;  // both reads (read "chunk" without chunk weights: the launcher below)
+  (void)read_chunk;  // both reads
   return dim_ok && chunk_ok && depth == 2 && hidden >= chunked::kHB &&
          hidden <= 512 && hidden % chunked::kHB == 0 && (dtype == 0 || dtype == 1);
 }
@@ -67,11 +67,6 @@ cudaError_t neural_memory_chunked_bwd(const NeuralMemoryBwdParams& bp, cudaStrea
       bp.dmomentum == nullptr || bp.scratch == nullptr ||
       (p.ln_weight != nullptr && bp.dln_w == nullptr) ||
       (p.ln_weight != nullptr && p.ln_bias != nullptr && bp.dln_b == nullptr)) {
-    return cudaErrorInvalidValue;
-  }
-  // read "chunk" reads through the chunk's gradient weights, which the kernel takes to be its
-  // start state: an initial state's open chunk (chunk weights) is the reference VJP's
-  if (p.read_chunk && (p.cw_in[0] != nullptr || p.cw_in[1] != nullptr)) {
     return cudaErrorInvalidValue;
   }
   DeviceGuard guard(device);

@@ -1,7 +1,6 @@
 // neural_memory_chunked_bwd: the fused backward of neural_memory_chunked (chunked.h) at depth 2,
-// both reads (read "chunk" without an initial state's chunk weights): per (sequence, head) one
-// CTA, or on sm_90+ a thread-block cluster of up to 8 CTAs each owning every split-th hidden
-// block (as the forward), walks the chunks in reverse and
+// both reads: per (sequence, head) one CTA, or on sm_90+ a thread-block cluster of up to 8 CTAs
+// each owning every split-th hidden block (as the forward), walks the chunks in reverse and
 // carries the state's cotangents (W̄, S̄) in global memory, computing per chunk what
 // python/titans_cuda/ops/neural_memory/chunk_vjp_blocked.py computes. The chunk-start states
 // come from the forward's checkpoints (NeuralMemoryParams::ckpt_every = K): every chunk, or every

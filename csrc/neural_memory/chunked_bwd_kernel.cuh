@@ -637,10 +637,12 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
   const float* gamma = p.ln_weight != nullptr ? p.ln_weight + h * D : nullptr;
   const float* lbeta = gamma != nullptr && p.ln_bias != nullptr ? p.ln_bias + h * D : nullptr;
   const int act_kind = p.activation;
-  // read "chunk" (SPEC §3: o_t = M_{W_c}(q_t), the chunk's gradient weights, which are its start
-  // state W0 here: chunked_bwd.cu refuses chunk weights that differ from it) is read "token"
-  // with the row scales (beta, c) = (1, 0) and without the dual form's couplings to G (A1, P):
-  // the read's row vectors v_rb / v_rc and the factor rg = 0 on those couplings.
+  // read "chunk" (SPEC §3: o_t = M_{W_c}(q_t), the chunk's gradient weights Wg) is read
+  // "token" through Wg's blocks (staged where W0's go) with the row scales (beta, c) = (1, 0)
+  // and without the dual form's couplings to G (A1, P): the read's row vectors v_rb / v_rc and
+  // the factor rg = 0 on those couplings. Its W-part is W̄g's: the same buffer as W̄ past chunk
+  // 0; in chunk 0 C6 moves it to wg0 (beta_w, read_part_to_wg below).
+  // (chunk_vjp_blocked.py: the same walk in PyTorch, tested against chunk_vjp.)
   auto rg = [&] { return p.read_chunk ? 0.f : 1.f; };  // from the parameters at each use
   auto v_rb = [&] { return p.read_chunk ? v_one : v_beta; };
   auto v_rc = [&] { return p.read_chunk ? v_zero : v_c; };
@@ -779,6 +781,23 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       put_tile(s_ga1, m0, n0, a, lane);
     }
     const float beta_c = v_beta[C - 1], c_c = v_c[C - 1], m_c = v_m[C - 1];
+    // In chunk 0 read "chunk"'s W-part belongs to W̄g (wg0), not to W̄ (where an open chunk makes
+    // them different tensors): C4 / C5 then leave beta_C W̄' out of the W̄ tiles (beta_w), which
+    // hold the read's part alone until C6 moves it to W̄g's tile g and puts beta_C W̄' (W̄' is
+    // still in wbar: C6 is the block's first write) in its place.
+    auto beta_w = [&] { return p.read_chunk && j == 0 ? 0.f : beta_c; };
+    auto read_part_to_wg = [&](float (&aw)[2][4], float (&g)[2][4], const float* wb, int64_t ld,
+                               int m0, int n0) {
+      float wbv[2][4];
+      load_tile_cg(wbv, wb, ld, m0, n0, lane);
+#pragma unroll
+      for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          g[t][e] += aw[t][e];
+          aw[t][e] = beta_c * wbv[t][e];
+        }
+    };
 
     // The keys' forward fk = sum_b phi(k Wg1_b) Wg2_b at the chunk's gradient weights comes from
     // the forward (params.h keys_fk) instead of a pass over the hidden blocks.
@@ -976,9 +995,10 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
     for (int b = rank; b < n_blocks; b += split) {
       const int64_t c1 = b * HB, r2 = int64_t(b) * HB * D;  // block offsets, layers 1 and 2
       __syncthreads();  // a2_bar complete (b = 0); the previous block's operands are free
-      stage<D, HB, kThreads>(s_w1, w0[0] + c1, hidden);
+      // the read's weights: W0, or Wg for read "chunk" (the same but in an open chunk)
+      stage<D, HB, kThreads>(s_w1, (p.read_chunk ? wg[0] : w0[0]) + c1, hidden);
       stage<D, HB, kThreads>(s_s1, s0[0] + c1, hidden);
-      stage<HB, D, kThreads>(s_w2, w0[1] + r2, D);
+      stage<HB, D, kThreads>(s_w2, (p.read_chunk ? wg[1] : w0[1]) + r2, D);
       stage<HB, D, kThreads>(s_s2, s0[1] + r2, D);
       if (g_is_w) {  // the layer-2 blocks of W̄', S̄' (C4) now: their buffers are free
         stage<HB, D, kThreads>(s_pw2, wbar[1] + r2, D);
@@ -1116,7 +1136,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       }
       if (hd_ok) {
         const float3 fro = state_cotangent_tile(aw2, as2, wbar[1] + r2, sbar[1] + r2, w0[1] + r2,
-                                                s0[1] + r2, D, hdm, hdn, lane, beta_c, c_c, m_c);
+                                                s0[1] + r2, D, hdm, hdn, lane, beta_w(), c_c,
+                                                m_c);
         rs[8] += fro.x;
         rs[9] += fro.y;
         rs[10] += fro.z;
@@ -1171,7 +1192,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       }
       if (dh_ok) {
         const float3 fro = state_cotangent_tile(aw1, as1, wbar[0] + c1, sbar[0] + c1, w0[0] + c1,
-                                                s0[0] + c1, hidden, dhm, dhn, lane, beta_c, c_c,
+                                                s0[0] + c1, hidden, dhm, dhn, lane, beta_w(), c_c,
                                                 m_c);
         rs[8] += fro.x;
         rs[9] += fro.y;
@@ -1193,12 +1214,19 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
 #pragma unroll
             for (int e = 0; e < 4; ++e) aw2[t][e] += ag[t][e];
         } else {
+          if (p.read_chunk) read_part_to_wg(aw2, ag, wbar[1] + r2, D, hdm, hdn);
           store_tile(wg0[1] + r2, D, hdm, hdn, ag, lane);
         }
         store_tile(wbar[1] + r2, D, hdm, hdn, aw2, lane);
         store_tile(sbar[1] + r2, D, hdm, hdn, as2, lane);
       }
       if (dh_ok) {
+        if (j == 0 && p.read_chunk) {  // W̄g_1 starts with the read's part (pass D adds to it)
+          float rp[2][4];
+          zero(rp);
+          read_part_to_wg(aw1, rp, wbar[0] + c1, hidden, dhm, dhn);
+          store_tile(wg0[0] + c1, hidden, dhm, dhn, rp, lane);
+        }
         store_tile(wbar[0] + c1, hidden, dhm, dhn, aw1, lane);
         store_tile(sbar[0] + c1, hidden, dhm, dhn, as1, lane);
       }
@@ -1339,7 +1367,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       if (ch_ok) load_tile_cg(zb, scr_zb + int64_t(b) * C * HB, HB, chm, chn, lane);
       if (hd_ok) load_tile_cg(ag2, wg_dst[1] + r2, D, hdm, hdn, lane);
       if (dh_ok) {
-        if (j > 0) {
+        if (j > 0 || p.read_chunk) {  // (read "chunk" at j = 0: the read's part, C6)
           load_tile_cg(ag1, wg_dst[0] + c1, hidden, dhm, dhn, lane);
         } else {
           zero(ag1);

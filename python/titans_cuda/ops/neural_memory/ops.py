@@ -154,7 +154,7 @@ def chunked_bwd_shape_supported(dim: int, hidden: int, depth: int, chunk: int,
                                 read: str) -> bool:
     """The rule of neural_memory_chunked_bwd_supported (chunked_bwd.cu): depth 2, either
     read, D 32 or 64, chunk 16, 32 or 64, hidden a multiple of 32 up to 512 (bf16/fp16
-    inputs). Read "chunk" with an initial state is refused apart (chunked_bwd_reason)."""
+    inputs)."""
     hb = CHUNKED_HIDDEN_BLOCK
     return (dim in (32, 64) and chunk in (16, 32, 64) and depth == 2 and
             read in ("token", "chunk") and hb <= hidden <= 512 and hidden % hb == 0)
@@ -174,10 +174,6 @@ def chunked_bwd_reason(q: Tensor, weights, chunk_size: int, cu_seqlens, initial_
                 f"chunk_size={chunk_size}, read={read!r} in this version (supported: D 32 or "
                 f"64, chunk_size 16, 32 or 64, depth 2, hidden a multiple of "
                 f"{CHUNKED_HIDDEN_BLOCK} up to 512)")
-    if read == "chunk" and initial_state is not None:
-        # the kernel reads through the chunk-start state; an open chunk's weights differ from it
-        return ("no fused backward for read='chunk' with an initial state in this version (the "
-                "open chunk's weights)")
     smem, limit = _smem("backward", D, hidden, depth, chunk_size, q.device)
     if smem > limit:
         return f"the fused backward needs {smem // 1024} KiB of shared memory per block"
