@@ -349,9 +349,8 @@ def test_fused_backward_reasons():
 
 
 # read "chunk" (SPEC §3, o_t = M_{W_c}(q_t)): the same kernel with the read's row scales (1, 0)
-# and no couplings to G. Calls without an initial state (with one, chunk 0 of an open chunk reads
-# its chunk weights: the reference's VJP, test_fused_backward_read_chunk_with_a_state_falls_back);
-# every (D, chunk) instance, both dtypes, fresh, varlen (lengths not multiples of C, an empty
+# and no couplings to G. Calls without an initial state here (with one, chunk 0 of an open chunk
+# reads its chunk weights: test_fused_backward_read_chunk_with_a_state below); every (D, chunk) instance, both dtypes, fresh, varlen (lengths not multiples of C, an empty
 # sequence; no state), the heads and activations cycled, and one 10-chunk call (groups
 # recomputed). Other 10-chunk draws are chaotic (gradients of 1e6 to 1e9 with LayerNorm, where
 # the kernel's 17-bit operands and fp32's 24 bits differ by more than AMP; fp16 draws overflow,
