@@ -344,8 +344,11 @@ def test_fused_backward_reasons():
     q128 = torch.zeros(1, 8, 2, 128, dtype=torch.bfloat16, device=DEV)
     w128 = make_weights(2, 128, 128, 2, dtype=torch.float32, device=DEV)
     assert "D=128" in nm_ops.chunked_bwd_reason(q128, w128, 64, None, None, "token")
-    w1 = make_weights(2, 64, 64, 1, dtype=torch.float32, device=DEV)
-    assert "depth=1" in nm_ops.chunked_bwd_reason(q, w1, 64, None, None, "token")
+    w1 = make_weights(2, 64, 64, 1, dtype=torch.float32, device=DEV)  # (test_gpu_chunked_bwd1)
+    assert nm_ops.chunked_bwd_reason(q, w1, 64, None, None, "token") is None
+    assert nm_ops.chunked_bwd_reason(q, w1, 16, None, None, "chunk") is None
+    w1_128 = make_weights(2, 128, 128, 1, dtype=torch.float32, device=DEV)
+    assert "D=128" in nm_ops.chunked_bwd_reason(q128, w1_128, 64, None, None, "token")
 
 
 # read "chunk" (SPEC §3, o_t = M_{W_c}(q_t)): the same kernel with the read's row scales (1, 0)

@@ -472,7 +472,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dim"), py::arg("hidden"), py::arg("depth"), py::arg("chunk"), py::arg("dtype"));
   m.def("neural_memory_chunked_bwd_scratch_floats",
         &titans::neural_memory_chunked_bwd_scratch_floats, py::arg("dim"), py::arg("hidden"),
-        py::arg("chunk"));
+        py::arg("depth"), py::arg("chunk"));
   m.def("neural_memory_chunked_bwd_plan", &titans::neural_memory_chunked_bwd_plan,
         py::arg("n_seq"), py::arg("heads"), py::arg("dim"), py::arg("hidden"), py::arg("chunk"),
         py::arg("dtype"), py::arg("split"), py::arg("device"),

@@ -1,5 +1,6 @@
 // neural_memory_chunked_bwd (chunked_bwd.h): support rule, sizes, plan and dispatch; the kernel
 // is in chunked_bwd_kernel.cuh, its instances in chunked_bwd_<dtype>_d<D>.cu.
+#include "chunked_bwd1_kernel.cuh"
 #include "chunked_bwd_kernel.cuh"
 
 namespace titans {
@@ -9,18 +10,22 @@ bool neural_memory_chunked_bwd_supported(int dim, int hidden, int depth, int chu
   const bool dim_ok = dim == 32 || dim == 64;
   const bool chunk_ok = chunk == 16 || chunk == 32 || chunk == 64;
   (void)read_chunk;  // both reads
-  return dim_ok && chunk_ok && depth == 2 && hidden >= chunked::kHB &&
-         hidden <= 512 && hidden % chunked::kHB == 0 && (dtype == 0 || dtype == 1);
+  const bool hidden_ok = depth == 1 ? hidden == dim
+                                    : depth == 2 && hidden >= chunked::kHB && hidden <= 512 &&
+                                          hidden % chunked::kHB == 0;
+  return dim_ok && chunk_ok && hidden_ok && (dtype == 0 || dtype == 1);
 }
 
 size_t neural_memory_chunked_bwd_smem_bytes(int dim, int hidden, int depth, int chunk,
                                             int dtype) {
   if (!neural_memory_chunked_bwd_supported(dim, hidden, depth, chunk, dtype, false)) return 0;
-  return chunked_bwd::make_bwd_layout(dim, chunk).total;
+  return depth == 1 ? chunked_bwd1::smem_bytes1(dim, chunk)
+                    : chunked_bwd::make_bwd_layout(dim, chunk).total;
 }
 
-size_t neural_memory_chunked_bwd_scratch_floats(int dim, int hidden, int chunk) {
-  return chunked_bwd::scratch_floats(dim, hidden, chunk);
+size_t neural_memory_chunked_bwd_scratch_floats(int dim, int hidden, int depth, int chunk) {
+  return depth == 1 ? chunked_bwd1::scratch_floats1(dim, chunk)
+                    : chunked_bwd::scratch_floats(dim, hidden, chunk);
 }
 
 int neural_memory_chunked_bwd_plan(int n_seq, int heads, int dim, int hidden, int chunk,
@@ -53,6 +58,29 @@ cudaError_t neural_memory_chunked_bwd(const NeuralMemoryBwdParams& bp, cudaStrea
       p.n_seq < 1 || p.heads < 1 || p.n_seq > 65535 || p.heads > 65535 || p.seqlen < 0) {
     return cudaErrorInvalidValue;
   }
+  const bool common_ok =
+      p.q != nullptr && p.k != nullptr && p.v != nullptr && bp.o_bar != nullptr &&
+      p.lr != nullptr && p.forget != nullptr && p.momentum != nullptr && bp.dq != nullptr &&
+      bp.dk != nullptr && bp.dv != nullptr && bp.dlr != nullptr && bp.dforget != nullptr &&
+      bp.dmomentum != nullptr && bp.scratch != nullptr &&
+      (p.ln_weight == nullptr || bp.dln_w != nullptr) &&
+      (p.ln_weight == nullptr || p.ln_bias == nullptr || bp.dln_b != nullptr);
+  if (p.depth == 1) {  // checkpoints at every chunk; the read and keys are recomputed
+    if (p.w_in[0] == nullptr || bp.ckpt_w[0] == nullptr || bp.ckpt_s[0] == nullptr ||
+        p.ckpt_every != 1 || bp.w_bar[0] == nullptr || bp.s_bar[0] == nullptr ||
+        bp.wg0_bar[0] == nullptr || !common_ok) {
+      return cudaErrorInvalidValue;
+    }
+    DeviceGuard guard(device);
+    TITANS_RETURN_IF_ERROR(guard.status());
+    using namespace chunked_bwd1;
+    if (p.dtype == 0) {
+      return p.dim == 32 ? launch1_by_chunk<__nv_bfloat16, 32>(bp, stream)
+                         : launch1_by_chunk<__nv_bfloat16, 64>(bp, stream);
+    }
+    return p.dim == 32 ? launch1_by_chunk<__half, 32>(bp, stream)
+                       : launch1_by_chunk<__half, 64>(bp, stream);
+  }
   for (int l = 0; l < 2; ++l) {
     if (p.w_in[l] == nullptr || bp.ckpt_w[l] == nullptr || bp.ckpt_s[l] == nullptr ||
         (p.ckpt_every > 1 && bp.ring == nullptr) ||
@@ -60,15 +88,7 @@ cudaError_t neural_memory_chunked_bwd(const NeuralMemoryBwdParams& bp, cudaStrea
       return cudaErrorInvalidValue;
     }
   }
-  if (p.q == nullptr || p.k == nullptr || p.v == nullptr || bp.o_bar == nullptr ||
-      p.read_z2 == nullptr || p.keys_fk == nullptr ||
-      p.lr == nullptr || p.forget == nullptr || p.momentum == nullptr || bp.dq == nullptr ||
-      bp.dk == nullptr || bp.dv == nullptr || bp.dlr == nullptr || bp.dforget == nullptr ||
-      bp.dmomentum == nullptr || bp.scratch == nullptr ||
-      (p.ln_weight != nullptr && bp.dln_w == nullptr) ||
-      (p.ln_weight != nullptr && p.ln_bias != nullptr && bp.dln_b == nullptr)) {
-    return cudaErrorInvalidValue;
-  }
+  if (!common_ok || p.read_z2 == nullptr || p.keys_fk == nullptr) return cudaErrorInvalidValue;
   DeviceGuard guard(device);
   TITANS_RETURN_IF_ERROR(guard.status());
   using namespace chunked_bwd;

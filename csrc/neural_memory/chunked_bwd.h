@@ -1,18 +1,21 @@
-// neural_memory_chunked_bwd: the fused backward of neural_memory_chunked (chunked.h) at depth 2,
-// both reads: per (sequence, head) one CTA, or on sm_90+ a thread-block cluster of up to 8 CTAs
-// each owning every split-th hidden block (as the forward), walks the chunks in reverse and
-// carries the state's cotangents (W̄, S̄) in global memory, computing per chunk what
-// python/titans_cuda/ops/neural_memory/chunk_vjp_blocked.py computes. The chunk-start states
-// come from the forward's checkpoints (NeuralMemoryParams::ckpt_every = K): every chunk, or every
-// K-th with the others recomputed in the kernel a group at a time (ring), and the read's z2 and
-// the keys' fk from the forward's NeuralMemoryParams::read_z2 / keys_fk (required).
-// Supported: bf16/fp16 inputs, D 32 or 64, chunk 16, 32 or 64, hidden a multiple of 32 up to
-// 512 (neural_memory_chunked_bwd_supported); everything else falls back to the reference's VJP in
-// Python. params.f.split forces a split: 1..8 CTAs per (sequence, head), a cluster on sm_90+,
-// or -2..-8, ordinary CTAs of a cooperative launch that exchange through global memory (any
-// architecture; every CTA must be resident at once), at most hidden / 32 either way; 0 lets the
-// launcher choose (neural_memory_chunked_bwd_plan tells its choice first, so that the caller can
-// allocate the exchange).
+// neural_memory_chunked_bwd: the fused backward of neural_memory_chunked (chunked.h), both
+// reads. Depth 2 (chunked_bwd_kernel.cuh): per (sequence, head) one CTA, or on sm_90+ a
+// thread-block cluster of up to 8 CTAs each owning every split-th hidden block (as the
+// forward), walks the chunks in reverse and carries the state's cotangents (W̄, S̄) in global
+// memory, computing per chunk what python/titans_cuda/ops/neural_memory/chunk_vjp_blocked.py
+// computes. The chunk-start states come from the forward's checkpoints
+// (NeuralMemoryParams::ckpt_every = K): every chunk, or every K-th with the others recomputed in
+// the kernel a group at a time (ring), and the read's z2 and the keys' fk from the forward's
+// NeuralMemoryParams::read_z2 / keys_fk (required). Depth 1 (chunked_bwd1_kernel.cuh): one CTA
+// per (sequence, head), fp32 products on CUDA cores, checkpoints at every chunk (K = 1 required),
+// the read and the keys recomputed (read_z2 / keys_fk unused), no split.
+// Supported: bf16/fp16 inputs, D 32 or 64, chunk 16, 32 or 64, depth 1, or depth 2 with hidden
+// a multiple of 32 up to 512 (neural_memory_chunked_bwd_supported); everything else falls back
+// to the reference's VJP in Python. At depth 2 params.f.split forces a split: 1..8 CTAs per
+// (sequence, head), a cluster on sm_90+, or -2..-8, ordinary CTAs of a cooperative launch that
+// exchange through global memory (any architecture; every CTA must be resident at once), at most
+// hidden / 32 either way; 0 lets the launcher choose (neural_memory_chunked_bwd_plan tells its
+// choice first, so that the caller can allocate the exchange).
 #pragma once
 
 #include <cstddef>
@@ -77,8 +80,8 @@ bool neural_memory_chunked_bwd_supported(int dim, int hidden, int depth, int chu
 size_t neural_memory_chunked_bwd_smem_bytes(int dim, int hidden, int depth, int chunk,
                                             int dtype);
 
-// fp32 scratch per (sequence, head).
-size_t neural_memory_chunked_bwd_scratch_floats(int dim, int hidden, int chunk);
+// fp32 scratch per (sequence, head) (depth 1 or 2; hidden = dim at depth 1).
+size_t neural_memory_chunked_bwd_scratch_floats(int dim, int hidden, int depth, int chunk);
 
 // The split the launcher takes for `split` (0: its choice; otherwise `split` itself once
 // checked) on `device`: the fewest hidden blocks per CTA, a cluster where the

@@ -44,6 +44,7 @@
 #include <type_traits>
 
 #include "chunked_bwd.h"
+#include "chunked_bwd_gates.cuh"
 
 #include "chunked_kernel.cuh"
 
@@ -1509,63 +1510,12 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
     }
     __syncthreads();
     // ---- the gates' adjoint: reverse-mode through the column recurrences ----
-    if (tid < C) {
-      const int col = tid;
-      float gh = 0.f, nhat = 0.f;
-      for (int t = C - 1; t >= col; --t) {
-        const float a_next = t + 1 < C ? v_a[t + 1] : 0.f;
-        const float e_next = t + 1 < C ? v_eta[t + 1] : 0.f;
-        const float gbar = f_gbar[t * kLdC + col] + (t == C - 1 ? v_gl[col] : 0.f);
-        const float nbar = t == C - 1 ? v_nl[col] : 0.f;
-        gh = gbar + a_next * gh;
-        nhat = nbar + v_act[t] * gh + e_next * nhat;
-        if (t > col) {
-          f_g[t * kLdC + col] = gh * f_g[(t - 1) * kLdC + col];
-          f_n[t * kLdC + col] = nhat * f_n[(t - 1) * kLdC + col];
-        }
-      }
-      v_thbar[col] = nhat;
-      for (int t = 0; t <= col; ++t) {
-        f_g[t * kLdC + col] = 0.f;
-        f_n[t * kLdC + col] = 0.f;
-      }
-    } else if (tid == kThreads - 1) {
-      float s0v = 0.f, s1v = 0.f, s2v = 0.f;
-      for (int w = 0; w < kWarps; ++w) {
-        s0v += v_red[w * 4];
-        s1v += v_red[w * 4 + 1];
-        s2v += v_red[w * 4 + 2];
-      }
-      float chat = 0.f, mhat = 0.f, bhat = 0.f;
-      for (int t = C - 1; t >= 0; --t) {
-        const float a_next = t + 1 < C ? v_a[t + 1] : 0.f;
-        const float e_next = t + 1 < C ? v_eta[t + 1] : 0.f;
-        const bool last = t == C - 1;
-        chat = v_cb[t] + (last ? s1v : 0.f) + a_next * chat;
-        mhat = (last ? s2v : 0.f) + v_act[t] * chat + e_next * mhat;
-        bhat = v_bb[t] + (last ? s0v : 0.f) + a_next * bhat;
-        const float m_prev = t > 0 ? v_m[t - 1] : 1.f;
-        const float b_prev = t > 0 ? v_beta[t - 1] : 1.f;
-        const float c_prev = t > 0 ? v_c[t - 1] : 0.f;
-        v_abar[t] = chat * c_prev + bhat * b_prev;
-        v_ebar[t] = mhat * m_prev;
-      }
-    }
+    gates_adjoint<C, kThreads, kWarps>(tid, kLdC, f_g, f_n, f_gbar, v_gl, v_nl, v_bb, v_cb,
+                                       v_red, v_a, v_eta, v_act, v_m, v_beta, v_c, v_thbar,
+                                       v_abar, v_ebar);
     __syncthreads();
-    if (tid < C) {
-      const int64_t t = t0 + tid;
-      if (t >= 0 && t < len) {
-        float ab = v_abar[tid], eb = v_ebar[tid];
-        for (int c = 0; c < C; ++c) {
-          ab += f_g[tid * kLdC + c];
-          eb += f_n[tid * kLdC + c];
-        }
-        const int64_t gi = (row_base + t) * p.heads + h;
-        bp.dlr[gi] = v_thbar[tid];
-        bp.dforget[gi] = -ab;
-        bp.dmomentum[gi] = eb;
-      }
-    }
+    gates_adjoint_store<C>(tid, kLdC, f_g, f_n, v_thbar, v_abar, v_ebar, t0, len, row_base,
+                           p.heads, h, bp.dlr, bp.dforget, bp.dmomentum);
    }
   }
 }

@@ -152,12 +152,12 @@ def chunked_reason(q: Tensor, weights, chunk_size: int, cu_seqlens,
 
 def chunked_bwd_shape_supported(dim: int, hidden: int, depth: int, chunk: int,
                                 read: str) -> bool:
-    """The rule of neural_memory_chunked_bwd_supported (chunked_bwd.cu): depth 2, either
-    read, D 32 or 64, chunk 16, 32 or 64, hidden a multiple of 32 up to 512 (bf16/fp16
-    inputs)."""
+    """The rule of neural_memory_chunked_bwd_supported (chunked_bwd.cu): either read, D 32 or
+    64, chunk 16, 32 or 64, depth 1, or depth 2 with hidden a multiple of 32 up to 512
+    (bf16/fp16 inputs)."""
     hb = CHUNKED_HIDDEN_BLOCK
-    return (dim in (32, 64) and chunk in (16, 32, 64) and depth == 2 and
-            read in ("token", "chunk") and hb <= hidden <= 512 and hidden % hb == 0)
+    return (dim in (32, 64) and chunk in (16, 32, 64) and read in ("token", "chunk") and
+            (depth == 1 or (depth == 2 and hb <= hidden <= 512 and hidden % hb == 0)))
 
 
 def chunked_bwd_reason(q: Tensor, weights, chunk_size: int, cu_seqlens, initial_state,
@@ -172,7 +172,7 @@ def chunked_bwd_reason(q: Tensor, weights, chunk_size: int, cu_seqlens, initial_
     if not chunked_bwd_shape_supported(D, hidden, depth, chunk_size, read):
         return (f"no fused backward for D={D}, hidden={hidden}, depth={depth}, "
                 f"chunk_size={chunk_size}, read={read!r} in this version (supported: D 32 or "
-                f"64, chunk_size 16, 32 or 64, depth 2, hidden a multiple of "
+                f"64, chunk_size 16, 32 or 64, depth 1, or depth 2 with hidden a multiple of "
                 f"{CHUNKED_HIDDEN_BLOCK} up to 512)")
     smem, limit = _smem("backward", D, hidden, depth, chunk_size, q.device)
     if smem > limit:
@@ -184,12 +184,15 @@ def _kept_every(q, weights, chunk_size, cu_seqlens, state, read, checkpoint_ever
                 bwd_reason=_UNSET) -> int:
     """The checkpoint interval chunked_op keeps for the fused backward: ``checkpoint_every``
     where the fused backward will run (``bwd_reason``: chunked_bwd_reason's answer where the
-    caller has it), else 0 (nothing kept)."""
+    caller has it; 1 at depth 1, whose backward reads every chunk's start state), else 0
+    (nothing kept)."""
     if checkpoint_every <= 0:
         return 0
     if bwd_reason is _UNSET:
         bwd_reason = chunked_bwd_reason(q, weights, chunk_size, cu_seqlens, state, read)
-    return 0 if bwd_reason is not None else int(checkpoint_every)
+    if bwd_reason is not None:
+        return 0
+    return 1 if len(weights) == 1 else int(checkpoint_every)
 
 
 def _checkpoint_shape(T: int, chunk_size: int, K: int, has_state: bool):
@@ -222,9 +225,9 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
     through global memory (s < 0, chunked depth 2), 0 lets the launcher choose (params.h).
     ``checkpoint_every`` = K > 0 (chunked only): also returns, per layer, the W then the S at
     the start of chunks 0, K, 2K, ... as [n_ckpt, N, H, d_in, d_out] (params.h; slots past a
-    sequence's last chunk are left unwritten), then the read's z2 (its output before the head)
-    and the keys' fk (the memory's output for the keys at the chunk's gradient weights, the
-    keys' head's input), fp32 [B, T, H, D] each, written at depth 2 (either read): the fused
+    sequence's last chunk are left unwritten), then at depth 2 the read's z2 (its output before
+    the head) and the keys' fk (the memory's output for the keys at the chunk's gradient
+    weights, the keys' head's input), fp32 [B, T, H, D] each (either read): the fused
     backward's inputs. ``bwd`` (chunked, with ``checkpoint_every``):
     a function of the checkpoints returning the backward kernel's own arguments, launched right
     after the forward on the same arguments (_fused_grads); ``run_forward`` False launches the
@@ -314,9 +317,10 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
             n_ckpt, = _checkpoint_shape(T, chunk_size, K, bool(state_weights))
             ckpts = [torch.empty(n_ckpt, N, H, w.shape[-2], w.shape[-1], dtype=torch.float32,
                                  device=dev) for _ in range(2) for w in weights]
-            ckpts += [torch.empty(B, T, H, D, dtype=torch.float32, device=dev)
-                      for _ in range(2)]  # z2, fk
-            args.update(read_z2=ckpts[-2].data_ptr(), keys_fk=ckpts[-1].data_ptr())
+            if depth == 2:  # (the depth-1 backward recomputes the read and the keys)
+                ckpts += [torch.empty(B, T, H, D, dtype=torch.float32, device=dev)
+                          for _ in range(2)]  # z2, fk
+                args.update(read_z2=ckpts[-2].data_ptr(), keys_fk=ckpts[-1].data_ptr())
         args.update(ckpt_every=max(K, 0), ckpt_w=[t.data_ptr() for t in ckpts[:depth]],
                     ckpt_s=[t.data_ptr() for t in ckpts[depth:2 * depth]])
         if not ckpts:
@@ -521,18 +525,22 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
     dln_w = dln[0] if n_ln else None
     dln_b = dln[1] if n_ln == 2 else None
     hidden = weights[0].shape[-1]
-    per = _lib._C.neural_memory_chunked_bwd_scratch_floats(dim=D, hidden=hidden, chunk=C)
+    per = _lib._C.neural_memory_chunked_bwd_scratch_floats(dim=D, hidden=hidden, depth=L,
+                                                           chunk=C)
     scratch = torch.empty(N * H * per, dtype=torch.float32, device=dev)
     kept = bool(checkpoints) and checkpoint_every > 0
-    K = int(checkpoint_every) if kept else max(1, int(FUSED_BWD_CHECKPOINT_EVERY))
+    # depth 1: every chunk's start state (the kernel recomputes none)
+    K = 1 if L == 1 else int(checkpoint_every) if kept else max(1, int(FUSED_BWD_CHECKPOINT_EVERY))
     ring = (torch.empty(N * H * (K - 1) * 4 * D * hidden, dtype=torch.float32, device=dev)
             if K > 1 else None)
-    split = _bwd_plan(N, H, D, hidden, C, KERNEL_DTYPES.index(q.dtype), int(FUSED_BWD_SPLIT),
-                      dev.index if dev.index is not None else torch.cuda.current_device())
+    split = 1 if L == 1 else _bwd_plan(  # (depth 1: one CTA per (sequence, head), no split)
+        N, H, D, hidden, C, KERNEL_DTYPES.index(q.dtype), int(FUSED_BWD_SPLIT),
+        dev.index if dev.index is not None else torch.cuda.current_device())
     if split == 0:
         raise RuntimeError(f"titans_cuda: the fused backward cannot run split={FUSED_BWD_SPLIT} "
                            f"for {N} sequences x {H} heads on this device")
-    xfloats = _lib._C.neural_memory_chunked_bwd_exchange_floats(dim=D, chunk=C, split=split)
+    xfloats = 0 if L == 1 else _lib._C.neural_memory_chunked_bwd_exchange_floats(
+        dim=D, chunk=C, split=split)
     exchange = (torch.empty(N * H * xfloats, dtype=torch.float32, device=dev) if xfloats
                 else None)
     # one counter per (sequence, head), each on a 128-byte line of its own
@@ -543,14 +551,15 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
         ckpts = list(checkpoints) if kept else ckpts
         ptrs = lambda ts: [0 if t is None else t.data_ptr() for t in ts]  # noqa: E731
         return dict(ckpt_every=K, bwd_ckpt_w=ptrs(ckpts[:L]), bwd_ckpt_s=ptrs(ckpts[L:2 * L]),
-                    read_z2=ckpts[2 * L].data_ptr(), keys_fk=ckpts[2 * L + 1].data_ptr(),
+                    read_z2=ckpts[2 * L].data_ptr() if L == 2 else 0,
+                    keys_fk=ckpts[2 * L + 1].data_ptr() if L == 2 else 0,
                     w_bar=ptrs(w_bar), s_bar=ptrs(s_bar), wg0_bar=ptrs(wg0), cw_bar=ptrs(cw_owed),
                     o_bar=g_o.data_ptr(), dq=dq.data_ptr(), dk=dk.data_ptr(), dv=dv.data_ptr(),
                     dlr=dgates[0].data_ptr(), dforget=dgates[1].data_ptr(),
                     dmomentum=dgates[2].data_ptr(),
                     dln_w=0 if dln_w is None else dln_w.data_ptr(),
                     dln_b=0 if dln_b is None else dln_b.data_ptr(),
-                    scratch=scratch.data_ptr(), split=int(FUSED_BWD_SPLIT),
+                    scratch=scratch.data_ptr(), split=int(FUSED_BWD_SPLIT) if L == 2 else 0,
                     ring=0 if ring is None else ring.data_ptr(),
                     exchange=0 if exchange is None else exchange.data_ptr(),
                     arrivals=0 if arrivals is None else arrivals.data_ptr())
@@ -634,6 +643,8 @@ def chunked_op(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, forget: Tensor, mome
                     cu_seqlens, checkpoint_every=K)
     if K == 0:
         outs = outs + [q.new_empty(0, dtype=torch.float32) for _ in range(2 * len(weights) + 2)]
+    elif len(weights) == 1:  # no z2, fk at depth 1
+        outs = outs + [q.new_empty(0, dtype=torch.float32) for _ in range(2)]
     return outs
 
 
@@ -650,7 +661,8 @@ def _(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
         n_ckpt, = _checkpoint_shape(q.shape[1], chunk_size, K, bool(state_weights))
         ckpts = [q.new_empty(n_ckpt, N, q.shape[2], w.shape[-2], w.shape[-1],
                              dtype=torch.float32) for _ in range(2) for w in weights]
-        ckpts += [q.new_empty(q.shape, dtype=torch.float32) for _ in range(2)]  # z2, fk
+        ckpts += [q.new_empty(q.shape if len(weights) == 2 else 0, dtype=torch.float32)
+                  for _ in range(2)]  # z2, fk (none at depth 1)
     return _fake(q, k, v, weights, state_weights, state_momentum, state_chunk_weights,
                  cu_seqlens) + ckpts
 
@@ -707,9 +719,10 @@ def _chunked_grads(bwd_reason, args, cu_seqlens, checkpoints, checkpoint_every) 
     where ``bwd_reason`` is None, on the forward's ``checkpoints`` when it kept them all (K =
     ``checkpoint_every``), else the reference's VJP."""
     if bwd_reason is None:
-        kept = [t for t in checkpoints if t.numel() > 0]
-        return _fused_grads(*args, cu_seqlens,
-                            checkpoints=kept if len(kept) == len(checkpoints) else None,
+        # the states, and at depth 2 z2 and fk (empty at depth 1)
+        need = checkpoints if len(args[7]) == 2 else checkpoints[:2]
+        kept = all(t.numel() > 0 for t in need) and len(need) > 0
+        return _fused_grads(*args, cu_seqlens, checkpoints=checkpoints if kept else None,
                             checkpoint_every=checkpoint_every)
     return _reference_grads(*args, cu_seqlens)
 

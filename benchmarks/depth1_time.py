@@ -1,0 +1,92 @@
+"""Depth-1 neural_memory (M_W(x) = x + LN(x W), W: D x D) forward, and forward + backward, at
+the benchmark shapes of registry.py (their D, chunk, dtype; no hidden layer): the kernels (the
+chunked forward and the depth-1 fused backward), the kernels' forward with the reference's VJP
+(what depth 1 took before its fused backward), and the reference. Back-to-back calls, CUDA
+events after warm-up (splits._time_ms); peak memory of one forward + backward. Needs a GPU and
+the built extension.
+
+    python benchmarks/depth1_time.py                 # default short
+    SHAPES="default" REF=0 python benchmarks/depth1_time.py   # without the reference's rows"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from registry import SHAPES  # noqa: E402
+from splits import _time_ms  # noqa: E402
+from titans_cuda import neural_memory  # noqa: E402
+from titans_cuda.ops.neural_memory import ops as nm_ops  # noqa: E402
+
+
+def inputs(s, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    kw = dict(device=device, generator=g)
+    dtype = getattr(torch, s.dtype)
+    q = torch.randn(s.B, s.T, s.H, s.D, **kw).to(dtype)
+    k = torch.randn(s.B, s.T, s.H, s.D, **kw)
+    k = (k / k.norm(dim=-1, keepdim=True)).to(dtype)
+    v = torch.randn(s.B, s.T, s.H, s.D, **kw).to(dtype)
+    lr = 0.05 * torch.rand(s.B, s.T, s.H, **kw)
+    forget = 0.05 * torch.rand(s.B, s.T, s.H, **kw)
+    momentum = 0.5 + 0.45 * torch.rand(s.B, s.T, s.H, **kw)
+    w = torch.randn(s.H, s.D, s.D, **kw) / s.D ** 0.5
+    gamma = torch.ones(s.H, s.D, device=device)
+    beta = torch.zeros(s.H, s.D, device=device)
+    ts = [q, k, v, lr, forget, momentum, w, gamma, beta]
+    for t in ts:
+        t.requires_grad_(True)
+    return ts
+
+
+def main():
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/depth1_time.py needs a CUDA GPU")
+    dev = torch.device("cuda")
+    print(f"# {torch.cuda.get_device_name()}: neural_memory depth 1, ms (peak MiB of fwd+bwd)")
+    for name in os.environ.get("SHAPES", "default short").split():
+        s = SHAPES[name]
+        ts = inputs(s, dev)
+        q, k, v, lr, forget, momentum, w, gamma, beta = ts
+        cot = torch.randn_like(q)
+
+        def call(backend):
+            o, _ = neural_memory(q, k, v, lr, forget, momentum, (w,), chunk_size=s.chunk,
+                                 residual=True, ln_weight=gamma, ln_bias=beta, backend=backend)
+            return o
+
+        def fwd():
+            with torch.no_grad():
+                call("cuda")
+
+        def fwd_bwd(backend="cuda"):
+            torch.autograd.grad((call(backend) * cot).sum(), ts)
+
+        def peak(fn):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+        fused = nm_ops.chunked_bwd_reason(q, [w], s.chunk, None, None, "token") is None
+        row = [f"fwd {_time_ms(fwd, reps=5):.2f}",
+               f"fwd+bwd {_time_ms(fwd_bwd, reps=5):.2f} ({peak(fwd_bwd):.0f})"]
+        real = nm_ops.chunked_bwd_reason
+        nm_ops.chunked_bwd_reason = lambda *a, **kw: "the reference's VJP (benchmark)"
+        try:  # the kernels' forward with the reference's VJP: before the depth-1 backward
+            row.append(f"fwd+ref-VJP {_time_ms(fwd_bwd, reps=2):.1f} ({peak(fwd_bwd):.0f})")
+        finally:
+            nm_ops.chunked_bwd_reason = real
+        if os.environ.get("REF", "1") != "0":
+            ref = lambda: fwd_bwd("torch")  # noqa: E731
+            row.append(f"reference fwd+bwd {_time_ms(ref, reps=2):.1f} ({peak(ref):.0f})")
+        print(f"{name} B{s.B} T{s.T} H{s.H} D{s.D} C{s.chunk} fused backward {fused}: "
+              + ", ".join(row))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+// The depth-1 fused backward's instances (chunked_bwd1_kernel.cuh): bf16 / fp16, D 32 / 64,
+// every supported chunk. Its products run on CUDA cores in fp32, so one translation unit
+// compiles them all in seconds.
+#include "chunked_bwd1_kernel.cuh"
+
+namespace titans {
+namespace chunked_bwd1 {
+TITANS_BWD1_INSTANCES(, __nv_bfloat16, 32)
+TITANS_BWD1_INSTANCES(, __nv_bfloat16, 64)
+TITANS_BWD1_INSTANCES(, __half, 32)
+TITANS_BWD1_INSTANCES(, __half, 64)
+}  // namespace chunked_bwd1
+}  // namespace titans

@@ -1,0 +1,137 @@
+"""The depth-1 fused backward (csrc/neural_memory/chunked_bwd1_kernel.cuh) against the float64
+reference: every (D, chunk) instance, both dtypes, both reads, the four output heads, fresh
+calls (T % C > 0), initial states with open chunks (offsets 0 and C - 1), cu_seqlens with
+lengths that are not multiples of C and an empty sequence, a 10-chunk call, cotangents on o
+only or on parts of the state; that the kernel runs (not the reference's VJP), that it is
+deterministic, and that a CUDA graph replays it."""
+import itertools
+
+import pytest
+import torch
+
+from conftest import make_inputs, make_weights, needs_kernels
+from test_gpu_chunked_bwd import HEADS, _assert_grads, _grads
+from test_gpu_decode import _random_state
+from titans_cuda.ops.neural_memory import ops as nm_ops
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+DC = ((32, 16), (32, 32), (32, 64), (64, 16), (64, 32), (64, 64))
+KINDS = ("fresh", "open", "varlen")
+# every (D, C) x dtype x read, the kinds and heads cycled so that each pair meets each kind
+GRID = [(d, c, dtype, read, KINDS[i % 3], HEADS[i % 4], i % 2 == 0)
+        for i, ((d, c), dtype, read) in enumerate(itertools.product(
+            DC, (torch.bfloat16, torch.float16), ("token", "chunk")))]
+GRID += [(d, c, dtype, read, kind, HEADS[(i + 1) % 4], False)
+         for i, ((d, c), dtype, read, kind) in enumerate(itertools.product(
+             ((64, 64), (32, 16)), (torch.bfloat16,), ("token", "chunk"), KINDS))]
+GRID += [(64, 64, torch.bfloat16, "token", "long", HEADS[1], True),
+         (32, 32, torch.float16, "chunk", "long", HEADS[2], False)]
+
+
+def _id(c):
+    d, ch, dtype, read, kind, (res, ln, bias), forget1 = c
+    return (f"D{d}-C{ch}-{str(dtype).split('.')[-1]}-{read}-{kind}-{'res' if res else 'nores'}-"
+            f"{'ln' + ('b' if bias else '') if ln else 'noln'}{'-reset' if forget1 else ''}")
+
+
+def _case1(case, H=2):
+    """Inputs of a depth-1 call: (args, weights, state, neural_memory kwargs, cu_seqlens)."""
+    D, C, dtype, read, kind, (residual, ln, bias), reset = case
+    cu = None
+    if kind == "varlen":
+        lengths = [C + 3, 0, 2 * C - 1, 5]
+        cu = torch.tensor([0] + list(itertools.accumulate(lengths)), device=DEV)
+        B, T, N = 1, sum(lengths), len(lengths)
+    else:
+        B, T = 2, {"fresh": 2 * C + 5, "open": C + 3, "long": 9 * C + 7}[kind]
+        N = B
+    q, k, v, lr, forget, momentum = make_inputs(B, T, H, D, dtype=torch.float32, device=DEV)
+    if reset:
+        forget[0, T - 2, 1] = 1.0  # alpha = 1: the memory erased
+    weights = make_weights(H, D, D, 1, dtype=torch.float32, device=DEV)
+    st = _random_state(N, H, weights, C) if kind in ("open", "varlen") else None
+    mem = dict(chunk_size=C, activation="silu", residual=residual, read=read,
+               ln_weight=(1 + 0.2 * torch.randn(H, D, device=DEV)) if ln else None,
+               ln_bias=(0.2 * torch.randn(H, D, device=DEV)) if ln and bias else None)
+    return [t.to(dtype) for t in (q, k, v)] + [lr, forget, momentum], weights, st, mem, cu
+
+
+def _check(case, **kw):
+    args, weights, st, mem, cu = _case1(case)
+    assert nm_ops.chunked_bwd_reason(args[0], weights, mem["chunk_size"], cu, st,
+                                     mem["read"]) is None
+    g = _grads(args, weights, st, mem, cu, "cuda", **kw)
+    g32 = _grads(args, weights, st, mem, cu, "torch", torch.float32, **kw)
+    g64 = _grads(args, weights, st, mem, cu, "torch", torch.float64, **kw)
+    _assert_grads(g, g64, g32, args[0].dtype, f" ({_id(case)})")
+
+
+@pytest.mark.parametrize("case", GRID, ids=[_id(c) for c in GRID])
+def test_depth1_backward_matches_reference(case):
+    needs_kernels()
+    _check(case)
+
+
+COTS = ((), ("weights",), ("chunk_weights",), ("weights", "momentum"))
+
+
+@pytest.mark.parametrize("cot_states", COTS, ids=lambda c: "o+" + "+".join(c) if c else "o")
+@pytest.mark.parametrize("kind", KINDS)
+def test_depth1_backward_partial_cotangents(kind, cot_states):
+    needs_kernels()
+    _check((64, 32, torch.bfloat16, "token", kind, HEADS[1], False), cot_states=cot_states)
+
+
+def test_depth1_backward_is_taken_and_deterministic(monkeypatch):
+    """The kernel runs (the reference's VJP is never called), the forward kept every chunk's
+    start state and no z2 / fk, and two runs agree bit for bit."""
+    needs_kernels()
+    case = (64, 64, torch.bfloat16, "token", "open", HEADS[1], True)
+    args, weights, st, mem, cu = _case1(case)
+
+    def boom(*a, **k):
+        raise AssertionError("the reference's VJP ran")
+    monkeypatch.setattr(nm_ops, "_reference_grads", boom)
+    assert nm_ops._kept_every(args[0], weights, 64, cu, st, "token", 4) == 1
+    g1 = _grads(args, weights, st, mem, cu, "cuda")
+    g2 = _grads(args, weights, st, mem, cu, "cuda")
+    for a, b in zip(g1, g2):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def test_depth1_backward_cuda_graph_capture_and_replay():
+    """_fused_grads at depth 1 captured once and replayed on new inputs equals the eager
+    gradients bit for bit."""
+    needs_kernels()
+    case = (64, 32, torch.float16, "token", "fresh", HEADS[1], False)
+    args, weights, _, mem, _ = _case1(case)
+    B, _, H, _ = args[0].shape
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    g_o = torch.randn(args[0].shape, generator=gen, device=DEV).to(args[0].dtype)
+    g_st = [torch.randn(B, H, *w.shape[-2:], generator=gen, device=DEV)
+            for _ in range(3) for w in weights]
+
+    def grads(a):
+        return nm_ops._fused_grads([g_o, *g_st], *a, list(weights), mem["ln_weight"],
+                                   mem["ln_bias"], [], [], [], None, mem["chunk_size"],
+                                   mem["activation"], mem["residual"], 1e-5, "token")
+    static = [t.clone() for t in args]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        grads(static)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_g = grads(static)
+    new_args = _case1(case)[0]
+    for dst, src in zip(static, new_args):
+        dst.copy_(src.mul(0.5) if dst.is_floating_point() and dst.dim() == 4 else src)
+    graph.replay()
+    torch.cuda.synchronize()
+    out_e = grads(static)
+    for i, (a, b) in enumerate(zip(out_g, out_e)):
+        assert torch.equal(a, b), i
