@@ -21,11 +21,11 @@
 # keeps objects newer than their (copied) sources.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
-PART1_TESTS="tests/test_gpu_chunked.py tests/test_gpu_chunked_bwd.py tests/test_gpu_decode.py"
+PART1_TESTS="tests/test_gpu_chunked.py tests/test_gpu_chunked_bwd.py tests/test_gpu_chunked_bwd1.py tests/test_gpu_decode.py"
 case "${PART:-}" in
   1) SKIP_SANITIZER=1 SKIP_BENCH=1 TESTS=${TESTS:-$PART1_TESTS} ;;
   2) SKIP_BUILD=1
-     TESTS=${TESTS:-$(ls tests/test_*.py | grep -v -e test_gpu_chunked.py -e test_gpu_chunked_bwd.py -e test_gpu_decode.py | tr '\n' ' ')} ;;
+     TESTS=${TESTS:-$(ls tests/test_*.py | grep -v -e test_gpu_chunked.py -e test_gpu_chunked_bwd.py -e test_gpu_chunked_bwd1.py -e test_gpu_decode.py | tr '\n' ' ')} ;;
   "") ;;
   *) echo "PART must be 1 or 2"; exit 2 ;;
 esac
@@ -100,6 +100,11 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
     -k "checkpoint_groups and fresh or global_split_is and 4-8 or other_shapes and fresh and bfloat16 or read_chunk_splits and 1-4" \
     >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
+  # the depth-1 backward: both reads at D 32 / C 16 (fp16) and D 64 / C 64 with a state
+  compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked_bwd1.py \
+    -q -p no:cacheprovider -k "matches and (D32-C16-float16 or D64-C64-bfloat16-token-open)" \
+    >>"$OUT/sanitizer.log" 2>&1
+  rc=$((rc | $?))
   status[memcheck]="$(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tr '\n' ' ')rc=$rc; $(grep -E 'passed|failed' "$OUT/sanitizer.log" | tail -2 | tr '\n' ' ')"
   compute-sanitizer --tool racecheck --error-exitcode 3 $PY -m pytest tests/test_gpu_mlp.py -q \
     -p no:cacheprovider -k "writes_every and (C48 or D64-h256 or D16-h16-L1)" >>"$OUT/sanitizer.log" 2>&1
@@ -112,6 +117,10 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
   rc=$((rc | $?))
   compute-sanitizer --tool racecheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked_bwd.py \
     -q -p no:cacheprovider -k "checkpoint_groups and h128-float16-fresh-silu-nores-noln-2 or global_split_is and 4-3" \
+    >>"$OUT/sanitizer.log" 2>&1
+  rc=$((rc | $?))
+  compute-sanitizer --tool racecheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked_bwd1.py \
+    -q -p no:cacheprovider -k "matches and (D64-C64-bfloat16-token-open or D32-C32-float16-chunk)" \
     >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   status[racecheck]="$(grep -E 'RACECHECK SUMMARY' "$OUT/sanitizer.log" | tr '\n' ' ')rc=$rc; $(grep -E 'passed|failed' "$OUT/sanitizer.log" | tail -2 | tr '\n' ' ')"
