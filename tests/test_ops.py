@@ -480,3 +480,37 @@ def test_eager_direct_path_refuses_double_backward():
     (g,) = torch.autograd.grad(o.square().sum(), args[0], create_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(g.sum(), args[0])
+
+
+def test_fused_backward_rule_and_checkpoints_by_depth():
+    """The fused backward's shape rule in Python (chunked_bwd_shape_supported) is the
+    extension's (neural_memory_chunked_bwd_supported, a host function: checked wherever the
+    extension is built, no GPU needed), depth 1 included; depth 1 keeps every chunk's start
+    state (K = 1) where depth 2 keeps every K-th; the shared memory and scratch of depth 1."""
+    from titans_cuda import _lib
+    from titans_cuda.ops.neural_memory import ops as nm_ops
+    q = torch.zeros(1, 8, 2, 64)
+    w1 = make_weights(2, 64, 64, 1)
+    w2 = make_weights(2, 64, 128, 2)
+    assert nm_ops._kept_every(q, w1, 64, None, None, "token", 4, bwd_reason=None) == 1
+    assert nm_ops._kept_every(q, w2, 64, None, None, "token", 4, bwd_reason=None) == 4
+    assert nm_ops._kept_every(q, w1, 64, None, None, "token", 4, bwd_reason="no") == 0
+    cases = [(d, hid, depth, c, read) for d in (16, 32, 64, 128) for hid in (d, 96, 128, 520)
+             for depth in (1, 2) for c in (8, 16, 32, 64, 128) for read in ("token", "chunk")]
+    want = {c: nm_ops.chunked_bwd_shape_supported(*c) for c in cases}
+    assert want[(64, 64, 1, 64, "chunk")] and not want[(128, 128, 1, 64, "token")]
+    assert not want[(64, 96, 1, 64, "token")]  # depth 1 has no hidden width but D
+    if _lib._C is None:
+        pytest.skip("the extension is not built here")
+    for (d, hid, depth, c, read), ok in want.items():
+        for dtype in (0, 1, 2):
+            got = _lib._C.neural_memory_chunked_bwd_supported(
+                dim=d, hidden=hid, depth=depth, chunk=c, dtype=dtype, read_chunk=read == "chunk")
+            assert got == (ok and dtype < 2), (d, hid, depth, c, read, dtype)
+    # depth 1 at D 64, C 64: five C x D, five D x D and three C x C fp32 matrices with odd row
+    # strides, 16 row vectors and the warps' partials, within an H100's 227 KiB
+    smem = _lib._C.neural_memory_chunked_bwd_smem_bytes(dim=64, hidden=64, depth=1, chunk=64,
+                                                        dtype=0)
+    assert smem == 4 * (13 * 64 * 65 + 16 * 64 + 32) <= 227 * 1024
+    assert _lib._C.neural_memory_chunked_bwd_scratch_floats(dim=64, hidden=64, depth=1,
+                                                            chunk=64) == 2 * 64 * 64 + 64

@@ -157,7 +157,8 @@ def chunked_bwd_shape_supported(dim: int, hidden: int, depth: int, chunk: int,
     (bf16/fp16 inputs)."""
     hb = CHUNKED_HIDDEN_BLOCK
     return (dim in (32, 64) and chunk in (16, 32, 64) and read in ("token", "chunk") and
-            (depth == 1 or (depth == 2 and hb <= hidden <= 512 and hidden % hb == 0)))
+            ((depth == 1 and hidden == dim) or
+             (depth == 2 and hb <= hidden <= 512 and hidden % hb == 0)))
 
 
 def chunked_bwd_reason(q: Tensor, weights, chunk_size: int, cu_seqlens, initial_state,
