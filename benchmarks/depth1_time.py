@@ -16,29 +16,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from registry import SHAPES  # noqa: E402
+from run import make_memory_inputs  # noqa: E402
 from splits import _time_ms  # noqa: E402
 from titans_cuda import neural_memory  # noqa: E402
 from titans_cuda.ops.neural_memory import ops as nm_ops  # noqa: E402
-
-
-def inputs(s, device):
-    g = torch.Generator(device=device).manual_seed(0)
-    kw = dict(device=device, generator=g)
-    dtype = getattr(torch, s.dtype)
-    q = torch.randn(s.B, s.T, s.H, s.D, **kw).to(dtype)
-    k = torch.randn(s.B, s.T, s.H, s.D, **kw)
-    k = (k / k.norm(dim=-1, keepdim=True)).to(dtype)
-    v = torch.randn(s.B, s.T, s.H, s.D, **kw).to(dtype)
-    lr = 0.05 * torch.rand(s.B, s.T, s.H, **kw)
-    forget = 0.05 * torch.rand(s.B, s.T, s.H, **kw)
-    momentum = 0.5 + 0.45 * torch.rand(s.B, s.T, s.H, **kw)
-    w = torch.randn(s.H, s.D, s.D, **kw) / s.D ** 0.5
-    gamma = torch.ones(s.H, s.D, device=device)
-    beta = torch.zeros(s.H, s.D, device=device)
-    ts = [q, k, v, lr, forget, momentum, w, gamma, beta]
-    for t in ts:
-        t.requires_grad_(True)
-    return ts
 
 
 def main():
@@ -48,7 +29,7 @@ def main():
     print(f"# {torch.cuda.get_device_name()}: neural_memory depth 1, ms (peak MiB of fwd+bwd)")
     for name in os.environ.get("SHAPES", "default short").split():
         s = SHAPES[name]
-        ts = inputs(s, dev)
+        ts = make_memory_inputs(s, dev, requires_grad=True, depth=1)
         q, k, v, lr, forget, momentum, w, gamma, beta = ts
         cot = torch.randn_like(q)
 

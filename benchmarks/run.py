@@ -80,7 +80,9 @@ def time_fn(fn, device, budget_s=2.0, min_reps=3, max_reps=50):
     return statistics.median(times), None
 
 
-def make_memory_inputs(s: Shape, device, requires_grad):
+def make_memory_inputs(s: Shape, device, requires_grad, depth: int = 2):
+    """q, k, v, lr, forget, momentum, the weights (depth 2: [H, D, hidden], [H, hidden, D];
+    depth 1: one [H, D, D]), LayerNorm gamma, beta."""
     dtype = getattr(torch, s.dtype)
     g = torch.Generator(device=device).manual_seed(0)
     kw = dict(device=device, generator=g)
@@ -91,8 +93,9 @@ def make_memory_inputs(s: Shape, device, requires_grad):
     lr = 0.05 * torch.rand(s.B, s.T, s.H, **kw)
     forget = 0.05 * torch.rand(s.B, s.T, s.H, **kw)
     momentum = 0.5 + 0.45 * torch.rand(s.B, s.T, s.H, **kw)
-    weights = (torch.randn(s.H, s.D, s.hidden, **kw) / s.D ** 0.5,
-               torch.randn(s.H, s.hidden, s.D, **kw) / s.hidden ** 0.5)
+    weights = ((torch.randn(s.H, s.D, s.hidden, **kw) / s.D ** 0.5,
+                torch.randn(s.H, s.hidden, s.D, **kw) / s.hidden ** 0.5) if depth == 2 else
+               (torch.randn(s.H, s.D, s.D, **kw) / s.D ** 0.5,))
     gamma = torch.ones(s.H, s.D, device=device)
     beta = torch.zeros(s.H, s.D, device=device)
     tensors = [q, k, v, lr, forget, momentum, *weights, gamma, beta]

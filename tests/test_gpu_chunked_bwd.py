@@ -288,8 +288,14 @@ def test_fused_backward_cuda_graph_capture_and_replay(split, monkeypatch):
     if split > 1 and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("clusters need sm_90+")
     monkeypatch.setattr(nm_ops, "FUSED_BWD_SPLIT", split)
-    case = (256, torch.bfloat16, "fresh", HEADS[1], "silu")
-    args, weights, _, mem, _ = _case(case)
+    check_graph_replay(_case, (256, torch.bfloat16, "fresh", HEADS[1], "silu"))
+
+
+def check_graph_replay(make_case, case):
+    """_fused_grads of a fresh call (``make_case(case)``: args, weights, state, kwargs,
+    cu_seqlens) captured in a CUDA graph once and replayed on new inputs equals the eager
+    gradients bit for bit."""
+    args, weights, _, mem, _ = make_case(case)
     B, _, H, _ = args[0].shape
     gen = torch.Generator(device=DEV).manual_seed(1)
     g_o = torch.randn(args[0].shape, generator=gen, device=DEV).to(args[0].dtype)
@@ -309,7 +315,7 @@ def test_fused_backward_cuda_graph_capture_and_replay(split, monkeypatch):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out_g = grads(static)
-    new_args = _case(case)[0]
+    new_args = make_case(case)[0]
     for dst, src in zip(static, new_args):
         dst.copy_(src.mul(0.5) if dst.is_floating_point() and dst.dim() == 4 else src)
     graph.replay()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import make_inputs, make_weights, needs_kernels
-from test_gpu_chunked_bwd import HEADS, _assert_grads, _grads
+from test_gpu_chunked_bwd import HEADS, _assert_grads, _grads, check_graph_replay
 from test_gpu_decode import _random_state
 from titans_cuda.ops.neural_memory import ops as nm_ops
 
@@ -106,32 +106,4 @@ def test_depth1_backward_cuda_graph_capture_and_replay():
     """_fused_grads at depth 1 captured once and replayed on new inputs equals the eager
     gradients bit for bit."""
     needs_kernels()
-    case = (64, 32, torch.float16, "token", "fresh", HEADS[1], False)
-    args, weights, _, mem, _ = _case1(case)
-    B, _, H, _ = args[0].shape
-    gen = torch.Generator(device=DEV).manual_seed(1)
-    g_o = torch.randn(args[0].shape, generator=gen, device=DEV).to(args[0].dtype)
-    g_st = [torch.randn(B, H, *w.shape[-2:], generator=gen, device=DEV)
-            for _ in range(3) for w in weights]
-
-    def grads(a):
-        return nm_ops._fused_grads([g_o, *g_st], *a, list(weights), mem["ln_weight"],
-                                   mem["ln_bias"], [], [], [], None, mem["chunk_size"],
-                                   mem["activation"], mem["residual"], 1e-5, "token")
-    static = [t.clone() for t in args]
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        grads(static)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out_g = grads(static)
-    new_args = _case1(case)[0]
-    for dst, src in zip(static, new_args):
-        dst.copy_(src.mul(0.5) if dst.is_floating_point() and dst.dim() == 4 else src)
-    graph.replay()
-    torch.cuda.synchronize()
-    out_e = grads(static)
-    for i, (a, b) in enumerate(zip(out_g, out_e)):
-        assert torch.equal(a, b), i
+    check_graph_replay(_case1, (64, 32, torch.float16, "token", "fresh", HEADS[1], False))

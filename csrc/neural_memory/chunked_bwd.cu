@@ -1,9 +1,24 @@
 // neural_memory_chunked_bwd (chunked_bwd.h): support rule, sizes, plan and dispatch; the kernel
 // is in chunked_bwd_kernel.cuh, its instances in chunked_bwd_<dtype>_d<D>.cu.
+#include <type_traits>
+
 #include "chunked_bwd1_kernel.cuh"
 #include "chunked_bwd_kernel.cuh"
 
 namespace titans {
+namespace {
+
+// f(T{}, std::integral_constant<int, D>{}) for the (dtype, D) instances: bf16 / fp16 (dtype 0 /
+// 1), D 32 / 64 (callers check neural_memory_chunked_bwd_supported first).
+template <typename F>
+auto by_dtype_dim(int dtype, int dim, F&& f) {
+  using D32 = std::integral_constant<int, 32>;
+  using D64 = std::integral_constant<int, 64>;
+  if (dtype == 0) return dim == 32 ? f(__nv_bfloat16{}, D32{}) : f(__nv_bfloat16{}, D64{});
+  return dim == 32 ? f(__half{}, D32{}) : f(__half{}, D64{});
+}
+
+}  // namespace
 
 bool neural_memory_chunked_bwd_supported(int dim, int hidden, int depth, int chunk, int dtype,
                                          bool read_chunk) {
@@ -36,13 +51,9 @@ int neural_memory_chunked_bwd_plan(int n_seq, int heads, int dim, int hidden, in
   }
   DeviceGuard guard(device);
   if (guard.status() != cudaSuccess) return 0;
-  using namespace chunked_bwd;
-  if (dtype == 0) {
-    return dim == 32 ? plan_by_chunk<__nv_bfloat16, 32>(n_seq, heads, hidden, chunk, split)
-                     : plan_by_chunk<__nv_bfloat16, 64>(n_seq, heads, hidden, chunk, split);
-  }
-  return dim == 32 ? plan_by_chunk<__half, 32>(n_seq, heads, hidden, chunk, split)
-                   : plan_by_chunk<__half, 64>(n_seq, heads, hidden, chunk, split);
+  return by_dtype_dim(dtype, dim, [&](auto t, auto d) {
+    return chunked_bwd::plan_by_chunk<decltype(t), d()>(n_seq, heads, hidden, chunk, split);
+  });
 }
 
 size_t neural_memory_chunked_bwd_exchange_floats(int dim, int chunk, int split) {
@@ -73,13 +84,9 @@ cudaError_t neural_memory_chunked_bwd(const NeuralMemoryBwdParams& bp, cudaStrea
     }
     DeviceGuard guard(device);
     TITANS_RETURN_IF_ERROR(guard.status());
-    using namespace chunked_bwd1;
-    if (p.dtype == 0) {
-      return p.dim == 32 ? launch1_by_chunk<__nv_bfloat16, 32>(bp, stream)
-                         : launch1_by_chunk<__nv_bfloat16, 64>(bp, stream);
-    }
-    return p.dim == 32 ? launch1_by_chunk<__half, 32>(bp, stream)
-                       : launch1_by_chunk<__half, 64>(bp, stream);
+    return by_dtype_dim(p.dtype, p.dim, [&](auto t, auto d) {
+      return chunked_bwd1::launch1_by_chunk<decltype(t), d()>(bp, stream);
+    });
   }
   for (int l = 0; l < 2; ++l) {
     if (p.w_in[l] == nullptr || bp.ckpt_w[l] == nullptr || bp.ckpt_s[l] == nullptr ||
@@ -91,13 +98,9 @@ cudaError_t neural_memory_chunked_bwd(const NeuralMemoryBwdParams& bp, cudaStrea
   if (!common_ok || p.read_z2 == nullptr || p.keys_fk == nullptr) return cudaErrorInvalidValue;
   DeviceGuard guard(device);
   TITANS_RETURN_IF_ERROR(guard.status());
-  using namespace chunked_bwd;
-  if (p.dtype == 0) {
-    return p.dim == 32 ? launch_by_chunk<__nv_bfloat16, 32>(bp, stream)
-                       : launch_by_chunk<__nv_bfloat16, 64>(bp, stream);
-  }
-  return p.dim == 32 ? launch_by_chunk<__half, 32>(bp, stream)
-                     : launch_by_chunk<__half, 64>(bp, stream);
+  return by_dtype_dim(p.dtype, p.dim, [&](auto t, auto d) {
+    return chunked_bwd::launch_by_chunk<decltype(t), d()>(bp, stream);
+  });
 }
 
 }  // namespace titans

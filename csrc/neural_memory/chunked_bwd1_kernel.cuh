@@ -122,6 +122,50 @@ __device__ __forceinline__ float row_sum(float v) {
   return v;
 }
 
+// A thread's tile (rows tr + 16 i, columns tc + 16 j) into a row-major matrix of stride ld.
+template <int TM, int TN>
+__device__ __forceinline__ void put(float* dst, int ld, int tr, int tc,
+                                    const float (&acc)[TM][TN]) {
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) dst[(tr + 16 * i) * ld + tc + 16 * j] = acc[i][j];
+}
+
+// Row mode, a thread's N columns x of a row of D = N kTPR: xh = (x - mean) rstd; returns rstd.
+template <int kTPR, int N>
+__device__ __forceinline__ float ln_stats(const float (&x)[N], float (&xh)[N], float inv_d,
+                                          float eps) {
+  float s = 0.f;
+#pragma unroll
+  for (int c = 0; c < N; ++c) s += x[c];
+  const float mean = row_sum<kTPR>(s) * inv_d;
+  float var = 0.f;
+#pragma unroll
+  for (int c = 0; c < N; ++c) var += (x[c] - mean) * (x[c] - mean);
+  const float rstd = rsqrtf(row_sum<kTPR>(var) * inv_d + eps);
+#pragma unroll
+  for (int c = 0; c < N; ++c) xh[c] = (x[c] - mean) * rstd;
+  return rstd;
+}
+
+// Row mode: x <- J(gamma x) = rstd (gamma x - mean(gamma x) - xh mean(gamma x xh)), the
+// LayerNorm's backward (chunk_vjp._ln_j after the gamma scale; gamma nullptr: 1).
+template <int kTPR, int N>
+__device__ __forceinline__ void ln_j(float (&x)[N], const float (&xh)[N], const float* gamma,
+                                     float rstd, float inv_d) {
+  float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+  for (int c = 0; c < N; ++c) {
+    x[c] *= gamma != nullptr ? __ldg(gamma + c) : 1.f;
+    s1 += x[c];
+    s2 += x[c] * xh[c];
+  }
+  const float m1 = row_sum<kTPR>(s1) * inv_d, m2 = row_sum<kTPR>(s2) * inv_d;
+#pragma unroll
+  for (int c = 0; c < N; ++c) x[c] = rstd * (x[c] - m1 - xh[c] * m2);
+}
+
 // A contiguous D x D fp32 matrix from global memory (L2: the kernel updates W̄, S̄ in place)
 // into shared memory with row stride ld.
 template <int D>
@@ -182,16 +226,9 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int tr = tid / 16, tc = tid % 16;
   const int h = blockIdx.x, n = blockIdx.y;
-  int64_t start = 0, len = p.seqlen, row_base = int64_t(n) * p.seqlen;
-  if (p.cu_seqlens != nullptr) {
-    start = p.cu_seqlens[n];
-    len = p.cu_seqlens[n + 1] - start;
-    row_base = start;
-  }
-  const bool packed = p.cu_seqlens != nullptr;
-  const Rows rq{packed ? 0 : n * p.q_n_stride, start, p.q_t_stride, h * p.q_h_stride};
-  const Rows rk{packed ? 0 : n * p.k_n_stride, start, p.k_t_stride, h * p.k_h_stride};
-  const Rows rv{packed ? 0 : n * p.v_n_stride, start, p.v_t_stride, h * p.v_h_stride};
+  const chunked::SeqRows seq = chunked::seq_rows(p, n, h);
+  const int64_t len = seq.len, row_base = seq.row_base;
+  const Rows rq = seq.q, rk = seq.k, rv = seq.v;
   const Rows ro{0, row_base, int64_t(p.heads) * D, int64_t(h) * D};  // o_bar, dq, dk, dv
   const TIn* __restrict__ gq = static_cast<const TIn*>(p.q);
   const TIn* __restrict__ gk = static_cast<const TIn*>(p.k);
@@ -252,15 +289,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
     stage_state<D>(sWb, LD, wbar);
     stage_state<D>(sSb, LD, sbar);
     if (!g_is_w) stage_state<D>(sWg, LD, cw_src);
-    if (tid < C) {
-      const int64_t t = t0 + tid;
-      const bool on = t >= 0 && t < len;
-      const int64_t gi = (row_base + t) * p.heads + h;
-      v_theta[tid] = on ? __ldg(p.lr + gi) : 0.f;
-      v_a[tid] = on ? 1.f - __ldg(p.forget + gi) : 1.f;
-      v_eta[tid] = on ? __ldg(p.momentum + gi) : 1.f;
-      v_act[tid] = on ? 1.f : 0.f;
-    }
+    if (tid < C) chunked::load_gates(tid, p, row_base, h, t0, len, v_theta, v_a, v_eta, v_act);
     __syncthreads();
 
     // ---- G, the scalars; fk = k Wg; A = q k^T ----
@@ -277,20 +306,14 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
       zero(f);
       gemm<TC, TD, D>(f, tr, tc, [&](int m, int k) { return sK[m * LD + k]; },
                       [&](int k, int c) { return sWgp[k * LD + c]; });
-#pragma unroll
-      for (int i = 0; i < TC; ++i)
-#pragma unroll
-        for (int jj = 0; jj < TD; ++jj) sT[(tr + 16 * i) * LD + tc + 16 * jj] = f[i][jj];
+      put(sT, LD, tr, tc, f);
     }
     if (!rchunk) {
       float a[TC][TC];
       zero(a);
       gemm<TC, TC, D>(a, tr, tc, [&](int m, int k) { return sQ[m * LD + k]; },
                       [&](int k, int c) { return sK[c * LD + k]; });
-#pragma unroll
-      for (int i = 0; i < TC; ++i)
-#pragma unroll
-        for (int jj = 0; jj < TC; ++jj) sA[(tr + 16 * i) * LC + tc + 16 * jj] = a[i][jj];
+      put(sA, LC, tr, tc, a);
     }
     __syncthreads();
 
@@ -303,19 +326,10 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
 #pragma unroll
       for (int c = 0; c < kCPT; ++c) f[c] = sT[rr * LD + rc0 + c];
       if (gamma != nullptr) {
-        float s = 0.f;
+        rstd = ln_stats<kTPR>(f, xh, inv_d, p.ln_eps);
 #pragma unroll
-        for (int c = 0; c < kCPT; ++c) s += f[c];
-        const float mean = row_sum<kTPR>(s) * inv_d;
-        float var = 0.f;
-#pragma unroll
-        for (int c = 0; c < kCPT; ++c) var += (f[c] - mean) * (f[c] - mean);
-        rstd = rsqrtf(row_sum<kTPR>(var) * inv_d + p.ln_eps);
-#pragma unroll
-        for (int c = 0; c < kCPT; ++c) {
-          xh[c] = (f[c] - mean) * rstd;
+        for (int c = 0; c < kCPT; ++c)
           f[c] = __ldg(gamma + rc0 + c) * xh[c] + (lbeta != nullptr ? __ldg(lbeta + rc0 + c) : 0.f);
-        }
       }
 #pragma unroll
       for (int c = 0; c < kCPT; ++c) {
@@ -323,28 +337,19 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
         const float vv = active ? ld1(gv + rv.at(t) + rc0 + c) : 0.f;
         e[c] = 2.f * (y - vv);
       }
+#pragma unroll
+      for (int c = 0; c < kCPT; ++c) {
+        scr_e[rr * D + rc0 + c] = e[c];
+        f[c] = e[c];
+      }
       if (gamma != nullptr) {  // dz = J(gamma e)
-        float s1 = 0.f, s2 = 0.f;
+        ln_j<kTPR>(f, xh, gamma + rc0, rstd, inv_d);
 #pragma unroll
-        for (int c = 0; c < kCPT; ++c) {
-          const float x = __ldg(gamma + rc0 + c) * e[c];
-          s1 += x;
-          s2 += x * xh[c];
-        }
-        const float m1 = row_sum<kTPR>(s1) * inv_d, m2 = row_sum<kTPR>(s2) * inv_d;
-#pragma unroll
-        for (int c = 0; c < kCPT; ++c) {
-          const float x = __ldg(gamma + rc0 + c) * e[c];
-          sDz[rr * LD + rc0 + c] = rstd * (x - m1 - xh[c] * m2);
-          scr_xh[rr * D + rc0 + c] = xh[c];
-        }
+        for (int c = 0; c < kCPT; ++c) scr_xh[rr * D + rc0 + c] = xh[c];
         if (tid % kTPR == 0) scr_rstd[rr] = rstd;
-      } else {
-#pragma unroll
-        for (int c = 0; c < kCPT; ++c) sDz[rr * LD + rc0 + c] = e[c];
       }
 #pragma unroll
-      for (int c = 0; c < kCPT; ++c) scr_e[rr * D + rc0 + c] = e[c];
+      for (int c = 0; c < kCPT; ++c) sDz[rr * LD + rc0 + c] = f[c];
     }
     __syncthreads();
 
@@ -373,10 +378,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
         gemm<TC, TD, D>(z, tr, tc, [&](int m, int k) { return sQ[m * LD + k]; },
                         [&](int k, int c) { return sWgp[k * LD + c]; });
       }
-#pragma unroll
-      for (int i = 0; i < TC; ++i)
-#pragma unroll
-        for (int jj = 0; jj < TD; ++jj) sZb[(tr + 16 * i) * LD + tc + 16 * jj] = z[i][jj];
+      put(sZb, LD, tr, tc, z);
     }
     __syncthreads();
 
@@ -388,37 +390,21 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
 #pragma unroll
       for (int c = 0; c < kCPT; ++c) ob[c] = active ? ld1(gob + ro.at(t) + rc0 + c) : 0.f;
       if (gamma != nullptr) {
-        float z[kCPT], xh[kCPT], s = 0.f;
+        float z[kCPT], xh[kCPT];
 #pragma unroll
-        for (int c = 0; c < kCPT; ++c) {
-          z[c] = sZb[rr * LD + rc0 + c];
-          s += z[c];
-        }
-        const float mean = row_sum<kTPR>(s) * inv_d;
-        float var = 0.f;
+        for (int c = 0; c < kCPT; ++c) z[c] = sZb[rr * LD + rc0 + c];
+        const float rstd = ln_stats<kTPR>(z, xh, inv_d, p.ln_eps);
+        if (active) {
 #pragma unroll
-        for (int c = 0; c < kCPT; ++c) var += (z[c] - mean) * (z[c] - mean);
-        const float rstd = rsqrtf(row_sum<kTPR>(var) * inv_d + p.ln_eps);
-        float s1 = 0.f, s2 = 0.f;
-#pragma unroll
-        for (int c = 0; c < kCPT; ++c) {
-          xh[c] = (z[c] - mean) * rstd;
-          const float x = __ldg(gamma + rc0 + c) * ob[c];
-          s1 += x;
-          s2 += x * xh[c];
-          if (active) {
+          for (int c = 0; c < kCPT; ++c) {
             dlnw[rr * D + rc0 + c] += ob[c] * xh[c];
             if (dlnb != nullptr) dlnb[rr * D + rc0 + c] += ob[c];
           }
         }
-        const float m1 = row_sum<kTPR>(s1) * inv_d, m2 = row_sum<kTPR>(s2) * inv_d;
-#pragma unroll
-        for (int c = 0; c < kCPT; ++c)
-          sZb[rr * LD + rc0 + c] = rstd * (__ldg(gamma + rc0 + c) * ob[c] - m1 - xh[c] * m2);
-      } else {
-#pragma unroll
-        for (int c = 0; c < kCPT; ++c) sZb[rr * LD + rc0 + c] = ob[c];
+        ln_j<kTPR>(ob, xh, gamma + rc0, rstd, inv_d);
       }
+#pragma unroll
+      for (int c = 0; c < kCPT; ++c) sZb[rr * LD + rc0 + c] = ob[c];
     }
     __syncthreads();
 
@@ -482,10 +468,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
           v_cb[tr + 16 * i] = 0.f;
         }
       }
-#pragma unroll
-      for (int i = 0; i < TC; ++i)
-#pragma unroll
-        for (int jj = 0; jj < TD; ++jj) sT[(tr + 16 * i) * LD + tc + 16 * jj] = dzb[i][jj];
+      put(sT, LD, tr, tc, dzb);
     }
     __syncthreads();
 
@@ -515,40 +498,35 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
       for (int c = 0; c < kCPT; ++c) top[c] = sT[rr * LD + rc0 + c];
       if (gamma != nullptr) {
         const float rstd = scr_rstd[rr];
-        float e[kCPT], xh[kCPT], dz[kCPT];
-        float mt = 0.f, mtx = 0.f, tdz = 0.f, s = 0.f;
+        float e[kCPT], xh[kCPT], dz[kCPT], je[kCPT];
+        float tdz = 0.f, tx = 0.f, s = 0.f;
 #pragma unroll
         for (int c = 0; c < kCPT; ++c) {
           e[c] = scr_e[rr * D + rc0 + c];
           xh[c] = scr_xh[rr * D + rc0 + c];
           dz[c] = sDz[rr * LD + rc0 + c];
-          mt += top[c];
-          mtx += top[c] * xh[c];
+          je[c] = top[c];
           tdz += top[c] * dz[c];
+          tx += top[c] * xh[c];
           s += __ldg(gamma + rc0 + c) * e[c] * xh[c];
         }
-        mt = row_sum<kTPR>(mt) * inv_d;
-        mtx = row_sum<kTPR>(mtx);
         tdz = row_sum<kTPR>(tdz);
+        tx = row_sum<kTPR>(tx);
         s = row_sum<kTPR>(s) * inv_d;
-        float s1 = 0.f, s2 = 0.f;
+        ln_j<kTPR>(je, xh, nullptr, rstd, inv_d);  // J(top)
 #pragma unroll
         for (int c = 0; c < kCPT; ++c) {
-          const float je = rstd * (top[c] - mt - xh[c] * mtx * inv_d);
-          zk[c] = -(rstd * inv_d) * (xh[c] * tdz + dz[c] * mtx) - rstd * s * je;  // f̄
-          yb[c] = 2.f * __ldg(gamma + rc0 + c) * je;                                 // 2 ē
+          zk[c] = -(rstd * inv_d) * (xh[c] * tdz + dz[c] * tx) - rstd * s * je[c];  // f̄
+          yb[c] = 2.f * __ldg(gamma + rc0 + c) * je[c];                              // 2 ē
           if (active) {
-            dlnw[rr * D + rc0 + c] += e[c] * je + yb[c] * xh[c];
+            dlnw[rr * D + rc0 + c] += e[c] * je[c] + yb[c] * xh[c];
             if (dlnb != nullptr) dlnb[rr * D + rc0 + c] += yb[c];
           }
-          const float x = __ldg(gamma + rc0 + c) * yb[c];
-          s1 += x;
-          s2 += x * xh[c];
+          e[c] = yb[c];
         }
-        const float m1 = row_sum<kTPR>(s1) * inv_d, m2 = row_sum<kTPR>(s2) * inv_d;
+        ln_j<kTPR>(e, xh, gamma + rc0, rstd, inv_d);  // the keys' head: J(gamma ȳ)
 #pragma unroll
-        for (int c = 0; c < kCPT; ++c)
-          zk[c] += rstd * (__ldg(gamma + rc0 + c) * yb[c] - m1 - xh[c] * m2);
+        for (int c = 0; c < kCPT; ++c) zk[c] += e[c];
       } else {
 #pragma unroll
         for (int c = 0; c < kCPT; ++c) {

@@ -588,16 +588,10 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
   }
   const bool lead = rank == 0;  // stores what every CTA computes (dq, dk, dv, gates, LN)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  int64_t start = 0, len = p.seqlen, row_base = int64_t(n) * p.seqlen;
-  if (p.cu_seqlens != nullptr) {
-    start = p.cu_seqlens[n];
-    len = p.cu_seqlens[n + 1] - start;
-    row_base = start;
-  }
-  const bool packed = p.cu_seqlens != nullptr;
-  const Rows rq{packed ? 0 : n * p.q_n_stride, start, p.q_t_stride, h * p.q_h_stride};
-  const Rows rk{packed ? 0 : n * p.k_n_stride, start, p.k_t_stride, h * p.k_h_stride};
-  const Rows rv{packed ? 0 : n * p.v_n_stride, start, p.v_t_stride, h * p.v_h_stride};
+  const chunked::SeqRows seq = chunked::seq_rows(p, n, h);
+  const int64_t start = seq.start, len = seq.len, row_base = seq.row_base;
+  const bool packed = p.cu_seqlens != nullptr;  // (the prefetch builds its rows itself, below)
+  const Rows rq = seq.q, rk = seq.k, rv = seq.v;
   const Rows ro{0, row_base, int64_t(p.heads) * D, int64_t(h) * D};  // o_bar, dq, dk, dv
   const TIn* __restrict__ gq = static_cast<const TIn*>(p.q);
   const TIn* __restrict__ gk = static_cast<const TIn*>(p.k);

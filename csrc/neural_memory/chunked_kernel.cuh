@@ -556,6 +556,27 @@ struct Rows {
   }
 };
 
+// Sequence n of a chunked kernel's call, head h: its first slot in the token axis (cu_seqlens[n]
+// when packed, else 0), its length, the row of its token 0 in the [B, T, H] gates and the
+// contiguous [B, T, H, D] outputs, and its q / k / v rows.
+struct SeqRows {
+  int64_t start, len, row_base;
+  Rows q, k, v;
+};
+__device__ __forceinline__ SeqRows seq_rows(const NeuralMemoryParams& p, int n, int h) {
+  SeqRows s{0, p.seqlen, int64_t(n) * p.seqlen, {}, {}, {}};
+  if (p.cu_seqlens != nullptr) {
+    s.start = p.cu_seqlens[n];
+    s.len = p.cu_seqlens[n + 1] - s.start;
+    s.row_base = s.start;
+  }
+  const bool packed = p.cu_seqlens != nullptr;
+  s.q = Rows{packed ? 0 : n * p.q_n_stride, s.start, p.q_t_stride, h * p.q_h_stride};
+  s.k = Rows{packed ? 0 : n * p.k_n_stride, s.start, p.k_t_stride, h * p.k_h_stride};
+  s.v = Rows{packed ? 0 : n * p.v_n_stride, s.start, p.v_t_stride, h * p.v_h_stride};
+  return s;
+}
+
 // Asks L2 for the rows of chunk slots t0 .. t0 + C - 1 (those in [0, len)) of up to four
 // [.., T, H, D] inputs (nullptr: none) and for the slots' gates, so that the next chunk's
 // loads find them there instead of waiting on DRAM. A hint: no effect on any value.
@@ -588,6 +609,20 @@ __device__ __forceinline__ void prefetch_chunk(const TIn* p0, const Rows& r0, co
     }
     if (at != nullptr) asm volatile("prefetch.global.L2 [%0];" ::"l"(at));
   }
+}
+
+// Slot r of the chunk starting at sequence slot t0: its gates (an inactive slot, outside
+// [0, len): theta 0, a = 1 - alpha = 1, eta 1, act 0).
+__device__ __forceinline__ void load_gates(int r, const NeuralMemoryParams& p, int64_t row_base,
+                                           int h, int64_t t0, int64_t len, float* theta,
+                                           float* a, float* eta, float* act) {
+  const int64_t t = t0 + r;
+  const bool on = t >= 0 && t < len;
+  const int64_t gi = (row_base + t) * p.heads + h;
+  theta[r] = on ? __ldg(p.lr + gi) : 0.f;
+  a[r] = on ? 1.f - __ldg(p.forget + gi) : 1.f;
+  eta[r] = on ? __ldg(p.momentum + gi) : 1.f;
+  act[r] = on ? 1.f : 0.f;
 }
 
 // The chunk's slots t0 .. t0 + C - 1 of sequence rows [0, len): q and k rows into split planes
@@ -637,15 +672,7 @@ __device__ __forceinline__ void load_chunk(const Planes& s_q, const Planes& s_k,
       }
     }
   }
-  if (tid < C) {
-    const int64_t t = t0 + tid;
-    const bool on = t >= 0 && t < len;
-    const int64_t gi = (row_base + t) * p.heads + h;
-    theta[tid] = on ? __ldg(p.lr + gi) : 0.f;
-    a[tid] = on ? 1.f - __ldg(p.forget + gi) : 1.f;
-    eta[tid] = on ? __ldg(p.momentum + gi) : 1.f;
-    act[tid] = on ? 1.f : 0.f;
-  }
+  if (tid < C) load_gates(tid, p, row_base, h, t0, len, theta, a, eta, act);
 }
 
 // The instances: kMode 0 one CTA per (sequence, head), 1 a cluster of split CTAs (sm_90+), 2
@@ -715,16 +742,9 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
   const int c0 = part * kCW;            // this warp's first column of a hidden block
   float* red = reinterpret_cast<float*>(smem_raw + lay.w1);  // staging blocks, when free
 
-  int64_t start = 0, len = p.seqlen, row_base = int64_t(n) * p.seqlen;
-  if (p.cu_seqlens != nullptr) {
-    start = p.cu_seqlens[n];
-    len = p.cu_seqlens[n + 1] - start;
-    row_base = start;
-  }
-  const bool packed = p.cu_seqlens != nullptr;
-  const Rows rq{packed ? 0 : n * p.q_n_stride, start, p.q_t_stride, h * p.q_h_stride};
-  const Rows rk{packed ? 0 : n * p.k_n_stride, start, p.k_t_stride, h * p.k_h_stride};
-  const Rows rv{packed ? 0 : n * p.v_n_stride, start, p.v_t_stride, h * p.v_h_stride};
+  const SeqRows seq = seq_rows(p, n, h);
+  const int64_t len = seq.len, row_base = seq.row_base;
+  const Rows rq = seq.q, rk = seq.k, rv = seq.v;
   const Rows ro{0, row_base, int64_t(p.heads) * D, int64_t(h) * D};
   const TIn* __restrict__ gq = static_cast<const TIn*>(p.q);
   const TIn* __restrict__ gk = static_cast<const TIn*>(p.k);
