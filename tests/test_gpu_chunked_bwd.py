@@ -41,16 +41,19 @@ def _id(c):
             f"{'ln' + ('b' if bias else '') if ln else 'noln'}")
 
 
-def _case(case, H=2, C=64, D=64):
-    hid, dtype, kind, (residual, ln, bias), act = case
-    cu = None
+def call_rows(kind, C):
+    """(B, T, N, cu_seqlens) of a test call: "varlen" packs lengths C + 3, 0, 2C - 1 and 5;
+    "fresh", "open" and "long" are two rows of 2C + 5, C + 3 and 9C + 7 tokens."""
     if kind == "varlen":
         lengths = [C + 3, 0, 2 * C - 1, 5]
         cu = torch.tensor([0] + list(itertools.accumulate(lengths)), device=DEV)
-        B, T, N = 1, sum(lengths), len(lengths)
-    else:
-        B, T = 2, {"fresh": 2 * C + 5, "open": C + 3, "long": 9 * C + 7}[kind]
-        N = B
+        return 1, sum(lengths), len(lengths), cu
+    return 2, {"fresh": 2 * C + 5, "open": C + 3, "long": 9 * C + 7}[kind], 2, None
+
+
+def _case(case, H=2, C=64, D=64):
+    hid, dtype, kind, (residual, ln, bias), act = case
+    B, T, N, cu = call_rows(kind, C)
     q, k, v, lr, forget, momentum = make_inputs(B, T, H, D, dtype=torch.float32, device=DEV)
     forget[0, T - 2, 1] = 1.0
     weights = make_weights(H, D, hid, 2, dtype=torch.float32, device=DEV)
@@ -359,8 +362,9 @@ def test_fused_backward_reasons():
 
 # read "chunk" (SPEC §3, o_t = M_{W_c}(q_t)): the same kernel with the read's row scales (1, 0)
 # and no couplings to G. Calls without an initial state here (with one, chunk 0 of an open chunk
-# reads its chunk weights: test_fused_backward_read_chunk_with_a_state below); every (D, chunk) instance, both dtypes, fresh, varlen (lengths not multiples of C, an empty
-# sequence; no state), the heads and activations cycled, and one 10-chunk call (groups
+# reads its chunk weights: test_fused_backward_read_chunk_with_a_state below); every (D,
+# chunk) instance, both dtypes, fresh, varlen (lengths not multiples of C, an empty sequence; no
+# state), the heads and activations cycled, and one 10-chunk call (groups
 # recomputed). Other 10-chunk draws are chaotic (gradients of 1e6 to 1e9 with LayerNorm, where
 # the kernel's 17-bit operands and fp32's 24 bits differ by more than AMP; fp16 draws overflow,
 # and one without LayerNorm reached 1e247 in float64): the splits test below recomputes groups

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import make_inputs, make_weights, needs_kernels
-from test_gpu_chunked_bwd import HEADS, _assert_grads, _grads, check_graph_replay
+from test_gpu_chunked_bwd import HEADS, _assert_grads, _grads, call_rows, check_graph_replay
 from test_gpu_decode import _random_state
 from titans_cuda.ops.neural_memory import ops as nm_ops
 
@@ -38,14 +38,7 @@ def _id(c):
 def _case1(case, H=2):
     """Inputs of a depth-1 call: (args, weights, state, neural_memory kwargs, cu_seqlens)."""
     D, C, dtype, read, kind, (residual, ln, bias), reset = case
-    cu = None
-    if kind == "varlen":
-        lengths = [C + 3, 0, 2 * C - 1, 5]
-        cu = torch.tensor([0] + list(itertools.accumulate(lengths)), device=DEV)
-        B, T, N = 1, sum(lengths), len(lengths)
-    else:
-        B, T = 2, {"fresh": 2 * C + 5, "open": C + 3, "long": 9 * C + 7}[kind]
-        N = B
+    B, T, N, cu = call_rows(kind, C)
     q, k, v, lr, forget, momentum = make_inputs(B, T, H, D, dtype=torch.float32, device=DEV)
     if reset:
         forget[0, T - 2, 1] = 1.0  # alpha = 1: the memory erased

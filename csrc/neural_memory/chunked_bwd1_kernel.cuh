@@ -582,7 +582,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
         for (int i = 0; i < TC; ++i) {
           const int m = tr + 16 * i;
 #pragma unroll
-          for (int jj = 0; jj < TD; ++jj) kb[i][jj] += v_gneg[m] * t1[i][jj] + v_nneg[m] * t2[i][jj];
+          for (int jj = 0; jj < TD; ++jj)
+            kb[i][jj] += v_gneg[m] * t1[i][jj] + v_nneg[m] * t2[i][jj];
         }
       }
       // the keys' forward: zk̄ Wg^T
