@@ -24,11 +24,12 @@ KERNELS = {
                      "hidden <= 512 and % 4 == 0) and the chunked kernel for the rest (bf16/fp16 "
                      "q/k/v, D in (32, 64, 128), depth 1, or depth 2 with hidden % 32 == 0 up to "
                      "512, chunk in (16, 32, 64, 128) where its shared memory fits, cu_seqlens "
-                     "and states included); gradients: a fused backward kernel at depth 2, "
-                     "read 'token', D 32 or 64, chunk 16, 32 or 64, bf16/fp16 (checkpoints "
-                     "every 4 chunks, the read's z2 and the keys' fk kept by the forward; "
-                     "clusters on sm_90+ or CTAs exchanging through global memory), the "
-                     "reference's VJP elsewhere",
+                     "and states included); gradients: fused backward kernels for either "
+                     "read, D 32 or 64, chunk 16, 32 or 64, bf16/fp16, at depth 2 with hidden "
+                     "% 32 == 0 up to 512 (checkpoints every 4 chunks, the read's z2 and the "
+                     "keys' fk kept by the forward; clusters on sm_90+ or CTAs exchanging "
+                     "through global memory) and at depth 1 (fp32 products, checkpoints at "
+                     "every chunk), the reference's VJP elsewhere",
 }
 # Composed from the blocks above: runs whatever kernels they have.
 COMPOSED = {"parallel_neural_memory": ("memory_grad", "memory_scan", "memory_forward")}
