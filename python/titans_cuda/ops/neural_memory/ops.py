@@ -442,7 +442,8 @@ FORWARD_GLOBAL_SPLIT = os.environ.get("TITANS_FORWARD_GLOBAL_SPLIT", "1") != "0"
 FUSED_BWD_SPLIT = 0
 # The forward's state is kept at every K-th chunk start for the fused backward, which recomputes
 # the others a group of K at a time (memory / K, time + the keys' pass and state update of the
-# K - 1 recomputed chunks).
+# K - 1 recomputed chunks). Depth 2 only: depth 1 keeps every chunk's (_kept_every). The split
+# likewise applies to depth 2 only.
 FUSED_BWD_CHECKPOINT_EVERY = 4
 
 
