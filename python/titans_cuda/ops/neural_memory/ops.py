@@ -9,9 +9,10 @@ Both return [o, W per layer, S per layer, chunk weights per layer]. The kernels 
 pass and the final state. Gradients (the ``*_bwd`` ops): the fused backward kernel of the chunked
 op (csrc/neural_memory/chunked_bwd.cu: depth 2 and depth 1 kernels) where chunked_bwd_reason
 allows, else the reference through ``torch.func.vjp`` (exact, not fast). Off the kernel path
-(CPU, float64, unsupported shapes) the ops run the reference, so opcheck runs in CPU CI. Eager calls from ``fused`` reach
-the same implementations through ``_Direct`` (an autograd.Function) instead of the dispatcher
-(host time; docs/design.md), the ops serving torch.compile, dispatch modes and torch.func.
+(CPU, float64, unsupported shapes) the ops run the reference, so opcheck runs in CPU CI. Eager
+calls from ``fused`` reach the same implementations through ``_Direct`` (an
+autograd.Function) instead of the dispatcher (host time; docs/design.md), the ops serving
+torch.compile, dispatch modes and torch.func.
 """
 from __future__ import annotations
 
