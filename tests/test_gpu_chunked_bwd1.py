@@ -12,6 +12,7 @@ import torch
 from conftest import make_inputs, make_weights, needs_kernels
 from test_gpu_chunked_bwd import HEADS, _assert_grads, _grads, call_rows, check_graph_replay
 from test_gpu_decode import _random_state
+from titans_cuda import neural_memory
 from titans_cuda.ops.neural_memory import ops as nm_ops
 
 pytestmark = pytest.mark.gpu
@@ -100,3 +101,61 @@ def test_depth1_backward_cuda_graph_capture_and_replay():
     gradients bit for bit."""
     needs_kernels()
     check_graph_replay(_case1, (64, 32, torch.float16, "token", "fresh", HEADS[1], False))
+
+
+def test_depth1_opcheck_chunked_op_keeping_checkpoints():
+    """The chunked op at depth 1 with checkpoints kept: every chunk's state (K = 1) and empty
+    z2 / fk outputs, in the real and the fake implementation (opcheck), autograd through the
+    depth-1 backward on them."""
+    needs_kernels()
+    args, weights, _, mem, cu = _case1((64, 32, torch.bfloat16, "token", "fresh", HEADS[1],
+                                        False))
+    leaves = [t.detach().clone().requires_grad_(True) if t.is_floating_point() else t
+              for t in args]
+    op_args = (*leaves, list(weights), mem["ln_weight"], mem["ln_bias"], [], [], [], None, 32,
+               mem["activation"], mem["residual"], 1e-6, "token", cu,
+               nm_ops.FUSED_BWD_CHECKPOINT_EVERY)
+    outs = nm_ops.chunked_op(*op_args)
+    ckpts = outs[4:]
+    assert ckpts[0].numel() > 0 and ckpts[1].numel() > 0  # W, S at every chunk start
+    assert ckpts[0].shape[0] == -(-args[0].shape[1] // 32)
+    assert ckpts[2].numel() == 0 and ckpts[3].numel() == 0  # no z2, fk at depth 1
+    torch.library.opcheck(nm_ops.chunked_op, op_args)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_depth1_direct_path_equals_the_ops(kind, monkeypatch):
+    """Eager calls (_Direct) and the registered ops (TITANS_EAGER_DIRECT=0's path, which keeps
+    the checkpoints as the op's extra outputs) give the same gradients bit for bit."""
+    needs_kernels()
+    args, weights, st, mem, cu = _case1((64, 64, torch.float16, "chunk", kind, HEADS[1], True))
+    for cots in ((), ("weights", "momentum", "chunk_weights")):
+        monkeypatch.setattr(nm_ops, "EAGER_DIRECT", True)
+        g_d = _grads(args, weights, st, mem, cu, "cuda", cot_states=cots)
+        monkeypatch.setattr(nm_ops, "EAGER_DIRECT", False)
+        g_o = _grads(args, weights, st, mem, cu, "cuda", cot_states=cots)
+        for i, (a, b) in enumerate(zip(g_d, g_o)):
+            assert (a is None) == (b is None), i
+            if a is not None:
+                assert torch.equal(a, b), i
+
+
+def test_depth1_torch_compile_fullgraph_forward_and_backward():
+    """neural_memory at depth 1 compiled whole (fullgraph; the ops under Dynamo): the output and
+    every gradient equal eager's."""
+    needs_kernels()
+    args, weights, _, mem, _ = _case1((64, 64, torch.bfloat16, "token", "fresh", HEADS[1],
+                                       False))
+    cot = torch.randn(args[0].shape, device=DEV).to(args[0].dtype)
+
+    def run(fn):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (*args, *weights)]
+        o = fn(*leaves)
+        return [o, *torch.autograd.grad((o * cot).sum(), leaves)]
+
+    def call(q, k, v, lr, forget, momentum, w):
+        return neural_memory(q, k, v, lr, forget, momentum, (w,), backend="cuda", **mem)[0]
+    eager = run(call)
+    compiled = run(torch.compile(call, fullgraph=True, backend="aot_eager"))
+    for i, (a, b) in enumerate(zip(compiled, eager)):
+        assert torch.equal(a, b), i
