@@ -557,7 +557,12 @@ def test_eager_direct_path_equals_the_ops_on_the_kernels(kind, monkeypatch):
     of the registered ops (TITANS_EAGER_DIRECT=0's path) bit for bit, with cotangents on o only
     and on everything."""
     needs_kernels()
-    args, weights, st, mem, cu = _case((256, torch.bfloat16, kind, HEADS[1], "gelu"))
+    check_direct_equals_ops(*_case((256, torch.bfloat16, kind, HEADS[1], "gelu")), monkeypatch)
+
+
+def check_direct_equals_ops(args, weights, st, mem, cu, monkeypatch):
+    """The gradients of the eager path (_Direct) and of the registered ops are equal bit for
+    bit, with cotangents on o only and on the whole returned state."""
     for cots in ((), ("weights", "momentum", "chunk_weights")):
         monkeypatch.setattr(nm_ops, "EAGER_DIRECT", True)
         g_d = _grads(args, weights, st, mem, cu, "cuda", cot_states=cots)
@@ -573,16 +578,23 @@ def test_neural_memory_torch_compile_fullgraph_forward_and_backward():
     """The public call compiled whole (fullgraph; the ops, not _Direct, under Dynamo): the
     output and every gradient equal eager's (the same kernels)."""
     needs_kernels()
-    args, weights, st, mem, cu = _case((256, torch.bfloat16, "fresh", HEADS[1], "silu"))
+    args, weights, _, mem, _ = _case((256, torch.bfloat16, "fresh", HEADS[1], "silu"))
+    check_compiled_equals_eager(args, weights, mem)
+
+
+def check_compiled_equals_eager(args, weights, mem):
+    """neural_memory on a fresh call (args, weights, kwargs) compiled whole (fullgraph) gives
+    the eager output and gradients bit for bit."""
     cot = torch.randn(args[0].shape, device=DEV).to(args[0].dtype)
+    n_in = len(args)
 
     def run(fn):
         leaves = [t.detach().clone().requires_grad_(True) for t in (*args, *weights)]
         o = fn(*leaves)
         return [o, *torch.autograd.grad((o * cot).sum(), leaves)]
 
-    def call(q, k, v, lr, forget, momentum, w1, w2):
-        return neural_memory(q, k, v, lr, forget, momentum, (w1, w2), backend="cuda", **mem)[0]
+    def call(*ts):
+        return neural_memory(*ts[:n_in], tuple(ts[n_in:]), backend="cuda", **mem)[0]
     eager = run(call)
     compiled = run(torch.compile(call, fullgraph=True, backend="aot_eager"))
     for i, (a, b) in enumerate(zip(compiled, eager)):

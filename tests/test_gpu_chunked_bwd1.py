@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from conftest import make_inputs, make_weights, needs_kernels
-from test_gpu_chunked_bwd import HEADS, _assert_grads, _grads, call_rows, check_graph_replay
+from test_gpu_chunked_bwd import (HEADS, _assert_grads, _grads, call_rows,
+                                  check_compiled_equals_eager, check_direct_equals_ops,
+                                  check_graph_replay)
 from test_gpu_decode import _random_state
-from titans_cuda import neural_memory
 from titans_cuda.ops.neural_memory import ops as nm_ops
 
 pytestmark = pytest.mark.gpu
@@ -128,16 +129,8 @@ def test_depth1_direct_path_equals_the_ops(kind, monkeypatch):
     """Eager calls (_Direct) and the registered ops (TITANS_EAGER_DIRECT=0's path, which keeps
     the checkpoints as the op's extra outputs) give the same gradients bit for bit."""
     needs_kernels()
-    args, weights, st, mem, cu = _case1((64, 64, torch.float16, "chunk", kind, HEADS[1], True))
-    for cots in ((), ("weights", "momentum", "chunk_weights")):
-        monkeypatch.setattr(nm_ops, "EAGER_DIRECT", True)
-        g_d = _grads(args, weights, st, mem, cu, "cuda", cot_states=cots)
-        monkeypatch.setattr(nm_ops, "EAGER_DIRECT", False)
-        g_o = _grads(args, weights, st, mem, cu, "cuda", cot_states=cots)
-        for i, (a, b) in enumerate(zip(g_d, g_o)):
-            assert (a is None) == (b is None), i
-            if a is not None:
-                assert torch.equal(a, b), i
+    check_direct_equals_ops(*_case1((64, 64, torch.float16, "chunk", kind, HEADS[1], True)),
+                            monkeypatch)
 
 
 def test_depth1_torch_compile_fullgraph_forward_and_backward():
@@ -146,16 +139,4 @@ def test_depth1_torch_compile_fullgraph_forward_and_backward():
     needs_kernels()
     args, weights, _, mem, _ = _case1((64, 64, torch.bfloat16, "token", "fresh", HEADS[1],
                                        False))
-    cot = torch.randn(args[0].shape, device=DEV).to(args[0].dtype)
-
-    def run(fn):
-        leaves = [t.detach().clone().requires_grad_(True) for t in (*args, *weights)]
-        o = fn(*leaves)
-        return [o, *torch.autograd.grad((o * cot).sum(), leaves)]
-
-    def call(q, k, v, lr, forget, momentum, w):
-        return neural_memory(q, k, v, lr, forget, momentum, (w,), backend="cuda", **mem)[0]
-    eager = run(call)
-    compiled = run(torch.compile(call, fullgraph=True, backend="aot_eager"))
-    for i, (a, b) in enumerate(zip(compiled, eager)):
-        assert torch.equal(a, b), i
+    check_compiled_equals_eager(args, weights, mem)
