@@ -27,9 +27,8 @@ The block's W̄0, S̄0, W̄g come out of C and D whole: no sum crosses the clust
 Read "chunk" (o = M_Wg(q)) is the same walk: the read goes through Wg's blocks in place of
 W0's with the row scales (beta, c) = (1, 0), its couplings to G (A1 = G * (q k^T), the P term,
 their parts of Ḡ and the row sums beta-bar, c-bar) multiplied by rg = 0, and its cotangent goes
-to W̄g. The kernel takes this walk where Wg = W0 (W̄g and W̄0 are then one buffer past chunk 0),
-i.e. for calls without an initial state; an open chunk's Wg != W0 keeps the reference's VJP in
-the library for now, and this plan covers it for the kernel step that will follow.
+to W̄g. The kernel takes this walk for every call: past chunk 0 W̄g and W̄0 are one buffer, and
+in chunk 0 (where an open chunk's Wg != W0) it moves the read's W-part from W̄ to W̄g (wg0).
 
 It computes what chunk_vjp.chunk_step_vjp computes (tested equal in float64,
 tests/test_chunk_vjp.py); nothing calls it on the library's paths.
