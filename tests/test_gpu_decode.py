@@ -323,3 +323,26 @@ def test_decode_every_cluster_split_matches_the_reference(case):
         state = MemoryState(tuple(outs[1:1 + L]), tuple(outs[1 + L:1 + 2 * L]),
                             tuple(outs[1 + 2 * L:]), (off + args[0].shape[1]) % mem["chunk_size"])
         _compare(outs[0], state, o_ref, st_ref, TOL[args[0].dtype])
+
+
+@pytest.mark.parametrize("N", [1, 2, 4, 8])
+def test_decode_launcher_takes_the_split_it_documents(N):
+    """The launcher's split (decode.cu, auto_split) at H = 16, D = 64, hidden 256: on sm_90+ 4
+    CTAs per (sequence, head) while the grid takes at most half the SMs, 2 while it fits the
+    SMs, else 1 (one CTA below sm_90). The default call gives the bits of that forced split
+    (the splits sum the key's and the read's vectors in different orders)."""
+    needs_kernels()
+    case = (64, 256, 2, torch.bfloat16, "silu", True, True, "bias", "token", 2, 64, "open")
+    args, weights, st, mem = _case(case, N=N, H=16)
+    props = torch.cuda.get_device_properties(0)
+    pairs, sms = N * 16, props.multi_processor_count
+    want = 1
+    if props.major >= 9:
+        want = 4 if 4 * pairs <= sms // 2 else (2 if 2 * pairs <= sms else 1)
+    got = nm_ops._launch(*_op_args(args, weights, st, mem))
+    forced = nm_ops._launch(*_op_args(args, weights, st, mem), split=want)
+    for a, b in zip(got, forced):
+        assert torch.equal(a, b)
+    if want > 1:  # and not the bits of one CTA (else the test could not tell)
+        one = nm_ops._launch(*_op_args(args, weights, st, mem), split=1)
+        assert any(not torch.equal(a, b) for a, b in zip(got, one))

@@ -48,9 +48,8 @@ struct NeuralMemoryParams {
   int dtype;       // 0 bf16, 1 fp16, 2 fp32
   // CTAs per (sequence, head), a thread-block cluster on sm_90+ (1 below sm_90), each owning a
   // slice of the hidden units.
-  // decode: a slice must be a multiple of 4 wide. 0 means 1: on H100 at B = 2, H = 16, D = 64,
-  // hidden 256 (2026-11-26) splits 1 / 2 / 4 / 8 took 26 / 25 / 40 / 55 us per token, the
-  // cluster barriers costing more than the extra SMs bring.
+  // decode: a slice must be a multiple of 4 wide. 0: the launcher's choice (decode.cu,
+  // auto_split: 4 or 2 for small batches at depth 2 on sm_90+, else 1).
   // chunked: depth 2 only, 1..8 and at most hidden / 32 (CTA r owns the 32-column hidden blocks
   // b with b % split == r). 0: the fewest blocks per CTA whose clusters are all resident at once.
   int split;
