@@ -1,5 +1,6 @@
-// neural_memory_decode (decode.h): one CTA of kThreads threads per (sequence, head) walks the
-// call's tokens; per token, with Wc the chunk weights and W, S the running state:
+// neural_memory_decode (decode.h): one CTA of kThreads threads per (sequence, head) (at small
+// batches a cluster of 2 or 4, each CTA owning a slice of the hidden units: auto_split) walks
+// the call's tokens; per token, with Wc the chunk weights and W, S the running state:
 //
 //   1. keys      z = k Wc1, h = phi(z), f = h Wc2   (column sums: thread (row lane, float4
 //                column group) partials in shared memory, summed over lanes in a fixed order)
