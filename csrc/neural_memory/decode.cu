@@ -75,6 +75,7 @@ __device__ __forceinline__ void fma4(Acc4& acc, float a, float4 w) {
 struct Smem {
   float q[kDecodeMaxDim], k[kDecodeMaxDim], v[kDecodeMaxDim];
   float f[kDecodeMaxDim], fq[kDecodeMaxDim], df[kDecodeMaxDim];
+  float ln_w[kDecodeMaxDim], ln_b[kDecodeMaxDim];  // the head's LayerNorm, loaded once per call
   float z[kDecodeMaxHidden], hk[kDecodeMaxHidden], dphi[kDecodeMaxHidden];
   float zq[kDecodeMaxHidden], hq[kDecodeMaxHidden], dz[kDecodeMaxHidden];
   double red[2 * 4 * kThreads];  // column partials; group_sum's scratch when free
@@ -243,13 +244,12 @@ __device__ __forceinline__ double warp_sum(double v) {
 // Warp 0's row head on f [D] (statistics in fp64, like the dot products): with `target` (the
 // key's v) writes dF = dl/df of ||[x +] [LN](f) - target||^2 into df; without, writes
 // y = [x +] [LN](f) to o (global).
+// gamma / beta: the head's LayerNorm weight and bias in shared memory (nullptr: none).
 template <typename T>
 __device__ void row_head(const float* f, const float* x, const float* target, float* df,
-                         T* o, const DecodeParams& p, int h) {
+                         T* o, const DecodeParams& p, const float* gamma, const float* beta) {
   const int D = p.dim, lane = threadIdx.x % 32;
   constexpr int kPer = kDecodeMaxDim / 32;
-  const float* gamma = p.ln_weight != nullptr ? p.ln_weight + h * D : nullptr;
-  const float* beta = p.ln_bias != nullptr ? p.ln_bias + h * D : nullptr;
   double xh[kPer], g[kPer];
   double rstd = 1.;
   if (gamma != nullptr) {
@@ -366,6 +366,14 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   float* tmp = reinterpret_cast<float*>(sm.red);  // group_sum's scratch (2 * kDecodeMaxDim)
+  // the heads' LayerNorm weights stay in shared memory: two global round trips fewer on warp
+  // 0's chain per head
+  const float* ln_w = p.ln_weight != nullptr ? sm.ln_w : nullptr;
+  const float* ln_b = p.ln_weight != nullptr && p.ln_bias != nullptr ? sm.ln_b : nullptr;
+  for (int d = threadIdx.x; d < D; d += kThreads) {
+    if (ln_w != nullptr) sm.ln_w[d] = p.ln_weight[h * D + d];
+    if (ln_b != nullptr) sm.ln_b[d] = p.ln_bias[h * D + d];
+  }
 
   for (int t = 0; t < p.seqlen; ++t) {
     const int pos = off + t;
@@ -420,8 +428,10 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
     }
     group_sum(group, split, D, sm.f, rc ? sm.fq : nullptr, tmp);
     if (threadIdx.x < 32) {
-      row_head<T>(sm.f, sm.k, sm.v, sm.df, static_cast<T*>(nullptr), p, h);
-      if (rc && o_row != nullptr) row_head<T>(sm.fq, sm.q, nullptr, nullptr, o_row, p, h);
+      row_head<T>(sm.f, sm.k, sm.v, sm.df, static_cast<T*>(nullptr), p, ln_w, ln_b);
+      if (rc && o_row != nullptr) {
+        row_head<T>(sm.fq, sm.q, nullptr, nullptr, o_row, p, ln_w, ln_b);
+      }
     }
     __syncthreads();
     if (depth == 2) row_products(gw[1], hs, D, sm.df, sm.dphi, sm.dz);
@@ -449,7 +459,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
     if (tok) {
       group_sum(group, split, D, sm.fq, nullptr, tmp);
       if (threadIdx.x < 32 && o_row != nullptr) {
-        row_head<T>(sm.fq, sm.q, nullptr, nullptr, o_row, p, h);
+        row_head<T>(sm.fq, sm.q, nullptr, nullptr, o_row, p, ln_w, ln_b);
       }
     }
     // this token's state and shared vectors are complete before the next token (group_sum's
@@ -471,9 +481,9 @@ namespace {
 // The launcher's split where the caller leaves it (p.split < 1), depth 2 with hidden >= 128 on
 // sm_90+: 4 CTAs per (sequence, head) where the grid takes at most half the SMs, 2 where it
 // fits the SMs, else 1; each only where the slices stay 4-aligned and the device holds every
-// cluster at once. Smaller states and depth 1 keep one CTA (not measured with a split). Measured (H200,
-// 2026-11-27, H = 16, D = 64, hidden 256, bf16, us per token at split 1 / 2 / 4): B = 1
-// 25.3 / 21.7 / 20.1, B = 2 25.4 / 22.7 / 37.0 (128 CTAs in clusters of 4 ran as two
+// cluster at once. Smaller states and depth 1 keep one CTA (not measured with a split).
+// Measured (H200, 2026-11-27, H = 16, D = 64, hidden 256, bf16, us per token at split 1 / 2 /
+// 4): B = 1 25.3 / 21.7 / 20.1, B = 2 25.4 / 22.7 / 37.0 (128 CTAs in clusters of 4 ran as two
 // waves), B = 4 34.0 / 31.8 / -. The write passes are bound by what one SM moves, so more SMs
 // pay; the other steps are chains of dependent passes that a split does not shorten, and a
 // split adds two cluster sums per token.
