@@ -143,13 +143,13 @@ def test_fused_backward_matches_reference(case):
 SPLIT_CASES = [c for c in GRID if c[0] == 256 and c[1] == torch.bfloat16][:4]
 
 # The other (D, chunk) instances: every kind and dtype, the heads and activations cycled, hidden
-# 96 (three blocks) and 128.
-DC = ((32, 16), (32, 32), (32, 64), (64, 16), (64, 32))
+# 96 (three blocks of 32; six of 16 at D = 128) and 128.
+DC = ((32, 16), (32, 32), (32, 64), (64, 16), (64, 32), (128, 16), (128, 32))
 SHAPE_GRID = [(d, c, (96, 128)[i % 2], dtype, kind, HEADS[i % 4], ("silu", "gelu")[i % 3 % 2])
               for i, (d, c, dtype, kind) in enumerate(
                   (d, c, dtype, kind) for d, c in DC for dtype in (torch.bfloat16, torch.float16)
                   for kind in KINDS)]
-assert len(SHAPE_GRID) == 30
+assert len(SHAPE_GRID) == 42
 
 
 def _shape_id(c):
@@ -159,7 +159,8 @@ def _shape_id(c):
 
 @pytest.mark.parametrize("case", SHAPE_GRID, ids=[_shape_id(c) for c in SHAPE_GRID])
 def test_fused_backward_other_shapes(case):
-    """D = 32 and chunks 16 / 32 (the instances besides D = 64, C = 64) against float64."""
+    """D = 32, D = 128 and chunks 16 / 32 (the instances besides D = 64, C = 64) against
+    float64."""
     needs_kernels()
     d, c, *rest = case
     args, weights, st, mem, cu = _case(tuple(rest), C=c, D=d)
@@ -169,7 +170,8 @@ def test_fused_backward_other_shapes(case):
 
 @pytest.mark.parametrize("split", (2, 4, -3))
 @pytest.mark.parametrize("K", (1, 2))
-@pytest.mark.parametrize("dc", ((32, 16), (64, 32)), ids=lambda dc: f"D{dc[0]}-C{dc[1]}")
+@pytest.mark.parametrize("dc", ((32, 16), (64, 32), (128, 32)),
+                         ids=lambda dc: f"D{dc[0]}-C{dc[1]}")
 def test_fused_backward_other_shapes_split_and_groups(dc, K, split, monkeypatch):
     """The other instances over clusters and ordinary CTAs (hidden 128: 4 blocks, 2 / 1 / 1 at
     split 3), with groups recomputed (K = 2: the call's 3 chunks are a group of 2 and one of 1)
@@ -353,6 +355,8 @@ def test_fused_backward_reasons():
     q128 = torch.zeros(1, 8, 2, 128, dtype=torch.bfloat16, device=DEV)
     w128 = make_weights(2, 128, 128, 2, dtype=torch.float32, device=DEV)
     assert "D=128" in nm_ops.chunked_bwd_reason(q128, w128, 64, None, None, "token")
+    assert nm_ops.chunked_bwd_reason(q128, w128, 32, None, None, "token") is None
+    assert nm_ops.chunked_bwd_reason(q128, w128, 16, None, None, "chunk") is None
     w1 = make_weights(2, 64, 64, 1, dtype=torch.float32, device=DEV)  # (test_gpu_chunked_bwd1)
     assert nm_ops.chunked_bwd_reason(q, w1, 64, None, None, "token") is None
     assert nm_ops.chunked_bwd_reason(q, w1, 16, None, None, "chunk") is None
@@ -373,11 +377,11 @@ READ_CHUNK = [(d, c, hid, dtype, kind, HEADS[i % 4], ("silu", "gelu")[i % 2])
               for i, (d, c, hid, dtype, kind) in enumerate(
                   (d, c, hid, dtype, kind)
                   for d, c, hid in ((64, 64, 256), (64, 64, 64), (64, 32, 128), (32, 16, 96),
-                                    (32, 64, 128))
+                                    (32, 64, 128), (128, 32, 128))
                   for dtype in (torch.bfloat16, torch.float16) for kind in ("fresh", "varlen"))]
 READ_CHUNK += [(64, 64, 256, torch.bfloat16, "long", HEADS[1], "gelu"),
                (32, 32, 128, torch.float16, "fresh", HEADS[2], "silu")]
-assert len(READ_CHUNK) == 22
+assert len(READ_CHUNK) == 26
 
 
 def _read_chunk_case(case):
@@ -415,7 +419,8 @@ def test_fused_backward_read_chunk_splits(split, K, case, monkeypatch):
 READ_CHUNK_STATES = [(d, c, hid, dtype, kind, HEADS[i % 4], ("gelu", "silu")[i % 2])
                      for i, (d, c, hid, dtype, kind) in enumerate(
                          (d, c, hid, dtype, kind)
-                         for d, c, hid in ((64, 64, 256), (64, 32, 128), (32, 16, 96))
+                         for d, c, hid in ((64, 64, 256), (64, 32, 128), (32, 16, 96),
+                                           (128, 16, 64))
                          for dtype in (torch.bfloat16, torch.float16)
                          for kind in ("open", "varlen"))]
 

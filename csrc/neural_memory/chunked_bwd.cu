@@ -9,20 +9,27 @@ namespace titans {
 namespace {
 
 // f(T{}, std::integral_constant<int, D>{}) for the (dtype, D) instances: bf16 / fp16 (dtype 0 /
-// 1), D 32 / 64 (callers check neural_memory_chunked_bwd_supported first).
+// 1), D 32 / 64 / 128 (callers check neural_memory_chunked_bwd_supported first; depth 1 has
+// no D = 128 instances).
 template <typename F>
 auto by_dtype_dim(int dtype, int dim, F&& f) {
   using D32 = std::integral_constant<int, 32>;
   using D64 = std::integral_constant<int, 64>;
-  if (dtype == 0) return dim == 32 ? f(__nv_bfloat16{}, D32{}) : f(__nv_bfloat16{}, D64{});
-  return dim == 32 ? f(__half{}, D32{}) : f(__half{}, D64{});
+  using D128 = std::integral_constant<int, 128>;
+  if (dtype == 0) {
+    return dim == 32 ? f(__nv_bfloat16{}, D32{})
+                     : (dim == 64 ? f(__nv_bfloat16{}, D64{}) : f(__nv_bfloat16{}, D128{}));
+  }
+  return dim == 32 ? f(__half{}, D32{}) : (dim == 64 ? f(__half{}, D64{}) : f(__half{}, D128{}));
 }
 
 }  // namespace
 
 bool neural_memory_chunked_bwd_supported(int dim, int hidden, int depth, int chunk, int dtype,
                                          bool read_chunk) {
-  const bool dim_ok = dim == 32 || dim == 64;
+  // D = 128: depth 2 with chunks 16 and 32 (hidden blocks of 16; the shared-memory plan of
+  // chunk 64 does not fit a block)
+  const bool dim_ok = dim == 32 || dim == 64 || (dim == 128 && depth == 2 && chunk <= 32);
   const bool chunk_ok = chunk == 16 || chunk == 32 || chunk == 64;
   (void)read_chunk;  // both reads
   const bool hidden_ok = depth == 1 ? hidden == dim
@@ -85,7 +92,11 @@ cudaError_t neural_memory_chunked_bwd(const NeuralMemoryBwdParams& bp, cudaStrea
     DeviceGuard guard(device);
     TITANS_RETURN_IF_ERROR(guard.status());
     return by_dtype_dim(p.dtype, p.dim, [&](auto t, auto d) {
-      return chunked_bwd1::launch1_by_chunk<decltype(t), d()>(bp, stream);
+      if constexpr (d() == 128) {
+        return cudaErrorInvalidValue;  // (the support rule already refused it)
+      } else {
+        return chunked_bwd1::launch1_by_chunk<decltype(t), d()>(bp, stream);
+      }
     });
   }
   for (int l = 0; l < 2; ++l) {

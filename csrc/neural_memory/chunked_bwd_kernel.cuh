@@ -207,8 +207,8 @@ __device__ __forceinline__ void store_tile(float* dst, int64_t ld, int m0, int n
                                                                v[t][2 * half + 1]);
 }
 
-// The block's zk = k Wg1_b and u = dz2 Wg2_b^T on this warp's C x 32 tile at (m0, n0) (g1:
-// Wg1_b [D][32], g2: Wg2_b [32][D]); hk1 = phi(zk) and dz1 = u phi'(zk) stored as split planes.
+// The block's zk = k Wg1_b and u = dz2 Wg2_b^T on this warp's C x HB tile at (m0, n0) (g1:
+// Wg1_b [D][HB], g2: Wg2_b [HB][D]); hk1 = phi(zk) and dz1 = u phi'(zk) stored as split planes.
 // kKHi: k is exact in bf16 (mma_tile's kAHi).
 template <bool kR, int D, bool kKHi>
 __device__ __forceinline__ void block_errors(float (&zk)[2][4], float (&u)[2][4],
@@ -349,8 +349,13 @@ struct BwdLayout {
 
 constexpr int kVecs = 18;  // per-row vectors of C floats (gates, sums, ones and zeros)
 
-// row partials: one slot per 16-column tile of a C x 32 block
-constexpr int kRowSlots = kHB / 16;
+// The backward's hidden block: 32 columns (the forward's kHB), 16 at D = 128, where the
+// layer-2 block [HB][D] and the layer-1 block [D][HB] keep one 16 x 16 tile per warp and the
+// shared-memory plan fits C <= 32 (chunked_bwd.cu).
+__host__ __device__ constexpr int bwd_hb(int D) { return D == 128 ? 16 : kHB; }
+
+// row partials: one slot per 16-column tile of a C x HB block
+__host__ __device__ constexpr int row_slots(int D) { return bwd_hb(D) / 16; }
 
 // Per thread, the values of the end group's cluster sum (sum 4): q̄, k̄ (C x D tiles), z̄1 dz1^T
 // and Ḡ's part (C x C tiles), 11 row and state sums. Its buffer spans the weight blocks and the
@@ -364,10 +369,11 @@ __host__ __device__ inline BwdLayout make_bwd_layout(int D, int C) {
   BwdLayout l{};
   l.pq = C * (D + 8);
   l.pcc = C * (C + 8);
-  l.pw1 = D * (kHB + 8);
-  l.pw2 = kHB * (D + 8);
+  const int hb = bwd_hb(D);
+  l.pw1 = D * (hb + 8);
+  l.pw2 = hb * (D + 8);
   l.ppr = l.pw1 > l.pw2 ? l.pw1 : l.pw2;
-  l.pch = C * (kHB + 8);
+  l.pch = C * (hb + 8);
   size_t at = 0;
   auto take = [&](size_t bytes) {
     const size_t here = at;
@@ -400,7 +406,7 @@ __host__ __device__ inline BwdLayout make_bwd_layout(int D, int C) {
   // weight blocks and block intermediates together (aliases_fit): small D and C need padding
   at_least(l.hk1, sizeof(float) * (size_t(C) * (D + 4) + size_t(C) * (C + 4)));
   at_least(l.w1, sizeof(float) * size_t(end_sum_floats(D, C)) * kThreads);
-  l.vec = take(sizeof(float) * (size_t(kVecs) * C + size_t(4) * kRowSlots * C + 4 * kWarps));
+  l.vec = take(sizeof(float) * (size_t(kVecs) * C + size_t(4) * row_slots(D) * C + 4 * kWarps));
   l.total = at;
   return l;
 }
@@ -506,7 +512,7 @@ __host__ __device__ constexpr int64_t exchange_buffer_floats(int D, int C) {
 template <typename TIn, int D, int C, int kMode>
 __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdParams bp) {
   const NeuralMemoryParams& p = bp.f;
-  constexpr int HB = kHB;
+  constexpr int HB = bwd_hb(D);
   using CD = TileMap<C, D>;
   using CC = TileMap<C, C>;
   using CH = TileMap<C, HB>;
@@ -518,7 +524,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
   static_assert(kCPT % 2 == 0 && kTPR <= 32, "row mode");
   // bf16 inputs are exact in bf16: the lo planes of s_q and s_k are zero (mma_tile's kAHi)
   constexpr bool kX = std::is_same<TIn, bf16>::value;
-  constexpr int kSlots = kRowSlots;
+  constexpr int kSlots = row_slots(D);
   constexpr int kLdF = D + 4, kLdC = C + 4;
   const int hidden = p.hidden, n_blocks = hidden / HB;
 
@@ -1534,7 +1540,7 @@ int plan(const Kernels<TIn, D, C>& ks, int n_seq, int heads, int hidden, int spl
     (void)cudaGetLastError();
     return 0;
   }
-  const int n_blocks = hidden / kHB;
+  const int n_blocks = hidden / bwd_hb(D);
   const int64_t pairs = int64_t(n_seq) * heads;
   if (split == 0) {
     return choose_split(ks, n_blocks, pairs, chunked::kMaxSplit, major >= 9, allow_global);
@@ -1585,12 +1591,16 @@ cudaError_t launch(NeuralMemoryBwdParams p, cudaStream_t stream) {
 
 // The instances of one (dtype, D), one translation unit each (chunked_bwd_<dtype>_d<D>.cu):
 // the chunks of neural_memory_chunked_bwd_supported.
+// (D = 128: chunks 16 and 32 only, whose shared-memory plan fits; callers check
+// neural_memory_chunked_bwd_supported first.)
 template <typename TIn, int D>
 cudaError_t launch_by_chunk(const NeuralMemoryBwdParams& p, cudaStream_t stream) {
   switch (p.f.chunk) {
     case 16: return launch<TIn, D, 16>(p, stream);
     case 32: return launch<TIn, D, 32>(p, stream);
-    default: return launch<TIn, D, 64>(p, stream);
+    default:
+      if constexpr (D == 128) return cudaErrorInvalidValue;
+      else return launch<TIn, D, 64>(p, stream);
   }
 }
 
@@ -1599,7 +1609,9 @@ int plan_by_chunk(int n_seq, int heads, int hidden, int chunk, int split) {
   switch (chunk) {
     case 16: return plan<TIn, D, 16>(n_seq, heads, hidden, split);
     case 32: return plan<TIn, D, 32>(n_seq, heads, hidden, split);
-    default: return plan<TIn, D, 64>(n_seq, heads, hidden, split);
+    default:
+      if constexpr (D == 128) return 0;
+      else return plan<TIn, D, 64>(n_seq, heads, hidden, split);
   }
 }
 
@@ -1611,6 +1623,8 @@ TITANS_BWD_INSTANCES(extern, __nv_bfloat16, 32)
 TITANS_BWD_INSTANCES(extern, __nv_bfloat16, 64)
 TITANS_BWD_INSTANCES(extern, __half, 32)
 TITANS_BWD_INSTANCES(extern, __half, 64)
+TITANS_BWD_INSTANCES(extern, __nv_bfloat16, 128)
+TITANS_BWD_INSTANCES(extern, __half, 128)
 
 }  // namespace chunked_bwd
 }  // namespace titans

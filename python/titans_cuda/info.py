@@ -25,10 +25,12 @@ KERNELS = {
                      "q/k/v, D in (32, 64, 128), depth 1, or depth 2 with hidden % 32 == 0 up to "
                      "512, chunk in (16, 32, 64, 128) where its shared memory fits, cu_seqlens "
                      "and states included); gradients: fused backward kernels for either "
-                     "read, D 32 or 64, chunk 16, 32 or 64, bf16/fp16, at depth 2 with hidden "
-                     "% 32 == 0 up to 512 (checkpoints every 4 chunks, the read's z2 and the "
+                     "read, bf16/fp16, at depth 2 with hidden % 32 == 0 up to 512 and D 32 or "
+                     "64 with chunk 16, 32 or 64 or D 128 with chunk 16 or 32 "
+                     "(checkpoints every 4 chunks, the read's z2 and the "
                      "keys' fk kept by the forward; clusters on sm_90+ or CTAs exchanging "
-                     "through global memory) and at depth 1 (fp32 products, checkpoints at "
+                     "through global memory) and at depth 1, D 32 or 64 (fp32 products, "
+                     "checkpoints at "
                      "every chunk), the reference's VJP elsewhere",
 }
 # Composed from the blocks above: runs whatever kernels they have.
