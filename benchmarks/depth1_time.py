@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from registry import SHAPES  # noqa: E402
 from run import make_memory_inputs  # noqa: E402
-from splits import _time_ms  # noqa: E402
+from splits import _peak_mib as peak, _time_ms, _with_reference_vjp  # noqa: E402
 from titans_cuda import neural_memory  # noqa: E402
 from titans_cuda.ops.neural_memory import ops as nm_ops  # noqa: E402
 
@@ -45,23 +45,11 @@ def main():
         def fwd_bwd(backend="cuda"):
             torch.autograd.grad((call(backend) * cot).sum(), ts)
 
-        def peak(fn):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fn()
-            torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-
         fused = nm_ops.chunked_bwd_reason(q, [w], s.chunk, None, None, "token") is None
         row = [f"fwd {_time_ms(fwd, reps=5):.2f}",
                f"fwd+bwd {_time_ms(fwd_bwd, reps=5):.2f} ({peak(fwd_bwd):.0f})"]
-        real = nm_ops.chunked_bwd_reason
-        nm_ops.chunked_bwd_reason = lambda *a, **kw: "the reference's VJP (benchmark)"
-        try:  # the kernels' forward with the reference's VJP: before the depth-1 backward
-            row.append(f"fwd+ref-VJP {_time_ms(fwd_bwd, reps=2):.1f} ({peak(fwd_bwd):.0f})")
-        finally:
-            nm_ops.chunked_bwd_reason = real
+        # the kernels' forward with the reference's VJP: before the depth-1 backward
+        row.append("fwd+ref-VJP {:.1f} ({:.0f})".format(*_with_reference_vjp(fwd_bwd)))
         if os.environ.get("REF", "1") != "0":
             ref = lambda: fwd_bwd("torch")  # noqa: E731
             row.append(f"reference fwd+bwd {_time_ms(ref, reps=2):.1f} ({peak(ref):.0f})")

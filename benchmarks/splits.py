@@ -35,6 +35,27 @@ def _time_ms(fn, reps=5):
     return start.elapsed_time(end) / reps
 
 
+def _peak_mib(fn):
+    """Peak memory fn() adds over what is allocated before it, MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def _with_reference_vjp(fn, reps=2):
+    """(ms, peak MiB) of fn() with the fused backward refused (chunked_bwd_reason patched): the
+    kernels' forward with the reference's VJP, what the shapes without a fused backward take."""
+    real = nm_ops.chunked_bwd_reason
+    nm_ops.chunked_bwd_reason = lambda *a, **kw: "the reference's VJP (benchmark)"
+    try:
+        return _time_ms(fn, reps=reps), _peak_mib(fn)
+    finally:
+        nm_ops.chunked_bwd_reason = real
+
+
 def main():
     if not torch.cuda.is_available():
         sys.exit("benchmarks/splits.py needs a CUDA GPU")
