@@ -50,8 +50,9 @@ struct NeuralMemoryParams {
   // slice of the hidden units.
   // decode: a slice must be a multiple of 4 wide. 0: the launcher's choice (decode.cu,
   // auto_split: 4 or 2 for small batches at depth 2 on sm_90+, else 1).
-  // chunked: depth 2 only, 1..8 and at most hidden / 32 (CTA r owns the 32-column hidden blocks
-  // b with b % split == r). 0: the fewest blocks per CTA whose clusters are all resident at once.
+  // chunked: depth 2 only, 1..8 and at most the hidden blocks (CTA r owns the hidden blocks b
+  // with b % split == r: 32 columns each, 16 in the backward at D = 128). 0: the fewest blocks
+  // per CTA whose clusters are all resident at once.
   int split;
   // chunked only, for the backward: the state (W, S) at the start of chunks 0, K, 2K, ... of
   // each sequence's padded timeline (K = ckpt_every > 0), per layer [n_ckpt, N, H, d_in,
