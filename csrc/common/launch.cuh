@@ -25,8 +25,8 @@ inline cudaLaunchAttribute cluster_attribute(int split) {
 
 namespace detail {
 
-// One occupancy answer per (device, kernel, kind, split, threads, shared memory), computed by
-// `query` on first use; 0 when the query fails. Every instance of a kernel template has the
+// One answer per (device, kernel, kind, split, threads, shared memory) (kind 0 / 1: the
+// occupancy queries below, 2: allow_smem), computed by `query` on first use; 0 when the query fails. Every instance of a kernel template has the
 // same function type, so the kernel's address is part of the key.
 template <typename Query>
 int64_t cached_occupancy(const void* kernel, int kind, int split, int threads, size_t smem,
@@ -97,6 +97,21 @@ int64_t resident_ctas(Kernel kernel, int threads, size_t smem) {
       });
 }
 
+// Lets `kernel` use `smem` bytes of dynamic shared memory on the current device: the attribute
+// is set once per (device, kernel, size) and remembered (a failure too: cudaErrorInvalidValue,
+// which is what the driver answers for a size above the device's opt-in limit).
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t smem) {
+  const int64_t ok = detail::cached_occupancy(
+      reinterpret_cast<const void*>(kernel), 2, 0, 0, smem, [&](int) -> int64_t {
+        return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    int(smem)) == cudaSuccess
+                   ? 1
+                   : -1;
+      });
+  return ok == 1 ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 // A split kernel's three instances: one CTA per (sequence, head), a cluster, ordinary CTAs.
 template <typename Kernel>
 struct SplitKernels {
@@ -107,8 +122,7 @@ struct SplitKernels {
   cudaError_t prepare() const {
     const Kernel all[3] = {one, cluster, global};
     for (int i = 0; i < 3; ++i) {
-      const cudaError_t err =
-          cudaFuncSetAttribute(all[i], cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      const cudaError_t err = allow_smem(all[i], smem);
       if (err != cudaSuccess) return err;
     }
     return cudaSuccess;

@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "../common/cuda_check.h"
+#include "../common/launch.cuh"
 #include "../common/mma.cuh"
 #include "memory_mlp.h"
 
@@ -306,8 +307,7 @@ __device__ __forceinline__ void store_rows(void* out, const MemoryMlpParams& p, 
 template <typename Kernel>
 cudaError_t launch_tiles(Kernel kernel, size_t smem, const MemoryMlpParams& p,
                          cudaStream_t stream) {
-  TITANS_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  TITANS_RETURN_IF_ERROR(allow_smem(kernel, smem));
   const dim3 grid(unsigned(p.n_chunks) * unsigned(p.n_sub), unsigned(p.heads),
                   unsigned(p.batch));
   kernel<<<grid, kThreads, smem, stream>>>(p);

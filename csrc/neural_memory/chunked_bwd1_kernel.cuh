@@ -132,6 +132,60 @@ __device__ __forceinline__ void put(float* dst, int ld, int tr, int tc,
     for (int j = 0; j < TN; ++j) dst[(tr + 16 * i) * ld + tc + 16 * j] = acc[i][j];
 }
 
+// acc[i][j] += r1[m] h1[i][j] + r2[m] h2[i][j], m = tr + 16 i: two products joined with row
+// scales (beta / c, gneg / nneg).
+template <int TM, int TN>
+__device__ __forceinline__ void add_row_scaled(float (&acc)[TM][TN], int tr,
+                                               const float (&h1)[TM][TN],
+                                               const float (&h2)[TM][TN], const float* r1,
+                                               const float* r2) {
+#pragma unroll
+  for (int i = 0; i < TM; ++i) {
+    const int m = tr + 16 * i;
+#pragma unroll
+    for (int j = 0; j < TN; ++j) acc[i][j] += r1[m] * h1[i][j] + r2[m] * h2[i][j];
+  }
+}
+
+// acc += diag(r1) (a b1) + diag(r2) (a b2) over K, the two products in fp32 and scaled at the
+// end (a read once per k for both).
+template <int TM, int TN, int K, typename FA, typename FB1, typename FB2>
+__device__ __forceinline__ void gemm_row_scaled_pair(float (&acc)[TM][TN], int tr, int tc,
+                                                     FA&& a, FB1&& b1, FB2&& b2,
+                                                     const float* r1, const float* r2) {
+  float h1[TM][TN], h2[TM][TN];
+  zero(h1);
+  zero(h2);
+  gemm<TM, TN, K>(h1, tr, tc, a, b1);
+  gemm<TM, TN, K>(h2, tr, tc, a, b2);
+  add_row_scaled(acc, tr, h1, h2, r1, r2);
+}
+
+// Per row m = tr + 16 i: d1[m] = sign sum_j h1[i][j] x(m, tc + 16 j) over the half-warp's 16
+// column groups, d2[m] likewise with h2 (lane tc = 0 writes).
+template <int TM, int TN, typename FX>
+__device__ __forceinline__ void row_dots(const float (&h1)[TM][TN], const float (&h2)[TM][TN],
+                                         FX&& x, int tr, int tc, float sign, float* d1,
+                                         float* d2) {
+#pragma unroll
+  for (int i = 0; i < TM; ++i) {
+    const int m = tr + 16 * i;
+    float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+      const float xv = x(m, tc + 16 * j);
+      s1 += h1[i][j] * xv;
+      s2 += h2[i][j] * xv;
+    }
+    s1 = half_warp_sum(s1);
+    s2 = half_warp_sum(s2);
+    if (tc == 0) {
+      d1[m] = sign * s1;
+      d2[m] = sign * s2;
+    }
+  }
+}
+
 // Row mode, a thread's N columns x of a row of D = N kTPR: xh = (x - mean) rstd; returns rstd.
 template <int kTPR, int N>
 __device__ __forceinline__ float ln_stats(const float (&x)[N], float (&xh)[N], float inv_d,
@@ -367,13 +421,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
                         [&](int k, int c) { return sS0[k * LD + c]; });
         gemm<TC, TD, C>(z, tr, tc, [&](int m, int k) { return -sG[m * LC + k] * sA[m * LC + k]; },
                         [&](int k, int c) { return sDz[k * LD + c]; });
-#pragma unroll
-        for (int i = 0; i < TC; ++i) {
-          const int m = tr + 16 * i;
-#pragma unroll
-          for (int jj = 0; jj < TD; ++jj)
-            z[i][jj] += v_beta[m] * hw0[i][jj] + v_c[m] * hs0[i][jj];
-        }
+        add_row_scaled(z, tr, hw0, hs0, v_beta, v_c);
       } else {
         gemm<TC, TD, D>(z, tr, tc, [&](int m, int k) { return sQ[m * LD + k]; },
                         [&](int k, int c) { return sWgp[k * LD + c]; });
@@ -421,43 +469,12 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
                         [&](int k, int c) { return sWb[k * LD + c]; });
         gemm<TC, TD, D>(hs, tr, tc, [&](int m, int k) { return sK[m * LD + k]; },
                         [&](int k, int c) { return sSb[k * LD + c]; });
-#pragma unroll
-        for (int i = 0; i < TC; ++i) {
-          const int m = tr + 16 * i;
-          float gl = 0.f, nl = 0.f;
-#pragma unroll
-          for (int jj = 0; jj < TD; ++jj) {
-            const float dz = sDz[m * LD + tc + 16 * jj];
-            gl += hw[i][jj] * dz;
-            nl += hs[i][jj] * dz;
-            dzb[i][jj] = v_gneg[m] * hw[i][jj] + v_nneg[m] * hs[i][jj];
-          }
-          gl = half_warp_sum(gl);
-          nl = half_warp_sum(nl);
-          if (tc == 0) {
-            v_gl[m] = -gl;
-            v_nl[m] = -nl;
-          }
-        }
+        row_dots(hw, hs, [&](int m, int c) { return sDz[m * LD + c]; }, tr, tc, -1.f, v_gl, v_nl);
+        add_row_scaled(dzb, tr, hw, hs, v_gneg, v_nneg);
       }
       if (!rchunk) {
-#pragma unroll
-        for (int i = 0; i < TC; ++i) {
-          const int m = tr + 16 * i;
-          float bb = 0.f, cb = 0.f;
-#pragma unroll
-          for (int jj = 0; jj < TD; ++jj) {
-            const float zb = sZb[m * LD + tc + 16 * jj];
-            bb += zb * hw0[i][jj];
-            cb += zb * hs0[i][jj];
-          }
-          bb = half_warp_sum(bb);
-          cb = half_warp_sum(cb);
-          if (tc == 0) {
-            v_bb[m] = bb;
-            v_cb[m] = cb;
-          }
-        }
+        row_dots(hw0, hs0, [&](int m, int c) { return sZb[m * LD + c]; }, tr, tc, 1.f, v_bb,
+                 v_cb);
         // dz̄ -= (G * A)^T z̄
         gemm<TC, TD, C>(dzb, tr, tc, [&](int m, int k) { return -sG[k * LC + m] * sA[k * LC + m]; },
                         [&](int k, int c) { return sZb[k * LD + c]; });
@@ -549,19 +566,10 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
       zero(qb);
       zero(kb);
       if (!rchunk) {
-        float t1[TC][TD], t2[TC][TD];
-        zero(t1);
-        zero(t2);
-        gemm<TC, TD, D>(t1, tr, tc, [&](int m, int k) { return sZb[m * LD + k]; },
-                        [&](int k, int c) { return sW0[c * LD + k]; });
-        gemm<TC, TD, D>(t2, tr, tc, [&](int m, int k) { return sZb[m * LD + k]; },
-                        [&](int k, int c) { return sS0[c * LD + k]; });
-#pragma unroll
-        for (int i = 0; i < TC; ++i) {
-          const int m = tr + 16 * i;
-#pragma unroll
-          for (int jj = 0; jj < TD; ++jj) qb[i][jj] = v_beta[m] * t1[i][jj] + v_c[m] * t2[i][jj];
-        }
+        gemm_row_scaled_pair<TC, TD, D>(
+            qb, tr, tc, [&](int m, int k) { return sZb[m * LD + k]; },
+            [&](int k, int c) { return sW0[c * LD + k]; },
+            [&](int k, int c) { return sS0[c * LD + k]; }, v_beta, v_c);
         gemm<TC, TD, C>(qb, tr, tc, [&](int m, int k) { return sA[m * LC + k]; },
                         [&](int k, int c) { return sK[k * LD + c]; });
         gemm<TC, TD, C>(kb, tr, tc, [&](int m, int k) { return sA[k * LC + m]; },
@@ -570,22 +578,11 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
         gemm<TC, TD, D>(qb, tr, tc, [&](int m, int k) { return sZb[m * LD + k]; },
                         [&](int k, int c) { return sWgp[c * LD + k]; });
       }
-      {  // the state's part: gneg (dz W̄^T) + nneg (dz S̄^T)
-        float t1[TC][TD], t2[TC][TD];
-        zero(t1);
-        zero(t2);
-        gemm<TC, TD, D>(t1, tr, tc, [&](int m, int k) { return sDz[m * LD + k]; },
-                        [&](int k, int c) { return sWb[c * LD + k]; });
-        gemm<TC, TD, D>(t2, tr, tc, [&](int m, int k) { return sDz[m * LD + k]; },
-                        [&](int k, int c) { return sSb[c * LD + k]; });
-#pragma unroll
-        for (int i = 0; i < TC; ++i) {
-          const int m = tr + 16 * i;
-#pragma unroll
-          for (int jj = 0; jj < TD; ++jj)
-            kb[i][jj] += v_gneg[m] * t1[i][jj] + v_nneg[m] * t2[i][jj];
-        }
-      }
+      // the state's part: gneg (dz W̄^T) + nneg (dz S̄^T)
+      gemm_row_scaled_pair<TC, TD, D>(
+          kb, tr, tc, [&](int m, int k) { return sDz[m * LD + k]; },
+          [&](int k, int c) { return sWb[c * LD + k]; },
+          [&](int k, int c) { return sSb[c * LD + k]; }, v_gneg, v_nneg);
       // the keys' forward: zk̄ Wg^T
       gemm<TC, TD, D>(kb, tr, tc, [&](int m, int k) { return sT[m * LD + k]; },
                       [&](int k, int c) { return sWgp[c * LD + k]; });
@@ -664,8 +661,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
     }
     __syncthreads();  // a_bar (sA) read: N may take its place
 
-    // ---- the gates' adjoint ----
-    if (tid < C) chunked::gate_column<C>(tid, v_theta, v_a, v_eta, v_act, sG, sA, LC);
+    // ---- the gates' adjoint (N into sA; G is still in sG) ----
+    if (tid < C) chunked::gate_column<C>(tid, v_theta, v_a, v_eta, v_act, nullptr, sA, LC);
     __syncthreads();
     gates_adjoint<C, kThreads, kWarps>(tid, LC, sG, sA, sGb, v_gl, v_nl, v_bb, v_cb, v_red, v_a,
                                        v_eta, v_act, v_m, v_beta, v_c, v_thbar, v_abar, v_ebar);
@@ -679,8 +676,7 @@ template <typename TIn, int D, int C>
 cudaError_t launch1(const NeuralMemoryBwdParams& p, cudaStream_t stream) {
   const size_t smem = smem_bytes1(D, C);
   auto kernel = bwd1_kernel<TIn, D, C>;
-  TITANS_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  TITANS_RETURN_IF_ERROR(allow_smem(kernel, smem));
   kernel<<<dim3(p.f.heads, p.f.n_seq), kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
