@@ -140,3 +140,56 @@ def test_depth1_torch_compile_fullgraph_forward_and_backward():
     args, weights, _, mem, _ = _case1((64, 64, torch.bfloat16, "token", "fresh", HEADS[1],
                                        False))
     check_compiled_equals_eager(args, weights, mem)
+
+
+# the depth-1 backward's clusters: CTA r owns the output columns [r D / s, (r + 1) D / s) of W;
+# the LayerNorm rows, the row sums, mm and q̄ / k̄ cross the cluster
+SPLIT_CASES = [(64, 64, torch.bfloat16, "token", "fresh", HEADS[1], True),
+               (64, 32, torch.float16, "chunk", "open", HEADS[2], False),
+               (64, 16, torch.bfloat16, "token", "varlen", HEADS[3], False),
+               (32, 64, torch.float16, "token", "open", HEADS[1], False),
+               (32, 16, torch.bfloat16, "chunk", "fresh", HEADS[0], False),
+               (64, 64, torch.float16, "token", "long", HEADS[2], False)]
+
+
+@pytest.mark.parametrize("split", (1, 2, 4))
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=[_id(c) for c in SPLIT_CASES])
+def test_depth1_backward_forced_splits(case, split, monkeypatch):
+    """Each cluster size the launcher may take (at most D / 16 CTAs), forced, against float64."""
+    needs_kernels()
+    if split > case[0] // 16:
+        pytest.skip(f"D = {case[0]} takes at most {case[0] // 16} CTAs")
+    monkeypatch.setattr(nm_ops, "FUSED_BWD_SPLIT", split)
+    _check(case)
+
+
+def test_depth1_launcher_takes_the_cluster_it_documents(monkeypatch):
+    """A small call (4 pairs) takes clusters of 4 at D = 64 on sm_90+ (params.h): the default
+    call's gradients are those of split 4 bit for bit, and not split 1's."""
+    needs_kernels()
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("clusters need sm_90+")
+    case = (64, 32, torch.bfloat16, "token", "open", HEADS[1], False)
+    args, weights, st, mem, cu = _case1(case)
+
+    def grads(split):
+        monkeypatch.setattr(nm_ops, "FUSED_BWD_SPLIT", split)
+        return _grads(args, weights, st, mem, cu, "cuda")
+    auto, four, one = grads(0), grads(4), grads(1)
+    for a, b in zip(auto, four):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b)
+    assert any(a is not None and not torch.equal(a, b) for a, b in zip(auto, one))
+
+
+def test_depth1_bad_split_raises(monkeypatch):
+    """A cluster the depth-1 backward does not take (3, or more than D / 16) is an error, not a
+    wrong result."""
+    needs_kernels()
+    args, weights, st, mem, cu = _case1((32, 32, torch.bfloat16, "token", "fresh", HEADS[1],
+                                         False))
+    for bad in (3, 4, -2):
+        monkeypatch.setattr(nm_ops, "FUSED_BWD_SPLIT", bad)
+        with pytest.raises(RuntimeError):
+            _grads(args, weights, st, mem, cu, "cuda")

@@ -2,11 +2,11 @@
 // [LN](x W), W: D x D), either read: the kernel template and its launcher; chunked_bwd1.cu
 // holds the instances (bf16 / fp16, D 32 / 64, chunk 16 / 32 / 64).
 //
-// One CTA of 8 warps per (sequence, head) walks the chunks last to first, the state's
-// cotangents W̄, S̄ carried in place in the fp32 output tensors, each chunk's start state
-// (W0, S0) read from the forward's checkpoint of that chunk (ckpt_every = 1: at depth 1 a
-// state is D x D, so checkpoints at every chunk cost T / C * 2 D^2 floats per (sequence, head),
-// less than depth 2's every fourth). Per chunk, chunk_vjp.chunk_step_vjp at L = 1 (notation of
+// One CTA of 8 warps per (sequence, head) (or a cluster, below) walks the chunks last to
+// first, the state's cotangents W̄, S̄ carried in place in the fp32 output tensors, each chunk's
+// start state (W0, S0) read from the forward's checkpoint of that chunk (ckpt_every = 1: at
+// depth 1 a state is D x D, so checkpoints at every chunk cost T / C * 2 D^2 floats per
+// (sequence, head), less than depth 2's every fourth). Per chunk, chunk_vjp.chunk_step_vjp at L = 1 (notation of
 // chunk_vjp.py; gneg = -G[C-1, :], nneg = -N[C-1, :]):
 //
 //   load      q, k rows (fp32), gates; W0, S0, W̄, S̄ (and Wg at an open chunk 0); G
@@ -25,6 +25,16 @@
 // products stay in its registers and row sums reduce over the 16 lanes of a half-warp); row
 // strides of D + 1 and C + 1 floats keep the transposed reads free of bank conflicts. Row-wise
 // work (the LayerNorm heads) runs in "row mode": 256 / C threads per row.
+//
+// Small batches (launch1): a (sequence, head) over a cluster of S = 2 or 4 CTAs (sm_90+), CTA r
+// owning the output columns [r D / S, (r + 1) D / S) of W, S and their cotangents, and the
+// same columns of every D-sided matrix of the chunk (fk, dz, z, z̄, dz̄, zk̄, e, ȳ). Without the
+// LayerNorm the columns are independent. What crosses the cluster (Exchange: each CTA's part in
+// its shared memory, a cluster barrier, every CTA adding the parts in rank order, so every CTA
+// holds the same bits) is the heads' row sums (mean, variance, the J sums, the double
+// backward's sums), the row dots of Ḡ / N̄'s last row and beta-bar / c-bar, mm (C x C), q̄ and
+// k̄ (C x D, each CTA then writing its own columns of dq, dk) and the Frobenius sums. Every CTA
+// computes A = q k^T and the gates' adjoint in full; rank 0 stores the gates' gradients.
 #pragma once
 
 #include <type_traits>
@@ -42,27 +52,37 @@ using chunked_bwd::gates_adjoint_store;
 
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
+constexpr int kMaxSplit1 = 4;  // CTAs per (sequence, head) at most (a cluster)
 
-// Shared memory in floats: five C x D row matrices, five D x D state matrices, three C x C
-// gate matrices, the per-row vectors and the warps' partial sums.
+// Shared memory in floats: q and k (C x D), three C x DS row matrices (this CTA's columns),
+// five D x DS state matrices, three C x C gate matrices, the per-row vectors, the warps' partial
+// sums and (S > 1) the cluster's two exchange buffers of xf floats.
 struct Layout1 {
-  int ld, lc, q, k, dz, zb, t, w0, s0, wb, sb, wg, a, g, gb, vec, red, total;
+  int ld, ls, lc, q, k, dz, zb, t, w0, s0, wb, sb, wg, a, g, gb, vec, red, x, xf, total;
 };
-constexpr int kVecs1 = 16;
-__host__ __device__ constexpr Layout1 make_layout1(int D, int C) {
-  const int ld = D + 1, lc = C + 1, rm = C * ld, dm = D * ld, cm = C * lc;
-  const int q = 0, k = q + rm, dz = k + rm, zb = dz + rm, t = zb + rm;
-  const int w0 = t + rm, s0 = w0 + dm, wb = s0 + dm, sb = wb + dm, wg = sb + dm;
+constexpr int kVecs1 = 17;
+__host__ __device__ constexpr int max3(int a, int b, int c) {
+  return a > b ? (a > c ? a : c) : (b > c ? b : c);
+}
+__host__ __device__ constexpr Layout1 make_layout1(int D, int C, int S = 1) {
+  const int ds = D / S, ld = D + 1, ls = ds + 1, lc = C + 1;
+  const int rm = C * ld, rs = C * ls, dm = D * ls, cm = C * lc;
+  const int q = 0, k = q + rm, dz = k + rm, zb = dz + rs, t = zb + rs;
+  const int w0 = t + rs, s0 = w0 + dm, wb = s0 + dm, sb = wb + dm, wg = sb + dm;
   const int a = wg + dm, g = a + cm, gb = g + cm, vec = gb + cm;
-  const int red = vec + kVecs1 * C, total = red + 4 * kWarps;
-  return Layout1{ld, lc, q, k, dz, zb, t, w0, s0, wb, sb, wg, a, g, gb, vec, red, total};
+  const int red = vec + kVecs1 * C, x = red + 4 * kWarps;
+  // the largest exchange: q̄ or k̄ (C x D), mm (C x C), five row vectors, the warps' partials
+  const int xf = S > 1 ? max3(C * D, C * C, max3(5 * C, 4 * kWarps, 0)) : 0;
+  return Layout1{ld, ls, lc, q, k, dz, zb, t, w0, s0, wb, sb, wg, a, g, gb, vec, red,
+                 x, xf, x + 2 * xf};
 }
-__host__ __device__ constexpr size_t smem_bytes1(int D, int C) {
-  return size_t(make_layout1(D, C).total) * sizeof(float);
+__host__ __device__ constexpr size_t smem_bytes1(int D, int C, int S = 1) {
+  return size_t(make_layout1(D, C, S).total) * sizeof(float);
 }
-// fp32 scratch per (sequence, head): e (then ȳ), xhat of the keys' head, rstd
+// fp32 scratch per (sequence, head): e (then ȳ), xhat of the keys' head (each CTA of a
+// cluster writes its columns)
 __host__ __device__ constexpr size_t scratch_floats1(int D, int C) {
-  return size_t(2) * C * D + C;
+  return size_t(2) * C * D;
 }
 
 template <typename T>
@@ -186,18 +206,66 @@ __device__ __forceinline__ void row_dots(const float (&h1)[TM][TN], const float 
   }
 }
 
-// Row mode, a thread's N columns x of a row of D = N kTPR: xh = (x - mean) rstd; returns rstd.
-template <int kTPR, int N>
+// The sums that cross a cluster (S CTAs per (sequence, head), CTA r owning the output columns
+// [r D / S, (r + 1) D / S) of W): each CTA writes its part into its buffer, a cluster barrier,
+// then every thread adds the S parts of what it needs in rank order, so every CTA holds the
+// same bits. Two buffers of xf floats alternate: a CTA writes a buffer again only after the
+// next exchange's barrier, which every CTA reaches after its reads of this one, so one barrier
+// per exchange suffices. Unused at S = 1.
+template <int S>
+struct Exchange {
+  float* buf;  // [2][xf] shared memory
+  int xf;
+  int parity;
+  __device__ __forceinline__ float* mine() const { return buf + parity * xf; }
+  __device__ __forceinline__ void sync() const {
+    ClusterGroup g;
+    g.sync();
+  }
+  __device__ __forceinline__ float total(int i) const {
+    ClusterGroup g;
+    float s = 0.f;
+#pragma unroll
+    for (int r = 0; r < S; ++r) s += *g.remote(mine() + i, r);
+    return s;
+  }
+  __device__ __forceinline__ void next() { parity ^= 1; }
+};
+
+// Row mode: v[i] <- the totals over the row's columns, first over the kTPR threads of a row,
+// then (S > 1) over the cluster (one exchange for the NV values; `lead`: the row's first
+// thread).
+template <int kTPR, int C, int S, int NV>
+__device__ __forceinline__ void row_totals(Exchange<S>& x, float (&v)[NV], int row, bool lead) {
+#pragma unroll
+  for (int i = 0; i < NV; ++i) v[i] = row_sum<kTPR>(v[i]);
+  if constexpr (S > 1) {
+    if (lead) {
+#pragma unroll
+      for (int i = 0; i < NV; ++i) x.mine()[i * C + row] = v[i];
+    }
+    x.sync();
+#pragma unroll
+    for (int i = 0; i < NV; ++i) v[i] = x.total(i * C + row);
+    x.next();
+  }
+}
+
+// Row mode, a thread's N columns x of a row of D features: xh = (x - mean) rstd; returns rstd.
+// `tot` turns a thread's partial sums into the row's totals (row_totals).
+template <int N, typename Tot>
 __device__ __forceinline__ float ln_stats(const float (&x)[N], float (&xh)[N], float inv_d,
-                                          float eps) {
-  float s = 0.f;
+                                          float eps, Tot&& tot) {
+  float s[1] = {0.f};
 #pragma unroll
-  for (int c = 0; c < N; ++c) s += x[c];
-  const float mean = row_sum<kTPR>(s) * inv_d;
-  float var = 0.f;
+  for (int c = 0; c < N; ++c) s[0] += x[c];
+  tot(s);
+  const float mean = s[0] * inv_d;
+  float var[1] = {0.f};
 #pragma unroll
-  for (int c = 0; c < N; ++c) var += (x[c] - mean) * (x[c] - mean);
-  const float rstd = rsqrtf(row_sum<kTPR>(var) * inv_d + eps);
+  for (int c = 0; c < N; ++c) var[0] += (x[c] - mean) * (x[c] - mean);
+  tot(var);
+  const float rstd = rsqrtf(var[0] * inv_d + eps);
 #pragma unroll
   for (int c = 0; c < N; ++c) xh[c] = (x[c] - mean) * rstd;
   return rstd;
@@ -205,28 +273,29 @@ __device__ __forceinline__ float ln_stats(const float (&x)[N], float (&xh)[N], f
 
 // Row mode: x <- J(gamma x) = rstd (gamma x - mean(gamma x) - xh mean(gamma x xh)), the
 // LayerNorm's backward (chunk_vjp._ln_j after the gamma scale; gamma nullptr: 1).
-template <int kTPR, int N>
+template <int N, typename Tot>
 __device__ __forceinline__ void ln_j(float (&x)[N], const float (&xh)[N], const float* gamma,
-                                     float rstd, float inv_d) {
-  float s1 = 0.f, s2 = 0.f;
+                                     float rstd, float inv_d, Tot&& tot) {
+  float m[2] = {0.f, 0.f};
 #pragma unroll
   for (int c = 0; c < N; ++c) {
     x[c] *= gamma != nullptr ? __ldg(gamma + c) : 1.f;
-    s1 += x[c];
-    s2 += x[c] * xh[c];
+    m[0] += x[c];
+    m[1] += x[c] * xh[c];
   }
-  const float m1 = row_sum<kTPR>(s1) * inv_d, m2 = row_sum<kTPR>(s2) * inv_d;
+  tot(m);
+  const float m1 = m[0] * inv_d, m2 = m[1] * inv_d;
 #pragma unroll
   for (int c = 0; c < N; ++c) x[c] = rstd * (x[c] - m1 - xh[c] * m2);
 }
 
-// A contiguous D x D fp32 matrix from global memory (L2: the kernel updates W̄, S̄ in place)
-// into shared memory with row stride ld.
-template <int D>
-__device__ __forceinline__ void stage_state(float* dst, int ld, const float* src) {
-  for (int i = threadIdx.x; i < D * D / 4; i += kThreads) {
-    const float4 v = __ldcg(reinterpret_cast<const float4*>(src) + i);
-    const int r = (4 * i) / D, c = (4 * i) % D;
+// Columns [0, DS) of a D x D fp32 matrix from global memory (src: its first column; L2: the
+// kernel updates W̄, S̄ in place) into shared memory with row stride ld.
+template <int D, int DS>
+__device__ __forceinline__ void stage_cols(float* dst, int ld, const float* src) {
+  for (int i = threadIdx.x; i < D * DS / 4; i += kThreads) {
+    const int r = (4 * i) / DS, c = (4 * i) % DS;
+    const float4 v = __ldcg(reinterpret_cast<const float4*>(src + int64_t(r) * D + c));
     float* d = dst + r * ld + c;
     d[0] = v.x;
     d[1] = v.y;
@@ -235,23 +304,25 @@ __device__ __forceinline__ void stage_state(float* dst, int ld, const float* src
   }
 }
 
-template <typename TIn, int D, int C>
+template <typename TIn, int D, int C, int S>
 __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwdParams bp) {
   const NeuralMemoryParams& p = bp.f;
-  constexpr Layout1 L = make_layout1(D, C);
-  constexpr int LD = L.ld, LC = L.lc;
-  constexpr int TC = C / 16, TD = D / 16;  // a thread's rows / columns of C- and D-sized sides
-  constexpr int kTPR = kThreads / C;       // row mode: threads per row
-  constexpr int kCPT = D / kTPR;           // and columns per thread
-  static_assert(C % 16 == 0 && D % 16 == 0 && kTPR <= 32 && kCPT >= 1, "shape");
+  constexpr int DS = D / S;  // this CTA's output columns of W (all of them at S = 1)
+  constexpr Layout1 L = make_layout1(D, C, S);
+  constexpr int LD = L.ld, LS = L.ls, LC = L.lc;
+  // a thread's rows / columns of C-, D- and DS-sized sides
+  constexpr int TC = C / 16, TD = D / 16, TS = DS / 16;
+  constexpr int kTPR = kThreads / C;  // row mode: threads per row
+  constexpr int kCPT = DS / kTPR;     // and columns per thread
+  static_assert(C % 16 == 0 && DS % 16 == 0 && kTPR <= 32 && kCPT >= 1, "shape");
 
   extern __shared__ __align__(16) float sm[];
-  float* sQ = sm + L.q;
+  float* sQ = sm + L.q;    // C x D (every column)
   float* sK = sm + L.k;
-  float* sDz = sm + L.dz;  // the keys' errors dz
+  float* sDz = sm + L.dz;  // the keys' errors dz (C x DS, this CTA's columns, as below)
   float* sZb = sm + L.zb;  // the read's z, then z̄
   float* sT = sm + L.t;    // fk, then dz̄, then zk̄
-  float* sW0 = sm + L.w0;
+  float* sW0 = sm + L.w0;  // D x DS
   float* sS0 = sm + L.s0;
   float* sWb = sm + L.wb;  // W̄, S̄ after the chunk
   float* sSb = sm + L.sb;
@@ -275,11 +346,14 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
   float* v_abar = v_nl + C;
   float* v_ebar = v_abar + C;
   float* v_thbar = v_ebar + C;
-  float* v_red = sm + L.red;  // [kWarps][4]
+  float* v_rstd = v_thbar + C;  // the keys' head's rstd per row
+  float* v_red = sm + L.red;    // [kWarps][4]
+  Exchange<S> xc{sm + L.x, L.xf, 0};
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int tr = tid / 16, tc = tid % 16;
-  const int h = blockIdx.x, n = blockIdx.y;
+  const int h = blockIdx.x / S, rank = blockIdx.x % S, n = blockIdx.y;
+  const int col0 = rank * DS;  // this CTA's first column of W (and of every D_out-sided row)
   const chunked::SeqRows seq = chunked::seq_rows(p, n, h);
   const int64_t len = seq.len, row_base = seq.row_base;
   const Rows rq = seq.q, rk = seq.k, rv = seq.v;
@@ -302,20 +376,26 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
   float* wbar = bp.w_bar[0] + nh * size;
   float* sbar = bp.s_bar[0] + nh * size;
   float* wg0 = bp.wg0_bar[0] + nh * size;
-  float* scr_e = bp.scratch + nh * int64_t(scratch_floats1(D, C));  // e, then ȳ
+  float* scr_e = bp.scratch + nh * int64_t(scratch_floats1(D, C));  // e, then ȳ (C x D)
   float* scr_xh = scr_e + C * D;
-  float* scr_rstd = scr_xh + C * D;
   float* dlnw = bp.dln_w != nullptr ? bp.dln_w + nh * C * D : nullptr;
   float* dlnb = bp.dln_b != nullptr ? bp.dln_b + nh * C * D : nullptr;
   const float* gamma = p.ln_weight != nullptr ? p.ln_weight + h * D : nullptr;
   const float* lbeta = gamma != nullptr && p.ln_bias != nullptr ? p.ln_bias + h * D : nullptr;
   const bool rchunk = p.read_chunk;
   if (n_chunks == 0) {  // no tokens: W̄, S̄ pass through; the owed chunk weights' cotangent
-    for (int64_t i = tid; i < size; i += kThreads) wg0[i] = cwb != nullptr ? __ldcg(cwb + i) : 0.f;
+    for (int64_t i = tid; i < size; i += kThreads) {
+      if (int(i % D) / DS == rank) wg0[i] = cwb != nullptr ? __ldcg(cwb + i) : 0.f;
+    }
     return;
   }
-  const int rr = tid / kTPR, rc0 = (tid % kTPR) * kCPT;  // row mode: row, first column
+  const int rr = tid / kTPR, rc0 = (tid % kTPR) * kCPT;  // row mode: row, first column (local)
+  const int gc0 = col0 + rc0;                            // and its column of D
+  const bool rlead = tid % kTPR == 0;
+  auto tot = [&](auto& v) { row_totals<kTPR, C, S>(xc, v, rr, rlead); };
   const float inv_d = 1.f / float(D);
+  // which of a thread's D-wide column groups (tc + 16 j) this CTA writes
+  auto own_j = [&](int j) { return j / TS == rank; };
 
   for (int j = n_chunks - 1; j >= 0; --j) {
     const int64_t slot = (int64_t(j) * p.n_seq + n) * p.heads + h;
@@ -338,15 +418,15 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
       sK[r * LD + c] = xk.x;
       sK[r * LD + c + 1] = xk.y;
     }
-    stage_state<D>(sW0, LD, bp.ckpt_w[0] + slot * size);
-    stage_state<D>(sS0, LD, bp.ckpt_s[0] + slot * size);
-    stage_state<D>(sWb, LD, wbar);
-    stage_state<D>(sSb, LD, sbar);
-    if (!g_is_w) stage_state<D>(sWg, LD, cw_src);
+    stage_cols<D, DS>(sW0, LS, bp.ckpt_w[0] + slot * size + col0);
+    stage_cols<D, DS>(sS0, LS, bp.ckpt_s[0] + slot * size + col0);
+    stage_cols<D, DS>(sWb, LS, wbar + col0);
+    stage_cols<D, DS>(sSb, LS, sbar + col0);
+    if (!g_is_w) stage_cols<D, DS>(sWg, LS, cw_src + col0);
     if (tid < C) chunked::load_gates(tid, p, row_base, h, t0, len, v_theta, v_a, v_eta, v_act);
     __syncthreads();
 
-    // ---- G, the scalars; fk = k Wg; A = q k^T ----
+    // ---- G, the scalars; fk = k Wg; A = q k^T (every CTA: it sums over all of D) ----
     if (tid < C) {
       const float2 last = chunked::gate_column<C>(tid, v_theta, v_a, v_eta, v_act, sG, nullptr,
                                                   LC);
@@ -356,11 +436,11 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
       chunked::gate_scalars<C>(v_a, v_eta, v_act, v_m, v_beta, v_c);
     }
     {
-      float f[TC][TD];
+      float f[TC][TS];
       zero(f);
-      gemm<TC, TD, D>(f, tr, tc, [&](int m, int k) { return sK[m * LD + k]; },
-                      [&](int k, int c) { return sWgp[k * LD + c]; });
-      put(sT, LD, tr, tc, f);
+      gemm<TC, TS, D>(f, tr, tc, [&](int m, int k) { return sK[m * LD + k]; },
+                      [&](int k, int c) { return sWgp[k * LS + c]; });
+      put(sT, LS, tr, tc, f);
     }
     if (!rchunk) {
       float a[TC][TC];
@@ -378,55 +458,55 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
       float f[kCPT], xh[kCPT], e[kCPT];
       float rstd = 1.f;
 #pragma unroll
-      for (int c = 0; c < kCPT; ++c) f[c] = sT[rr * LD + rc0 + c];
+      for (int c = 0; c < kCPT; ++c) f[c] = sT[rr * LS + rc0 + c];
       if (gamma != nullptr) {
-        rstd = ln_stats<kTPR>(f, xh, inv_d, p.ln_eps);
+        rstd = ln_stats(f, xh, inv_d, p.ln_eps, tot);
 #pragma unroll
         for (int c = 0; c < kCPT; ++c)
-          f[c] = __ldg(gamma + rc0 + c) * xh[c] + (lbeta != nullptr ? __ldg(lbeta + rc0 + c) : 0.f);
+          f[c] = __ldg(gamma + gc0 + c) * xh[c] + (lbeta != nullptr ? __ldg(lbeta + gc0 + c) : 0.f);
       }
 #pragma unroll
       for (int c = 0; c < kCPT; ++c) {
-        const float y = f[c] + (p.residual ? sK[rr * LD + rc0 + c] : 0.f);
-        const float vv = active ? ld1(gv + rv.at(t) + rc0 + c) : 0.f;
+        const float y = f[c] + (p.residual ? sK[rr * LD + gc0 + c] : 0.f);
+        const float vv = active ? ld1(gv + rv.at(t) + gc0 + c) : 0.f;
         e[c] = 2.f * (y - vv);
       }
 #pragma unroll
       for (int c = 0; c < kCPT; ++c) {
-        scr_e[rr * D + rc0 + c] = e[c];
+        scr_e[rr * D + gc0 + c] = e[c];
         f[c] = e[c];
       }
       if (gamma != nullptr) {  // dz = J(gamma e)
-        ln_j<kTPR>(f, xh, gamma + rc0, rstd, inv_d);
+        ln_j(f, xh, gamma + gc0, rstd, inv_d, tot);
 #pragma unroll
-        for (int c = 0; c < kCPT; ++c) scr_xh[rr * D + rc0 + c] = xh[c];
-        if (tid % kTPR == 0) scr_rstd[rr] = rstd;
+        for (int c = 0; c < kCPT; ++c) scr_xh[rr * D + gc0 + c] = xh[c];
+        if (rlead) v_rstd[rr] = rstd;
       }
 #pragma unroll
-      for (int c = 0; c < kCPT; ++c) sDz[rr * LD + rc0 + c] = f[c];
+      for (int c = 0; c < kCPT; ++c) sDz[rr * LS + rc0 + c] = f[c];
     }
     __syncthreads();
 
     // ---- the read's z ----
-    float hw0[TC][TD], hs0[TC][TD];  // q W0, q S0 (read "token"), kept for the row sums
+    float hw0[TC][TS], hs0[TC][TS];  // q W0, q S0 (read "token"), kept for the row sums
     {
-      float z[TC][TD];
+      float z[TC][TS];
       zero(z);
       if (!rchunk) {
         zero(hw0);
         zero(hs0);
-        gemm<TC, TD, D>(hw0, tr, tc, [&](int m, int k) { return sQ[m * LD + k]; },
-                        [&](int k, int c) { return sW0[k * LD + c]; });
-        gemm<TC, TD, D>(hs0, tr, tc, [&](int m, int k) { return sQ[m * LD + k]; },
-                        [&](int k, int c) { return sS0[k * LD + c]; });
-        gemm<TC, TD, C>(z, tr, tc, [&](int m, int k) { return -sG[m * LC + k] * sA[m * LC + k]; },
-                        [&](int k, int c) { return sDz[k * LD + c]; });
+        gemm<TC, TS, D>(hw0, tr, tc, [&](int m, int k) { return sQ[m * LD + k]; },
+                        [&](int k, int c) { return sW0[k * LS + c]; });
+        gemm<TC, TS, D>(hs0, tr, tc, [&](int m, int k) { return sQ[m * LD + k]; },
+                        [&](int k, int c) { return sS0[k * LS + c]; });
+        gemm<TC, TS, C>(z, tr, tc, [&](int m, int k) { return -sG[m * LC + k] * sA[m * LC + k]; },
+                        [&](int k, int c) { return sDz[k * LS + c]; });
         add_row_scaled(z, tr, hw0, hs0, v_beta, v_c);
       } else {
-        gemm<TC, TD, D>(z, tr, tc, [&](int m, int k) { return sQ[m * LD + k]; },
-                        [&](int k, int c) { return sWgp[k * LD + c]; });
+        gemm<TC, TS, D>(z, tr, tc, [&](int m, int k) { return sQ[m * LD + k]; },
+                        [&](int k, int c) { return sWgp[k * LS + c]; });
       }
-      put(sZb, LD, tr, tc, z);
+      put(sZb, LS, tr, tc, z);
     }
     __syncthreads();
 
@@ -436,66 +516,90 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
       const bool active = t >= 0 && t < len;
       float ob[kCPT];
 #pragma unroll
-      for (int c = 0; c < kCPT; ++c) ob[c] = active ? ld1(gob + ro.at(t) + rc0 + c) : 0.f;
+      for (int c = 0; c < kCPT; ++c) ob[c] = active ? ld1(gob + ro.at(t) + gc0 + c) : 0.f;
       if (gamma != nullptr) {
         float z[kCPT], xh[kCPT];
 #pragma unroll
-        for (int c = 0; c < kCPT; ++c) z[c] = sZb[rr * LD + rc0 + c];
-        const float rstd = ln_stats<kTPR>(z, xh, inv_d, p.ln_eps);
+        for (int c = 0; c < kCPT; ++c) z[c] = sZb[rr * LS + rc0 + c];
+        const float rstd = ln_stats(z, xh, inv_d, p.ln_eps, tot);
         if (active) {
 #pragma unroll
           for (int c = 0; c < kCPT; ++c) {
-            dlnw[rr * D + rc0 + c] += ob[c] * xh[c];
-            if (dlnb != nullptr) dlnb[rr * D + rc0 + c] += ob[c];
+            dlnw[rr * D + gc0 + c] += ob[c] * xh[c];
+            if (dlnb != nullptr) dlnb[rr * D + gc0 + c] += ob[c];
           }
         }
-        ln_j<kTPR>(ob, xh, gamma + rc0, rstd, inv_d);
+        ln_j(ob, xh, gamma + gc0, rstd, inv_d, tot);
       }
 #pragma unroll
-      for (int c = 0; c < kCPT; ++c) sZb[rr * LD + rc0 + c] = ob[c];
+      for (int c = 0; c < kCPT; ++c) sZb[rr * LS + rc0 + c] = ob[c];
     }
     __syncthreads();
 
     // ---- the state's cotangents into dz̄ and the last rows of Ḡ, N̄; the read's dz̄ and row
-    // sums ----
+    // sums (this CTA's columns; the row sums cross the cluster below) ----
     {
-      float dzb[TC][TD];
+      float* rows = S > 1 ? xc.mine() : v_bb;  // [4][C]: Ḡ, N̄ last rows, beta-bar, c-bar
+      float* r_gl = S > 1 ? rows : v_gl;
+      float* r_nl = S > 1 ? rows + C : v_nl;
+      float* r_bb = S > 1 ? rows + 2 * C : v_bb;
+      float* r_cb = S > 1 ? rows + 3 * C : v_cb;
+      float dzb[TC][TS];
       zero(dzb);
       {
-        float hw[TC][TD], hs[TC][TD];
+        float hw[TC][TS], hs[TC][TS];
         zero(hw);
         zero(hs);
-        gemm<TC, TD, D>(hw, tr, tc, [&](int m, int k) { return sK[m * LD + k]; },
-                        [&](int k, int c) { return sWb[k * LD + c]; });
-        gemm<TC, TD, D>(hs, tr, tc, [&](int m, int k) { return sK[m * LD + k]; },
-                        [&](int k, int c) { return sSb[k * LD + c]; });
-        row_dots(hw, hs, [&](int m, int c) { return sDz[m * LD + c]; }, tr, tc, -1.f, v_gl, v_nl);
+        gemm<TC, TS, D>(hw, tr, tc, [&](int m, int k) { return sK[m * LD + k]; },
+                        [&](int k, int c) { return sWb[k * LS + c]; });
+        gemm<TC, TS, D>(hs, tr, tc, [&](int m, int k) { return sK[m * LD + k]; },
+                        [&](int k, int c) { return sSb[k * LS + c]; });
+        row_dots(hw, hs, [&](int m, int c) { return sDz[m * LS + c]; }, tr, tc, -1.f, r_gl, r_nl);
         add_row_scaled(dzb, tr, hw, hs, v_gneg, v_nneg);
       }
       if (!rchunk) {
-        row_dots(hw0, hs0, [&](int m, int c) { return sZb[m * LD + c]; }, tr, tc, 1.f, v_bb,
-                 v_cb);
+        row_dots(hw0, hs0, [&](int m, int c) { return sZb[m * LS + c]; }, tr, tc, 1.f, r_bb,
+                 r_cb);
         // dz̄ -= (G * A)^T z̄
-        gemm<TC, TD, C>(dzb, tr, tc, [&](int m, int k) { return -sG[k * LC + m] * sA[k * LC + m]; },
-                        [&](int k, int c) { return sZb[k * LD + c]; });
+        gemm<TC, TS, C>(dzb, tr, tc, [&](int m, int k) { return -sG[k * LC + m] * sA[k * LC + m]; },
+                        [&](int k, int c) { return sZb[k * LS + c]; });
       } else if (tc == 0) {
 #pragma unroll
         for (int i = 0; i < TC; ++i) {
-          v_bb[tr + 16 * i] = 0.f;
-          v_cb[tr + 16 * i] = 0.f;
+          r_bb[tr + 16 * i] = 0.f;
+          r_cb[tr + 16 * i] = 0.f;
         }
       }
-      put(sT, LD, tr, tc, dzb);
+      put(sT, LS, tr, tc, dzb);
+    }
+    if constexpr (S > 1) {  // the four row vectors over the cluster: v_gl, v_nl, v_bb, v_cb
+      xc.sync();
+      for (int i = tid; i < 4 * C; i += kThreads) {
+        const float s = xc.total(i);
+        float* dst = i < C ? v_gl : i < 2 * C ? v_nl : i < 3 * C ? v_bb : v_cb;
+        dst[i % C] = s;
+      }
+      xc.next();
     }
     __syncthreads();
 
-    // ---- Ḡ = mm * A and a_bar = mm * G, mm = -z̄ dz^T (read "token") ----
+    // ---- Ḡ = mm * A and a_bar = mm * G, mm = -z̄ dz^T (read "token"; summed over D) ----
     {
       float mm[TC][TC];
       zero(mm);
-      if (!rchunk)
-        gemm<TC, TC, D>(mm, tr, tc, [&](int m, int k) { return -sZb[m * LD + k]; },
-                        [&](int k, int c) { return sDz[c * LD + k]; });
+      if (!rchunk) {
+        gemm<TC, TC, DS>(mm, tr, tc, [&](int m, int k) { return -sZb[m * LS + k]; },
+                         [&](int k, int c) { return sDz[c * LS + k]; });
+        if constexpr (S > 1) {
+          put(xc.mine(), C, tr, tc, mm);
+          xc.sync();
+#pragma unroll
+          for (int i = 0; i < TC; ++i)
+#pragma unroll
+            for (int jj = 0; jj < TC; ++jj) mm[i][jj] = xc.total((tr + 16 * i) * C + tc + 16 * jj);
+          xc.next();
+        }
+      }
 #pragma unroll
       for (int i = 0; i < TC; ++i)
 #pragma unroll
@@ -512,36 +616,40 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
       const bool active = t >= 0 && t < len;
       float top[kCPT], yb[kCPT], zk[kCPT];
 #pragma unroll
-      for (int c = 0; c < kCPT; ++c) top[c] = sT[rr * LD + rc0 + c];
+      for (int c = 0; c < kCPT; ++c) top[c] = sT[rr * LS + rc0 + c];
       if (gamma != nullptr) {
-        const float rstd = scr_rstd[rr];
+        const float rstd = v_rstd[rr];
         float e[kCPT], xh[kCPT], dz[kCPT], je[kCPT];
-        float tdz = 0.f, tx = 0.f, s = 0.f;
+        // sum top dz, sum top xh, sum gamma e xh, and J(top)'s sum top, sum top xh
+        float r5[5] = {0.f, 0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int c = 0; c < kCPT; ++c) {
-          e[c] = scr_e[rr * D + rc0 + c];
-          xh[c] = scr_xh[rr * D + rc0 + c];
-          dz[c] = sDz[rr * LD + rc0 + c];
+          e[c] = scr_e[rr * D + gc0 + c];
+          xh[c] = scr_xh[rr * D + gc0 + c];
+          dz[c] = sDz[rr * LS + rc0 + c];
           je[c] = top[c];
-          tdz += top[c] * dz[c];
-          tx += top[c] * xh[c];
-          s += __ldg(gamma + rc0 + c) * e[c] * xh[c];
+          r5[0] += top[c] * dz[c];
+          r5[1] += top[c] * xh[c];
+          r5[2] += __ldg(gamma + gc0 + c) * e[c] * xh[c];
+          r5[3] += top[c];
+          r5[4] += top[c] * xh[c];
         }
-        tdz = row_sum<kTPR>(tdz);
-        tx = row_sum<kTPR>(tx);
-        s = row_sum<kTPR>(s) * inv_d;
-        ln_j<kTPR>(je, xh, nullptr, rstd, inv_d);  // J(top)
+        tot(r5);
+        const float tdz = r5[0], tx = r5[1], s = r5[2] * inv_d;
+        const float jm1 = r5[3] * inv_d, jm2 = r5[4] * inv_d;
+#pragma unroll
+        for (int c = 0; c < kCPT; ++c) je[c] = rstd * (je[c] - jm1 - xh[c] * jm2);  // J(top)
 #pragma unroll
         for (int c = 0; c < kCPT; ++c) {
           zk[c] = -(rstd * inv_d) * (xh[c] * tdz + dz[c] * tx) - rstd * s * je[c];  // f̄
-          yb[c] = 2.f * __ldg(gamma + rc0 + c) * je[c];                              // 2 ē
+          yb[c] = 2.f * __ldg(gamma + gc0 + c) * je[c];                             // 2 ē
           if (active) {
-            dlnw[rr * D + rc0 + c] += e[c] * je[c] + yb[c] * xh[c];
-            if (dlnb != nullptr) dlnb[rr * D + rc0 + c] += yb[c];
+            dlnw[rr * D + gc0 + c] += e[c] * je[c] + yb[c] * xh[c];
+            if (dlnb != nullptr) dlnb[rr * D + gc0 + c] += yb[c];
           }
           e[c] = yb[c];
         }
-        ln_j<kTPR>(e, xh, gamma + rc0, rstd, inv_d);  // the keys' head: J(gamma ȳ)
+        ln_j(e, xh, gamma + gc0, rstd, inv_d, tot);  // the keys' head: J(gamma ȳ)
 #pragma unroll
         for (int c = 0; c < kCPT; ++c) zk[c] += e[c];
       } else {
@@ -553,39 +661,60 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
       }
 #pragma unroll
       for (int c = 0; c < kCPT; ++c) {
-        sT[rr * LD + rc0 + c] = zk[c];
-        scr_e[rr * D + rc0 + c] = yb[c];
-        if (active) st1(gdv + ro.at(t) + rc0 + c, -yb[c]);
+        sT[rr * LS + rc0 + c] = zk[c];
+        scr_e[rr * D + gc0 + c] = yb[c];
+        if (active) st1(gdv + ro.at(t) + gc0 + c, -yb[c]);
       }
     }
     __syncthreads();
 
-    // ---- q̄, k̄ ----
+    // ---- q̄, k̄ (C x D: this CTA's part sums over its columns; rank 0 adds the A-terms of q̄,
+    // rank S - 1 those of k̄; then each CTA writes its columns of dq, dk) ----
     {
       float qb[TC][TD], kb[TC][TD];
       zero(qb);
       zero(kb);
       if (!rchunk) {
-        gemm_row_scaled_pair<TC, TD, D>(
-            qb, tr, tc, [&](int m, int k) { return sZb[m * LD + k]; },
-            [&](int k, int c) { return sW0[c * LD + k]; },
-            [&](int k, int c) { return sS0[c * LD + k]; }, v_beta, v_c);
-        gemm<TC, TD, C>(qb, tr, tc, [&](int m, int k) { return sA[m * LC + k]; },
-                        [&](int k, int c) { return sK[k * LD + c]; });
-        gemm<TC, TD, C>(kb, tr, tc, [&](int m, int k) { return sA[k * LC + m]; },
-                        [&](int k, int c) { return sQ[k * LD + c]; });
+        gemm_row_scaled_pair<TC, TD, DS>(
+            qb, tr, tc, [&](int m, int k) { return sZb[m * LS + k]; },
+            [&](int k, int c) { return sW0[c * LS + k]; },
+            [&](int k, int c) { return sS0[c * LS + k]; }, v_beta, v_c);
+        if (rank == 0)
+          gemm<TC, TD, C>(qb, tr, tc, [&](int m, int k) { return sA[m * LC + k]; },
+                          [&](int k, int c) { return sK[k * LD + c]; });
+        if (rank == S - 1)
+          gemm<TC, TD, C>(kb, tr, tc, [&](int m, int k) { return sA[k * LC + m]; },
+                          [&](int k, int c) { return sQ[k * LD + c]; });
       } else {
-        gemm<TC, TD, D>(qb, tr, tc, [&](int m, int k) { return sZb[m * LD + k]; },
-                        [&](int k, int c) { return sWgp[c * LD + k]; });
+        gemm<TC, TD, DS>(qb, tr, tc, [&](int m, int k) { return sZb[m * LS + k]; },
+                         [&](int k, int c) { return sWgp[c * LS + k]; });
       }
       // the state's part: gneg (dz W̄^T) + nneg (dz S̄^T)
-      gemm_row_scaled_pair<TC, TD, D>(
-          kb, tr, tc, [&](int m, int k) { return sDz[m * LD + k]; },
-          [&](int k, int c) { return sWb[c * LD + k]; },
-          [&](int k, int c) { return sSb[c * LD + k]; }, v_gneg, v_nneg);
+      gemm_row_scaled_pair<TC, TD, DS>(
+          kb, tr, tc, [&](int m, int k) { return sDz[m * LS + k]; },
+          [&](int k, int c) { return sWb[c * LS + k]; },
+          [&](int k, int c) { return sSb[c * LS + k]; }, v_gneg, v_nneg);
       // the keys' forward: zk̄ Wg^T
-      gemm<TC, TD, D>(kb, tr, tc, [&](int m, int k) { return sT[m * LD + k]; },
-                      [&](int k, int c) { return sWgp[c * LD + k]; });
+      gemm<TC, TD, DS>(kb, tr, tc, [&](int m, int k) { return sT[m * LS + k]; },
+                       [&](int k, int c) { return sWgp[c * LS + k]; });
+      if constexpr (S > 1) {  // q̄ then k̄ over the cluster, each thread its own columns
+        put(xc.mine(), D, tr, tc, qb);
+        xc.sync();
+#pragma unroll
+        for (int i = 0; i < TC; ++i)
+#pragma unroll
+          for (int jj = 0; jj < TD; ++jj)
+            if (own_j(jj)) qb[i][jj] = xc.total((tr + 16 * i) * D + tc + 16 * jj);
+        xc.next();
+        put(xc.mine(), D, tr, tc, kb);
+        xc.sync();
+#pragma unroll
+        for (int i = 0; i < TC; ++i)
+#pragma unroll
+          for (int jj = 0; jj < TD; ++jj)
+            if (own_j(jj)) kb[i][jj] = xc.total((tr + 16 * i) * D + tc + 16 * jj);
+        xc.next();
+      }
 #pragma unroll
       for (int i = 0; i < TC; ++i) {
         const int m = tr + 16 * i;
@@ -593,11 +722,12 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
         if (t < 0 || t >= len) continue;
 #pragma unroll
         for (int jj = 0; jj < TD; ++jj) {
+          if (!own_j(jj)) continue;
           const int c = tc + 16 * jj;
           float qv = qb[i][jj], kv = kb[i][jj];
           if (p.residual) {
             qv += ld1(gob + ro.at(t) + c);
-            kv += scr_e[m * D + c];  // ȳ
+            kv += scr_e[m * D + c];  // ȳ (this CTA's column)
           }
           st1(gdq + ro.at(t) + c, qv);
           st1(gdk + ro.at(t) + c, kv);
@@ -605,22 +735,23 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
       }
     }
 
-    // ---- the state: W̄g, W̄0, S̄0 and the Frobenius sums of the last row's gates ----
+    // ---- the state: W̄g, W̄0, S̄0 (this CTA's columns) and the Frobenius sums of the last
+    // row's gates ----
     {
-      float ag[TD][TD], aw[TD][TD], as[TD][TD];
+      float ag[TD][TS], aw[TD][TS], as[TD][TS];
       zero(ag);
       zero(aw);
       zero(as);
-      gemm<TD, TD, C>(ag, tr, tc, [&](int m, int k) { return sK[k * LD + m]; },
-                      [&](int k, int c) { return sT[k * LD + c]; });
+      gemm<TD, TS, C>(ag, tr, tc, [&](int m, int k) { return sK[k * LD + m]; },
+                      [&](int k, int c) { return sT[k * LS + c]; });
       if (rchunk) {
-        gemm<TD, TD, C>(ag, tr, tc, [&](int m, int k) { return sQ[k * LD + m]; },
-                        [&](int k, int c) { return sZb[k * LD + c]; });
+        gemm<TD, TS, C>(ag, tr, tc, [&](int m, int k) { return sQ[k * LD + m]; },
+                        [&](int k, int c) { return sZb[k * LS + c]; });
       } else {
-        gemm<TD, TD, C>(aw, tr, tc, [&](int m, int k) { return sQ[k * LD + m] * v_beta[k]; },
-                        [&](int k, int c) { return sZb[k * LD + c]; });
-        gemm<TD, TD, C>(as, tr, tc, [&](int m, int k) { return sQ[k * LD + m] * v_c[k]; },
-                        [&](int k, int c) { return sZb[k * LD + c]; });
+        gemm<TD, TS, C>(aw, tr, tc, [&](int m, int k) { return sQ[k * LD + m] * v_beta[k]; },
+                        [&](int k, int c) { return sZb[k * LS + c]; });
+        gemm<TD, TS, C>(as, tr, tc, [&](int m, int k) { return sQ[k * LD + m] * v_c[k]; },
+                        [&](int k, int c) { return sZb[k * LS + c]; });
       }
       const float beta_c = v_beta[C - 1], c_c = v_c[C - 1], m_c = v_m[C - 1];
       const bool last = j == n_chunks - 1 && cwb != nullptr;
@@ -628,14 +759,14 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
 #pragma unroll
       for (int i = 0; i < TD; ++i)
 #pragma unroll
-        for (int jj = 0; jj < TD; ++jj) {
+        for (int jj = 0; jj < TS; ++jj) {
           const int r = tr + 16 * i, c = tc + 16 * jj;
-          const float wb = sWb[r * LD + c], sb = sSb[r * LD + c];
-          const float w0 = sW0[r * LD + c], s0 = sS0[r * LD + c];
+          const float wb = sWb[r * LS + c], sb = sSb[r * LS + c];
+          const float w0 = sW0[r * LS + c], s0 = sS0[r * LS + c];
           f0 += w0 * wb;
           f1 += s0 * wb;
           f2 += s0 * sb;
-          const int64_t e = int64_t(r) * D + c;
+          const int64_t e = int64_t(r) * D + col0 + c;
           const float g = ag[i][jj] + (last ? __ldcg(cwb + e) : 0.f);
           const float w = aw[i][jj] + beta_c * wb;
           const float s = as[i][jj] + c_c * wb + m_c * sb;
@@ -653,32 +784,85 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
         f1 += __shfl_xor_sync(0xffffffffu, f1, o);
         f2 += __shfl_xor_sync(0xffffffffu, f2, o);
       }
+      float* red = S > 1 ? xc.mine() : v_red;
       if (lane == 0) {
-        v_red[warp * 4] = f0;
-        v_red[warp * 4 + 1] = f1;
-        v_red[warp * 4 + 2] = f2;
+        red[warp * 4] = f0;
+        red[warp * 4 + 1] = f1;
+        red[warp * 4 + 2] = f2;
       }
+    }
+    if constexpr (S > 1) {  // the warps' partials over the cluster
+      xc.sync();
+      if (tid < 4 * kWarps && tid % 4 < 3) v_red[tid] = xc.total(tid);
+      xc.next();
     }
     __syncthreads();  // a_bar (sA) read: N may take its place
 
-    // ---- the gates' adjoint (N into sA; G is still in sG) ----
+    // ---- the gates' adjoint (N into sA; G is still in sG); rank 0 stores it ----
     if (tid < C) chunked::gate_column<C>(tid, v_theta, v_a, v_eta, v_act, nullptr, sA, LC);
     __syncthreads();
     gates_adjoint<C, kThreads, kWarps>(tid, LC, sG, sA, sGb, v_gl, v_nl, v_bb, v_cb, v_red, v_a,
                                        v_eta, v_act, v_m, v_beta, v_c, v_thbar, v_abar, v_ebar);
     __syncthreads();
-    gates_adjoint_store<C>(tid, LC, sG, sA, v_thbar, v_abar, v_ebar, t0, len, row_base, p.heads,
-                           h, bp.dlr, bp.dforget, bp.dmomentum);
+    if (rank == 0)
+      gates_adjoint_store<C>(tid, LC, sG, sA, v_thbar, v_abar, v_ebar, t0, len, row_base,
+                             p.heads, h, bp.dlr, bp.dforget, bp.dmomentum);
+  }
+  if constexpr (S > 1) xc.sync();  // no CTA exits while another may still read its buffers
+}
+
+template <typename TIn, int D, int C, int S>
+cudaError_t launch1_split(const NeuralMemoryBwdParams& p, cudaStream_t stream) {
+  const size_t smem = smem_bytes1(D, C, S);
+  auto kernel = bwd1_kernel<TIn, D, C, S>;
+  TITANS_RETURN_IF_ERROR(allow_smem(kernel, smem));
+  if constexpr (S == 1) {
+    kernel<<<dim3(p.f.heads, p.f.n_seq), kThreads, smem, stream>>>(p);
+    return cudaGetLastError();
+  } else {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(unsigned(p.f.heads) * S, unsigned(p.f.n_seq), 1);
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    cudaLaunchAttribute attr[1] = {cluster_attribute(S)};
+    config.attrs = attr;
+    config.numAttrs = 1;
+    return cudaLaunchKernelEx(&config, kernel, p);
   }
 }
 
+// Whether a cluster of S CTAs per (sequence, head) runs for `pairs` pairs in one wave: the
+// device has clusters, and they all fit at once, one CTA per SM.
+template <typename TIn, int D, int C, int S>
+bool split1_fits(int64_t pairs) {
+  auto kernel = bwd1_kernel<TIn, D, C, S>;
+  const size_t smem = smem_bytes1(D, C, S);
+  if (allow_smem(kernel, smem) != cudaSuccess) return false;
+  return resident_ctas(kernel, kThreads, smem) >= pairs * S &&
+         max_clusters(kernel, S, smem, kThreads) >= pairs;
+}
+
+// The CTAs per (sequence, head) (params.h split): a cluster of 4, else 2, owning D / S columns
+// of W each, where that many CTAs fit the device at once (sm_90+); else one. p.f.split > 0
+// forces 1, 2 or 4 (at most D / 16).
 template <typename TIn, int D, int C>
 cudaError_t launch1(const NeuralMemoryBwdParams& p, cudaStream_t stream) {
-  const size_t smem = smem_bytes1(D, C);
-  auto kernel = bwd1_kernel<TIn, D, C>;
-  TITANS_RETURN_IF_ERROR(allow_smem(kernel, smem));
-  kernel<<<dim3(p.f.heads, p.f.n_seq), kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  const int64_t pairs = int64_t(p.f.heads) * p.f.n_seq;
+  int s = p.f.split;
+  if (s < 0 || s == 3 || s > kMaxSplit1 || s > D / 16) return cudaErrorInvalidValue;
+  if (s == 0) {
+    s = 1;
+    if constexpr (D / 16 >= 4) {
+      if (split1_fits<TIn, D, C, 4>(pairs)) s = 4;
+    }
+    if (s == 1 && split1_fits<TIn, D, C, 2>(pairs)) s = 2;
+  }
+  if constexpr (D / 16 >= 4) {
+    if (s == 4) return launch1_split<TIn, D, C, 4>(p, stream);
+  }
+  if (s == 2) return launch1_split<TIn, D, C, 2>(p, stream);
+  return launch1_split<TIn, D, C, 1>(p, stream);
 }
 
 template <typename TIn, int D>

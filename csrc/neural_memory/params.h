@@ -53,6 +53,8 @@ struct NeuralMemoryParams {
   // chunked: depth 2 only, 1..8 and at most the hidden blocks (CTA r owns the hidden blocks b
   // with b % split == r: 32 columns each, 16 in the backward at D = 128). 0: the fewest blocks
   // per CTA whose clusters are all resident at once.
+  // depth-1 backward: a cluster of 1, 2 or 4 (at most D / 16), CTA r owning the output columns
+  // [r D / s, (r + 1) D / s) of W. 0: 4, else 2, where every cluster fits at once (sm_90+).
   int split;
   // chunked only, for the backward: the state (W, S) at the start of chunks 0, K, 2K, ... of
   // each sequence's padded timeline (K = ckpt_every > 0), per layer [n_ckpt, N, H, d_in,

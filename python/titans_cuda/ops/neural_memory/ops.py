@@ -441,12 +441,12 @@ FORWARD_GLOBAL_SPLIT = os.environ.get("TITANS_FORWARD_GLOBAL_SPLIT", "1") != "0"
 # CTAs per (sequence, head) of the fused backward, CTA r owning the hidden blocks b with
 # b % split == r: s > 0 a cluster of s (sm_90+), s < 0 -s ordinary CTAs of a cooperative launch
 # that exchange their sums through global memory; 0: the launcher's choice
-# (neural_memory_chunked_bwd_plan). The tests force each split.
+# (neural_memory_chunked_bwd_plan). The tests force each split. At depth 1 only clusters: s in
+# (1, 2, 4), at most D / 16, CTA r owning the output columns [r D / s, (r + 1) D / s) of W.
 FUSED_BWD_SPLIT = 0
 # The forward's state is kept at every K-th chunk start for the fused backward, which recomputes
 # the others a group of K at a time (memory / K, time + the keys' pass and state update of the
-# K - 1 recomputed chunks). Depth 2 only: depth 1 keeps every chunk's (_kept_every). The split
-# likewise applies to depth 2 only.
+# K - 1 recomputed chunks). Depth 2 only: depth 1 keeps every chunk's (_kept_every).
 FUSED_BWD_CHECKPOINT_EVERY = 4
 
 
@@ -538,7 +538,7 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
     K = 1 if L == 1 else int(checkpoint_every) if kept else max(1, int(FUSED_BWD_CHECKPOINT_EVERY))
     ring = (torch.empty(N * H * (K - 1) * 4 * D * hidden, dtype=torch.float32, device=dev)
             if K > 1 else None)
-    split = 1 if L == 1 else _bwd_plan(  # (depth 1: one CTA per (sequence, head), no split)
+    split = 1 if L == 1 else _bwd_plan(  # (depth 1: its launcher's cluster, no exchange here)
         N, H, D, hidden, C, KERNEL_DTYPES.index(q.dtype), int(FUSED_BWD_SPLIT),
         dev.index if dev.index is not None else torch.cuda.current_device())
     if split == 0:
@@ -564,7 +564,7 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
                     dmomentum=dgates[2].data_ptr(),
                     dln_w=0 if dln_w is None else dln_w.data_ptr(),
                     dln_b=0 if dln_b is None else dln_b.data_ptr(),
-                    scratch=scratch.data_ptr(), split=int(FUSED_BWD_SPLIT) if L == 2 else 0,
+                    scratch=scratch.data_ptr(), split=int(FUSED_BWD_SPLIT),
                     ring=0 if ring is None else ring.data_ptr(),
                     exchange=0 if exchange is None else exchange.data_ptr(),
                     arrivals=0 if arrivals is None else arrivals.data_ptr())
