@@ -6,7 +6,11 @@ events after warm-up (splits._time_ms); peak memory of one forward + backward. N
 the built extension.
 
     python benchmarks/depth1_time.py                 # default short
-    SHAPES="default" REF=0 python benchmarks/depth1_time.py   # without the reference's rows"""
+    SHAPES="default" REF=0 python benchmarks/depth1_time.py   # without the reference's rows
+    SPLITS="1 2 4" VJP=0 REF=0 python benchmarks/depth1_time.py   # forced clusters too
+
+SPLITS adds forward+backward at each forced cluster size of the backward (ops.FUSED_BWD_SPLIT:
+1, 2 or 4 CTAs per (sequence, head)); VJP=0 leaves out the reference's-VJP row."""
 from __future__ import annotations
 
 import os
@@ -48,8 +52,15 @@ def main():
         fused = nm_ops.chunked_bwd_reason(q, [w], s.chunk, None, None, "token") is None
         row = [f"fwd {_time_ms(fwd, reps=5):.2f}",
                f"fwd+bwd {_time_ms(fwd_bwd, reps=5):.2f} ({peak(fwd_bwd):.0f})"]
-        # the kernels' forward with the reference's VJP: before the depth-1 backward
-        row.append("fwd+ref-VJP {:.1f} ({:.0f})".format(*_with_reference_vjp(fwd_bwd)))
+        for split in os.environ.get("SPLITS", "").split():
+            nm_ops.FUSED_BWD_SPLIT = int(split)
+            try:
+                row.append(f"split {split} {_time_ms(fwd_bwd, reps=5):.2f}")
+            finally:
+                nm_ops.FUSED_BWD_SPLIT = 0
+        if os.environ.get("VJP", "1") != "0":
+            # the kernels' forward with the reference's VJP: before the depth-1 backward
+            row.append("fwd+ref-VJP {:.1f} ({:.0f})".format(*_with_reference_vjp(fwd_bwd)))
         if os.environ.get("REF", "1") != "0":
             ref = lambda: fwd_bwd("torch")  # noqa: E731
             row.append(f"reference fwd+bwd {_time_ms(ref, reps=2):.1f} ({peak(ref):.0f})")

@@ -100,9 +100,11 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
     -k "checkpoint_groups and fresh or global_split_is and 4-8 or other_shapes and fresh and bfloat16 or read_chunk_splits and 1-4" \
     >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
-  # the depth-1 backward: both reads at D 32 / C 16 (fp16) and D 64 / C 64 with a state
+  # the depth-1 backward: both reads at D 32 / C 16 (fp16) and D 64 / C 64 with a state; its
+  # clusters of 2 and 4 (DSMEM exchanges)
   compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked_bwd1.py \
-    -q -p no:cacheprovider -k "matches and (D32-C16-float16 or D64-C64-bfloat16-token-open)" \
+    -q -p no:cacheprovider \
+    -k "matches and (D32-C16-float16 or D64-C64-bfloat16-token-open) or forced_splits and not 1]" \
     >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   status[memcheck]="$(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tr '\n' ' ')rc=$rc; $(grep -E 'passed|failed' "$OUT/sanitizer.log" | tail -2 | tr '\n' ' ')"
@@ -120,7 +122,8 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
     >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   compute-sanitizer --tool racecheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked_bwd1.py \
-    -q -p no:cacheprovider -k "matches and (D64-C64-bfloat16-token-open or D32-C32-float16-chunk)" \
+    -q -p no:cacheprovider \
+    -k "matches and (D64-C64-bfloat16-token-open or D32-C32-float16-chunk) or forced_splits and (D32-C16 and 2] or D64-C32-float16 and 4])" \
     >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   status[racecheck]="$(grep -E 'RACECHECK SUMMARY' "$OUT/sanitizer.log" | tr '\n' ' ')rc=$rc; $(grep -E 'passed|failed' "$OUT/sanitizer.log" | tail -2 | tr '\n' ' ')"

@@ -30,8 +30,8 @@ KERNELS = {
                      "(checkpoints every 4 chunks, the read's z2 and the "
                      "keys' fk kept by the forward; clusters on sm_90+ or CTAs exchanging "
                      "through global memory) and at depth 1, D 32 or 64 (fp32 products, "
-                     "checkpoints at "
-                     "every chunk), the reference's VJP elsewhere",
+                     "checkpoints at every chunk, clusters of 2 or 4 CTAs at small batches on "
+                     "sm_90+), the reference's VJP elsewhere",
 }
 # Composed from the blocks above: runs whatever kernels they have.
 COMPOSED = {"parallel_neural_memory": ("memory_grad", "memory_scan", "memory_forward")}
