@@ -232,6 +232,21 @@ struct Exchange {
   __device__ __forceinline__ void next() { parity ^= 1; }
 };
 
+// A thread's tile (rows tr + 16 i, columns tc + 16 j of a matrix of row stride ld) <- its sum
+// over the cluster, for the column groups j where take(j) (one exchange).
+template <int S, int TM, int TN, typename F>
+__device__ __forceinline__ void tile_totals(Exchange<S>& x, float (&acc)[TM][TN], int ld, int tr,
+                                            int tc, F&& take) {
+  put(x.mine(), ld, tr, tc, acc);
+  x.sync();
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j)
+      if (take(j)) acc[i][j] = x.total((tr + 16 * i) * ld + tc + 16 * j);
+  x.next();
+}
+
 // Row mode: v[i] <- the totals over the row's columns, first over the kTPR threads of a row,
 // then (S > 1) over the cluster (one exchange for the NV values; `lead`: the row's first
 // thread).
@@ -590,15 +605,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
       if (!rchunk) {
         gemm<TC, TC, DS>(mm, tr, tc, [&](int m, int k) { return -sZb[m * LS + k]; },
                          [&](int k, int c) { return sDz[c * LS + k]; });
-        if constexpr (S > 1) {
-          put(xc.mine(), C, tr, tc, mm);
-          xc.sync();
-#pragma unroll
-          for (int i = 0; i < TC; ++i)
-#pragma unroll
-            for (int jj = 0; jj < TC; ++jj) mm[i][jj] = xc.total((tr + 16 * i) * C + tc + 16 * jj);
-          xc.next();
-        }
+        if constexpr (S > 1) tile_totals(xc, mm, C, tr, tc, [](int) { return true; });
       }
 #pragma unroll
       for (int i = 0; i < TC; ++i)
@@ -698,22 +705,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
       gemm<TC, TD, DS>(kb, tr, tc, [&](int m, int k) { return sT[m * LS + k]; },
                        [&](int k, int c) { return sWgp[c * LS + k]; });
       if constexpr (S > 1) {  // q̄ then k̄ over the cluster, each thread its own columns
-        put(xc.mine(), D, tr, tc, qb);
-        xc.sync();
-#pragma unroll
-        for (int i = 0; i < TC; ++i)
-#pragma unroll
-          for (int jj = 0; jj < TD; ++jj)
-            if (own_j(jj)) qb[i][jj] = xc.total((tr + 16 * i) * D + tc + 16 * jj);
-        xc.next();
-        put(xc.mine(), D, tr, tc, kb);
-        xc.sync();
-#pragma unroll
-        for (int i = 0; i < TC; ++i)
-#pragma unroll
-          for (int jj = 0; jj < TD; ++jj)
-            if (own_j(jj)) kb[i][jj] = xc.total((tr + 16 * i) * D + tc + 16 * jj);
-        xc.next();
+        tile_totals(xc, qb, D, tr, tc, own_j);
+        tile_totals(xc, kb, D, tr, tc, own_j);
       }
 #pragma unroll
       for (int i = 0; i < TC; ++i) {
