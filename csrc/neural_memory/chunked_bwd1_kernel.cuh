@@ -6,11 +6,12 @@
 // first, the state's cotangents W̄, S̄ carried in place in the fp32 output tensors, each chunk's
 // start state (W0, S0) read from the forward's checkpoint of that chunk (ckpt_every = 1: at
 // depth 1 a state is D x D, so checkpoints at every chunk cost T / C * 2 D^2 floats per
-// (sequence, head), less than depth 2's every fourth). Per chunk, chunk_vjp.chunk_step_vjp at L = 1 (notation of
-// chunk_vjp.py; gneg = -G[C-1, :], nneg = -N[C-1, :]):
+// (sequence, head), less than depth 2's every fourth). Per chunk, chunk_vjp.chunk_step_vjp at
+// L = 1 (notation of chunk_vjp.py; gneg = -G[C-1, :], nneg = -N[C-1, :]):
 //
 //   load      q, k rows (fp32), gates; W0, S0, W̄, S̄ (and Wg at an open chunk 0); G
-//   keys      fk = k Wg; (row mode) e = 2 (y - v), dz = LNB(fk, e); e, xhat, rstd to scratch
+//   keys      fk = k Wg; (row mode) e = 2 (y - v), dz = LNB(fk, e); e, xhat to scratch, rstd
+//             to shared memory
 //   read      token: z = beta (q W0) + c (q S0) - (G * q k^T) dz; chunk: z = q Wg;
 //             (row mode) z̄ = the head's backward of dl/do at z
 //   state     dz̄ = gneg (k W̄) + nneg (k S̄), Ḡ / N̄ last row, beta-bar / c-bar rows;
