@@ -793,7 +793,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
     __syncthreads();  // a_bar (sA) read: N may take its place
 
     // ---- the gates' adjoint (N into sA; G is still in sG); rank 0 stores it ----
-    if (tid < C) chunked::gate_column<C>(tid, v_theta, v_a, v_eta, v_act, nullptr, sA, LC);
+    if (tid < C) chunked::gate_column<C, false>(tid, v_theta, v_a, v_eta, v_act, nullptr, sA, LC);
     __syncthreads();
     gates_adjoint<C, kThreads, kWarps>(tid, LC, sG, sA, sGb, v_gl, v_nl, v_bb, v_cb, v_red, v_a,
                                        v_eta, v_act, v_m, v_beta, v_c, v_thbar, v_abar, v_ebar);

@@ -510,9 +510,10 @@ struct Head {
 
 // Column `col` of the chunk's gate matrices, run down the chunk (SPEC §2's running products,
 // never a ratio): N[j,j] = theta_j, N[t,j] = eta_t N[t-1,j]; G[j,j] = act_j theta_j, G[t,j] =
-// a_t G[t-1,j] + act_t N[t,j]; zero above the diagonal. G goes to g[t * ld + col] and N to
-// n[t * ld + col], each when given; returns (G[C-1, col], N[C-1, col]).
-template <int C>
+// a_t G[t-1,j] + act_t N[t,j]; zero above the diagonal. G goes to g[t * ld + col] (kG = false:
+// not stored; a template flag, so the callers that store it compile as before), N to
+// n[t * ld + col] when n is given; returns (G[C-1, col], N[C-1, col]).
+template <int C, bool kG = true>
 __device__ __forceinline__ float2 gate_column(int col, const float* theta, const float* a,
                                               const float* eta, const float* act, float* g,
                                               float* n, int ld) {
@@ -525,7 +526,7 @@ __device__ __forceinline__ float2 gate_column(int col, const float* theta, const
     const float g1 = t == col ? act[t] * n1 : a[t] * gv + act[t] * n1;
     nv = t < col ? nv : n1;
     gv = t < col ? gv : g1;
-    if (g != nullptr) g[t * ld + col] = gv;
+    if constexpr (kG) g[t * ld + col] = gv;
     if (n != nullptr) n[t * ld + col] = nv;
   }
   return make_float2(gv, nv);
