@@ -8,11 +8,14 @@ the built extension.
     python benchmarks/depth1_time.py                 # default short
     SHAPES="default" REF=0 python benchmarks/depth1_time.py   # without the reference's rows
     SPLITS="1 2 4" VJP=0 REF=0 python benchmarks/depth1_time.py   # forced clusters too
+    ROWS="2,8192,8,128,32 8,2048,8,128,32" python benchmarks/depth1_time.py  # B,T,H,D,chunk rows
+                                                                # (bf16) instead of SHAPES
 
 SPLITS adds forward+backward at each forced cluster size of the backward (ops.FUSED_BWD_SPLIT:
 1, 2 or 4 CTAs per (sequence, head)); VJP=0 leaves out the reference's-VJP row."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -31,8 +34,16 @@ def main():
         sys.exit("benchmarks/depth1_time.py needs a CUDA GPU")
     dev = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name()}: neural_memory depth 1, ms (peak MiB of fwd+bwd)")
-    for name in os.environ.get("SHAPES", "default short").split():
-        s = SHAPES[name]
+    if "ROWS" in os.environ:
+        shapes = []
+        for row in os.environ["ROWS"].split():
+            B, T, H, D, C = (int(x) for x in row.split(","))
+            shapes.append(dataclasses.replace(SHAPES["default"], name="row", B=B, T=T, H=H, D=D,
+                                              hidden=D, chunk=C))
+    else:
+        shapes = [SHAPES[name] for name in os.environ.get("SHAPES", "default short").split()]
+    for s in shapes:
+        name = s.name
         ts = make_memory_inputs(s, dev, requires_grad=True, depth=1)
         q, k, v, lr, forget, momentum, w, gamma, beta = ts
         cot = torch.randn_like(q)

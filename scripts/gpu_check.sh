@@ -101,10 +101,10 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
     >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   # the depth-1 backward: both reads at D 32 / C 16 (fp16) and D 64 / C 64 with a state; its
-  # clusters of 2 and 4 (DSMEM exchanges)
+  # clusters of 2 and 4 (DSMEM exchanges); D 128 (clusters of 4) with a state and varlen
   compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked_bwd1.py \
     -q -p no:cacheprovider \
-    -k "matches and (D32-C16-float16 or D64-C64-bfloat16-token-open) or forced_splits and not 1] and not long" \
+    -k "matches and (D32-C16-float16 or D64-C64-bfloat16-token-open or D128-C16-bfloat16-chunk-open or D128-C32-bfloat16-chunk-varlen) or forced_splits and not 1] and not long" \
     >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   status[memcheck]="$(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tr '\n' ' ')rc=$rc; $(grep -E 'passed|failed' "$OUT/sanitizer.log" | tail -2 | tr '\n' ' ')"
@@ -123,7 +123,7 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
   rc=$((rc | $?))
   compute-sanitizer --tool racecheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked_bwd1.py \
     -q -p no:cacheprovider \
-    -k "matches and (D64-C64-bfloat16-token-open or D32-C32-float16-chunk) or forced_splits and (D32-C16 and 2] or D64-C32-float16 and 4])" \
+    -k "matches and (D64-C64-bfloat16-token-open or D32-C32-float16-chunk or D128-C32-float16-token-fresh) or forced_splits and (D32-C16 and 2] or D64-C32-float16 and 4])" \
     >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   status[racecheck]="$(grep -E 'RACECHECK SUMMARY' "$OUT/sanitizer.log" | tr '\n' ' ')rc=$rc; $(grep -E 'passed|failed' "$OUT/sanitizer.log" | tail -2 | tr '\n' ' ')"

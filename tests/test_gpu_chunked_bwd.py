@@ -362,6 +362,11 @@ def test_fused_backward_reasons():
     assert nm_ops.chunked_bwd_reason(q, w1, 16, None, None, "chunk") is None
     w1_128 = make_weights(2, 128, 128, 1, dtype=torch.float32, device=DEV)
     assert "D=128" in nm_ops.chunked_bwd_reason(q128, w1_128, 64, None, None, "token")
+    if torch.cuda.get_device_capability()[0] >= 9:  # depth 1 at D = 128: clusters of 4
+        assert nm_ops.chunked_bwd_reason(q128, w1_128, 32, None, None, "token") is None
+        assert nm_ops.chunked_bwd_reason(q128, w1_128, 16, None, None, "chunk") is None
+    else:
+        assert "cluster" in nm_ops.chunked_bwd_reason(q128, w1_128, 32, None, None, "token")
 
 
 # read "chunk" (SPEC §3, o_t = M_{W_c}(q_t)): the same kernel with the read's row scales (1, 0)

@@ -1,5 +1,5 @@
 """The depth-1 fused backward (csrc/neural_memory/chunked_bwd1_kernel.cuh) against the float64
-reference: every (D, chunk) instance, both dtypes, both reads, the four output heads, fresh
+reference: every (D, chunk) instance (D = 128 as clusters of 4), both dtypes, both reads, the four output heads, fresh
 calls (T % C > 0), initial states with open chunks (offsets 0 and C - 1), cu_seqlens with
 lengths that are not multiples of C and an empty sequence, a 10-chunk call, cotangents on o
 only or on parts of the state; that the kernel runs (not the reference's VJP), that it is
@@ -18,7 +18,8 @@ from titans_cuda.ops.neural_memory import ops as nm_ops
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
-DC = ((32, 16), (32, 32), (32, 64), (64, 16), (64, 32), (64, 64))
+# (D = 128: chunks 16 and 32, as a cluster of 4 CTAs, the only way its state fits)
+DC = ((32, 16), (32, 32), (32, 64), (64, 16), (64, 32), (64, 64), (128, 16), (128, 32))
 KINDS = ("fresh", "open", "varlen")
 # every (D, C) x dtype x read, the kinds and heads cycled so that each pair meets each kind
 GRID = [(d, c, dtype, read, KINDS[i % 3], HEADS[i % 4], i % 2 == 0)
@@ -28,7 +29,8 @@ GRID += [(d, c, dtype, read, kind, HEADS[(i + 1) % 4], False)
          for i, ((d, c), dtype, read, kind) in enumerate(itertools.product(
              ((64, 64), (32, 16)), (torch.bfloat16,), ("token", "chunk"), KINDS))]
 GRID += [(64, 64, torch.bfloat16, "token", "long", HEADS[1], True),
-         (32, 32, torch.float16, "chunk", "long", HEADS[2], False)]
+         (32, 32, torch.float16, "chunk", "long", HEADS[2], False),
+         (128, 32, torch.bfloat16, "token", "long", HEADS[1], True)]
 
 
 def _id(c):
@@ -184,12 +186,27 @@ def test_depth1_launcher_takes_the_cluster_it_documents(monkeypatch):
 
 
 def test_depth1_bad_split_raises(monkeypatch):
-    """A cluster the depth-1 backward does not take (3, or more than D / 16) is an error, not a
-    wrong result."""
+    """A cluster the depth-1 backward does not take (3, or more than D / 16; at D = 128 anything
+    but 4) is an error, not a wrong result."""
     needs_kernels()
-    args, weights, st, mem, cu = _case1((32, 32, torch.bfloat16, "token", "fresh", HEADS[1],
+    for d, bads in ((32, (3, 4, -2)), (128, (1, 2, 3, -4))):
+        args, weights, st, mem, cu = _case1((d, 32, torch.bfloat16, "token", "fresh", HEADS[1],
+                                             False))
+        for bad in bads:
+            monkeypatch.setattr(nm_ops, "FUSED_BWD_SPLIT", bad)
+            with pytest.raises(RuntimeError):
+                _grads(args, weights, st, mem, cu, "cuda")
+
+
+def test_depth1_d128_forced_four_is_the_default(monkeypatch):
+    """D = 128 always runs as a cluster of 4: forcing 4 gives the default call's bits."""
+    needs_kernels()
+    args, weights, st, mem, cu = _case1((128, 16, torch.float16, "token", "open", HEADS[2],
                                          False))
-    for bad in (3, 4, -2):
-        monkeypatch.setattr(nm_ops, "FUSED_BWD_SPLIT", bad)
-        with pytest.raises(RuntimeError):
-            _grads(args, weights, st, mem, cu, "cuda")
+    auto = _grads(args, weights, st, mem, cu, "cuda")
+    monkeypatch.setattr(nm_ops, "FUSED_BWD_SPLIT", 4)
+    four = _grads(args, weights, st, mem, cu, "cuda")
+    for a, b in zip(auto, four):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b)

@@ -499,6 +499,7 @@ def test_fused_backward_rule_and_checkpoints_by_depth():
              for depth in (1, 2) for c in (8, 16, 32, 64, 128) for read in ("token", "chunk")]
     want = {c: nm_ops.chunked_bwd_shape_supported(*c) for c in cases}
     assert want[(64, 64, 1, 64, "chunk")] and not want[(128, 128, 1, 64, "token")]
+    assert want[(128, 128, 1, 32, "token")] and want[(128, 128, 1, 16, "chunk")]
     assert not want[(64, 96, 1, 64, "token")]  # depth 1 has no hidden width but D
     if _lib._C is None:
         pytest.skip("the extension is not built here")
@@ -515,3 +516,10 @@ def test_fused_backward_rule_and_checkpoints_by_depth():
     assert smem == 4 * (13 * 64 * 65 + 17 * 64 + 32) <= 227 * 1024
     assert _lib._C.neural_memory_chunked_bwd_scratch_floats(dim=64, hidden=64, depth=1,
                                                             chunk=64) == 2 * 64 * 64
+    # D 128, C 32: a cluster of 4's CTA, 32 columns of W each: q, k (C x D), three C x 32 and
+    # five D x 32 matrices, three C x C, the row vectors and partials, and the exchange's two
+    # C x D buffers (q̄ / k̄)
+    smem = _lib._C.neural_memory_chunked_bwd_smem_bytes(dim=128, hidden=128, depth=1, chunk=32,
+                                                        dtype=0)
+    assert smem == 4 * (2 * 32 * 129 + 3 * 32 * 33 + 5 * 128 * 33 + 3 * 32 * 33 + 17 * 32 + 32
+                        + 2 * 32 * 128) <= 227 * 1024

@@ -27,9 +27,9 @@ auto by_dtype_dim(int dtype, int dim, F&& f) {
 
 bool neural_memory_chunked_bwd_supported(int dim, int hidden, int depth, int chunk, int dtype,
                                          bool read_chunk) {
-  // D = 128: depth 2 with chunks 16 and 32 (hidden blocks of 16; the shared-memory plan of
-  // chunk 64 does not fit a block)
-  const bool dim_ok = dim == 32 || dim == 64 || (dim == 128 && depth == 2 && chunk <= 32);
+  // D = 128: chunks 16 and 32 (depth 2: hidden blocks of 16; depth 1: clusters of 4; the
+  // shared-memory plans of chunk 64 do not fit a block)
+  const bool dim_ok = dim == 32 || dim == 64 || (dim == 128 && chunk <= 32);
   const bool chunk_ok = chunk == 16 || chunk == 32 || chunk == 64;
   (void)read_chunk;  // both reads
   const bool hidden_ok = depth == 1 ? hidden == dim
@@ -41,7 +41,8 @@ bool neural_memory_chunked_bwd_supported(int dim, int hidden, int depth, int chu
 size_t neural_memory_chunked_bwd_smem_bytes(int dim, int hidden, int depth, int chunk,
                                             int dtype) {
   if (!neural_memory_chunked_bwd_supported(dim, hidden, depth, chunk, dtype, false)) return 0;
-  return depth == 1 ? chunked_bwd1::smem_bytes1(dim, chunk)
+  return depth == 1 ? chunked_bwd1::smem_bytes1(dim, chunk,
+                                                dim > 64 ? chunked_bwd1::kSplit128 : 1)
                     : chunked_bwd::make_bwd_layout(dim, chunk).total;
 }
 
@@ -92,11 +93,7 @@ cudaError_t neural_memory_chunked_bwd(const NeuralMemoryBwdParams& bp, cudaStrea
     DeviceGuard guard(device);
     TITANS_RETURN_IF_ERROR(guard.status());
     return by_dtype_dim(p.dtype, p.dim, [&](auto t, auto d) {
-      if constexpr (d() == 128) {
-        return cudaErrorInvalidValue;  // (the support rule already refused it)
-      } else {
-        return chunked_bwd1::launch1_by_chunk<decltype(t), d()>(bp, stream);
-      }
+      return chunked_bwd1::launch1_by_chunk<decltype(t), d()>(bp, stream);
     });
   }
   for (int l = 0; l < 2; ++l) {

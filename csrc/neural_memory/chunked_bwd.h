@@ -7,11 +7,13 @@
 // (NeuralMemoryParams::ckpt_every = K): every chunk, or every K-th with the others recomputed in
 // the kernel a group at a time (ring), and the read's z2 and the keys' fk from the forward's
 // NeuralMemoryParams::read_z2 / keys_fk (required). Depth 1 (chunked_bwd1_kernel.cuh): one CTA
-// per (sequence, head), fp32 products on CUDA cores, checkpoints at every chunk (K = 1 required),
-// the read and the keys recomputed (read_z2 / keys_fk unused), no split.
-// Supported: bf16/fp16 inputs, D 32 or 64, chunk 16, 32 or 64, depth 1, or depth 2 with hidden
-// a multiple of 32 up to 512 (neural_memory_chunked_bwd_supported); everything else falls back
-// to the reference's VJP in Python. At depth 2 params.f.split forces a split: 1..8 CTAs per
+// per (sequence, head) or a cluster of 2 or 4 (params.f.split 0: the launcher's choice; 1, 2, 4
+// force one), fp32 products on CUDA cores, checkpoints at every chunk (K = 1 required), the read
+// and the keys recomputed (read_z2 / keys_fk unused).
+// Supported (neural_memory_chunked_bwd_supported): bf16/fp16 inputs; D 32 or 64 with chunk 16,
+// 32 or 64, or D 128 with chunk 16 or 32 (at depth 1 as a cluster of 4 only: sm_90+); depth 1,
+// or depth 2 with hidden a multiple of 32 up to 512. Everything else falls back to the
+// reference's VJP in Python. At depth 2 params.f.split forces a split: 1..8 CTAs per
 // (sequence, head), a cluster on sm_90+, or -2..-8, ordinary CTAs of a cooperative launch that
 // exchange through global memory (any architecture; every CTA must be resident at once), at most
 // hidden / 32 either way; 0 lets the launcher choose (neural_memory_chunked_bwd_plan tells its
@@ -76,7 +78,8 @@ struct NeuralMemoryBwdParams {
 bool neural_memory_chunked_bwd_supported(int dim, int hidden, int depth, int chunk, int dtype,
                                          bool read_chunk);
 
-// Dynamic shared memory one CTA needs (0 when unsupported).
+// Dynamic shared memory one CTA needs (0 when unsupported; depth 1: one CTA's plan at D <= 64,
+// a cluster of 4's CTA at D = 128).
 size_t neural_memory_chunked_bwd_smem_bytes(int dim, int hidden, int depth, int chunk,
                                             int dtype);
 

@@ -54,6 +54,7 @@ using chunked_bwd::gates_adjoint_store;
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kMaxSplit1 = 4;  // CTAs per (sequence, head) at most (a cluster)
+constexpr int kSplit128 = 4;   // D = 128: always a cluster of 4 (32 columns of W per CTA)
 
 // Shared memory in floats: q and k (C x D), three C x DS row matrices (this CTA's columns),
 // five D x DS state matrices, three C x C gate matrices, the per-row vectors, the warps' partial
@@ -555,11 +556,12 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
     // ---- the state's cotangents into dz̄ and the last rows of Ḡ, N̄; the read's dz̄ and row
     // sums (this CTA's columns; the row sums cross the cluster below) ----
     {
-      float* rows = S > 1 ? xc.mine() : v_bb;  // [4][C]: Ḡ, N̄ last rows, beta-bar, c-bar
-      float* r_gl = S > 1 ? rows : v_gl;
-      float* r_nl = S > 1 ? rows + C : v_nl;
-      float* r_bb = S > 1 ? rows + 2 * C : v_bb;
-      float* r_cb = S > 1 ? rows + 3 * C : v_cb;
+      // [4][C] in shared memory's order (v_bb, v_cb, v_gl, v_nl are contiguous): beta-bar,
+      // c-bar, the last rows of Ḡ and N̄; at S > 1 this CTA's part, in the exchange buffer
+      float* r_bb = S > 1 ? xc.mine() : v_bb;
+      float* r_cb = r_bb + C;
+      float* r_gl = r_bb + 2 * C;
+      float* r_nl = r_bb + 3 * C;
       float dzb[TC][TS];
       zero(dzb);
       {
@@ -588,13 +590,9 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
       }
       put(sT, LS, tr, tc, dzb);
     }
-    if constexpr (S > 1) {  // the four row vectors over the cluster: v_gl, v_nl, v_bb, v_cb
+    if constexpr (S > 1) {  // the four row vectors over the cluster: v_bb, v_cb, v_gl, v_nl
       xc.sync();
-      for (int i = tid; i < 4 * C; i += kThreads) {
-        const float s = xc.total(i);
-        float* dst = i < C ? v_gl : i < 2 * C ? v_nl : i < 3 * C ? v_bb : v_cb;
-        dst[i % C] = s;
-      }
+      for (int i = tid; i < 4 * C; i += kThreads) v_bb[i] = xc.total(i);
       xc.next();
     }
     __syncthreads();
@@ -839,32 +837,51 @@ bool split1_fits(int64_t pairs) {
 
 // The CTAs per (sequence, head) (params.h split): a cluster of 4, else 2, owning D / S columns
 // of W each, where that many CTAs fit the device at once (sm_90+); else one. p.f.split > 0
-// forces 1, 2 or 4 (at most D / 16).
+// forces 1, 2 or 4 (at most D / 16). D = 128 always takes a cluster of 4 (kSplit128: one or two
+// CTAs cannot hold five 128 x 128 / S fp32 matrices), in waves where they do not all fit, and
+// cudaErrorNotSupported where the device has no clusters of 4 for it.
 template <typename TIn, int D, int C>
 cudaError_t launch1(const NeuralMemoryBwdParams& p, cudaStream_t stream) {
   const int64_t pairs = int64_t(p.f.heads) * p.f.n_seq;
   int s = p.f.split;
   if (s < 0 || s == 3 || s > kMaxSplit1 || s > D / 16) return cudaErrorInvalidValue;
-  if (s == 0) {
-    s = 1;
-    if constexpr (D / 16 >= 4) {
-      if (split1_fits<TIn, D, C, 4>(pairs)) s = 4;
+  if constexpr (D > 64) {
+    if (s != 0 && s != kSplit128) return cudaErrorInvalidValue;
+    auto kernel = bwd1_kernel<TIn, D, C, kSplit128>;
+    const size_t smem = smem_bytes1(D, C, kSplit128);
+    TITANS_RETURN_IF_ERROR(allow_smem(kernel, smem));
+    if (max_clusters(kernel, kSplit128, smem, kThreads) < 1) return cudaErrorNotSupported;
+    return launch1_split<TIn, D, C, kSplit128>(p, stream);
+  } else {
+    if (s == 0) {
+      s = 1;
+      if constexpr (D / 16 >= 4) {
+        if (split1_fits<TIn, D, C, 4>(pairs)) s = 4;
+      }
+      if (s == 1 && split1_fits<TIn, D, C, 2>(pairs)) s = 2;
     }
-    if (s == 1 && split1_fits<TIn, D, C, 2>(pairs)) s = 2;
+    if constexpr (D / 16 >= 4) {
+      if (s == 4) return launch1_split<TIn, D, C, 4>(p, stream);
+    }
+    if (s == 2) return launch1_split<TIn, D, C, 2>(p, stream);
+    return launch1_split<TIn, D, C, 1>(p, stream);
   }
-  if constexpr (D / 16 >= 4) {
-    if (s == 4) return launch1_split<TIn, D, C, 4>(p, stream);
-  }
-  if (s == 2) return launch1_split<TIn, D, C, 2>(p, stream);
-  return launch1_split<TIn, D, C, 1>(p, stream);
 }
 
 template <typename TIn, int D>
 cudaError_t launch1_by_chunk(const NeuralMemoryBwdParams& p, cudaStream_t stream) {
-  switch (p.f.chunk) {
-    case 16: return launch1<TIn, D, 16>(p, stream);
-    case 32: return launch1<TIn, D, 32>(p, stream);
-    default: return launch1<TIn, D, 64>(p, stream);
+  if constexpr (D > 64) {  // chunk 64 does not fit (make_layout1(128, 64, 4): 289 KiB)
+    switch (p.f.chunk) {
+      case 16: return launch1<TIn, D, 16>(p, stream);
+      case 32: return launch1<TIn, D, 32>(p, stream);
+      default: return cudaErrorInvalidValue;
+    }
+  } else {
+    switch (p.f.chunk) {
+      case 16: return launch1<TIn, D, 16>(p, stream);
+      case 32: return launch1<TIn, D, 32>(p, stream);
+      default: return launch1<TIn, D, 64>(p, stream);
+    }
   }
 }
 
@@ -874,6 +891,8 @@ TITANS_BWD1_INSTANCES(extern, __nv_bfloat16, 32)
 TITANS_BWD1_INSTANCES(extern, __nv_bfloat16, 64)
 TITANS_BWD1_INSTANCES(extern, __half, 32)
 TITANS_BWD1_INSTANCES(extern, __half, 64)
+TITANS_BWD1_INSTANCES(extern, __nv_bfloat16, 128)
+TITANS_BWD1_INSTANCES(extern, __half, 128)
 
 }  // namespace chunked_bwd1
 }  // namespace titans

@@ -154,10 +154,11 @@ def chunked_reason(q: Tensor, weights, chunk_size: int, cu_seqlens,
 def chunked_bwd_shape_supported(dim: int, hidden: int, depth: int, chunk: int,
                                 read: str) -> bool:
     """The rule of neural_memory_chunked_bwd_supported (chunked_bwd.cu): either read, D 32 or
-    64 with chunk 16, 32 or 64, depth 1 or depth 2; or D 128 with chunk 16 or 32, depth 2; depth
-    2 with hidden a multiple of 32 up to 512 (bf16/fp16 inputs)."""
+    64 with chunk 16, 32 or 64, or D 128 with chunk 16 or 32; depth 1, or depth 2 with hidden a
+    multiple of 32 up to 512 (bf16/fp16 inputs). Depth 1 at D 128 also needs clusters
+    (chunked_bwd_reason)."""
     hb = CHUNKED_HIDDEN_BLOCK
-    dim_ok = dim in (32, 64) or (dim == 128 and depth == 2 and chunk <= 32)
+    dim_ok = dim in (32, 64) or (dim == 128 and chunk <= 32)
     return (dim_ok and chunk in (16, 32, 64) and read in ("token", "chunk") and
             ((depth == 1 and hidden == dim) or
              (depth == 2 and hb <= hidden <= 512 and hidden % hb == 0)))
@@ -175,9 +176,12 @@ def chunked_bwd_reason(q: Tensor, weights, chunk_size: int, cu_seqlens, initial_
     if not chunked_bwd_shape_supported(D, hidden, depth, chunk_size, read):
         return (f"no fused backward for D={D}, hidden={hidden}, depth={depth}, "
                 f"chunk_size={chunk_size}, read={read!r} in this version (supported: D 32 or "
-                f"64 with chunk_size 16, 32 or 64, depth 1 or 2; D 128 with chunk_size 16 or "
-                f"32, depth 2; depth 2 with hidden a multiple of {CHUNKED_HIDDEN_BLOCK} up to "
-                f"512)")
+                f"64 with chunk_size 16, 32 or 64, D 128 with chunk_size 16 or 32; depth 1, or "
+                f"depth 2 with hidden a multiple of {CHUNKED_HIDDEN_BLOCK} up to 512)")
+    if depth == 1 and D > 64 and not torch.compiler.is_compiling() and \
+            torch.cuda.get_device_capability(q.device)[0] < 9:
+        return (f"the fused backward at depth 1 and D={D} runs as a thread-block cluster "
+                f"(sm_90+)")
     smem, limit = _smem("backward", D, hidden, depth, chunk_size, q.device)
     if smem > limit:
         return f"the fused backward needs {smem // 1024} KiB of shared memory per block"
