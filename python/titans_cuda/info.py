@@ -29,9 +29,10 @@ KERNELS = {
                      "64 with chunk 16, 32 or 64 or D 128 with chunk 16 or 32 "
                      "(checkpoints every 4 chunks, the read's z2 and the "
                      "keys' fk kept by the forward; clusters on sm_90+ or CTAs exchanging "
-                     "through global memory) and at depth 1, D 32 or 64 (fp32 products, "
-                     "checkpoints at every chunk, clusters of 2 or 4 CTAs at small batches on "
-                     "sm_90+), the reference's VJP elsewhere",
+                     "through global memory) and at depth 1, D 32 or 64, or D 128 with chunk "
+                     "16 or 32 on sm_90+ (fp32 products, checkpoints at every chunk, clusters "
+                     "of 2 or 4 CTAs at small batches on sm_90+, of 4 at D 128), the "
+                     "reference's VJP elsewhere",
 }
 # Composed from the blocks above: runs whatever kernels they have.
 COMPOSED = {"parallel_neural_memory": ("memory_grad", "memory_scan", "memory_forward")}
