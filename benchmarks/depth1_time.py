@@ -9,7 +9,8 @@ the built extension.
     SHAPES="default" REF=0 python benchmarks/depth1_time.py   # without the reference's rows
     SPLITS="1 2 4" VJP=0 REF=0 python benchmarks/depth1_time.py   # forced clusters too
     ROWS="2,8192,8,128,32 8,2048,8,128,32" python benchmarks/depth1_time.py  # B,T,H,D,chunk rows
-                                                                # (bf16) instead of SHAPES
+                                                                # instead of SHAPES
+    DTYPE=float32 python benchmarks/depth1_time.py   # q, k, v dtype (default: the shape's, bf16)
 
 SPLITS adds forward+backward at each forced cluster size of the backward (ops.FUSED_BWD_SPLIT:
 1, 2 or 4 CTAs per (sequence, head)); VJP=0 leaves out the reference's-VJP row."""
@@ -42,6 +43,8 @@ def main():
                                               hidden=D, chunk=C))
     else:
         shapes = [SHAPES[name] for name in os.environ.get("SHAPES", "default short").split()]
+    if "DTYPE" in os.environ:
+        shapes = [dataclasses.replace(s, dtype=os.environ["DTYPE"]) for s in shapes]
     for s in shapes:
         name = s.name
         ts = make_memory_inputs(s, dev, requires_grad=True, depth=1)
@@ -75,7 +78,7 @@ def main():
         if os.environ.get("REF", "1") != "0":
             ref = lambda: fwd_bwd("torch")  # noqa: E731
             row.append(f"reference fwd+bwd {_time_ms(ref, reps=2):.1f} ({peak(ref):.0f})")
-        print(f"{name} B{s.B} T{s.T} H{s.H} D{s.D} C{s.chunk} fused backward {fused}: "
+        print(f"{name} B{s.B} T{s.T} H{s.H} D{s.D} C{s.chunk} {s.dtype} fused backward {fused}: "
               + ", ".join(row))
 
 

@@ -298,7 +298,8 @@ def test_reference_on_gpu_within_spec_tolerance(dtype, tol, ln, read):
 
 def test_neural_memory_backend_cuda_raises_where_no_kernel_applies():
     """Calls longer than the decode kernel's 16 tokens go to the chunked kernel, which takes
-    bf16/fp16 inputs and D in (32, 64, 128): fp32 inputs and D = 16 raise naming why."""
+    bf16/fp16 inputs (fp32 at depth 1 only) and D in (32, 64, 128): fp32 inputs at depth 2 and
+    D = 16 raise naming why."""
     needs_kernels()
     B, T, H, D = 1, 40, 2, 16
     args = make_inputs(B, T, H, D, dtype=torch.float32, device=DEV)

@@ -7,7 +7,9 @@ an initial state with open chunks, cu_seqlens with lengths that are not multiple
 empty sequence, read "chunk"; activation, residual, LayerNorm +- bias cycled; alpha = 1 resets
 and eta = 0 in every draw), gradients on a quarter of the grid (the reference's VJP), any-split
 streaming equality, a 1,048,576-token sequence, full writes, determinism, CUDA graphs,
-torch.compile and opcheck on the kernel path, every cluster split (sm_90+), and the fallbacks."""
+torch.compile and opcheck on the kernel path, every cluster split (sm_90+), and the fallbacks.
+fp32 inputs at depth 1 (the depth-1 fp32 kernel) have a grid of their own, FP32_GRID: 36
+configurations against float64 at SPEC §7's 1e-5, gradients on half."""
 from __future__ import annotations
 
 import itertools
@@ -38,10 +40,19 @@ HEADS = [(False, False, None), (True, True, "bias"), (True, False, None), (False
 KINDS = ("fresh", "open", "varlen", "chunk-read")
 
 
-def _smem(D, hidden, depth, C):
+def _smem(D, hidden, depth, C, dtype=torch.bfloat16):
     """The kernel's shared-memory plan (make_layout in chunked_kernel.cuh), in bytes: split
     (two-plane) bf16 buffers for q, k, dz2, the block's hk and dz1 and the staged state blocks,
-    then G and the gate vectors. It does not depend on hidden."""
+    then G and the gate vectors. It does not depend on hidden. Where the depth-1 fp32 kernel
+    runs (fp32 inputs; D = 128 with chunk 64: make_layout_f1 in chunked_fwd1_kernel.cuh), its
+    plan: q, k (C x D), fk / dz and z (C x D / S), W, S and Wg (D x D / S), A and G (C x C),
+    nine row vectors and at S > 1 two exchange buffers of 2 C, fp32 with odd row strides; S = 4
+    at D = 128, else 1."""
+    if nm_ops._takes_fwd1(D, depth, C, dtype):
+        S = 4 if D > 64 else 1
+        ds = D // S
+        return 4 * (2 * C * (D + 1) + 2 * C * (ds + 1) + 3 * D * (ds + 1) + 2 * C * (C + 1)
+                    + 9 * C + (4 * C if S > 1 else 0))
     hb = nm_ops.CHUNKED_HIDDEN_BLOCK
     bw = hb if depth == 2 else D
     sizes = [4 * C * (D + 8)] * 3 + [4 * C * (hb + 8) if depth == 2 else 0] * 2 + \
@@ -107,6 +118,33 @@ def _references(args, weights, st, mem, cu):
     r32 = neural_memory(*(t.float() for t in args), weights, initial_state=st,
                         output_final_state=True, backend="torch", cu_seqlens=cu, **mem)
     return ref, r32
+
+
+# fp32 inputs run at depth 1 on the depth-1 fp32 kernel (chunked_fwd1_kernel.cuh): every D with
+# every chunk up to 64, each of the four kinds, the heads and activations cycled; gradients on
+# every other case (the depth-1 fused backward in fp32; the reference's VJP at D = 128, C = 64).
+FP32_GRID = [(D, D, 1, C, torch.float32, ("silu", "gelu")[i % 2], *HEADS[i % 4], kind)
+             for i, (D, C, kind) in enumerate(itertools.product((32, 64, 128), (16, 32, 64),
+                                                                KINDS))]
+
+
+@pytest.mark.parametrize("case", FP32_GRID, ids=[_id(c) for c in FP32_GRID])
+def test_chunked_fp32_depth1_matches_reference(case):
+    """fp32 inputs: outputs and the final state within SPEC §7's 1e-5 of float64 (or AMP times
+    the fp32 reference's own error on an ill-conditioned draw), and the gradients."""
+    needs_kernels()
+    args, weights, st, mem, cu = _case(case)
+    if case[0] > 64 and torch.cuda.get_device_capability()[0] < 9:
+        assert "cluster" in nm_ops.chunked_reason(args[0], weights, case[3], cu, st)
+        pytest.skip("D = 128 at depth 1 runs as a cluster (sm_90+)")
+    assert nm_ops.chunked_reason(args[0], weights, mem["chunk_size"], cu, st) is None
+    o, st_out = neural_memory(*args, weights, initial_state=st, output_final_state=True,
+                              backend="cuda", cu_seqlens=cu, **mem)
+    assert o.dtype == torch.float32 and o.shape == args[0].shape
+    (o_ref, st_ref), (o32, st32) = _references(args, weights, st, mem, cu)
+    _compare(o, st_out, o_ref, st_ref, TOL[torch.float32], o32, st32, TOL[torch.float32], AMP)
+    if FP32_GRID.index(case) % 2 == 0:
+        _check_gradients(args, weights, st, mem, cu)
 
 
 @pytest.mark.parametrize("case", GRID, ids=[_id(c) for c in GRID])
@@ -189,9 +227,11 @@ def test_chunked_support_rule_matches_the_extension():
                                                  (16, 32, 48, 64, 96, 128, 512, 576),
                                                  (1, 2, 3), (8, 16, 32, 64, 100, 128, 256)):
         for dtype in (0, 1, 2):
-            want = nm_ops.chunked_shape_supported(D, hidden, depth, C) and dtype < 2
+            want = nm_ops.chunked_shape_supported(D, hidden, depth, C,
+                                                  nm_ops.KERNEL_DTYPES[dtype])
             assert want == _lib._C.neural_memory_chunked_supported(
-                dim=D, hidden=hidden, depth=depth, chunk=C, dtype=dtype), (D, hidden, depth, C)
+                dim=D, hidden=hidden, depth=depth, chunk=C, dtype=dtype), (D, hidden, depth, C,
+                                                                           dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -28,6 +28,10 @@ GRID = [(d, c, dtype, read, KINDS[i % 3], HEADS[i % 4], i % 2 == 0)
 GRID += [(d, c, dtype, read, kind, HEADS[(i + 1) % 4], False)
          for i, ((d, c), dtype, read, kind) in enumerate(itertools.product(
              ((64, 64), (32, 16)), (torch.bfloat16,), ("token", "chunk"), KINDS))]
+# fp32 inputs (every product of the depth-1 kernels is fp32; SPEC §7's 1e-5)
+GRID += [(d, c, torch.float32, read, kind, HEADS[i % 4], i % 2 == 0)
+         for i, ((d, c), read, kind) in enumerate(itertools.product(
+             ((32, 16), (64, 64), (128, 32)), ("token", "chunk"), ("fresh", "open", "varlen")))]
 GRID += [(64, 64, torch.bfloat16, "token", "long", HEADS[1], True),
          (32, 32, torch.float16, "chunk", "long", HEADS[2], False),
          (128, 32, torch.bfloat16, "token", "long", HEADS[1], True)]

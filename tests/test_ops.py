@@ -507,7 +507,8 @@ def test_fused_backward_rule_and_checkpoints_by_depth():
         for dtype in (0, 1, 2):
             got = _lib._C.neural_memory_chunked_bwd_supported(
                 dim=d, hidden=hid, depth=depth, chunk=c, dtype=dtype, read_chunk=read == "chunk")
-            assert got == (ok and dtype < 2), (d, hid, depth, c, read, dtype)
+            # fp32 inputs: depth 1 only
+            assert got == (ok and (dtype < 2 or depth == 1)), (d, hid, depth, c, read, dtype)
     # depth 1 at D 64, C 64, one CTA: five C x D, five D x D and three C x C fp32 matrices with
     # odd row strides, 17 row vectors (the keys' rstd among them) and the warps' partials,
     # within an H100's 227 KiB; the scratch holds e and xhat (C x D each)

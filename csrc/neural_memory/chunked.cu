@@ -1,5 +1,7 @@
-// neural_memory_chunked (chunked.h): support rule, shared-memory size and dispatch; the kernel
-// is in chunked_kernel.cuh, its instances in chunked_<dtype>_d<D>.cu.
+// neural_memory_chunked (chunked.h): support rule, shared-memory size and dispatch; the
+// split-bf16 kernel is in chunked_kernel.cuh, its instances in chunked_<dtype>_d<D>.cu; the
+// depth-1 fp32 kernel in chunked_fwd1_kernel.cuh, its instances in chunked_fwd1.cu.
+#include "chunked_fwd1_kernel.cuh"
 #include "chunked_kernel.cuh"
 
 namespace titans {
@@ -15,6 +17,26 @@ cudaError_t by_dim(const NeuralMemoryParams& p, cudaStream_t stream) {
   }
 }
 
+// Which forward runs a supported call: the depth-1 fp32 kernel (chunked_fwd1_kernel.cuh) for
+// fp32 inputs and for D = 128 with chunk 64 (the split-bf16 plan does not fit a block), chunks
+// up to 64; also for D = 128 at small batches (chunked_fwd1::f1_preferred); the split-bf16
+// kernel otherwise.
+bool takes_fwd1(int dim, int depth, int chunk, int dtype) {
+  return depth == 1 && chunk <= 64 && (dtype == 2 || (dim == 128 && chunk == 64));
+}
+
+template <int D>
+cudaError_t fwd1_by_dtype(const NeuralMemoryParams& p, cudaStream_t stream) {
+  using chunked_fwd1::launch_f1_by_chunk;
+  if (p.dtype == 2) return launch_f1_by_chunk<float, D>(p, stream);
+  if constexpr (D == 128) {  // bf16 / fp16 take it at D = 128 only
+    return p.dtype == 0 ? launch_f1_by_chunk<__nv_bfloat16, D>(p, stream)
+                        : launch_f1_by_chunk<__half, D>(p, stream);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+}
+
 }  // namespace
 }  // namespace chunked
 
@@ -24,11 +46,16 @@ bool neural_memory_chunked_supported(int dim, int hidden, int depth, int chunk, 
   const int hb = chunked::kHB;
   const bool depth_ok = depth == 1 || (depth == 2 && hidden >= hb && hidden <= 512 &&
                                        hidden % hb == 0);
-  return dim_ok && chunk_ok && depth_ok && (dtype == 0 || dtype == 1);
+  // fp32 inputs: the depth-1 fp32 kernel only (chunks up to 64)
+  const bool dtype_ok = dtype == 0 || dtype == 1 || (dtype == 2 && depth == 1 && chunk <= 64);
+  return dim_ok && chunk_ok && depth_ok && dtype_ok;
 }
 
 size_t neural_memory_chunked_smem_bytes(int dim, int hidden, int depth, int chunk, int dtype) {
   if (!neural_memory_chunked_supported(dim, hidden, depth, chunk, dtype)) return 0;
+  if (chunked::takes_fwd1(dim, depth, chunk, dtype)) {  // one CTA's, or at D = 128 a cluster's
+    return chunked_fwd1::smem_bytes_f1(dim, chunk, dim > 64 ? chunked_fwd1::kSplitF1At128 : 1);
+  }
   return chunked::make_layout(dim, chunk, depth).total;
 }
 
@@ -57,6 +84,17 @@ cudaError_t neural_memory_chunked(const NeuralMemoryParams& p, cudaStream_t stre
   }
   DeviceGuard guard(device);
   TITANS_RETURN_IF_ERROR(guard.status());
+  const bool fwd1 = chunked::takes_fwd1(p.dim, p.depth, p.chunk, p.dtype) ||
+                    (p.dim == 128 && p.dtype != 2 &&
+                     (p.dtype == 0 ? chunked_fwd1::f1_preferred<__nv_bfloat16, 128>(p)
+                                   : chunked_fwd1::f1_preferred<__half, 128>(p)));
+  if (fwd1) {
+    switch (p.dim) {
+      case 32: return chunked::fwd1_by_dtype<32>(p, stream);
+      case 64: return chunked::fwd1_by_dtype<64>(p, stream);
+      default: return chunked::fwd1_by_dtype<128>(p, stream);
+    }
+  }
   return p.dtype == 0 ? chunked::by_dim<__nv_bfloat16>(p, stream)
                       : chunked::by_dim<__half>(p, stream);
 }

@@ -35,7 +35,8 @@ bool neural_memory_chunked_bwd_supported(int dim, int hidden, int depth, int chu
   const bool hidden_ok = depth == 1 ? hidden == dim
                                     : depth == 2 && hidden >= chunked::kHB && hidden <= 512 &&
                                           hidden % chunked::kHB == 0;
-  return dim_ok && chunk_ok && hidden_ok && (dtype == 0 || dtype == 1);
+  // fp32 inputs: depth 1 only (its products are fp32 on CUDA cores)
+  return dim_ok && chunk_ok && hidden_ok && (dtype == 0 || dtype == 1 || (dtype == 2 && depth == 1));
 }
 
 size_t neural_memory_chunked_bwd_smem_bytes(int dim, int hidden, int depth, int chunk,
@@ -92,6 +93,13 @@ cudaError_t neural_memory_chunked_bwd(const NeuralMemoryBwdParams& bp, cudaStrea
     }
     DeviceGuard guard(device);
     TITANS_RETURN_IF_ERROR(guard.status());
+    if (p.dtype == 2) {
+      switch (p.dim) {
+        case 32: return chunked_bwd1::launch1_by_chunk<float, 32>(bp, stream);
+        case 64: return chunked_bwd1::launch1_by_chunk<float, 64>(bp, stream);
+        default: return chunked_bwd1::launch1_by_chunk<float, 128>(bp, stream);
+      }
+    }
     return by_dtype_dim(p.dtype, p.dim, [&](auto t, auto d) {
       return chunked_bwd1::launch1_by_chunk<decltype(t), d()>(bp, stream);
     });

@@ -1,6 +1,7 @@
 // The fused backward of neural_memory_chunked (chunked_bwd.h) at depth 1 (M_W(x) = [x +]
 // [LN](x W), W: D x D), either read: the kernel template and its launcher; chunked_bwd1.cu
-// holds the instances (bf16 / fp16, D 32 / 64, chunk 16 / 32 / 64).
+// holds the instances (bf16 / fp16 / fp32 inputs, D 32 / 64 with chunk 16 / 32 / 64, D 128 with
+// chunk 16 / 32).
 //
 // One CTA of 8 warps per (sequence, head) (or a cluster, below) walks the chunks last to
 // first, the state's cotangents W̄, S̄ carried in place in the fp32 output tensors, each chunk's
@@ -87,20 +88,25 @@ __host__ __device__ constexpr size_t scratch_floats1(int D, int C) {
   return size_t(2) * C * D;
 }
 
+// One value of the input dtype (bf16, fp16 or fp32) as fp32, and back.
 template <typename T>
 __device__ __forceinline__ float ld1(const T* p) {
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     return __bfloat162float(*p);
-  } else {
+  } else if constexpr (std::is_same<T, __half>::value) {
     return __half2float(*p);
+  } else {
+    return *p;
   }
 }
 template <typename T>
 __device__ __forceinline__ void st1(T* p, float x) {
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     *p = __float2bfloat16_rn(x);
-  } else {
+  } else if constexpr (std::is_same<T, __half>::value) {
     *p = __float2half_rn(x);
+  } else {
+    *p = x;
   }
 }
 
@@ -893,6 +899,9 @@ TITANS_BWD1_INSTANCES(extern, __half, 32)
 TITANS_BWD1_INSTANCES(extern, __half, 64)
 TITANS_BWD1_INSTANCES(extern, __nv_bfloat16, 128)
 TITANS_BWD1_INSTANCES(extern, __half, 128)
+TITANS_BWD1_INSTANCES(extern, float, 32)
+TITANS_BWD1_INSTANCES(extern, float, 64)
+TITANS_BWD1_INSTANCES(extern, float, 128)
 
 }  // namespace chunked_bwd1
 }  // namespace titans

@@ -94,32 +94,47 @@ CHUNKED_CHUNKS = (16, 32, 64, 128)
 CHUNKED_HIDDEN_BLOCK = 32  # kHB in chunked_kernel.cuh
 
 
-def chunked_shape_supported(dim: int, hidden: int, depth: int, chunk: int) -> bool:
-    """The rule of neural_memory_chunked_supported (chunked.cu) for bf16/fp16; a GPU test
-    checks they agree. Whether the shared-memory plan fits the GPU is checked apart."""
+def chunked_shape_supported(dim: int, hidden: int, depth: int, chunk: int,
+                            dtype: torch.dtype = torch.bfloat16) -> bool:
+    """The rule of neural_memory_chunked_supported (chunked.cu); a GPU test checks they agree.
+    fp32 inputs: depth 1 with chunk <= 64 (the depth-1 fp32 kernel). Whether the
+    shared-memory plan fits the GPU is checked apart."""
     hb = CHUNKED_HIDDEN_BLOCK
-    return (dim in CHUNKED_DIMS and chunk in CHUNKED_CHUNKS and
+    if dtype == torch.float32 and (depth != 1 or chunk > 64):
+        return False
+    return (dtype in KERNEL_DTYPES and dim in CHUNKED_DIMS and chunk in CHUNKED_CHUNKS and
             (depth == 1 or (depth == 2 and hb <= hidden <= 512 and hidden % hb == 0)))
 
 
-def _smem(kernel: str, dim: int, hidden: int, depth: int, chunk: int, device):
-    """(bytes of shared memory per block the chunked "forward" / "backward" kernel needs, bytes
-    the device allows). Under torch.compile (Dynamo cannot trace the extension's queries) it
-    reports a fit: the ops check again when they run, and fall back to the reference there."""
+def _takes_fwd1(dim: int, depth: int, chunk: int, dtype: torch.dtype) -> bool:
+    """chunked.cu's takes_fwd1: the depth-1 fp32 kernel runs fp32 inputs, and D = 128 with
+    chunk 64 (as a cluster of 4 CTAs: sm_90+), at depth 1 with chunks up to 64. (At D = 128
+    with chunks 16 / 32 it also runs bf16 / fp16 at small batches where clusters fit, the
+    split-bf16 kernel elsewhere: f1_preferred.)"""
+    return depth == 1 and chunk <= 64 and (dtype == torch.float32 or (dim == 128 and chunk == 64))
+
+
+def _smem(kernel: str, dim: int, hidden: int, depth: int, chunk: int, device,
+          dtype: torch.dtype = torch.bfloat16):
+    """(bytes of shared memory per block the chunked "forward" / "backward" kernel needs for
+    inputs of ``dtype``, bytes the device allows). Under torch.compile (Dynamo cannot trace the
+    extension's queries) it reports a fit: the ops check again when they run, and fall back to
+    the reference there."""
     if torch.compiler.is_compiling():
         return 0, 1
     index = device.index if device.index is not None else torch.cuda.current_device()
     # int(): a fake tensor's sizes may be SymInts (opcheck's dynamic shapes), which the cache
     # cannot hash; the query specialised on them before it was cached too
-    return (_smem_bytes(kernel, int(dim), int(hidden), int(depth), int(chunk)),
+    return (_smem_bytes(kernel, int(dim), int(hidden), int(depth), int(chunk),
+                        KERNEL_DTYPES.index(dtype)),
             _lib.smem_per_block_optin(index))
 
 
 @functools.lru_cache(maxsize=None)
-def _smem_bytes(kernel, dim, hidden, depth, chunk) -> int:
+def _smem_bytes(kernel, dim, hidden, depth, chunk, dtype=0) -> int:
     query = (_lib._C.neural_memory_chunked_smem_bytes if kernel == "forward"
              else _lib._C.neural_memory_chunked_bwd_smem_bytes)
-    return query(dim=dim, hidden=hidden, depth=depth, chunk=chunk, dtype=0)
+    return query(dim=dim, hidden=hidden, depth=depth, chunk=chunk, dtype=dtype)
 
 
 def chunked_reason(q: Tensor, weights, chunk_size: int, cu_seqlens,
@@ -128,19 +143,24 @@ def chunked_reason(q: Tensor, weights, chunk_size: int, cu_seqlens,
     reason = _device_reason(q, weights, initial_state)
     if reason is not None:
         return reason
-    if q.dtype not in CHUNKED_DTYPES:
-        return (f"the chunked kernel takes bf16/fp16 inputs in this version, got {q.dtype} "
-                f"(fp32 runs on the reference)")
+    D, depth = q.shape[-1], len(weights)
+    if q.dtype not in CHUNKED_DTYPES and not (q.dtype == torch.float32 and depth == 1):
+        return (f"the chunked kernel takes bf16/fp16 inputs, and fp32 at depth 1, in this "
+                f"version; got {q.dtype} at depth {depth} (that runs on the reference)")
     if q.shape[1] == 0:
         return "the call has no tokens"
-    D, depth = q.shape[-1], len(weights)
     hidden = weights[0].shape[-1]
-    if not chunked_shape_supported(D, hidden, depth, chunk_size):
+    if not chunked_shape_supported(D, hidden, depth, chunk_size, q.dtype):
         return (f"no chunked kernel for D={D}, hidden={hidden}, depth={depth}, "
-                f"chunk_size={chunk_size} (supported: D in {CHUNKED_DIMS}, chunk_size in "
-                f"{CHUNKED_CHUNKS}, depth 1, or depth 2 with hidden a multiple of "
-                f"{CHUNKED_HIDDEN_BLOCK} up to 512)")
-    smem, limit = _smem("forward", D, hidden, depth, chunk_size, q.device)
+                f"chunk_size={chunk_size}, {q.dtype} (supported: D in {CHUNKED_DIMS}, "
+                f"chunk_size in {CHUNKED_CHUNKS} (fp32: up to 64), depth 1, or depth 2 with "
+                f"hidden a multiple of {CHUNKED_HIDDEN_BLOCK} up to 512)")
+    if D > 64 and _takes_fwd1(D, depth, chunk_size, q.dtype) and \
+            not torch.compiler.is_compiling() and \
+            torch.cuda.get_device_capability(q.device)[0] < 9:
+        return (f"the chunked kernel for D={D} at depth 1 with {q.dtype}, chunk_size="
+                f"{chunk_size} runs as a thread-block cluster (sm_90+)")
+    smem, limit = _smem("forward", D, hidden, depth, chunk_size, q.device, q.dtype)
     if smem > limit:
         return (f"the chunked kernel for D={D}, depth={depth}, chunk_size={chunk_size} needs "
                 f"{smem // 1024} KiB of shared memory per block and this GPU allows "
