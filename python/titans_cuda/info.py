@@ -24,13 +24,14 @@ KERNELS = {
                      "hidden <= 512 and % 4 == 0) and the chunked kernel for the rest (bf16/fp16 "
                      "q/k/v, D in (32, 64, 128), depth 1, or depth 2 with hidden % 32 == 0 up to "
                      "512, chunk in (16, 32, 64, 128) where its shared memory fits, cu_seqlens "
-                     "and states included); gradients: fused backward kernels for either "
-                     "read, bf16/fp16, at depth 2 with hidden % 32 == 0 up to 512 and D 32 or "
+                     "and states included; at depth 1 an fp32 kernel for fp32 q/k/v with chunk "
+                     "<= 64 and for D 128, clusters of 4 on sm_90+); gradients: fused backward "
+                     "kernels for either read, bf16/fp16, at depth 2 with hidden % 32 == 0 up to 512 and D 32 or "
                      "64 with chunk 16, 32 or 64 or D 128 with chunk 16 or 32 "
                      "(checkpoints every 4 chunks, the read's z2 and the "
                      "keys' fk kept by the forward; clusters on sm_90+ or CTAs exchanging "
-                     "through global memory) and at depth 1, D 32 or 64, or D 128 with chunk "
-                     "16 or 32 on sm_90+ (fp32 products, checkpoints at every chunk, clusters "
+                     "through global memory) and at depth 1 (bf16/fp16/fp32), D 32 or 64, or D "
+                     "128 with chunk 16 or 32 on sm_90+ (fp32 products, checkpoints at every chunk, clusters "
                      "of 2 or 4 CTAs at small batches on sm_90+, of 4 at D 128), the "
                      "reference's VJP elsewhere",
 }
