@@ -40,6 +40,7 @@
 #pragma once
 
 #include <type_traits>
+#include <utility>
 
 #include "chunked_bwd.h"
 #include "chunked_bwd_gates.cuh"
@@ -327,6 +328,87 @@ __device__ __forceinline__ void stage_cols(float* dst, int ld, const float* src)
   }
 }
 
+// The chunk's q and k rows (slots t0 .. t0 + C - 1 of rows [0, len); inactive slots: zero
+// rows) into fp32 shared memory of row stride ld, two columns per load.
+template <typename TIn, int D, int C>
+__device__ __forceinline__ void load_rows(float* sQ, float* sK, int ld, const TIn* gq,
+                                          const TIn* gk, const Rows& rq, const Rows& rk,
+                                          int64_t t0, int64_t len) {
+  for (int i = threadIdx.x; i < C * (D / 2); i += kThreads) {
+    const int r = i / (D / 2), c = (i % (D / 2)) * 2;
+    const int64_t t = t0 + r;
+    float2 xq = make_float2(0.f, 0.f), xk = xq;
+    if (t >= 0 && t < len) {
+      xq = load2(gq + rq.at(t) + c);
+      xk = load2(gk + rk.at(t) + c);
+    }
+    sQ[r * ld + c] = xq.x;
+    sQ[r * ld + c + 1] = xq.y;
+    sK[r * ld + c] = xk.x;
+    sK[r * ld + c + 1] = xk.y;
+  }
+}
+
+// G by its column recurrences (thread j < C runs column j; gneg, nneg: -G, -N of the last row)
+// and, on the last thread, the running scalars m, beta, c.
+template <int C>
+__device__ __forceinline__ void chunk_gates(int tid, float* theta, float* a, float* eta,
+                                            float* act, float* G, int ldg, float* gneg,
+                                            float* nneg, float* m, float* beta, float* c) {
+  if (tid < C) {
+    const float2 last = chunked::gate_column<C>(tid, theta, a, eta, act, G, nullptr, ldg);
+    gneg[tid] = -last.x;
+    nneg[tid] = -last.y;
+  } else if (tid == kThreads - 1) {
+    chunked::gate_scalars<C>(a, eta, act, m, beta, c);
+  }
+}
+
+// Row mode, the keys' head on a thread's N columns of one row: f (fk) -> dz, which is J(gamma e)
+// with the LayerNorm and e without; e = 2 (y - v) with y = [k +] [LN](fk); xh and rstd are the
+// LayerNorm's (left alone without it). gamma, lbeta, k, v point at the thread's first column
+// (v nullptr: an inactive slot, v = 0).
+template <int N, typename TIn, typename Tot>
+__device__ __forceinline__ void keys_head(float (&f)[N], float (&e)[N], float (&xh)[N],
+                                          float& rstd, const float* gamma, const float* lbeta,
+                                          const float* k, const TIn* v, bool residual,
+                                          float eps, float inv_d, Tot&& tot) {
+  if (gamma != nullptr) {
+    rstd = ln_stats(f, xh, inv_d, eps, tot);
+#pragma unroll
+    for (int c = 0; c < N; ++c)
+      f[c] = __ldg(gamma + c) * xh[c] + (lbeta != nullptr ? __ldg(lbeta + c) : 0.f);
+  }
+#pragma unroll
+  for (int c = 0; c < N; ++c) {
+    const float y = f[c] + (residual ? k[c] : 0.f);
+    e[c] = 2.f * (y - (v != nullptr ? ld1(v + c) : 0.f));
+    f[c] = e[c];
+  }
+  if (gamma != nullptr) ln_j(f, xh, gamma, rstd, inv_d, tot);
+}
+
+// The read's z for read "token" on a thread's tiles of this CTA's columns: z = beta (q W0) +
+// c (q S0) - (G * A) dz, with q W0 and q S0 left in hw, hs.
+template <int TC, int TS, int D, int C>
+__device__ __forceinline__ void read_z_token(float (&z)[TC][TS], float (&hw)[TC][TS],
+                                             float (&hs)[TC][TS], int tr, int tc,
+                                             const float* sQ, int ld, const float* sW0,
+                                             const float* sS0, int ls, const float* sG,
+                                             const float* sA, int lc, const float* sDz,
+                                             const float* beta, const float* c) {
+  zero(z);
+  zero(hw);
+  zero(hs);
+  gemm<TC, TS, D>(hw, tr, tc, [&](int m, int k) { return sQ[m * ld + k]; },
+                  [&](int k, int n) { return sW0[k * ls + n]; });
+  gemm<TC, TS, D>(hs, tr, tc, [&](int m, int k) { return sQ[m * ld + k]; },
+                  [&](int k, int n) { return sS0[k * ls + n]; });
+  gemm<TC, TS, C>(z, tr, tc, [&](int m, int k) { return -sG[m * lc + k] * sA[m * lc + k]; },
+                  [&](int k, int n) { return sDz[k * ls + n]; });
+  add_row_scaled(z, tr, hw, hs, beta, c);
+}
+
 template <typename TIn, int D, int C, int S>
 __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwdParams bp) {
   const NeuralMemoryParams& p = bp.f;
@@ -428,19 +510,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
 
     // ---- load ----
     __syncthreads();  // the previous chunk is done with shared memory (and W̄, S̄ written)
-    for (int i = tid; i < C * (D / 2); i += kThreads) {
-      const int r = i / (D / 2), c = (i % (D / 2)) * 2;
-      const int64_t t = t0 + r;
-      float2 xq = make_float2(0.f, 0.f), xk = xq;
-      if (t >= 0 && t < len) {
-        xq = load2(gq + rq.at(t) + c);
-        xk = load2(gk + rk.at(t) + c);
-      }
-      sQ[r * LD + c] = xq.x;
-      sQ[r * LD + c + 1] = xq.y;
-      sK[r * LD + c] = xk.x;
-      sK[r * LD + c + 1] = xk.y;
-    }
+    load_rows<TIn, D, C>(sQ, sK, LD, gq, gk, rq, rk, t0, len);
     stage_cols<D, DS>(sW0, LS, bp.ckpt_w[0] + slot * size + col0);
     stage_cols<D, DS>(sS0, LS, bp.ckpt_s[0] + slot * size + col0);
     stage_cols<D, DS>(sWb, LS, wbar + col0);
@@ -450,14 +520,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
     __syncthreads();
 
     // ---- G, the scalars; fk = k Wg; A = q k^T (every CTA: it sums over all of D) ----
-    if (tid < C) {
-      const float2 last = chunked::gate_column<C>(tid, v_theta, v_a, v_eta, v_act, sG, nullptr,
-                                                  LC);
-      v_gneg[tid] = -last.x;
-      v_nneg[tid] = -last.y;
-    } else if (tid == kThreads - 1) {
-      chunked::gate_scalars<C>(v_a, v_eta, v_act, v_m, v_beta, v_c);
-    }
+    chunk_gates<C>(tid, v_theta, v_a, v_eta, v_act, sG, LC, v_gneg, v_nneg, v_m, v_beta, v_c);
     {
       float f[TC][TS];
       zero(f);
@@ -482,25 +545,12 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
       float rstd = 1.f;
 #pragma unroll
       for (int c = 0; c < kCPT; ++c) f[c] = sT[rr * LS + rc0 + c];
-      if (gamma != nullptr) {
-        rstd = ln_stats(f, xh, inv_d, p.ln_eps, tot);
+      keys_head(f, e, xh, rstd, gamma != nullptr ? gamma + gc0 : nullptr,
+                lbeta != nullptr ? lbeta + gc0 : nullptr, sK + rr * LD + gc0,
+                active ? gv + rv.at(t) + gc0 : nullptr, p.residual, p.ln_eps, inv_d, tot);
 #pragma unroll
-        for (int c = 0; c < kCPT; ++c)
-          f[c] = __ldg(gamma + gc0 + c) * xh[c] + (lbeta != nullptr ? __ldg(lbeta + gc0 + c) : 0.f);
-      }
-#pragma unroll
-      for (int c = 0; c < kCPT; ++c) {
-        const float y = f[c] + (p.residual ? sK[rr * LD + gc0 + c] : 0.f);
-        const float vv = active ? ld1(gv + rv.at(t) + gc0 + c) : 0.f;
-        e[c] = 2.f * (y - vv);
-      }
-#pragma unroll
-      for (int c = 0; c < kCPT; ++c) {
-        scr_e[rr * D + gc0 + c] = e[c];
-        f[c] = e[c];
-      }
-      if (gamma != nullptr) {  // dz = J(gamma e)
-        ln_j(f, xh, gamma + gc0, rstd, inv_d, tot);
+      for (int c = 0; c < kCPT; ++c) scr_e[rr * D + gc0 + c] = e[c];
+      if (gamma != nullptr) {  // (f holds dz = J(gamma e))
 #pragma unroll
         for (int c = 0; c < kCPT; ++c) scr_xh[rr * D + gc0 + c] = xh[c];
         if (rlead) v_rstd[rr] = rstd;
@@ -514,18 +564,11 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
     float hw0[TC][TS], hs0[TC][TS];  // q W0, q S0 (read "token"), kept for the row sums
     {
       float z[TC][TS];
-      zero(z);
       if (!rchunk) {
-        zero(hw0);
-        zero(hs0);
-        gemm<TC, TS, D>(hw0, tr, tc, [&](int m, int k) { return sQ[m * LD + k]; },
-                        [&](int k, int c) { return sW0[k * LS + c]; });
-        gemm<TC, TS, D>(hs0, tr, tc, [&](int m, int k) { return sQ[m * LD + k]; },
-                        [&](int k, int c) { return sS0[k * LS + c]; });
-        gemm<TC, TS, C>(z, tr, tc, [&](int m, int k) { return -sG[m * LC + k] * sA[m * LC + k]; },
-                        [&](int k, int c) { return sDz[k * LS + c]; });
-        add_row_scaled(z, tr, hw0, hs0, v_beta, v_c);
+        read_z_token<TC, TS, D, C>(z, hw0, hs0, tr, tc, sQ, LD, sW0, sS0, LS, sG, sA, LC, sDz,
+                                   v_beta, v_c);
       } else {
+        zero(z);
         gemm<TC, TS, D>(z, tr, tc, [&](int m, int k) { return sQ[m * LD + k]; },
                         [&](int k, int c) { return sWgp[k * LS + c]; });
       }
@@ -809,17 +852,19 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
   if constexpr (S > 1) xc.sync();  // no CTA exits while another may still read its buffers
 }
 
-template <typename TIn, int D, int C, int S>
-cudaError_t launch1_split(const NeuralMemoryBwdParams& p, cudaStream_t stream) {
-  const size_t smem = smem_bytes1(D, C, S);
-  auto kernel = bwd1_kernel<TIn, D, C, S>;
+// The launch of a depth-1 kernel (this backward, or the forward of chunked_fwd1_kernel.cuh)
+// over its (sequence, head) pairs: a grid of (heads * S, n_seq) CTAs, one per pair at S = 1, else
+// a cluster of S along x.
+template <int S, typename Kernel, typename P>
+cudaError_t launch_pairs(Kernel kernel, size_t smem, int heads, int n_seq, const P& p,
+                         cudaStream_t stream) {
   TITANS_RETURN_IF_ERROR(allow_smem(kernel, smem));
   if constexpr (S == 1) {
-    kernel<<<dim3(p.f.heads, p.f.n_seq), kThreads, smem, stream>>>(p);
+    kernel<<<dim3(heads, n_seq), kThreads, smem, stream>>>(p);
     return cudaGetLastError();
   } else {
     cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(unsigned(p.f.heads) * S, unsigned(p.f.n_seq), 1);
+    config.gridDim = dim3(unsigned(heads) * S, unsigned(n_seq), 1);
     config.blockDim = dim3(kThreads);
     config.dynamicSmemBytes = smem;
     config.stream = stream;
@@ -830,48 +875,68 @@ cudaError_t launch1_split(const NeuralMemoryBwdParams& p, cudaStream_t stream) {
   }
 }
 
-// Whether a cluster of S CTAs per (sequence, head) runs for `pairs` pairs in one wave: the
-// device has clusters, and they all fit at once, one CTA per SM.
-template <typename TIn, int D, int C, int S>
-bool split1_fits(int64_t pairs) {
-  auto kernel = bwd1_kernel<TIn, D, C, S>;
-  const size_t smem = smem_bytes1(D, C, S);
-  if (allow_smem(kernel, smem) != cudaSuccess) return false;
-  return resident_ctas(kernel, kThreads, smem) >= pairs * S &&
-         max_clusters(kernel, S, smem, kThreads) >= pairs;
-}
-
-// The CTAs per (sequence, head) (params.h split): a cluster of 4, else 2, owning D / S columns
-// of W each, where that many CTAs fit the device at once (sm_90+); else one. p.f.split > 0
-// forces 1, 2 or 4 (at most D / 16). D = 128 always takes a cluster of 4 (kSplit128: one or two
-// CTAs cannot hold five 128 x 128 / S fp32 matrices), in waves where they do not all fit, and
-// cudaErrorNotSupported where the device has no clusters of 4 for it.
-template <typename TIn, int D, int C>
-cudaError_t launch1(const NeuralMemoryBwdParams& p, cudaStream_t stream) {
-  const int64_t pairs = int64_t(p.f.heads) * p.f.n_seq;
-  int s = p.f.split;
-  if (s < 0 || s == 3 || s > kMaxSplit1 || s > D / 16) return cudaErrorInvalidValue;
+// The column split of a depth-1 kernel (params.h split): a cluster of 4, else 2, owning D / S
+// columns of W each, where clusters of that size for every pair are resident at once (sm_90+:
+// resident_ctas and max_clusters), else one CTA; `split` > 0 forces 1, 2 or 4 (at most D / 16).
+// D = 128 always takes a cluster of 4 (kSplit128: one or two CTAs cannot hold its D x D / S
+// matrices), in waves where they do not all fit, and cudaErrorNotSupported where the device has
+// no clusters of 4 for it. pick(std::integral_constant<int, S>) gives the kernel for S and its
+// shared memory.
+template <int D, typename P, typename Pick>
+cudaError_t launch_columns(const P& p, int heads, int n_seq, int split, Pick&& pick,
+                           cudaStream_t stream) {
+  using S1 = std::integral_constant<int, 1>;
+  using S2 = std::integral_constant<int, 2>;
+  using S4 = std::integral_constant<int, 4>;
+  static_assert(kSplit128 == 4, "D = 128 takes clusters of 4");
+  if (split < 0 || split == 3 || split > kMaxSplit1 || split > D / 16) {
+    return cudaErrorInvalidValue;
+  }
   if constexpr (D > 64) {
-    if (s != 0 && s != kSplit128) return cudaErrorInvalidValue;
-    auto kernel = bwd1_kernel<TIn, D, C, kSplit128>;
-    const size_t smem = smem_bytes1(D, C, kSplit128);
-    TITANS_RETURN_IF_ERROR(allow_smem(kernel, smem));
-    if (max_clusters(kernel, kSplit128, smem, kThreads) < 1) return cudaErrorNotSupported;
-    return launch1_split<TIn, D, C, kSplit128>(p, stream);
+    if (split != 0 && split != kSplit128) return cudaErrorInvalidValue;
+    const auto k = pick(S4{});
+    TITANS_RETURN_IF_ERROR(allow_smem(k.first, k.second));
+    if (max_clusters(k.first, kSplit128, k.second, kThreads) < 1) return cudaErrorNotSupported;
+    return launch_pairs<kSplit128>(k.first, k.second, heads, n_seq, p, stream);
   } else {
+    const int64_t pairs = int64_t(heads) * n_seq;
+    auto all_fit = [&](auto s) {
+      constexpr int kS = decltype(s)::value;
+      const auto k = pick(s);
+      return allow_smem(k.first, k.second) == cudaSuccess &&
+             resident_ctas(k.first, kThreads, k.second) >= pairs * kS &&
+             max_clusters(k.first, kS, k.second, kThreads) >= pairs;
+    };
+    int s = split;
     if (s == 0) {
       s = 1;
       if constexpr (D / 16 >= 4) {
-        if (split1_fits<TIn, D, C, 4>(pairs)) s = 4;
+        if (all_fit(S4{})) s = 4;
       }
-      if (s == 1 && split1_fits<TIn, D, C, 2>(pairs)) s = 2;
+      if (s == 1 && all_fit(S2{})) s = 2;
     }
     if constexpr (D / 16 >= 4) {
-      if (s == 4) return launch1_split<TIn, D, C, 4>(p, stream);
+      if (s == 4) {
+        const auto k = pick(S4{});
+        return launch_pairs<4>(k.first, k.second, heads, n_seq, p, stream);
+      }
     }
-    if (s == 2) return launch1_split<TIn, D, C, 2>(p, stream);
-    return launch1_split<TIn, D, C, 1>(p, stream);
+    if (s == 2) {
+      const auto k = pick(S2{});
+      return launch_pairs<2>(k.first, k.second, heads, n_seq, p, stream);
+    }
+    const auto k = pick(S1{});
+    return launch_pairs<1>(k.first, k.second, heads, n_seq, p, stream);
   }
+}
+
+// The backward's CTAs per (sequence, head): launch_columns.
+template <typename TIn, int D, int C>
+cudaError_t launch1(const NeuralMemoryBwdParams& p, cudaStream_t stream) {
+  return launch_columns<D>(p, p.f.heads, p.f.n_seq, p.f.split, [](auto s) {
+    constexpr int kS = decltype(s)::value;
+    return std::make_pair(bwd1_kernel<TIn, D, C, kS>, smem_bytes1(D, C, kS));
+  }, stream);
 }
 
 template <typename TIn, int D>

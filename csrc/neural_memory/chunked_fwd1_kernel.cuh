@@ -26,14 +26,16 @@ namespace titans {
 namespace chunked_fwd1 {
 
 using chunked::Rows;
-using chunked_bwd1::add_row_scaled;
+using chunked_bwd1::chunk_gates;
 using chunked_bwd1::Exchange;
 using chunked_bwd1::gemm;
+using chunked_bwd1::keys_head;
 using chunked_bwd1::kThreads;
-using chunked_bwd1::ld1;
-using chunked_bwd1::ln_j;
+using chunked_bwd1::launch_columns;
 using chunked_bwd1::ln_stats;
+using chunked_bwd1::load_rows;
 using chunked_bwd1::put;
+using chunked_bwd1::read_z_token;
 using chunked_bwd1::row_totals;
 using chunked_bwd1::st1;
 using chunked_bwd1::stage_cols;
@@ -57,8 +59,7 @@ __host__ __device__ constexpr LayoutF1 make_layout_f1(int D, int C, int S) {
 __host__ __device__ constexpr size_t smem_bytes_f1(int D, int C, int S) {
   return size_t(make_layout_f1(D, C, S).total) * sizeof(float);
 }
-constexpr int kMaxSplitF1 = 4;
-constexpr int kSplitF1At128 = 4;  // D = 128: always a cluster of 4, as the depth-1 backward
+constexpr int kSplitF1At128 = chunked_bwd1::kSplit128;  // D = 128: always a cluster of 4
 
 template <typename TIn, int D, int C, int S>
 __global__ void __launch_bounds__(kThreads, 1) fwd1_kernel(const NeuralMemoryParams p) {
@@ -159,13 +160,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd1_kernel(const NeuralMemoryPar
       put_cols(p.ckpt_w[0] + slot * size, sW);
       put_cols(p.ckpt_s[0] + slot * size, sS);
     }
-    for (int i = tid; i < C * D; i += kThreads) {
-      const int r = i / D, c = i % D;
-      const int64_t t = t0 + r;
-      const bool on = t >= 0 && t < len;
-      sQ[r * LD + c] = on ? ld1(gq + rq.at(t) + c) : 0.f;
-      sK[r * LD + c] = on ? ld1(gk + rk.at(t) + c) : 0.f;
-    }
+    load_rows<TIn, D, C>(sQ, sK, LD, gq, gk, rq, rk, t0, len);
     if (!g_is_w) stage_cols<D, DS>(sWg, LS, cw_src + col0);
     if (tid < C) chunked::load_gates(tid, p, row_base, h, t0, len, v_theta, v_a, v_eta, v_act);
     __syncthreads();
@@ -174,14 +169,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd1_kernel(const NeuralMemoryPar
     }
 
     // ---- G, the scalars; fk = k Wg; A = q k^T (token) or z = q Wg (chunk) ----
-    if (tid < C) {
-      const float2 last = chunked::gate_column<C>(tid, v_theta, v_a, v_eta, v_act, sG, nullptr,
-                                                  LC);
-      v_gneg[tid] = -last.x;
-      v_nneg[tid] = -last.y;
-    } else if (tid == kThreads - 1) {
-      chunked::gate_scalars<C>(v_a, v_eta, v_act, v_m, v_beta, v_c);
-    }
+    chunk_gates<C>(tid, v_theta, v_a, v_eta, v_act, sG, LC, v_gneg, v_nneg, v_m, v_beta, v_c);
     {
       float f[TC][TS];
       zero(f);
@@ -208,23 +196,13 @@ __global__ void __launch_bounds__(kThreads, 1) fwd1_kernel(const NeuralMemoryPar
     {
       const int64_t t = t0 + rr;
       const bool active = t >= 0 && t < len;
-      float f[kCPT], xh[kCPT];
+      float f[kCPT], e[kCPT], xh[kCPT];
       float rstd = 1.f;
 #pragma unroll
       for (int c = 0; c < kCPT; ++c) f[c] = sT[rr * LS + rc0 + c];
-      if (gamma != nullptr) {
-        rstd = ln_stats(f, xh, inv_d, p.ln_eps, tot);
-#pragma unroll
-        for (int c = 0; c < kCPT; ++c)
-          f[c] = __ldg(gamma + gc0 + c) * xh[c] + (lbeta != nullptr ? __ldg(lbeta + gc0 + c) : 0.f);
-      }
-#pragma unroll
-      for (int c = 0; c < kCPT; ++c) {
-        const float y = f[c] + (p.residual ? sK[rr * LD + gc0 + c] : 0.f);
-        const float vv = active ? ld1(gv + rv.at(t) + gc0 + c) : 0.f;
-        f[c] = 2.f * (y - vv);
-      }
-      if (gamma != nullptr) ln_j(f, xh, gamma + gc0, rstd, inv_d, tot);
+      keys_head(f, e, xh, rstd, gamma != nullptr ? gamma + gc0 : nullptr,
+                lbeta != nullptr ? lbeta + gc0 : nullptr, sK + rr * LD + gc0,
+                active ? gv + rv.at(t) + gc0 : nullptr, p.residual, p.ln_eps, inv_d, tot);
 #pragma unroll
       for (int c = 0; c < kCPT; ++c) sT[rr * LS + rc0 + c] = f[c];
     }
@@ -233,16 +211,8 @@ __global__ void __launch_bounds__(kThreads, 1) fwd1_kernel(const NeuralMemoryPar
     // ---- the read's z (token): beta (q W0) + c (q S0) - (G * A) dz ----
     if (!p.read_chunk) {
       float z[TC][TS], hw[TC][TS], hs[TC][TS];
-      zero(z);
-      zero(hw);
-      zero(hs);
-      gemm<TC, TS, D>(hw, tr, tc, [&](int m, int k) { return sQ[m * LD + k]; },
-                      [&](int k, int c) { return sW[k * LS + c]; });
-      gemm<TC, TS, D>(hs, tr, tc, [&](int m, int k) { return sQ[m * LD + k]; },
-                      [&](int k, int c) { return sS[k * LS + c]; });
-      gemm<TC, TS, C>(z, tr, tc, [&](int m, int k) { return -sG[m * LC + k] * sA[m * LC + k]; },
-                      [&](int k, int c) { return sT[k * LS + c]; });
-      add_row_scaled(z, tr, hw, hs, v_beta, v_c);
+      read_z_token<TC, TS, D, C>(z, hw, hs, tr, tc, sQ, LD, sW, sS, LS, sG, sA, LC, sT, v_beta,
+                                 v_c);
       put(sZ, LS, tr, tc, z);
     }
     __syncthreads();  // z complete; W0, S0 no longer read but by their own updaters below
@@ -296,66 +266,14 @@ __global__ void __launch_bounds__(kThreads, 1) fwd1_kernel(const NeuralMemoryPar
   if constexpr (S > 1) xc.sync();  // no CTA exits while another may still read its buffers
 }
 
-template <typename TIn, int D, int C, int S>
-cudaError_t launch_f1_split(const NeuralMemoryParams& p, cudaStream_t stream) {
-  const size_t smem = smem_bytes_f1(D, C, S);
-  auto kernel = fwd1_kernel<TIn, D, C, S>;
-  TITANS_RETURN_IF_ERROR(allow_smem(kernel, smem));
-  if constexpr (S == 1) {
-    kernel<<<dim3(p.heads, p.n_seq), kThreads, smem, stream>>>(p);
-    return cudaGetLastError();
-  } else {
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(unsigned(p.heads) * S, unsigned(p.n_seq), 1);
-    config.blockDim = dim3(kThreads);
-    config.dynamicSmemBytes = smem;
-    config.stream = stream;
-    cudaLaunchAttribute attr[1] = {cluster_attribute(S)};
-    config.attrs = attr;
-    config.numAttrs = 1;
-    return cudaLaunchKernelEx(&config, kernel, p);
-  }
-}
-
-// Whether clusters of S CTAs for `pairs` pairs all fit the device at once (sm_90+).
-template <typename TIn, int D, int C, int S>
-bool f1_fits(int64_t pairs) {
-  auto kernel = fwd1_kernel<TIn, D, C, S>;
-  const size_t smem = smem_bytes_f1(D, C, S);
-  if (allow_smem(kernel, smem) != cudaSuccess) return false;
-  return resident_ctas(kernel, kThreads, smem) >= pairs * S &&
-         max_clusters(kernel, S, smem, kThreads) >= pairs;
-}
-
-// CTAs per (sequence, head) (params.h split): at D <= 64 a cluster of 4, else 2, where they all
-// fit at once, else one; p.split > 0 forces 1, 2 or 4 (at most D / 16). D = 128: a cluster of
-// 4 always (cudaErrorNotSupported without clusters of 4 for it).
+// CTAs per (sequence, head) (params.h split): the depth-1 column split, launch_columns
+// (chunked_bwd1_kernel.cuh).
 template <typename TIn, int D, int C>
 cudaError_t launch_f1(const NeuralMemoryParams& p, cudaStream_t stream) {
-  int s = p.split;
-  if (s < 0 || s == 3 || s > kMaxSplitF1 || s > D / 16) return cudaErrorInvalidValue;
-  if constexpr (D > 64) {
-    if (s != 0 && s != kSplitF1At128) return cudaErrorInvalidValue;
-    auto kernel = fwd1_kernel<TIn, D, C, kSplitF1At128>;
-    const size_t smem = smem_bytes_f1(D, C, kSplitF1At128);
-    TITANS_RETURN_IF_ERROR(allow_smem(kernel, smem));
-    if (max_clusters(kernel, kSplitF1At128, smem, kThreads) < 1) return cudaErrorNotSupported;
-    return launch_f1_split<TIn, D, C, kSplitF1At128>(p, stream);
-  } else {
-    const int64_t pairs = int64_t(p.heads) * p.n_seq;
-    if (s == 0) {
-      s = 1;
-      if constexpr (D / 16 >= 4) {
-        if (f1_fits<TIn, D, C, 4>(pairs)) s = 4;
-      }
-      if (s == 1 && f1_fits<TIn, D, C, 2>(pairs)) s = 2;
-    }
-    if constexpr (D / 16 >= 4) {
-      if (s == 4) return launch_f1_split<TIn, D, C, 4>(p, stream);
-    }
-    if (s == 2) return launch_f1_split<TIn, D, C, 2>(p, stream);
-    return launch_f1_split<TIn, D, C, 1>(p, stream);
-  }
+  return launch_columns<D>(p, p.heads, p.n_seq, p.split, [](auto s) {
+    constexpr int kS = decltype(s)::value;
+    return std::make_pair(fwd1_kernel<TIn, D, C, kS>, smem_bytes_f1(D, C, kS));
+  }, stream);
 }
 
 // Whether bf16 / fp16 inputs at D = 128 with chunk 16 or 32, which the split-bf16 kernel also
