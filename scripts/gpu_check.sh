@@ -93,6 +93,12 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
     -p no:cacheprovider -k "writes_every or strided or side_stream or every_cluster_split and fresh or one_block_per_cta" \
     >"$OUT/sanitizer.log" 2>&1
   rc=$?
+  # the depth-1 fp32 forward (and backward): one CTA's and a cluster's instances, a state, varlen
+  compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked.py \
+    -q -p no:cacheprovider \
+    -k "fp32_depth1 and (D128-h128-L1-C16-float32-gelu-res-lnb-open or D32-h32-L1-C64-float32-silu-res-noln-varlen)" \
+    >>"$OUT/sanitizer.log" 2>&1
+  rc=$((rc | $?))
   # the fused backward: every checkpoint interval on fresh calls (clusters at the launcher's
   # split), the split over 8 ordinary CTAs (global exchange) with groups recomputed, read "chunk"
   compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked_bwd.py \
@@ -115,7 +121,8 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
     -p no:cacheprovider -k "writes_every" >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   compute-sanitizer --tool racecheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked.py -q \
-    -p no:cacheprovider -k "writes_every" >>"$OUT/sanitizer.log" 2>&1
+    -p no:cacheprovider -k "writes_every or fp32_depth1 and (D64-h64-L1-C32-float32-silu-nores-noln-fresh or D128-h128-L1-C64-float32-gelu-res-lnb-open)" \
+    >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   compute-sanitizer --tool racecheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked_bwd.py \
     -q -p no:cacheprovider -k "checkpoint_groups and h128-float16-fresh-silu-nores-noln-2 or global_split_is and 4-3" \
