@@ -524,3 +524,22 @@ def test_fused_backward_rule_and_checkpoints_by_depth():
                                                         dtype=0)
     assert smem == 4 * (2 * 32 * 129 + 3 * 32 * 33 + 5 * 128 * 33 + 3 * 32 * 33 + 17 * 32 + 32
                         + 2 * 32 * 128) <= 227 * 1024
+
+
+def test_qkv_rows_are_aligned_for_the_kernels_two_element_loads():
+    """_qkv (neural_memory's kernel path) keeps q / k / v whose rows start at even element
+    offsets and copies the others, so no kernel load is misaligned (SPEC §6: nothing may
+    crash); an odd-offset feature slice is copied, an even one and a transposed view are not."""
+    from titans_cuda.ops.neural_memory.ops import _qkv
+    for dtype in (torch.float32, torch.bfloat16):
+        wide = torch.randn(2, 10, 3, 66).to(dtype)
+        odd, even = wide[..., 1:65], wide[..., :64]
+        assert _qkv(odd).data_ptr() != odd.data_ptr() and torch.equal(_qkv(odd), odd)
+        assert _qkv(odd).data_ptr() % (2 * odd.element_size()) == 0
+        assert _qkv(even).data_ptr() == even.data_ptr()
+        moved = torch.randn(2, 3, 10, 64).to(dtype).transpose(1, 2)
+        assert _qkv(moved).data_ptr() == moved.data_ptr()
+        # heads 65 elements apart: every other head's row starts at an odd offset
+        odd_rows = torch.randn(2, 10, 195).to(dtype).as_strided((2, 10, 3, 64),
+                                                                (1950, 195, 65, 1))
+        assert _qkv(odd_rows).is_contiguous() and torch.equal(_qkv(odd_rows), odd_rows)

@@ -238,7 +238,12 @@ def _f32(t: Tensor) -> Tensor:
 
 
 def _qkv(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+    """q, k or v as the kernels read it: the feature axis contiguous and every row's start
+    aligned for their two-element loads (an even element offset), else a contiguous copy."""
+    if t.stride(-1) == 1 and t.data_ptr() % (2 * t.element_size()) == 0 and \
+            all(s % 2 == 0 for d, s in zip(t.shape[:-1], t.stride()[:-1]) if d > 1):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
