@@ -175,8 +175,8 @@ def chunked_bwd_shape_supported(dim: int, hidden: int, depth: int, chunk: int,
                                 read: str) -> bool:
     """The rule of neural_memory_chunked_bwd_supported (chunked_bwd.cu): either read, D 32 or
     64 with chunk 16, 32 or 64, or D 128 with chunk 16 or 32; depth 1, or depth 2 with hidden a
-    multiple of 32 up to 512 (bf16/fp16 inputs). Depth 1 at D 128 also needs clusters
-    (chunked_bwd_reason)."""
+    multiple of 32 up to 512 (bf16/fp16 inputs, and fp32 at depth 1, as chunked_reason
+    allows). Depth 1 at D 128 also needs clusters (chunked_bwd_reason)."""
     hb = CHUNKED_HIDDEN_BLOCK
     dim_ok = dim in (32, 64) or (dim == 128 and chunk <= 32)
     return (dim_ok and chunk in (16, 32, 64) and read in ("token", "chunk") and
