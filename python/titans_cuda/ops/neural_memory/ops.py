@@ -114,6 +114,13 @@ def _takes_fwd1(dim: int, depth: int, chunk: int, dtype: torch.dtype) -> bool:
     return depth == 1 and chunk <= 64 and (dtype == torch.float32 or (dim == 128 and chunk == 64))
 
 
+def _lacks_clusters(device) -> bool:
+    """The depth-1 kernels at D = 128 run as thread-block clusters: whether ``device`` has none
+    (below sm_90). Under torch.compile it reports clusters, as _smem reports a fit: the ops
+    check again when they run."""
+    return not torch.compiler.is_compiling() and torch.cuda.get_device_capability(device)[0] < 9
+
+
 def _smem(kernel: str, dim: int, hidden: int, depth: int, chunk: int, device,
           dtype: torch.dtype = torch.bfloat16):
     """(bytes of shared memory per block the chunked "forward" / "backward" kernel needs for
@@ -155,9 +162,7 @@ def chunked_reason(q: Tensor, weights, chunk_size: int, cu_seqlens,
                 f"chunk_size={chunk_size}, {q.dtype} (supported: D in {CHUNKED_DIMS}, "
                 f"chunk_size in {CHUNKED_CHUNKS} (fp32: up to 64), depth 1, or depth 2 with "
                 f"hidden a multiple of {CHUNKED_HIDDEN_BLOCK} up to 512)")
-    if D > 64 and _takes_fwd1(D, depth, chunk_size, q.dtype) and \
-            not torch.compiler.is_compiling() and \
-            torch.cuda.get_device_capability(q.device)[0] < 9:
+    if D > 64 and _takes_fwd1(D, depth, chunk_size, q.dtype) and _lacks_clusters(q.device):
         return (f"the chunked kernel for D={D} at depth 1 with {q.dtype}, chunk_size="
                 f"{chunk_size} runs as a thread-block cluster (sm_90+)")
     smem, limit = _smem("forward", D, hidden, depth, chunk_size, q.device, q.dtype)
@@ -198,8 +203,7 @@ def chunked_bwd_reason(q: Tensor, weights, chunk_size: int, cu_seqlens, initial_
                 f"chunk_size={chunk_size}, read={read!r} in this version (supported: D 32 or "
                 f"64 with chunk_size 16, 32 or 64, D 128 with chunk_size 16 or 32; depth 1, or "
                 f"depth 2 with hidden a multiple of {CHUNKED_HIDDEN_BLOCK} up to 512)")
-    if depth == 1 and D > 64 and not torch.compiler.is_compiling() and \
-            torch.cuda.get_device_capability(q.device)[0] < 9:
+    if depth == 1 and D > 64 and _lacks_clusters(q.device):
         return (f"the fused backward at depth 1 and D={D} runs as a thread-block cluster "
                 f"(sm_90+)")
     smem, limit = _smem("backward", D, hidden, depth, chunk_size, q.device)
