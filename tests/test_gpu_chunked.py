@@ -62,8 +62,10 @@ def _smem(D, hidden, depth, C, dtype=torch.bfloat16):
 
 
 def _shapes(fit):
+    """The shapes whose kernel's plan fits an H100 (``fit``) or does not: chunk 128 at depth 2
+    and D = 64 / 128 runs as two sub-chunks of 64 (nm_ops.fwd_chunking), with chunk 64's plan."""
     return [(D, e * D, depth, C) for (D, e, depth), C in itertools.product(SHAPES, CHUNKS)
-            if (_smem(D, e * D, depth, C) <= H100_SMEM) == fit]
+            if (_smem(D, e * D, depth, nm_ops.fwd_chunking(D, depth, C)[0]) <= H100_SMEM) == fit]
 
 
 FITTING, TOO_BIG = _shapes(True), _shapes(False)

@@ -142,6 +142,7 @@ def test_fused_backward_matches_reference(case):
 
 SPLIT_CASES = [c for c in GRID if c[0] == 256 and c[1] == torch.bfloat16][:4]
 
+
 # The other (D, chunk) instances: every kind and dtype, the heads and activations cycled, hidden
 # 96 (three blocks of 32; six of 16 at D = 128) and 128.
 DC = ((32, 16), (32, 32), (32, 64), (64, 16), (64, 32), (128, 16), (128, 32))
@@ -184,6 +185,53 @@ def test_fused_backward_other_shapes_split_and_groups(dc, K, split, monkeypatch)
     d, c = dc
     args, weights, st, mem, cu = _case((128, torch.bfloat16, "fresh", HEADS[1], "gelu"), C=c, D=d)
     _check_forced(args, weights, st, mem, cu, K, split, monkeypatch, f"D {d}, C {c}")
+
+
+# Sub-chunks (params.h, sub): the call chunks without a backward instance of their own, each
+# walked as R sub-chunks taking their gradients at the call chunk's start weights: chunk 128 at
+# D = 32 / 64 (2 x 64), chunks 64 and 128 at D = 128 (2 / 4 x 32); every kind and dtype, a
+# 10-chunk call (groups of K = 4 call chunks, 8 or 16 sub-chunks, recomputed in the kernel).
+SUB_DC = ((64, 128), (32, 128), (128, 64), (128, 128))
+SUB_GRID = [(d, c, (128, 256)[i % 2] if d < 128 else 128, dtype, kind, HEADS[i % 4],
+             ("silu", "gelu")[i % 3 % 2])
+            for i, (d, c, dtype, kind) in enumerate(
+                (d, c, dtype, kind) for d, c in SUB_DC for dtype in (torch.bfloat16, torch.float16)
+                for kind in KINDS + ("long",))]
+assert len(SUB_GRID) == 32
+
+
+@pytest.mark.parametrize("case", SUB_GRID, ids=[_shape_id(c) for c in SUB_GRID])
+def test_fused_backward_sub_chunks(case):
+    """The sub-chunk walk against float64 (the forward runs sub-chunks too at chunk 128, D 64 /
+    128: nm_ops.fwd_chunking)."""
+    needs_kernels()
+    d, c, *rest = case
+    args, weights, st, mem, cu = _case(tuple(rest), C=c, D=d)
+    assert nm_ops.bwd_chunking(d, 2, c, "token")[1] > 1
+    assert nm_ops.chunked_bwd_reason(args[0], weights, c, cu, st, "token") is None
+    _check_kernel_grads(args, weights, st, mem, cu, f" (D {d}, C {c}, sub-chunks)")
+
+
+@pytest.mark.parametrize("split", (1, 2, -3))
+@pytest.mark.parametrize("K", (1, 2))
+@pytest.mark.parametrize("dc", ((64, 128), (128, 64)), ids=lambda dc: f"D{dc[0]}-C{dc[1]}")
+def test_fused_backward_sub_chunks_offsets_splits_groups(dc, K, split, monkeypatch):
+    """Sub-chunks with initial states whose open chunks start past a sub-chunk (offsets C - 3,
+    C / 2 + 1: leading sub-chunks without tokens), inside the first (1) and at 0; over clusters
+    and ordinary CTAs, with checkpoints every K call chunks."""
+    needs_kernels()
+    if split > 1 and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("clusters need sm_90+")
+    d, c = dc
+    args, weights, st, mem, cu = _case((128, torch.bfloat16, "fresh", HEADS[1], "gelu"), C=c, D=d)
+    N = args[0].shape[0]
+    st = _random_state(N, 2, weights, c)
+    st = MemoryState(st.weights, st.momentum, st.chunk_weights,
+                     torch.tensor([c - 3, c // 2 + 1][:N], device=DEV))
+    _check_forced(args, weights, st, mem, cu, K, split, monkeypatch, f"D {d}, C {c}")
+    st0 = MemoryState(st.weights, st.momentum, st.chunk_weights,
+                      torch.tensor([1, 0][:N], device=DEV))
+    _check_forced(args, weights, st0, mem, cu, K, split, monkeypatch, f"D {d}, C {c}, offsets 1, 0")
 
 
 @pytest.mark.parametrize("split", (1, 2, 3, 4, 8, -2, -3, -4, -8))
@@ -351,10 +399,14 @@ def test_fused_backward_reasons():
     assert nm_ops.chunked_bwd_reason(q, w, 64, None, st, "token") is None
     assert nm_ops.chunked_bwd_reason(q, w, 64, None, st, "chunk") is None
     assert nm_ops.chunked_bwd_reason(q, w, 32, None, None, "token") is None
-    assert "chunk_size=128" in nm_ops.chunked_bwd_reason(q, w, 128, None, None, "token")
+    # chunk 128 as sub-chunks (read "token" only)
+    assert nm_ops.chunked_bwd_reason(q, w, 128, None, None, "token") is None
+    assert "chunk_size=128" in nm_ops.chunked_bwd_reason(q, w, 128, None, None, "chunk")
     q128 = torch.zeros(1, 8, 2, 128, dtype=torch.bfloat16, device=DEV)
     w128 = make_weights(2, 128, 128, 2, dtype=torch.float32, device=DEV)
-    assert "D=128" in nm_ops.chunked_bwd_reason(q128, w128, 64, None, None, "token")
+    assert nm_ops.chunked_bwd_reason(q128, w128, 64, None, None, "token") is None
+    assert nm_ops.chunked_bwd_reason(q128, w128, 128, None, None, "token") is None
+    assert "D=128" in nm_ops.chunked_bwd_reason(q128, w128, 64, None, None, "chunk")
     assert nm_ops.chunked_bwd_reason(q128, w128, 32, None, None, "token") is None
     assert nm_ops.chunked_bwd_reason(q128, w128, 16, None, None, "chunk") is None
     w1 = make_weights(2, 64, 64, 1, dtype=torch.float32, device=DEV)  # (test_gpu_chunked_bwd1)

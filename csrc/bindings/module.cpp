@@ -272,6 +272,7 @@ titans::NeuralMemoryParams neural_memory_params(const py::dict& a, const char* o
     p.read_z2 = as_ptr<float>(ptr("read_z2"));  // (backward) read
     p.keys_fk = as_ptr<float>(ptr("keys_fk"));
   }
+  p.sub = a.contains("sub") ? i32("sub") : 1;  // chunked, depth 2: sub-chunks (params.h)
   if (a.contains("ckpt_every")) {  // chunked only
     p.ckpt_every = i32("ckpt_every");
     const auto ckpt_w = layers("ckpt_w"), ckpt_s = layers("ckpt_s");
@@ -324,6 +325,10 @@ void neural_memory_chunked_bwd(const py::dict& a) {
     bp.s_bar[l] = as_ptr<float>(std::uintptr_t(s_bar[l]));
     bp.wg0_bar[l] = as_ptr<float>(std::uintptr_t(wg0[l]));
     bp.cw_bar[l] = as_ptr<const float>(std::uintptr_t(cw_bar[l]));
+  }
+  if (bp.f.sub > 1) {  // sub-chunks (params.h)
+    const auto carry = layers("wg_carry");
+    for (int l = 0; l < bp.f.depth; ++l) bp.wg_carry[l] = as_ptr<float>(std::uintptr_t(carry[l]));
   }
   bp.o_bar = as_ptr<const void>(ptr("o_bar"));
   bp.dq = as_ptr<void>(ptr("dq"));

@@ -509,7 +509,9 @@ __host__ __device__ constexpr int64_t exchange_buffer_floats(int D, int C) {
   return int64_t(end_sum_floats(D, C)) * kThreads;
 }
 
-template <typename TIn, int D, int C, int kMode>
+// kSub: the instance that walks sub-chunks (chunked_bwd.h, sub > 1); the others are compiled
+// with R = 1, the code they had before sub-chunks (their spills move with any change).
+template <typename TIn, int D, int C, int kMode, bool kSub = false>
 __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdParams bp) {
   const NeuralMemoryParams& p = bp.f;
   constexpr int HB = bwd_hb(D);
@@ -618,6 +620,9 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
   const float* cw_src[2];
   const float* cwb[2];
   float *wbar[2], *sbar[2], *wg0[2];
+  // sub-chunks (chunked_bwd.h): R per call chunk, each taking its gradient at the weights of
+  // its call chunk's start (sub-chunk j - j % R's start state); R = 1: every chunk its own
+  const int R = kSub && p.sub > 1 ? p.sub : 1;
 #pragma unroll
   for (int l = 0; l < 2; ++l) {
     w_src[l] = p.w_in[l] + n * p.w_in_n_stride[l] + h * p.w_in_h_stride[l];
@@ -701,10 +706,36 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       s0[0] = base + size[0] + size[1];
       s0[1] = s0[0] + size[0];
     }
+    // The gradient weights Wg: the call's first chunk (sub-chunks j < R) takes cw_src (W0 or
+    // the initial state's open chunk's weights); later ones the start state of their call
+    // chunk's first sub-chunk j - j % R, in the group since K is a multiple of R (the
+    // checkpoint or a ring slot). W̄g goes apart from W̄ where Wg is not this step's W0 (as
+    // a tensor): into wg0 (the call's first chunk) or the carry (later sub-chunks, added to
+    // W̄ at their chunk's first sub-chunk); the first of them the walk meets writes it, the
+    // others add to it.
+    const int jg = j - j % R;  // the sub-chunk whose start state is Wg (j >= R)
+    const bool g_is_w = j % R == 0 && (j >= R || cw_src[0] == w_src[0]);
+    const bool apart = j < R || j % R != 0;
+    // the first to write W̄g apart
+    const bool wg_first = !kSub || j == min(jg + R - 1, n_chunks - 1);
+    float* const wgc[2] = {kSub ? bp.wg_carry[0] + nh * size[0] : nullptr,
+                           kSub ? bp.wg_carry[1] + nh * size[1] : nullptr};
+    float* const* wg_dst = j < R ? wg0 : j % R != 0 ? wgc : wbar;  // where W̄g goes
+    if (j < R) {
 #pragma unroll
-    for (int l = 0; l < 2; ++l) wg[l] = j == 0 ? cw_src[l] : w0[l];
-    const bool g_is_w = j > 0 || cw_src[0] == w_src[0];
-    float* const* wg_dst = j > 0 ? wbar : wg0;  // where W̄g goes
+      for (int l = 0; l < 2; ++l) wg[l] = cw_src[l];
+    } else if (jg == j) {
+#pragma unroll
+      for (int l = 0; l < 2; ++l) wg[l] = w0[l];
+    } else if (jg == g0) {
+      const int64_t slot = (int64_t(jg / K) * p.n_seq + n) * p.heads + h;
+#pragma unroll
+      for (int l = 0; l < 2; ++l) wg[l] = bp.ckpt_w[l] + slot * size[l];
+    } else {
+      const float* base = ring + (jg - g0 - 1) * ring_slot;
+      wg[0] = base;
+      wg[1] = base + size[0];
+    }
     const Planes s_g1 = g_is_w ? s_w1 : s_pw1, s_g2 = g_is_w ? s_w2 : s_ps2;
     const int64_t t0 = int64_t(j) * C - off;
 
@@ -786,7 +817,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
     // them different tensors): C4 / C5 then leave beta_C W̄' out of the W̄ tiles (beta_w), which
     // hold the read's part alone until C6 moves it to W̄g's tile g and puts beta_C W̄' (W̄' is
     // still in wbar: C6 is the block's first write) in its place.
-    auto beta_w = [&] { return p.read_chunk && j == 0 ? 0.f : beta_c; };
+    auto beta_w = [&] { return p.read_chunk && apart ? 0.f : beta_c; };
     auto read_part_to_wg = [&](float (&aw)[2][4], float (&g)[2][4], const float* wb, int64_t ld,
                                int m0, int n0) {
       float wbv[2][4];
@@ -1209,20 +1240,28 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         float ag[2][4];
         zero(ag);
         mma_tile<kR, C, true, true>(ag, s_h1, hdm, s_dz2, hdn, lane);
-        if (j > 0) {
+        if (!apart) {
 #pragma unroll
           for (int t = 0; t < 2; ++t)
 #pragma unroll
             for (int e = 0; e < 4; ++e) aw2[t][e] += ag[t][e];
         } else {
           if (p.read_chunk) read_part_to_wg(aw2, ag, wbar[1] + r2, D, hdm, hdn);
-          store_tile(wg0[1] + r2, D, hdm, hdn, ag, lane);
+          if (!wg_first) {  // a later sub-chunk of this call chunk wrote it first (R > 1)
+            float prev[2][4];
+            load_tile_cg(prev, wg_dst[1] + r2, D, hdm, hdn, lane);
+#pragma unroll
+            for (int t = 0; t < 2; ++t)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) ag[t][e] += prev[t][e];
+          }
+          store_tile(wg_dst[1] + r2, D, hdm, hdn, ag, lane);
         }
         store_tile(wbar[1] + r2, D, hdm, hdn, aw2, lane);
         store_tile(sbar[1] + r2, D, hdm, hdn, as2, lane);
       }
       if (dh_ok) {
-        if (j == 0 && p.read_chunk) {  // W̄g_1 starts with the read's part (pass D adds to it)
+        if (apart && p.read_chunk) {  // W̄g_1 starts with the read's part (pass D adds to it)
           float rp[2][4];
           zero(rp);
           read_part_to_wg(aw1, rp, wbar[0] + c1, hidden, dhm, dhn);
@@ -1368,7 +1407,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       if (ch_ok) load_tile_cg(zb, scr_zb + int64_t(b) * C * HB, HB, chm, chn, lane);
       if (hd_ok) load_tile_cg(ag2, wg_dst[1] + r2, D, hdm, hdn, lane);
       if (dh_ok) {
-        if (j > 0 || p.read_chunk) {  // (read "chunk" at j = 0: the read's part, C6)
+        if (!apart || !wg_first || p.read_chunk) {  // (read "chunk" at j = 0: the read's part, C6)
           load_tile_cg(ag1, wg_dst[0] + c1, hidden, dhm, dhn, lane);
         } else {
           zero(ag1);
@@ -1422,6 +1461,14 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         if (cwb[l] != nullptr)
           for (int64_t i = tid; i < size[l]; i += kThreads)
             if (owned(l, i)) wg_dst[l][i] += __ldcg(cwb[l] + i);
+    }
+    // a call chunk's first sub-chunk (past the call's first chunk): its later sub-chunks' W̄g,
+    // which the carry holds, into W̄ (pass D's tiles are complete: the barrier above)
+    if (kSub && !apart) {
+#pragma unroll
+      for (int l = 0; l < 2; ++l)
+        for (int64_t i = tid; i < size[l]; i += kThreads)
+          if (owned(l, i)) wbar[l][i] += __ldcg(wgc[l] + i);
     }
     if (kCluster) {  // sum 4, to rank 0: q̄, k̄, z̄1 dz1^T, Ḡ's part, the row and state sums
       static_assert(2 * 8 * (CD::kIt + CC::kIt) + 11 == end_sum_floats(D, C), "sum 4's size");
@@ -1520,19 +1567,19 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
   }
 }
 
-template <typename TIn, int D, int C>
+template <typename TIn, int D, int C, bool kSub = false>
 struct Kernels : SplitKernels<decltype(&bwd_kernel<TIn, D, C, kOne>)> {
   Kernels()
       : SplitKernels<decltype(&bwd_kernel<TIn, D, C, kOne>)>{
-            bwd_kernel<TIn, D, C, kOne>, bwd_kernel<TIn, D, C, kClusterSplit>,
-            bwd_kernel<TIn, D, C, kGlobalSplit>, kThreads, make_bwd_layout(D, C).total} {}
+            bwd_kernel<TIn, D, C, kOne, kSub>, bwd_kernel<TIn, D, C, kClusterSplit, kSub>,
+            bwd_kernel<TIn, D, C, kGlobalSplit, kSub>, kThreads, make_bwd_layout(D, C).total} {}
 };
 
 // The launcher's split for a request (chunked_bwd.h, neural_memory_chunked_bwd_plan), given
 // the prepared kernels; 0 when the request cannot run here. `allow_global`: whether the
 // launcher's choice may be a split over ordinary CTAs (launch.cuh, choose_split).
-template <typename TIn, int D, int C>
-int plan(const Kernels<TIn, D, C>& ks, int n_seq, int heads, int hidden, int split,
+template <typename TIn, int D, int C, bool kSub>
+int plan(const Kernels<TIn, D, C, kSub>& ks, int n_seq, int heads, int hidden, int split,
          bool allow_global = true) {
   int device = 0, major = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
@@ -1562,9 +1609,10 @@ int plan(int n_seq, int heads, int hidden, int split) {
   return plan(ks, n_seq, heads, hidden, split);
 }
 
-template <typename TIn, int D, int C>
+// (The sub-chunk instances take the same resources as the others: the same plan.)
+template <typename TIn, int D, int C, bool kSub = false>
 cudaError_t launch(NeuralMemoryBwdParams p, cudaStream_t stream) {
-  const Kernels<TIn, D, C> ks;
+  const Kernels<TIn, D, C, kSub> ks;
   const BwdLayout lay = make_bwd_layout(D, C);
   if (!aliases_fit(lay, D, C)) return cudaErrorInvalidValue;
   TITANS_RETURN_IF_ERROR(ks.prepare());
@@ -1595,6 +1643,12 @@ cudaError_t launch(NeuralMemoryBwdParams p, cudaStream_t stream) {
 // neural_memory_chunked_bwd_supported first.)
 template <typename TIn, int D>
 cudaError_t launch_by_chunk(const NeuralMemoryBwdParams& p, cudaStream_t stream) {
+  // sub-chunks (chunked_bwd.h): chunk 128 as 2 x 64 at D <= 64, chunks 64 and 128 as 2 or 4 x
+  // 32 at D = 128, where the call's chunk has no instance (shared memory)
+  if (p.f.sub > 1) {
+    if (p.f.chunk != (D == 128 ? 32 : 64)) return cudaErrorInvalidValue;
+    return launch<TIn, D, D == 128 ? 32 : 64, true>(p, stream);
+  }
   switch (p.f.chunk) {
     case 16: return launch<TIn, D, 16>(p, stream);
     case 32: return launch<TIn, D, 32>(p, stream);

@@ -680,7 +680,9 @@ __device__ __forceinline__ void load_chunk(const Planes& s_q, const Planes& s_k,
 // split ordinary CTAs of a cooperative launch exchanging through global memory (GlobalGroup).
 // The split-1 instance compiles the group code out (rank 0, split 1 as constants: the hot loop
 // keeps two registers fewer).
-template <typename TIn, int D, int C, int kDepth, int kMode>
+// kSub: the instance that walks sub-chunks (params.h, sub > 1: depth 2, chunk 64); the others
+// are compiled with R = 1.
+template <typename TIn, int D, int C, int kDepth, int kMode, bool kSub = false>
 __global__ void __launch_bounds__(Threads<C>::kThreads)
     chunked_kernel(const NeuralMemoryParams p) {
   constexpr bool kCluster = kMode != 0;
@@ -754,7 +756,10 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
 
   const int off = p.offset != nullptr ? p.offset[n] : 0;
   const int n_chunks = len > 0 ? int((off + len + C - 1) / C) : 0;
-  const int final_off = int((off + len) % C);
+  // sub-chunks (params.h): R chunks of this kernel's per call chunk; `off` and the chunk left
+  // open count in the call's chunks
+  const int R = kSub && p.sub > 1 ? p.sub : 1;
+  const int final_off = int((off + len) % (C * R));
 
   const int64_t size[2] = {int64_t(D) * hidden, int64_t(hidden) * D};
   const float *w_src[2], *s_src[2], *cw_src[2];
@@ -835,7 +840,9 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
     for (int l = 0; l < kDepth; ++l) {
       wsrc[l] = first ? w_src[l] : w_dst[l];
       ssrc[l] = first ? s_src[l] : s_dst[l];
-      gsrc[l] = first ? cw_src[l] : w_dst[l];
+      // the gradient weights: the call chunk's start, which a sub-chunk past the first of a
+      // call chunk past the first reads from cw_dst (kept there at its chunk's start, below)
+      gsrc[l] = j < R ? cw_src[l] : j % R == 0 ? w_dst[l] : cw_dst[l];
     }
     const bool g_is_w = gsrc[0] == wsrc[0];  // the gradient weights are the chunk's W0
     // the backward's checkpoint: this chunk's starting state (the CTA's own blocks)
@@ -851,7 +858,16 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
     if (j == n_chunks - 1 && final_off > 0) {
 #pragma unroll
       for (int l = 0; l < kDepth; ++l)
-        if (cw_dst[l] != nullptr) copy_state<kThreads>(cw_dst[l], gsrc[l], size[l], owned(l));
+        if (cw_dst[l] != nullptr && cw_dst[l] != gsrc[l])
+          copy_state<kThreads>(cw_dst[l], gsrc[l], size[l], owned(l));
+    }
+    // a call chunk's first sub-chunk (past the call's first chunk): its start weights, which
+    // its later sub-chunks take their gradients at, into cw_dst before the update runs in place
+    // (the launcher checks cw_dst; the same CTA reads its own blocks of it)
+    if (kSub && j >= R && j % R == 0 && j + 1 < n_chunks) {
+#pragma unroll
+      for (int l = 0; l < kDepth; ++l)
+        copy_state<kThreads>(cw_dst[l], w_dst[l], size[l], owned(l));
     }
 
     // ---- load: q, k rows and gates of the chunk's slots ----
@@ -1163,13 +1179,14 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
   }
 }
 
-template <typename TIn, int D, int C, int kDepth>
+template <typename TIn, int D, int C, int kDepth, bool kSub = false>
 cudaError_t launch(NeuralMemoryParams p, cudaStream_t stream) {
   const size_t smem = make_layout(D, C, kDepth).total;
   constexpr int kThreads = Threads<C>::kThreads;
   const SplitKernels<decltype(&chunked_kernel<TIn, D, C, kDepth, 0>)> ks{
-      chunked_kernel<TIn, D, C, kDepth, 0>, chunked_kernel<TIn, D, C, kDepth, kDepth == 2 ? 1 : 0>,
-      chunked_kernel<TIn, D, C, kDepth, kDepth == 2 ? 2 : 0>, kThreads, smem};
+      chunked_kernel<TIn, D, C, kDepth, 0, kSub>,
+      chunked_kernel<TIn, D, C, kDepth, kDepth == 2 ? 1 : 0, kSub>,
+      chunked_kernel<TIn, D, C, kDepth, kDepth == 2 ? 2 : 0, kSub>, kThreads, smem};
   TITANS_RETURN_IF_ERROR(ks.prepare());
   int device = 0, major = 0;
   TITANS_RETURN_IF_ERROR(cudaGetDevice(&device));
@@ -1219,6 +1236,21 @@ cudaError_t by_chunk(const NeuralMemoryParams& p, cudaStream_t stream) {
     constexpr int C = decltype(chunk_tag)::value;
     return p.depth == 1 ? launch<TIn, D, C, 1>(p, stream) : launch<TIn, D, C, 2>(p, stream);
   };
+  // sub-chunks (params.h): chunk 128 as 2 x 64 at D = 64 and 128, where its own plan does not
+  // fit a block (D = 32's does)
+  if (p.sub > 1) {
+    if constexpr (D == 32) {
+      return cudaErrorInvalidValue;
+    } else {
+      bool cw_ok = true;
+      for (int l = 0; l < p.depth; ++l) cw_ok = cw_ok && p.cw_out[l] != nullptr;
+      if (p.depth != 2 || p.chunk != 64 || p.sub > 8 || !cw_ok ||
+          (p.ckpt_every > 0 && p.ckpt_every % p.sub != 0)) {
+        return cudaErrorInvalidValue;
+      }
+      return launch<TIn, D, 64, 2, true>(p, stream);
+    }
+  }
   switch (p.chunk) {
     case 16: return by_depth(std::integral_constant<int, 16>{});
     case 32: return by_depth(std::integral_constant<int, 32>{});

@@ -56,6 +56,14 @@ struct NeuralMemoryParams {
   // depth-1 backward: a cluster of 1, 2 or 4 (at most D / 16), CTA r owning the output columns
   // [r D / s, (r + 1) D / s) of W. 0: 4, else 2, where every cluster fits at once (sm_90+).
   int split;
+  // chunked, depth 2: sub-chunks. sub = R > 1 walks each chunk of the call as R chunks of
+  // `chunk` = C / R tokens where the call's chunk C has no kernel instance that fits (shared
+  // memory: chunk 128 at D = 64, D = 128 with chunk 64 in the backward, 128 in both), every
+  // one of them taking its gradient at the weights of its call chunk's start (SPEC §2 for C).
+  // `offset` stays in the call's chunks (0 <= offset < C; sub-chunks before the first token
+  // have no tokens and pass the state through). The forward keeps a call chunk's start
+  // weights in cw_out while its later sub-chunks read them. 1 (or 0): no sub-chunks.
+  int sub;
   // chunked only, for the backward: the state (W, S) at the start of chunks 0, K, 2K, ... of
   // each sequence's padded timeline (K = ckpt_every > 0), per layer [n_ckpt, N, H, d_in,
   // d_out] fp32, checkpoint c of sequence n, head h at ((c * N + n) * H + h) * d_in * d_out;

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -114,6 +114,16 @@ def _takes_fwd1(dim: int, depth: int, chunk: int, dtype: torch.dtype) -> bool:
     return depth == 1 and chunk <= 64 and (dtype == torch.float32 or (dim == 128 and chunk == 64))
 
 
+def fwd_chunking(dim: int, depth: int, chunk: int) -> Tuple[int, int]:
+    """(the chunked forward's chunk, sub-chunks R per call chunk): chunk 128 at depth 2 runs as
+    2 sub-chunks of 64 at D = 64 and 128, whose chunk-128 plans do not fit a block (params.h,
+    sub; every sub-chunk takes its gradient at its call chunk's start weights); else
+    (chunk, 1)."""
+    if depth == 2 and chunk == 128 and dim in (64, 128):
+        return 64, 2
+    return chunk, 1
+
+
 def _lacks_clusters(device) -> bool:
     """The depth-1 kernels at D = 128 run as thread-block clusters: whether ``device`` has none
     (below sm_90). Under torch.compile it reports clusters, as _smem reports a fit: the ops
@@ -165,7 +175,8 @@ def chunked_reason(q: Tensor, weights, chunk_size: int, cu_seqlens,
     if D > 64 and _takes_fwd1(D, depth, chunk_size, q.dtype) and _lacks_clusters(q.device):
         return (f"the chunked kernel for D={D} at depth 1 with {q.dtype}, chunk_size="
                 f"{chunk_size} runs as a thread-block cluster (sm_90+)")
-    smem, limit = _smem("forward", D, hidden, depth, chunk_size, q.device, q.dtype)
+    smem, limit = _smem("forward", D, hidden, depth, fwd_chunking(D, depth, chunk_size)[0],
+                        q.device, q.dtype)
     if smem > limit:
         return (f"the chunked kernel for D={D}, depth={depth}, chunk_size={chunk_size} needs "
                 f"{smem // 1024} KiB of shared memory per block and this GPU allows "
@@ -189,6 +200,19 @@ def chunked_bwd_shape_supported(dim: int, hidden: int, depth: int, chunk: int,
              (depth == 2 and hb <= hidden <= 512 and hidden % hb == 0)))
 
 
+def bwd_chunking(dim: int, depth: int, chunk: int, read: str) -> Tuple[int, int]:
+    """(the fused backward's chunk, sub-chunks R per call chunk): a call chunk whose backward
+    has no instance (shared memory: chunk 128 at D <= 64, chunks 64 and 128 at D = 128) runs
+    at depth 2 with read "token" as R sub-chunks of chunk / R tokens, each taking its gradient
+    at the weights of its call chunk's start (chunked_bwd.h, sub); else (chunk, 1)."""
+    if depth == 2 and read == "token":
+        if dim <= 64 and chunk == 128:
+            return 64, 2
+        if dim == 128 and chunk in (64, 128):
+            return 32, chunk // 32
+    return chunk, 1
+
+
 def chunked_bwd_reason(q: Tensor, weights, chunk_size: int, cu_seqlens, initial_state,
                        read: str, fwd_reason=_UNSET) -> Optional[str]:
     """None when the fused backward kernel computes this call's gradients, else why the
@@ -198,15 +222,18 @@ def chunked_bwd_reason(q: Tensor, weights, chunk_size: int, cu_seqlens, initial_
     if reason is not None:
         return reason
     D, depth, hidden = q.shape[-1], len(weights), weights[0].shape[-1]
-    if not chunked_bwd_shape_supported(D, hidden, depth, chunk_size, read):
+    kernel_chunk, _ = bwd_chunking(D, depth, int(chunk_size), read)
+    if not chunked_bwd_shape_supported(D, hidden, depth, kernel_chunk, read):
         return (f"no fused backward for D={D}, hidden={hidden}, depth={depth}, "
                 f"chunk_size={chunk_size}, read={read!r} in this version (supported: D 32 or "
                 f"64 with chunk_size 16, 32 or 64, D 128 with chunk_size 16 or 32; depth 1, or "
-                f"depth 2 with hidden a multiple of {CHUNKED_HIDDEN_BLOCK} up to 512)")
+                f"depth 2 with hidden a multiple of {CHUNKED_HIDDEN_BLOCK} up to 512, where "
+                f"read \"token\" also takes chunk_size 128, and 64 and 128 at D 128, as "
+                f"sub-chunks)")
     if depth == 1 and D > 64 and _lacks_clusters(q.device):
         return (f"the fused backward at depth 1 and D={D} runs as a thread-block cluster "
                 f"(sm_90+)")
-    smem, limit = _smem("backward", D, hidden, depth, chunk_size, q.device)
+    smem, limit = _smem("backward", D, hidden, depth, kernel_chunk, q.device)
     if smem > limit:
         return f"the fused backward needs {smem // 1024} KiB of shared memory per block"
     return None
@@ -338,6 +365,10 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
                 stream=_lib.stream_handle(dev),
                 device=dev.index if dev.index is not None else torch.cuda.current_device())
     ckpts = []
+    # sub-chunks (params.h): the kernel's chunk where the call's has no instance that fits
+    kchunk, sub = fwd_chunking(D, depth, int(chunk_size)) if kernel == "chunked" else (0, 1)
+    if sub > 1:
+        args.update(chunk=kchunk, sub=sub)
     if run_forward and kernel == "chunked" and depth == 2 and (split < 0 or (
             split == 0 and FORWARD_GLOBAL_SPLIT and 2 * N * H <= _sm_count(args["device"]))):
         # a split over ordinary CTAs may be taken (params.h): the exchange for the most CTAs
@@ -358,7 +389,7 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
                 ckpts += [torch.empty(B, T, H, D, dtype=torch.float32, device=dev)
                           for _ in range(2)]  # z2, fk
                 args.update(read_z2=ckpts[-2].data_ptr(), keys_fk=ckpts[-1].data_ptr())
-        args.update(ckpt_every=max(K, 0), ckpt_w=[t.data_ptr() for t in ckpts[:depth]],
+        args.update(ckpt_every=max(K, 0) * sub, ckpt_w=[t.data_ptr() for t in ckpts[:depth]],
                     ckpt_s=[t.data_ptr() for t in ckpts[depth:2 * depth]])
         if not ckpts:
             args.update(ckpt_w=[0] * depth, ckpt_s=[0] * depth)
@@ -559,26 +590,31 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
     dgates = [alloc(B, T, H, dtype=torch.float32, device=dev) for _ in range(3)]
     # the LayerNorm parameters' gradient partials per (sequence, head, row of a chunk)
     n_ln = 0 if ln_weight is None else 1 if ln_bias is None else 2
-    dln = torch.zeros(n_ln, N, H, C, D, dtype=torch.float32, device=dev) if n_ln else None
+    # the kernel's chunk: sub-chunks of the call's where it has no instance of its own
+    Ck, R = bwd_chunking(D, L, C, read)
+    dln = torch.zeros(n_ln, N, H, Ck, D, dtype=torch.float32, device=dev) if n_ln else None
     dln_w = dln[0] if n_ln else None
     dln_b = dln[1] if n_ln == 2 else None
     hidden = weights[0].shape[-1]
     per = _lib._C.neural_memory_chunked_bwd_scratch_floats(dim=D, hidden=hidden, depth=L,
-                                                           chunk=C)
+                                                           chunk=Ck)
     scratch = torch.empty(N * H * per, dtype=torch.float32, device=dev)
     kept = bool(checkpoints) and checkpoint_every > 0
     # depth 1: every chunk's start state (the kernel recomputes none)
     K = 1 if L == 1 else int(checkpoint_every) if kept else max(1, int(FUSED_BWD_CHECKPOINT_EVERY))
-    ring = (torch.empty(N * H * (K - 1) * 4 * D * hidden, dtype=torch.float32, device=dev)
-            if K > 1 else None)
+    Kk = K * R  # the kernel's checkpoint interval, in its chunks
+    ring = (torch.empty(N * H * (Kk - 1) * 4 * D * hidden, dtype=torch.float32, device=dev)
+            if Kk > 1 else None)
+    carry = ([torch.empty(N * H * D * hidden, dtype=torch.float32, device=dev) for _ in range(L)]
+             if R > 1 else None)
     split = 1 if L == 1 else _bwd_plan(  # (depth 1: its launcher's cluster, no exchange here)
-        N, H, D, hidden, C, KERNEL_DTYPES.index(q.dtype), int(FUSED_BWD_SPLIT),
+        N, H, D, hidden, Ck, KERNEL_DTYPES.index(q.dtype), int(FUSED_BWD_SPLIT),
         dev.index if dev.index is not None else torch.cuda.current_device())
     if split == 0:
         raise RuntimeError(f"titans_cuda: the fused backward cannot run split={FUSED_BWD_SPLIT} "
                            f"for {N} sequences x {H} heads on this device")
     xfloats = 0 if L == 1 else _lib._C.neural_memory_chunked_bwd_exchange_floats(
-        dim=D, chunk=C, split=split)
+        dim=D, chunk=Ck, split=split)
     exchange = (torch.empty(N * H * xfloats, dtype=torch.float32, device=dev) if xfloats
                 else None)
     # one counter per (sequence, head), each on a 128-byte line of its own
@@ -588,7 +624,9 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
     def bwd(ckpts):
         ckpts = list(checkpoints) if kept else ckpts
         ptrs = lambda ts: [0 if t is None else t.data_ptr() for t in ts]  # noqa: E731
-        return dict(ckpt_every=K, bwd_ckpt_w=ptrs(ckpts[:L]), bwd_ckpt_s=ptrs(ckpts[L:2 * L]),
+        sub = dict(wg_carry=ptrs(carry)) if R > 1 else {}
+        return dict(chunk=Ck, sub=R, ckpt_every=Kk, **sub,
+                    bwd_ckpt_w=ptrs(ckpts[:L]), bwd_ckpt_s=ptrs(ckpts[L:2 * L]),
                     read_z2=ckpts[2 * L].data_ptr() if L == 2 else 0,
                     keys_fk=ckpts[2 * L + 1].data_ptr() if L == 2 else 0,
                     w_bar=ptrs(w_bar), s_bar=ptrs(s_bar), wg0_bar=ptrs(wg0), cw_bar=ptrs(cw_owed),
