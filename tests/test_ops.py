@@ -526,6 +526,42 @@ def test_fused_backward_rule_and_checkpoints_by_depth():
                         + 2 * 32 * 128) <= 227 * 1024
 
 
+def test_sub_chunks_where_a_call_chunk_has_no_plan_that_fits():
+    """fwd_chunking / bwd_chunking: a call chunk runs as R sub-chunks exactly where its own
+    shared-memory plan does not fit an H100's 227 KiB and the sub-chunk's does (depth 2; the
+    backward with read "token" only); elsewhere it runs as itself."""
+    from titans_cuda import _lib
+    from titans_cuda.ops.neural_memory import ops as nm_ops
+    assert nm_ops.fwd_chunking(64, 2, 128) == (64, 2)
+    assert nm_ops.fwd_chunking(128, 2, 128) == (64, 2)
+    assert nm_ops.fwd_chunking(32, 2, 128) == (128, 1)  # its own plan fits
+    assert nm_ops.fwd_chunking(64, 1, 128) == (128, 1) and nm_ops.fwd_chunking(64, 2, 64) == (64, 1)
+    assert nm_ops.bwd_chunking(64, 2, 128, "token") == (64, 2)
+    assert nm_ops.bwd_chunking(32, 2, 128, "token") == (64, 2)
+    assert nm_ops.bwd_chunking(128, 2, 64, "token") == (32, 2)
+    assert nm_ops.bwd_chunking(128, 2, 128, "token") == (32, 4)
+    assert nm_ops.bwd_chunking(128, 2, 32, "token") == (32, 1)
+    assert nm_ops.bwd_chunking(64, 2, 128, "chunk") == (128, 1)
+    assert nm_ops.bwd_chunking(64, 1, 128, "token") == (128, 1)
+    if _lib._C is None:
+        pytest.skip("the extension is not built here")
+    limit = 227 * 1024
+    for D in (32, 64, 128):
+        for C in (16, 32, 64, 128):
+            kc, r = nm_ops.fwd_chunking(D, 2, C)
+            own = _lib._C.neural_memory_chunked_smem_bytes(dim=D, hidden=256, depth=2, chunk=C,
+                                                            dtype=0)
+            sub = _lib._C.neural_memory_chunked_smem_bytes(dim=D, hidden=256, depth=2, chunk=kc,
+                                                            dtype=0)
+            assert sub <= limit and (r > 1) == (own > limit), (D, C)
+            kc, r = nm_ops.bwd_chunking(D, 2, C, "token")
+            supported = nm_ops.chunked_bwd_shape_supported(D, 256, 2, kc, "token")
+            assert supported, (D, C)
+            assert (r > 1) == (not nm_ops.chunked_bwd_shape_supported(D, 256, 2, C, "token"))
+            assert _lib._C.neural_memory_chunked_bwd_smem_bytes(dim=D, hidden=256, depth=2,
+                                                                chunk=kc, dtype=0) <= limit
+
+
 def test_qkv_rows_are_aligned_for_the_kernels_two_element_loads():
     """_qkv (neural_memory's kernel path) keeps q / k / v whose rows start at even element
     offsets and copies the others, so no kernel load is misaligned (SPEC §6: nothing may

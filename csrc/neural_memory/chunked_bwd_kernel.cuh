@@ -1407,7 +1407,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       if (ch_ok) load_tile_cg(zb, scr_zb + int64_t(b) * C * HB, HB, chm, chn, lane);
       if (hd_ok) load_tile_cg(ag2, wg_dst[1] + r2, D, hdm, hdn, lane);
       if (dh_ok) {
-        if (!apart || !wg_first || p.read_chunk) {  // (read "chunk" at j = 0: the read's part, C6)
+        // (read "chunk" at j = 0: the read's part, C6; sub-chunks: an earlier visitor's part)
+        if (!apart || !wg_first || p.read_chunk) {
           load_tile_cg(ag1, wg_dst[0] + c1, hidden, dhm, dhn, lane);
         } else {
           zero(ag1);
@@ -1463,8 +1464,9 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
             if (owned(l, i)) wg_dst[l][i] += __ldcg(cwb[l] + i);
     }
     // a call chunk's first sub-chunk (past the call's first chunk): its later sub-chunks' W̄g,
-    // which the carry holds, into W̄ (pass D's tiles are complete: the barrier above)
-    if (kSub && !apart) {
+    // which the carry holds, into W̄ (pass D's tiles are complete: the barrier above); where
+    // the call ends in this sub-chunk no later one wrote the carry
+    if (kSub && !apart && j + 1 < n_chunks) {
 #pragma unroll
       for (int l = 0; l < 2; ++l)
         for (int64_t i = tid; i < size[l]; i += kThreads)
