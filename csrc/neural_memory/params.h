@@ -58,8 +58,9 @@ struct NeuralMemoryParams {
   int split;
   // chunked, depth 2: sub-chunks. sub = R > 1 walks each chunk of the call as R chunks of
   // `chunk` = C / R tokens where the call's chunk C has no kernel instance that fits (shared
-  // memory: chunk 128 at D = 64, D = 128 with chunk 64 in the backward, 128 in both), every
-  // one of them taking its gradient at the weights of its call chunk's start (SPEC §2 for C).
+  // memory: chunk 128 at D = 64 and 128 in both, at D = 32 in the backward; D = 128 with chunk
+  // 64 in the backward), every one of them taking its gradient at the weights of its call
+  // chunk's start (SPEC §2 for C).
   // `offset` stays in the call's chunks (0 <= offset < C; sub-chunks before the first token
   // have no tokens and pass the state through). The forward keeps a call chunk's start
   // weights in cw_out while its later sub-chunks read them. 1 (or 0): no sub-chunks.
