@@ -100,10 +100,11 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
     >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   # the fused backward: every checkpoint interval on fresh calls (clusters at the launcher's
-  # split), the split over 8 ordinary CTAs (global exchange) with groups recomputed, read "chunk"
+  # split), the split over 8 ordinary CTAs (global exchange) with groups recomputed, read
+  # "chunk", sub-chunks (chunk 128 with an open chunk; D 128 chunk 128, fp16, varlen)
   compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked_bwd.py \
     -q -p no:cacheprovider \
-    -k "checkpoint_groups and fresh or global_split_is and 4-8 or other_shapes and fresh and bfloat16 or read_chunk_splits and 1-4" \
+    -k "checkpoint_groups and fresh or global_split_is and 4-8 or other_shapes and fresh and bfloat16 or read_chunk_splits and 1-4 or sub_chunks and (D64-C128-h256-bfloat16-open or D128-C128-h128-float16-varlen)" \
     >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   # the depth-1 backward: both reads at D 32 / C 16 (fp16) and D 64 / C 64 with a state; its
@@ -125,7 +126,7 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
     >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   compute-sanitizer --tool racecheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked_bwd.py \
-    -q -p no:cacheprovider -k "checkpoint_groups and h128-float16-fresh-silu-nores-noln-2 or global_split_is and 4-3" \
+    -q -p no:cacheprovider -k "checkpoint_groups and h128-float16-fresh-silu-nores-noln-2 or global_split_is and 4-3 or sub_chunks and D128-C64-h128-bfloat16-fresh" \
     >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   compute-sanitizer --tool racecheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked_bwd1.py \
