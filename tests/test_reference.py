@@ -10,6 +10,7 @@ import torch
 from conftest import make_inputs, make_weights, rel_err
 from oracle import neural_memory_oracle
 from titans_cuda import MemoryState, neural_memory
+from titans_cuda.ops.neural_memory import reference as ref
 
 TOL = 1e-9
 
@@ -171,3 +172,61 @@ def test_every_gradient_matches_oracle(c):
             continue
         assert a is not None, name
         assert rel_err(a, b) < TOL, (name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("read", ("token", "chunk"))
+@pytest.mark.parametrize("parts", (2, 4))
+def test_a_chunk_runs_as_sub_chunks_at_its_start_weights(read, parts):
+    """What the kernels' sub-chunks rely on (params.h, sub): one chunk step of C slots equals
+    `parts` steps of C / parts slots in turn, each taking its gradient at the chunk's start
+    weights (wg) and starting from the state the previous one left, in outputs, final state
+    and every gradient (float64). The slots before an offset are inactive, one sub-chunk
+    entirely (it passes the state through)."""
+    torch.manual_seed(7)
+    N, H, D, hid, C = 2, 2, 8, 16, 16
+    dt = torch.float64
+    q, k, v = (torch.randn(N, H, C, D, dtype=dt) for _ in range(3))
+    lr = 0.5 * torch.rand(N, H, C, dtype=dt)
+    decay = 1 - torch.rand(N, H, C, dtype=dt)
+    decay[0, 1, 11] = 0.0  # alpha = 1: a reset inside the second half
+    eta = torch.rand(N, H, C, dtype=dt)
+    active = torch.ones(N, 1, C, dtype=dt)
+    active[1, :, :C // parts + 1] = 0  # an offset past the first sub-chunk
+    inactive = active.expand(N, H, C) == 0
+    lr, decay, eta = lr.masked_fill(inactive, 0), decay.masked_fill(inactive, 1), \
+        eta.masked_fill(inactive, 1)
+    w0 = [0.3 * torch.randn(N, H, D, hid, dtype=dt), 0.3 * torch.randn(N, H, hid, D, dtype=dt)]
+    s0 = [0.1 * torch.randn_like(t) for t in w0]
+    wg = [t + 0.1 * torch.randn_like(t) for t in w0]  # an open chunk's weights
+    mlp = dict(activation="gelu", residual=True, ln_weight=1 + 0.2 * torch.randn(H, 1, D, dtype=dt),
+               ln_bias=0.2 * torch.randn(H, 1, D, dtype=dt), ln_eps=1e-6)
+    leaves = [q, k, v, lr, decay, eta, *w0, *s0, *wg]
+    for t in leaves:
+        t.requires_grad_(True)
+
+    def whole():
+        return ref.chunk_step(q, k, v, lr, decay, eta, active, w0, s0, wg, mlp=mlp, read=read)
+
+    def in_parts():
+        w, s, outs, n = w0, s0, [], C // parts
+        for i in range(parts):
+            sl = slice(i * n, (i + 1) * n)
+            o, w, s = ref.chunk_step(q[:, :, sl], k[:, :, sl], v[:, :, sl], lr[..., sl],
+                                     decay[..., sl], eta[..., sl], active[..., sl], w, s, wg,
+                                     mlp=mlp, read=read)
+            outs.append(o)
+        return torch.cat(outs, dim=2), w, s
+
+    cot = torch.randn(N, H, C, D, dtype=dt) * active.expand(N, H, C).unsqueeze(-1)
+    results = []
+    for fn in (whole, in_parts):
+        o, w, s = fn()
+        loss = (o * cot).sum() + sum((t * (i + 1)).sum() for i, t in enumerate(w + s))
+        results.append((o * active.expand(N, H, C).unsqueeze(-1), w, s,
+                        torch.autograd.grad(loss, leaves)))
+    (o1, w1, s1, g1), (o2, w2, s2, g2) = results
+    assert rel_err(o2, o1) < 1e-12
+    for a, b in zip(w2 + s2, w1 + s1):
+        assert rel_err(a, b) < 1e-12
+    for i, (a, b) in enumerate(zip(g2, g1)):
+        assert rel_err(a, b) < 1e-10, i
