@@ -372,8 +372,9 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
     if run_forward and kernel == "chunked" and depth == 2 and (split < 0 or (
             split == 0 and FORWARD_GLOBAL_SPLIT and 2 * N * H <= _sm_count(args["device"]))):
         # a split over ordinary CTAs may be taken (params.h): the exchange for the most CTAs
-        # per (sequence, head), and a zeroed counter per pair
-        xfloats = _lib._C.neural_memory_chunked_exchange_floats(dim=D, chunk=int(chunk_size))
+        # per (sequence, head), and a zeroed counter per pair; sized by the kernel's chunk
+        # (a sub-chunk where the call's chunk runs as several)
+        xfloats = _lib._C.neural_memory_chunked_exchange_floats(dim=D, chunk=args["chunk"])
         exchange = torch.empty(N * H * xfloats, dtype=torch.float32, device=dev)
         arrivals = torch.zeros(N * H * _lib._C.neural_memory_arrival_stride(), dtype=torch.int32,
                                device=dev)
