@@ -5,7 +5,8 @@ reference's VJP): forward and forward + backward, ms (back-to-back calls, CUDA e
 warm-up), and the peak memory of one forward + backward. Needs a GPU and the built extension.
 
     python benchmarks/sub_chunk_time.py
-    REF=0 python benchmarks/sub_chunk_time.py     # without the slow baselines"""
+    REF=0 python benchmarks/sub_chunk_time.py     # without the slow baselines
+    READ=chunk python benchmarks/sub_chunk_time.py  # read "chunk" (default "token")"""
 from __future__ import annotations
 
 import os
@@ -31,20 +32,21 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("benchmarks/sub_chunk_time.py needs a CUDA GPU")
     ref = os.environ.get("REF", "1") != "0"
+    read = os.environ.get("READ", "token")
     print(f"# {torch.cuda.get_device_name()}: neural_memory, bf16, depth 2, LayerNorm + "
-          f"residual, ms")
+          f"residual, read {read!r}, ms")
     for D, H, hidden, chunks in CASES:
         for C in chunks:
             s = replace(SHAPES["default"], D=D, H=H, hidden=hidden, chunk=C)
             q, k, v, lr, fg, mo, w1, w2, gamma, beta = make_memory_inputs(
                 s, torch.device("cuda"), requires_grad=True)
             fwd_ck, fwd_r = nm_ops.fwd_chunking(D, 2, C)
-            bwd_ck, bwd_r = nm_ops.bwd_chunking(D, 2, C, "token")
+            bwd_ck, bwd_r = nm_ops.bwd_chunking(D, 2, C)
 
             def call(backend, backward):
                 o, _ = neural_memory(q, k, v, lr, fg, mo, (w1, w2), chunk_size=C,
                                      residual=True, ln_weight=gamma, ln_bias=beta,
-                                     backend=backend)
+                                     read=read, backend=backend)
                 if backward:
                     o.float().square().mean().backward()
                     for t in (q, k, v, lr, fg, mo, w1, w2, gamma, beta):

@@ -106,7 +106,8 @@ if [ -z "${SKIP_SANITIZER:-}" ] && [ "$SANITIZER" != racecheck ]; then
   rc=$((rc | $?))
   # the fused backward: every checkpoint interval on fresh calls (clusters at the launcher's
   # split), the split over 8 ordinary CTAs (global exchange) with groups recomputed, read
-  # "chunk", sub-chunks (chunk 128 with an open chunk; D 128 chunk 128, fp16, varlen)
+  # "chunk", sub-chunks with either read (chunk 128 with an open chunk; D 128 chunk 128, fp16,
+  # varlen)
   compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked_bwd.py \
     -q -p no:cacheprovider \
     -k "checkpoint_groups and fresh or global_split_is and 4-8 or other_shapes and fresh and bfloat16 or read_chunk_splits and 1-4 or sub_chunks and (D64-C128-h256-bfloat16-open or D128-C128-h128-float16-varlen)" \

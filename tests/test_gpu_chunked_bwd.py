@@ -218,23 +218,50 @@ def test_fused_backward_sub_chunks(case):
     needs_kernels()
     d, c, *rest = case
     args, weights, st, mem, cu = _case(tuple(rest), C=c, D=d)
-    assert nm_ops.bwd_chunking(d, 2, c, "token")[1] > 1
+    assert nm_ops.bwd_chunking(d, 2, c)[1] > 1
     assert nm_ops.chunked_bwd_reason(args[0], weights, c, cu, st, "token") is None
     _check_kernel_grads(args, weights, st, mem, cu, f" (D {d}, C {c}, sub-chunks)")
 
 
+# Read "chunk" as sub-chunks: every token of a call chunk reads through the call chunk's start
+# weights Wg, which are not the W0 of its later sub-chunks, so there the read's W-part goes to
+# W̄g apart from W̄ (wg0 in the call's first chunk, else the carry): the first sub-chunk the walk
+# meets stores it, the others add to it (C6, both layers). Fresh, open (Wg != W0 in the call's
+# first chunk) and varlen calls with states; no 10-chunk call (long read-"chunk" draws are
+# chaotic: READ_CHUNK's note below).
+SUB_READ_CHUNK = [(d, c, (128, 256)[i % 2] if d < 128 else 128, dtype, kind, HEADS[i % 4],
+                   ("silu", "gelu")[i % 3 % 2])
+                  for i, (d, c, dtype, kind) in enumerate(
+                      (d, c, dtype, kind) for d, c in SUB_DC
+                      for dtype in (torch.bfloat16, torch.float16) for kind in KINDS)]
+assert len(SUB_READ_CHUNK) == 24
+
+
+@pytest.mark.parametrize("case", SUB_READ_CHUNK, ids=[_shape_id(c) for c in SUB_READ_CHUNK])
+def test_fused_backward_sub_chunks_read_chunk(case):
+    needs_kernels()
+    d, c, *rest = case
+    args, weights, st, mem, cu = _case(tuple(rest), C=c, D=d)
+    mem = dict(mem, read="chunk")
+    assert nm_ops.bwd_chunking(d, 2, c)[1] > 1
+    assert nm_ops.chunked_bwd_reason(args[0], weights, c, cu, st, "chunk") is None
+    _check_kernel_grads(args, weights, st, mem, cu, f" (D {d}, C {c}, sub-chunks, read chunk)")
+
+
+@pytest.mark.parametrize("read", ("token", "chunk"))
 @pytest.mark.parametrize("split", (1, 2, -3))
 @pytest.mark.parametrize("K", (1, 2))
 @pytest.mark.parametrize("dc", ((64, 128), (128, 64)), ids=lambda dc: f"D{dc[0]}-C{dc[1]}")
-def test_fused_backward_sub_chunks_offsets_splits_groups(dc, K, split, monkeypatch):
+def test_fused_backward_sub_chunks_offsets_splits_groups(dc, K, split, read, monkeypatch):
     """Sub-chunks with initial states whose open chunks start past a sub-chunk (offsets C - 3,
     C / 2 + 1: leading sub-chunks without tokens), inside the first (1) and at 0; over clusters
-    and ordinary CTAs, with checkpoints every K call chunks."""
+    and ordinary CTAs, with checkpoints every K call chunks; both reads."""
     needs_kernels()
     if split > 1 and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("clusters need sm_90+")
     d, c = dc
     args, weights, st, mem, cu = _case((128, torch.bfloat16, "fresh", HEADS[1], "gelu"), C=c, D=d)
+    mem = dict(mem, read=read)
     N = args[0].shape[0]
     st = _random_state(N, 2, weights, c)
     st = MemoryState(st.weights, st.momentum, st.chunk_weights,
@@ -410,14 +437,15 @@ def test_fused_backward_reasons():
     assert nm_ops.chunked_bwd_reason(q, w, 64, None, st, "token") is None
     assert nm_ops.chunked_bwd_reason(q, w, 64, None, st, "chunk") is None
     assert nm_ops.chunked_bwd_reason(q, w, 32, None, None, "token") is None
-    # chunk 128 as sub-chunks (read "token" only)
+    # chunk 128 as sub-chunks, either read
     assert nm_ops.chunked_bwd_reason(q, w, 128, None, None, "token") is None
-    assert "chunk_size=128" in nm_ops.chunked_bwd_reason(q, w, 128, None, None, "chunk")
+    assert nm_ops.chunked_bwd_reason(q, w, 128, None, None, "chunk") is None
     q128 = torch.zeros(1, 8, 2, 128, dtype=torch.bfloat16, device=DEV)
     w128 = make_weights(2, 128, 128, 2, dtype=torch.float32, device=DEV)
     assert nm_ops.chunked_bwd_reason(q128, w128, 64, None, None, "token") is None
     assert nm_ops.chunked_bwd_reason(q128, w128, 128, None, None, "token") is None
-    assert "D=128" in nm_ops.chunked_bwd_reason(q128, w128, 64, None, None, "chunk")
+    assert nm_ops.chunked_bwd_reason(q128, w128, 64, None, None, "chunk") is None
+    assert nm_ops.chunked_bwd_reason(q128, w128, 128, None, None, "chunk") is None
     assert nm_ops.chunked_bwd_reason(q128, w128, 32, None, None, "token") is None
     assert nm_ops.chunked_bwd_reason(q128, w128, 16, None, None, "chunk") is None
     w1 = make_weights(2, 64, 64, 1, dtype=torch.float32, device=DEV)  # (test_gpu_chunked_bwd1)

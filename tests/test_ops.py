@@ -528,21 +528,21 @@ def test_fused_backward_rule_and_checkpoints_by_depth():
 
 def test_sub_chunks_where_a_call_chunk_has_no_plan_that_fits():
     """fwd_chunking / bwd_chunking: a call chunk runs as R sub-chunks exactly where its own
-    shared-memory plan does not fit an H100's 227 KiB and the sub-chunk's does (depth 2; the
-    backward with read "token" only); elsewhere it runs as itself."""
+    shared-memory plan does not fit an H100's 227 KiB and the sub-chunk's does (depth 2, the
+    backward with either read); elsewhere it runs as itself."""
     from titans_cuda import _lib
     from titans_cuda.ops.neural_memory import ops as nm_ops
     assert nm_ops.fwd_chunking(64, 2, 128) == (64, 2)
     assert nm_ops.fwd_chunking(128, 2, 128) == (64, 2)
     assert nm_ops.fwd_chunking(32, 2, 128) == (128, 1)  # its own plan fits
     assert nm_ops.fwd_chunking(64, 1, 128) == (128, 1) and nm_ops.fwd_chunking(64, 2, 64) == (64, 1)
-    assert nm_ops.bwd_chunking(64, 2, 128, "token") == (64, 2)
-    assert nm_ops.bwd_chunking(32, 2, 128, "token") == (64, 2)
-    assert nm_ops.bwd_chunking(128, 2, 64, "token") == (32, 2)
-    assert nm_ops.bwd_chunking(128, 2, 128, "token") == (32, 4)
-    assert nm_ops.bwd_chunking(128, 2, 32, "token") == (32, 1)
-    assert nm_ops.bwd_chunking(64, 2, 128, "chunk") == (128, 1)
-    assert nm_ops.bwd_chunking(64, 1, 128, "token") == (128, 1)
+    assert nm_ops.bwd_chunking(64, 2, 128) == (64, 2)
+    assert nm_ops.bwd_chunking(32, 2, 128) == (64, 2)
+    assert nm_ops.bwd_chunking(128, 2, 64) == (32, 2)
+    assert nm_ops.bwd_chunking(128, 2, 128) == (32, 4)
+    assert nm_ops.bwd_chunking(128, 2, 32) == (32, 1)
+    assert nm_ops.bwd_chunking(64, 1, 64) == (64, 1)
+    assert nm_ops.bwd_chunking(64, 1, 128) == (128, 1)
     if _lib._C is None:
         pytest.skip("the extension is not built here")
     limit = 227 * 1024
@@ -554,10 +554,10 @@ def test_sub_chunks_where_a_call_chunk_has_no_plan_that_fits():
             sub = _lib._C.neural_memory_chunked_smem_bytes(dim=D, hidden=256, depth=2, chunk=kc,
                                                             dtype=0)
             assert sub <= limit and (r > 1) == (own > limit), (D, C)
-            kc, r = nm_ops.bwd_chunking(D, 2, C, "token")
-            supported = nm_ops.chunked_bwd_shape_supported(D, 256, 2, kc, "token")
-            assert supported, (D, C)
-            assert (r > 1) == (not nm_ops.chunked_bwd_shape_supported(D, 256, 2, C, "token"))
+            kc, r = nm_ops.bwd_chunking(D, 2, C)
+            for read in ("token", "chunk"):
+                assert nm_ops.chunked_bwd_shape_supported(D, 256, 2, kc, read), (D, C, read)
+                assert (r > 1) == (not nm_ops.chunked_bwd_shape_supported(D, 256, 2, C, read))
             assert _lib._C.neural_memory_chunked_bwd_smem_bytes(dim=D, hidden=256, depth=2,
                                                                 chunk=kc, dtype=0) <= limit
 

@@ -61,7 +61,7 @@ struct NeuralMemoryBwdParams {
   float* dmomentum;
   float* dln_w;
   float* dln_b;
-  // Sub-chunks (f.sub = R > 1, params.h; depth 2, read "token"): per layer [N, H, d_in, d_out]
+  // Sub-chunks (f.sub = R > 1, params.h; depth 2, either read): per layer [N, H, d_in, d_out]
   // fp32, the cotangent of a call chunk's start weights that its later sub-chunks owe (written
   // by them, added to W̄ at the chunk's first sub-chunk). f.ckpt_every counts sub-chunks and is
   // a multiple of R. nullptr without sub-chunks.

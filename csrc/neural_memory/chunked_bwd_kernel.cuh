@@ -1261,11 +1261,13 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         store_tile(sbar[1] + r2, D, hdm, hdn, as2, lane);
       }
       if (dh_ok) {
-        if (apart && p.read_chunk) {  // W̄g_1 starts with the read's part (pass D adds to it)
+        if (apart && p.read_chunk) {  // W̄g_1 takes the read's part (pass D adds to it)
           float rp[2][4];
           zero(rp);
+          // a later sub-chunk of this call chunk wrote it first (R > 1)
+          if (!wg_first) load_tile_cg(rp, wg_dst[0] + c1, hidden, dhm, dhn, lane);
           read_part_to_wg(aw1, rp, wbar[0] + c1, hidden, dhm, dhn);
-          store_tile(wg0[0] + c1, hidden, dhm, dhn, rp, lane);
+          store_tile(wg_dst[0] + c1, hidden, dhm, dhn, rp, lane);
         }
         store_tile(wbar[0] + c1, hidden, dhm, dhn, aw1, lane);
         store_tile(sbar[0] + c1, hidden, dhm, dhn, as1, lane);

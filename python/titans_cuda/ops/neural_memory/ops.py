@@ -200,12 +200,13 @@ def chunked_bwd_shape_supported(dim: int, hidden: int, depth: int, chunk: int,
              (depth == 2 and hb <= hidden <= 512 and hidden % hb == 0)))
 
 
-def bwd_chunking(dim: int, depth: int, chunk: int, read: str) -> Tuple[int, int]:
+def bwd_chunking(dim: int, depth: int, chunk: int) -> Tuple[int, int]:
     """(the fused backward's chunk, sub-chunks R per call chunk): a call chunk whose backward
     has no instance (shared memory: chunk 128 at D <= 64, chunks 64 and 128 at D = 128) runs
-    at depth 2 with read "token" as R sub-chunks of chunk / R tokens, each taking its gradient
-    at the weights of its call chunk's start (chunked_bwd.h, sub); else (chunk, 1)."""
-    if depth == 2 and read == "token":
+    at depth 2 (either read) as R sub-chunks of chunk / R tokens, each taking its gradient at,
+    and for read "chunk" reading through, the weights of its call chunk's start (chunked_bwd.h,
+    sub); else (chunk, 1)."""
+    if depth == 2:
         if dim <= 64 and chunk == 128:
             return 64, 2
         if dim == 128 and chunk in (64, 128):
@@ -222,14 +223,13 @@ def chunked_bwd_reason(q: Tensor, weights, chunk_size: int, cu_seqlens, initial_
     if reason is not None:
         return reason
     D, depth, hidden = q.shape[-1], len(weights), weights[0].shape[-1]
-    kernel_chunk, _ = bwd_chunking(D, depth, int(chunk_size), read)
+    kernel_chunk, _ = bwd_chunking(D, depth, int(chunk_size))
     if not chunked_bwd_shape_supported(D, hidden, depth, kernel_chunk, read):
         return (f"no fused backward for D={D}, hidden={hidden}, depth={depth}, "
                 f"chunk_size={chunk_size}, read={read!r} in this version (supported: D 32 or "
                 f"64 with chunk_size 16, 32 or 64, D 128 with chunk_size 16 or 32; depth 1, or "
-                f"depth 2 with hidden a multiple of {CHUNKED_HIDDEN_BLOCK} up to 512, where "
-                f"read \"token\" also takes chunk_size 128, and 64 and 128 at D 128, as "
-                f"sub-chunks)")
+                f"depth 2 with hidden a multiple of {CHUNKED_HIDDEN_BLOCK} up to 512, which "
+                f"also takes chunk_size 128, and 64 and 128 at D 128, as sub-chunks)")
     if depth == 1 and D > 64 and _lacks_clusters(q.device):
         return (f"the fused backward at depth 1 and D={D} runs as a thread-block cluster "
                 f"(sm_90+)")
@@ -592,7 +592,7 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
     # the LayerNorm parameters' gradient partials per (sequence, head, row of a chunk)
     n_ln = 0 if ln_weight is None else 1 if ln_bias is None else 2
     # the kernel's chunk: sub-chunks of the call's where it has no instance of its own
-    Ck, R = bwd_chunking(D, L, C, read)
+    Ck, R = bwd_chunking(D, L, C)
     dln = torch.zeros(n_ln, N, H, Ck, D, dtype=torch.float32, device=dev) if n_ln else None
     dln_w = dln[0] if n_ln else None
     dln_b = dln[1] if n_ln == 2 else None
