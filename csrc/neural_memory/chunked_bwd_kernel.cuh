@@ -646,8 +646,9 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
   // read "chunk" (SPEC §3: o_t = M_{W_c}(q_t), the chunk's gradient weights Wg) is read
   // "token" through Wg's blocks (staged where W0's go) with the row scales (beta, c) = (1, 0)
   // and without the dual form's couplings to G (A1, P): the read's row vectors v_rb / v_rc and
-  // the factor rg = 0 on those couplings. Its W-part is W̄g's: the same buffer as W̄ past chunk
-  // 0; in chunk 0 C6 moves it to wg0 (beta_w, read_part_to_wg below).
+  // the factor rg = 0 on those couplings. Its W-part is W̄g's: the same buffer as W̄ where Wg is
+  // this step's W0; elsewhere (the call's first chunk, later sub-chunks) C6 moves it to W̄g's
+  // destination, wg0 or the carry (beta_w, read_part_to_wg below).
   // (chunk_vjp_blocked.py: the same walk in PyTorch, tested against chunk_vjp.)
   auto rg = [&] { return p.read_chunk ? 0.f : 1.f; };  // from the parameters at each use
   auto v_rb = [&] { return p.read_chunk ? v_one : v_beta; };
@@ -813,8 +814,9 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
       put_tile(s_ga1, m0, n0, a, lane);
     }
     const float beta_c = v_beta[C - 1], c_c = v_c[C - 1], m_c = v_m[C - 1];
-    // In chunk 0 read "chunk"'s W-part belongs to W̄g (wg0), not to W̄ (where an open chunk makes
-    // them different tensors): C4 / C5 then leave beta_C W̄' out of the W̄ tiles (beta_w), which
+    // Where W̄g goes apart (the call's first chunk, where an open chunk makes Wg and W0 different
+    // tensors, and sub-chunks past a call chunk's first) read "chunk"'s W-part belongs to W̄g
+    // (wg_dst), not to W̄: C4 / C5 then leave beta_C W̄' out of the W̄ tiles (beta_w), which
     // hold the read's part alone until C6 moves it to W̄g's tile g and puts beta_C W̄' (W̄' is
     // still in wbar: C6 is the block's first write) in its place.
     auto beta_w = [&] { return p.read_chunk && apart ? 0.f : beta_c; };
