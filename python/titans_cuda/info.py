@@ -27,7 +27,7 @@ KERNELS = {
                      "and states included; at depth 1 an fp32 kernel for fp32 q/k/v with chunk "
                      "<= 64 and for D 128, clusters of 4 on sm_90+); gradients: fused backward "
                      "kernels for either read, bf16/fp16, at depth 2 with hidden % 32 == 0 up to 512 and D 32 or "
-                     "64 with chunk 16, 32 or 64 or D 128 with chunk 16 or 32 (read token: "
+                     "64 with chunk 16, 32 or 64 or D 128 with chunk 16 or 32 (either read: "
                      "chunk 128, and 64 at D 128, as sub-chunks) "
                      "(checkpoints every 4 chunks, the read's z2 and the "
                      "keys' fk kept by the forward; clusters on sm_90+ or CTAs exchanging "
