@@ -15,6 +15,7 @@ from test_gpu_chunked_bwd import (HEADS, _assert_grads, _grads, call_rows,
                                   check_graph_replay)
 from test_gpu_decode import _random_state
 from titans_cuda.ops.neural_memory import ops as nm_ops
+from titans_cuda import MemoryState, neural_memory
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -214,3 +215,93 @@ def test_depth1_d128_forced_four_is_the_default(monkeypatch):
         assert (a is None) == (b is None)
         if a is not None:
             assert torch.equal(a, b)
+
+
+# Sub-chunks (nm_ops.bwd_chunking at depth 1, bf16 / fp16): chunk 128 at D 32 / 64 as 2 x 64,
+# chunks 64 and 128 at D 128 as 2 / 4 x 32, the forward that keeps the checkpoints walking the
+# same sub-chunks (_ckpt_chunking). A sub-chunk past its call chunk's first takes its gradient
+# at (and for read "chunk" reads through) the call chunk's start weights, whose cotangent goes
+# to the carry and reaches W̄ at the call chunk's first sub-chunk (wg0 in the call's first
+# chunk). Every (D, C) x dtype x read x kind, and two 10-chunk calls with LayerNorm.
+SUB_DC = ((32, 128), (64, 128), (128, 64), (128, 128))
+SUB_GRID = [(d, c, dtype, read, kind, HEADS[i % 4], i % 2 == 0)
+            for i, ((d, c), dtype, read, kind) in enumerate(itertools.product(
+                SUB_DC, (torch.bfloat16, torch.float16), ("token", "chunk"), KINDS))]
+SUB_GRID += [(64, 128, torch.bfloat16, "token", "long", HEADS[1], True),
+             (128, 64, torch.float16, "chunk", "long", HEADS[3], False)]
+assert len(SUB_GRID) == 50
+
+
+@pytest.mark.parametrize("case", SUB_GRID, ids=[_id(c) for c in SUB_GRID])
+def test_depth1_backward_sub_chunks(case, monkeypatch):
+    """The depth-1 backward over sub-chunks against float64; the kernel runs (never the
+    reference's VJP)."""
+    needs_kernels()
+    d, c = case[:2]
+    assert nm_ops.bwd_chunking(d, 1, c)[1] > 1
+    assert not nm_ops.chunked_bwd_shape_supported(d, d, 1, c, case[3])
+
+    def boom(*a, **k):
+        raise AssertionError("the reference's VJP ran")
+    monkeypatch.setattr(nm_ops, "_reference_grads", boom)
+    _check(case)
+
+
+@pytest.mark.parametrize("read", ("token", "chunk"))
+@pytest.mark.parametrize("split", (1, 2, 4))
+@pytest.mark.parametrize("dc", ((64, 128), (128, 128)), ids=lambda dc: f"D{dc[0]}-C{dc[1]}")
+def test_depth1_backward_sub_chunks_offsets_splits(dc, split, read, monkeypatch):
+    """Sub-chunks with initial states whose open chunks start past a sub-chunk (offsets C - 3,
+    C / 2 + 1: leading sub-chunks without tokens), inside the first (1) and at 0; over each
+    column split (D 128: clusters of 4 only); both reads."""
+    needs_kernels()
+    d, c = dc
+    if d == 128 and split != 4:
+        pytest.skip("D = 128 runs as clusters of 4 only")
+    if split > 1 and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("clusters need sm_90+")
+    args, weights, _, mem, cu = _case1((d, c, torch.bfloat16, read, "fresh", HEADS[1], False))
+    N = args[0].shape[0]
+    st = _random_state(N, 2, weights, c)
+    g64, g32 = {}, {}
+    for offs in ([c - 3, c // 2 + 1], [1, 0]):
+        s = MemoryState(st.weights, st.momentum, st.chunk_weights,
+                        torch.tensor(offs[:N], device=DEV))
+        g64 = _grads(args, weights, s, mem, cu, "torch", torch.float64)
+        g32 = _grads(args, weights, s, mem, cu, "torch", torch.float32)
+        with monkeypatch.context() as m:
+            m.setattr(nm_ops, "FUSED_BWD_SPLIT", split)
+            g = _grads(args, weights, s, mem, cu, "cuda")
+        _assert_grads(g, g64, g32, args[0].dtype, f" (D {d}, C {c}, offsets {offs}, split {split})")
+
+
+def test_depth1_sub_chunk_checkpoints_and_determinism():
+    """The chunked op keeping checkpoints at depth 1, chunk 128 (D 64: two sub-chunks of 64)
+    holds every sub-chunk's start state, sub-chunk 2's equal to the state after the first call
+    chunk; opcheck on it; and two backward runs agree bit for bit."""
+    needs_kernels()
+    case = (64, 128, torch.bfloat16, "token", "fresh", HEADS[1], False)
+    args, weights, _, mem, cu = _case1(case)
+    leaves = [t.detach().clone().requires_grad_(True) if t.is_floating_point() else t
+              for t in args]
+    op_args = (*leaves, list(weights), mem["ln_weight"], mem["ln_bias"], [], [], [], None, 128,
+               mem["activation"], mem["residual"], 1e-6, "token", cu,
+               nm_ops.FUSED_BWD_CHECKPOINT_EVERY)
+    outs = nm_ops.chunked_op(*op_args)
+    ckpts = outs[4:]
+    T = args[0].shape[1]
+    assert ckpts[0].shape[0] == -(-T // 64)  # every slot written (opcheck compares them)
+    # sub-chunk 2 is call chunk 1's start: the state after the first 128 tokens
+    head = [t[:, :128] for t in args]
+    with torch.no_grad():
+        _, st1 = neural_memory(*head, weights, output_final_state=True, backend="cuda", **mem)
+    # (one call chunk natively against two sub-chunks: the same math, other rounding)
+    torch.testing.assert_close(ckpts[0][2], st1.weights[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ckpts[1][2], st1.momentum[0], rtol=1e-4, atol=1e-5)
+    torch.library.opcheck(nm_ops.chunked_op, op_args)
+    g1 = _grads(args, weights, None, mem, cu, "cuda")
+    g2 = _grads(args, weights, None, mem, cu, "cuda")
+    for a, b in zip(g1, g2):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.isfinite(a).all() and torch.equal(a, b)

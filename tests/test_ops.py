@@ -528,21 +528,42 @@ def test_fused_backward_rule_and_checkpoints_by_depth():
 
 def test_sub_chunks_where_a_call_chunk_has_no_plan_that_fits():
     """fwd_chunking / bwd_chunking: a call chunk runs as R sub-chunks exactly where its own
-    shared-memory plan does not fit an H100's 227 KiB and the sub-chunk's does (depth 2, the
-    backward with either read); elsewhere it runs as itself."""
+    shared-memory plan does not fit an H100's 227 KiB and the sub-chunk's does (the backward
+    with either read, at depth 1 for bf16 / fp16 inputs; a depth-1 forward that keeps
+    checkpoints walks the backward's sub-chunks); elsewhere it runs as itself."""
     from titans_cuda import _lib
     from titans_cuda.ops.neural_memory import ops as nm_ops
+    f32 = torch.float32
     assert nm_ops.fwd_chunking(64, 2, 128) == (64, 2)
     assert nm_ops.fwd_chunking(128, 2, 128) == (64, 2)
     assert nm_ops.fwd_chunking(32, 2, 128) == (128, 1)  # its own plan fits
     assert nm_ops.fwd_chunking(64, 1, 128) == (128, 1) and nm_ops.fwd_chunking(64, 2, 64) == (64, 1)
+    assert nm_ops.fwd_chunking(128, 1, 128) == (32, 4) and nm_ops.fwd_chunking(128, 1, 64) == (64, 1)
     assert nm_ops.bwd_chunking(64, 2, 128) == (64, 2)
     assert nm_ops.bwd_chunking(32, 2, 128) == (64, 2)
     assert nm_ops.bwd_chunking(128, 2, 64) == (32, 2)
     assert nm_ops.bwd_chunking(128, 2, 128) == (32, 4)
     assert nm_ops.bwd_chunking(128, 2, 32) == (32, 1)
     assert nm_ops.bwd_chunking(64, 1, 64) == (64, 1)
-    assert nm_ops.bwd_chunking(64, 1, 128) == (128, 1)
+    assert nm_ops.bwd_chunking(64, 1, 128) == (64, 2) and nm_ops.bwd_chunking(32, 1, 128) == (64, 2)
+    assert nm_ops.bwd_chunking(128, 1, 64) == (32, 2) and nm_ops.bwd_chunking(128, 1, 128) == (32, 4)
+    # fp32 at depth 1: its forward (chunked_fwd1_kernel.cuh) walks no sub-chunks
+    assert nm_ops.bwd_chunking(64, 1, 128, f32) == (128, 1)
+    assert nm_ops.bwd_chunking(128, 1, 64, f32) == (64, 1)
+    assert nm_ops._ckpt_chunking(64, 1, 128, torch.bfloat16) == (64, 2)
+    assert nm_ops._ckpt_chunking(64, 2, 128, torch.bfloat16) == (64, 2)
+    assert nm_ops._ckpt_chunking(32, 2, 128, torch.bfloat16) == (128, 1)
+    # depth 1 keeps every sub-chunk's start state (an open call chunk's offset: up to C - 1)
+    assert nm_ops._checkpoint_shape(300, 128, 1, False, 2) == (5,)
+    assert nm_ops._checkpoint_shape(300, 128, 1, True, 2) == (7,)
+    assert nm_ops._checkpoint_shape(300, 128, 4, False) == (1,)
+    for D in (32, 64, 128):
+        for C in (16, 32, 64, 128):
+            kc, r = nm_ops.bwd_chunking(D, 1, C)
+            assert C % kc == 0 and C // kc == r
+            for read in ("token", "chunk"):
+                assert nm_ops.chunked_bwd_shape_supported(D, D, 1, kc, read), (D, C, read)
+                assert (r > 1) == (not nm_ops.chunked_bwd_shape_supported(D, D, 1, C, read))
     if _lib._C is None:
         pytest.skip("the extension is not built here")
     limit = 227 * 1024
@@ -560,6 +581,12 @@ def test_sub_chunks_where_a_call_chunk_has_no_plan_that_fits():
                 assert (r > 1) == (not nm_ops.chunked_bwd_shape_supported(D, 256, 2, C, read))
             assert _lib._C.neural_memory_chunked_bwd_smem_bytes(dim=D, hidden=256, depth=2,
                                                                 chunk=kc, dtype=0) <= limit
+            # depth 1: the backward's sub-chunk fits, and so does the forward that walks it
+            kc, r = nm_ops.bwd_chunking(D, 1, C)
+            assert _lib._C.neural_memory_chunked_bwd_smem_bytes(dim=D, hidden=D, depth=1,
+                                                                chunk=kc, dtype=0) <= limit
+            assert 0 < _lib._C.neural_memory_chunked_smem_bytes(dim=D, hidden=D, depth=1,
+                                                                 chunk=kc, dtype=0) <= limit
 
 
 def test_qkv_rows_are_aligned_for_the_kernels_two_element_loads():

@@ -84,10 +84,12 @@ cudaError_t neural_memory_chunked(const NeuralMemoryParams& p, cudaStream_t stre
   }
   DeviceGuard guard(device);
   TITANS_RETURN_IF_ERROR(guard.status());
-  const bool fwd1 = chunked::takes_fwd1(p.dim, p.depth, p.chunk, p.dtype) ||
+  // (the depth-1 fp32 kernel walks no sub-chunks: a call with sub > 1 takes the split-bf16 one)
+  const bool fwd1 = p.sub <= 1 && (chunked::takes_fwd1(p.dim, p.depth, p.chunk, p.dtype) ||
                     (p.dim == 128 && p.dtype != 2 &&
                      (p.dtype == 0 ? chunked_fwd1::f1_preferred<__nv_bfloat16, 128>(p)
-                                   : chunked_fwd1::f1_preferred<__half, 128>(p)));
+                                   : chunked_fwd1::f1_preferred<__half, 128>(p))));
+  if (p.sub > 1 && p.dtype == 2) return cudaErrorInvalidValue;
   if (fwd1) {
     switch (p.dim) {
       case 32: return chunked::fwd1_by_dtype<32>(p, stream);

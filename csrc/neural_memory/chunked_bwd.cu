@@ -85,12 +85,12 @@ cudaError_t neural_memory_chunked_bwd(const NeuralMemoryBwdParams& bp, cudaStrea
       bp.dmomentum != nullptr && bp.scratch != nullptr &&
       (p.ln_weight == nullptr || bp.dln_w != nullptr) &&
       (p.ln_weight == nullptr || p.ln_bias == nullptr || bp.dln_b != nullptr);
-  // sub-chunks (chunked_bwd.h): depth 2, a carry buffer per layer, checkpoint groups made of
-  // whole call chunks
+  // sub-chunks (chunked_bwd.h): a carry buffer per layer; at depth 2 checkpoint groups made of
+  // whole call chunks (depth 1 reads every sub-chunk's start state: below)
   const int sub = p.sub > 1 ? p.sub : 1;
-  if (sub > 1 && (p.depth != 2 || sub > 8 || p.ckpt_every < sub ||
-                  p.ckpt_every % sub != 0 || bp.wg_carry[0] == nullptr ||
-                  bp.wg_carry[1] == nullptr)) {
+  if (sub > 1 && (sub > 8 || bp.wg_carry[0] == nullptr ||
+                  (p.depth == 2 && (p.ckpt_every < sub || p.ckpt_every % sub != 0 ||
+                                    bp.wg_carry[1] == nullptr)))) {
     return cudaErrorInvalidValue;
   }
   if (p.depth == 1) {  // checkpoints at every chunk; the read and keys are recomputed

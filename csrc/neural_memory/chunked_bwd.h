@@ -61,10 +61,10 @@ struct NeuralMemoryBwdParams {
   float* dmomentum;
   float* dln_w;
   float* dln_b;
-  // Sub-chunks (f.sub = R > 1, params.h; depth 2, either read): per layer [N, H, d_in, d_out]
-  // fp32, the cotangent of a call chunk's start weights that its later sub-chunks owe (written
-  // by them, added to W̄ at the chunk's first sub-chunk). f.ckpt_every counts sub-chunks and is
-  // a multiple of R. nullptr without sub-chunks.
+  // Sub-chunks (f.sub = R > 1, params.h; either read): per layer [N, H, d_in, d_out] fp32, the
+  // cotangent of a call chunk's start weights that its later sub-chunks owe (written by them,
+  // added to W̄ at the chunk's first sub-chunk). f.ckpt_every counts sub-chunks: a multiple of R
+  // at depth 2, 1 at depth 1. nullptr without sub-chunks.
   float* wg_carry[kNeuralMemoryMaxLayers];
   // Per (sequence, head) scratch of neural_memory_chunked_bwd_scratch_floats floats.
   float* scratch;

@@ -37,6 +37,15 @@
 // backward's sums), the row dots of Ḡ / N̄'s last row and beta-bar / c-bar, mm (C x C), q̄ and
 // k̄ (C x D, each CTA then writing its own columns of dq, dk) and the Frobenius sums. Every CTA
 // computes A = q k^T and the gates' adjoint in full; rank 0 stores the gates' gradients.
+//
+// Sub-chunks (params.h sub = R > 1: chunk 128 at D <= 64 as 2 x 64, chunks 64 / 128 at D = 128
+// as 32s): the walk is over sub-chunks, each with its own checkpoint (the forward kept every
+// sub-chunk's start state), all of a call chunk's taking their gradients at, and for read
+// "chunk" reading through, the call chunk's start weights Wg: cw_src in the call's first chunk,
+// else the checkpoint of the call chunk's first sub-chunk. Where Wg is not the sub-chunk's W0,
+// W̄g goes apart from W̄: to wg0 in the call's first chunk, else to the carry (wg_carry), which
+// the call chunk's first sub-chunk adds to W̄. The first sub-chunk of a call chunk that the
+// walk meets stores it, the others add to it (the same thread owns an element every step).
 #pragma once
 
 #include <type_traits>
@@ -431,7 +440,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
   float* sS0 = sm + L.s0;
   float* sWb = sm + L.wb;  // W̄, S̄ after the chunk
   float* sSb = sm + L.sb;
-  float* sWg = sm + L.wg;  // an open chunk's weights (chunk 0 only)
+  float* sWg = sm + L.wg;  // Wg where it is not W0 (an open chunk 0; sub-chunks)
   float* sA = sm + L.a;    // q k^T, then a_bar; N for the gates' adjoint
   float* sG = sm + L.g;
   float* sGb = sm + L.gb;  // Ḡ
@@ -481,6 +490,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
   float* wbar = bp.w_bar[0] + nh * size;
   float* sbar = bp.s_bar[0] + nh * size;
   float* wg0 = bp.wg0_bar[0] + nh * size;
+  const int R = p.sub > 1 ? p.sub : 1;  // sub-chunks per call chunk (above)
+  float* wgc = R > 1 ? bp.wg_carry[0] + nh * size : nullptr;
   float* scr_e = bp.scratch + nh * int64_t(scratch_floats1(D, C));  // e, then ȳ (C x D)
   float* scr_xh = scr_e + C * D;
   float* dlnw = bp.dln_w != nullptr ? bp.dln_w + nh * C * D : nullptr;
@@ -504,8 +515,18 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
 
   for (int j = n_chunks - 1; j >= 0; --j) {
     const int64_t slot = (int64_t(j) * p.n_seq + n) * p.heads + h;
-    const bool g_is_w = j > 0 || cw_src == w_src;
+    // the gradient weights Wg (sub-chunks: above): the call's first chunk (j < R) takes cw_src,
+    // a later one the start state of its first sub-chunk jg
+    const int jg = j - j % R;
+    const bool g_is_w = j % R == 0 && (j >= R || cw_src == w_src);
+    const float* wg_src =
+        j < R ? cw_src : bp.ckpt_w[0] + ((int64_t(jg) * p.n_seq + n) * p.heads + h) * size;
     const float* sWgp = g_is_w ? sW0 : sWg;  // the chunk's gradient weights
+    // W̄g apart from W̄ (wg0 or the carry), and whether this sub-chunk is the first of its call
+    // chunk that the walk meets (R = 1: apart at chunk 0 only, always first)
+    const bool apart = j < R || j % R != 0;
+    const bool wg_first = j == min(jg + R - 1, n_chunks - 1);
+    float* wg_dst = j < R ? wg0 : wgc;
     const int64_t t0 = int64_t(j) * C - off;
 
     // ---- load ----
@@ -515,7 +536,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
     stage_cols<D, DS>(sS0, LS, bp.ckpt_s[0] + slot * size + col0);
     stage_cols<D, DS>(sWb, LS, wbar + col0);
     stage_cols<D, DS>(sSb, LS, sbar + col0);
-    if (!g_is_w) stage_cols<D, DS>(sWg, LS, cw_src + col0);
+    if (!g_is_w) stage_cols<D, DS>(sWg, LS, wg_src + col0);
     if (tid < C) chunked::load_gates(tid, p, row_base, h, t0, len, v_theta, v_a, v_eta, v_act);
     __syncthreads();
 
@@ -811,11 +832,11 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
           const float g = ag[i][jj] + (last ? __ldcg(cwb + e) : 0.f);
           const float w = aw[i][jj] + beta_c * wb;
           const float s = as[i][jj] + c_c * wb + m_c * sb;
-          if (j > 0) {
-            wbar[e] = w + g;
+          if (!apart) {  // Wg is W0: with the later sub-chunks' part the carry holds
+            wbar[e] = w + (R > 1 && !wg_first ? g + __ldcg(wgc + e) : g);
           } else {
             wbar[e] = w;
-            wg0[e] = g;
+            wg_dst[e] = wg_first ? g : __ldcg(wg_dst + e) + g;
           }
           sbar[e] = s;
         }

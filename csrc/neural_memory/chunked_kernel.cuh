@@ -680,8 +680,8 @@ __device__ __forceinline__ void load_chunk(const Planes& s_q, const Planes& s_k,
 // split ordinary CTAs of a cooperative launch exchanging through global memory (GlobalGroup).
 // The split-1 instance compiles the group code out (rank 0, split 1 as constants: the hot loop
 // keeps two registers fewer).
-// kSub: the instance that walks sub-chunks (params.h, sub > 1: depth 2, chunk 64); the others
-// are compiled with R = 1.
+// kSub: the instance that walks sub-chunks (params.h, sub > 1: depth 2 with chunk 64, depth 1
+// with chunk 64 at D <= 64 or 32 at D = 128); the others are compiled with R = 1.
 template <typename TIn, int D, int C, int kDepth, int kMode, bool kSub = false>
 __global__ void __launch_bounds__(Threads<C>::kThreads)
     chunked_kernel(const NeuralMemoryParams p) {
@@ -1236,16 +1236,23 @@ cudaError_t by_chunk(const NeuralMemoryParams& p, cudaStream_t stream) {
     constexpr int C = decltype(chunk_tag)::value;
     return p.depth == 1 ? launch<TIn, D, C, 1>(p, stream) : launch<TIn, D, C, 2>(p, stream);
   };
-  // sub-chunks (params.h): chunk 128 as 2 x 64 at D = 64 and 128, where its own plan does not
-  // fit a block (D = 32's does)
+  // sub-chunks (params.h): at depth 2 chunk 128 as 2 x 64 at D = 64 and 128, where its own plan
+  // does not fit a block (D = 32's does); at depth 1 the call chunks whose backward has no
+  // instance (chunk 128 as 2 x 64 at D <= 64, chunks 64 / 128 as 32s at D = 128), for a
+  // forward that keeps every sub-chunk's start state for that backward (chunked_bwd1_kernel.cuh)
   if (p.sub > 1) {
+    bool cw_ok = true;
+    for (int l = 0; l < p.depth; ++l) cw_ok = cw_ok && p.cw_out[l] != nullptr;
+    if (p.sub > 8 || !cw_ok) return cudaErrorInvalidValue;
+    if (p.depth == 1) {
+      constexpr int kC1 = D == 128 ? 32 : 64;
+      if (p.chunk != kC1) return cudaErrorInvalidValue;
+      return launch<TIn, D, kC1, 1, true>(p, stream);
+    }
     if constexpr (D == 32) {
       return cudaErrorInvalidValue;
     } else {
-      bool cw_ok = true;
-      for (int l = 0; l < p.depth; ++l) cw_ok = cw_ok && p.cw_out[l] != nullptr;
-      if (p.depth != 2 || p.chunk != 64 || p.sub > 8 || !cw_ok ||
-          (p.ckpt_every > 0 && p.ckpt_every % p.sub != 0)) {
+      if (p.depth != 2 || p.chunk != 64 || (p.ckpt_every > 0 && p.ckpt_every % p.sub != 0)) {
         return cudaErrorInvalidValue;
       }
       return launch<TIn, D, 64, 2, true>(p, stream);

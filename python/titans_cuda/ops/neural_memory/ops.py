@@ -115,12 +115,15 @@ def _takes_fwd1(dim: int, depth: int, chunk: int, dtype: torch.dtype) -> bool:
 
 
 def fwd_chunking(dim: int, depth: int, chunk: int) -> Tuple[int, int]:
-    """(the chunked forward's chunk, sub-chunks R per call chunk): chunk 128 at depth 2 runs as
-    2 sub-chunks of 64 at D = 64 and 128, whose chunk-128 plans do not fit a block (params.h,
-    sub; every sub-chunk takes its gradient at its call chunk's start weights); else
-    (chunk, 1)."""
+    """(the chunked forward's chunk, sub-chunks R per call chunk): chunk 128 runs as 2
+    sub-chunks of 64 at depth 2 and D = 64 or 128, and as 4 of 32 at depth 1 and D = 128, whose
+    chunk-128 plans do not fit a block (params.h, sub; every sub-chunk takes its gradient at its
+    call chunk's start weights); else (chunk, 1). A depth-1 forward that keeps checkpoints for
+    the fused backward runs that backward's sub-chunks instead (_ckpt_chunking)."""
     if depth == 2 and chunk == 128 and dim in (64, 128):
         return 64, 2
+    if depth == 1 and chunk == 128 and dim == 128:
+        return 32, 4
     return chunk, 1
 
 
@@ -200,18 +203,27 @@ def chunked_bwd_shape_supported(dim: int, hidden: int, depth: int, chunk: int,
              (depth == 2 and hb <= hidden <= 512 and hidden % hb == 0)))
 
 
-def bwd_chunking(dim: int, depth: int, chunk: int) -> Tuple[int, int]:
+def bwd_chunking(dim: int, depth: int, chunk: int,
+                 dtype: torch.dtype = torch.bfloat16) -> Tuple[int, int]:
     """(the fused backward's chunk, sub-chunks R per call chunk): a call chunk whose backward
     has no instance (shared memory: chunk 128 at D <= 64, chunks 64 and 128 at D = 128) runs
-    at depth 2 (either read) as R sub-chunks of chunk / R tokens, each taking its gradient at,
-    and for read "chunk" reading through, the weights of its call chunk's start (chunked_bwd.h,
-    sub); else (chunk, 1)."""
-    if depth == 2:
+    as R sub-chunks of chunk / R tokens (either read; at depth 1 bf16 / fp16 inputs only, whose
+    forward can walk the same sub-chunks), each taking its gradient at, and for read "chunk"
+    reading through, the weights of its call chunk's start (chunked_bwd.h, sub); else
+    (chunk, 1)."""
+    if depth == 2 or (depth == 1 and dtype != torch.float32):
         if dim <= 64 and chunk == 128:
             return 64, 2
         if dim == 128 and chunk in (64, 128):
             return 32, chunk // 32
     return chunk, 1
+
+
+def _ckpt_chunking(dim: int, depth: int, chunk: int, dtype: torch.dtype) -> Tuple[int, int]:
+    """(the chunk, sub-chunks R) of a chunked forward that keeps checkpoints for the fused
+    backward: at depth 1 that backward's (it reads every one of its chunks' start states, so
+    the forward walks the same sub-chunks), else fwd_chunking's."""
+    return bwd_chunking(dim, 1, chunk, dtype) if depth == 1 else fwd_chunking(dim, depth, chunk)
 
 
 def chunked_bwd_reason(q: Tensor, weights, chunk_size: int, cu_seqlens, initial_state,
@@ -223,13 +235,14 @@ def chunked_bwd_reason(q: Tensor, weights, chunk_size: int, cu_seqlens, initial_
     if reason is not None:
         return reason
     D, depth, hidden = q.shape[-1], len(weights), weights[0].shape[-1]
-    kernel_chunk, _ = bwd_chunking(D, depth, int(chunk_size))
+    kernel_chunk, _ = bwd_chunking(D, depth, int(chunk_size), q.dtype)
     if not chunked_bwd_shape_supported(D, hidden, depth, kernel_chunk, read):
         return (f"no fused backward for D={D}, hidden={hidden}, depth={depth}, "
-                f"chunk_size={chunk_size}, read={read!r} in this version (supported: D 32 or "
-                f"64 with chunk_size 16, 32 or 64, D 128 with chunk_size 16 or 32; depth 1, or "
-                f"depth 2 with hidden a multiple of {CHUNKED_HIDDEN_BLOCK} up to 512, which "
-                f"also takes chunk_size 128, and 64 and 128 at D 128, as sub-chunks)")
+                f"chunk_size={chunk_size}, {q.dtype}, read={read!r} in this version "
+                f"(supported: D 32 or 64 with chunk_size 16, 32 or 64, D 128 with chunk_size 16 "
+                f"or 32; depth 1, or depth 2 with hidden a multiple of {CHUNKED_HIDDEN_BLOCK} "
+                f"up to 512; chunk_size 128, and 64 and 128 at D 128, as sub-chunks except for "
+                f"fp32 inputs)")
     if depth == 1 and D > 64 and _lacks_clusters(q.device):
         return (f"the fused backward at depth 1 and D={D} runs as a thread-block cluster "
                 f"(sm_90+)")
@@ -254,10 +267,13 @@ def _kept_every(q, weights, chunk_size, cu_seqlens, state, read, checkpoint_ever
     return 1 if len(weights) == 1 else int(checkpoint_every)
 
 
-def _checkpoint_shape(T: int, chunk_size: int, K: int, has_state: bool):
+def _checkpoint_shape(T: int, chunk_size: int, K: int, has_state: bool, sub: int = 1):
     """(n_ckpt,): checkpoint slots for T tokens per row (an open chunk adds one), every K-th
-    chunk (as _launch allocates them)."""
+    chunk (as _launch allocates them); ``sub`` > 1 (depth 1, _ckpt_chunking): every sub-chunk's
+    (of C / sub tokens; offsets count in call chunks, up to C - 1)."""
     C = int(chunk_size)
+    if sub > 1:
+        return (max(1, -(-(T + (C - 1 if has_state else 0)) // (C // sub))),)
     most = -(-(T + (C - 1 if has_state else 0)) // C)
     return (max(1, -(-most // K)),)
 
@@ -365,8 +381,11 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
                 stream=_lib.stream_handle(dev),
                 device=dev.index if dev.index is not None else torch.cuda.current_device())
     ckpts = []
-    # sub-chunks (params.h): the kernel's chunk where the call's has no instance that fits
-    kchunk, sub = fwd_chunking(D, depth, int(chunk_size)) if kernel == "chunked" else (0, 1)
+    # sub-chunks (params.h): the kernel's chunk where the call's has no instance that fits (at
+    # depth 1 with checkpoints, the backward's: _ckpt_chunking)
+    kchunk, sub = (0, 1) if kernel != "chunked" else (
+        _ckpt_chunking(D, depth, int(chunk_size), q.dtype) if checkpoint_every > 0
+        else fwd_chunking(D, depth, int(chunk_size)))
     if sub > 1:
         args.update(chunk=kchunk, sub=sub)
     if run_forward and kernel == "chunked" and depth == 2 and (split < 0 or (
@@ -383,14 +402,16 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
     if kernel == "chunked":
         K = int(checkpoint_every)
         if K > 0:  # chunks on the padded timeline: at most ceil((offset + length) / C)
-            n_ckpt, = _checkpoint_shape(T, chunk_size, K, bool(state_weights))
+            n_ckpt, = _checkpoint_shape(T, chunk_size, K, bool(state_weights),
+                                        sub if depth == 1 else 1)
             ckpts = [torch.empty(n_ckpt, N, H, w.shape[-2], w.shape[-1], dtype=torch.float32,
                                  device=dev) for _ in range(2) for w in weights]
             if depth == 2:  # (the depth-1 backward recomputes the read and the keys)
                 ckpts += [torch.empty(B, T, H, D, dtype=torch.float32, device=dev)
                           for _ in range(2)]  # z2, fk
                 args.update(read_z2=ckpts[-2].data_ptr(), keys_fk=ckpts[-1].data_ptr())
-        args.update(ckpt_every=max(K, 0) * sub, ckpt_w=[t.data_ptr() for t in ckpts[:depth]],
+        # (depth 1: every sub-chunk's start state; depth 2: every K-th call chunk's)
+        args.update(ckpt_every=max(K, 0) * (1 if depth == 1 else sub), ckpt_w=[t.data_ptr() for t in ckpts[:depth]],
                     ckpt_s=[t.data_ptr() for t in ckpts[depth:2 * depth]])
         if not ckpts:
             args.update(ckpt_w=[0] * depth, ckpt_s=[0] * depth)
@@ -592,7 +613,7 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
     # the LayerNorm parameters' gradient partials per (sequence, head, row of a chunk)
     n_ln = 0 if ln_weight is None else 1 if ln_bias is None else 2
     # the kernel's chunk: sub-chunks of the call's where it has no instance of its own
-    Ck, R = bwd_chunking(D, L, C)
+    Ck, R = bwd_chunking(D, L, C, q.dtype)
     dln = torch.zeros(n_ln, N, H, Ck, D, dtype=torch.float32, device=dev) if n_ln else None
     dln_w = dln[0] if n_ln else None
     dln_b = dln[1] if n_ln == 2 else None
@@ -603,7 +624,7 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
     kept = bool(checkpoints) and checkpoint_every > 0
     # depth 1: every chunk's start state (the kernel recomputes none)
     K = 1 if L == 1 else int(checkpoint_every) if kept else max(1, int(FUSED_BWD_CHECKPOINT_EVERY))
-    Kk = K * R  # the kernel's checkpoint interval, in its chunks
+    Kk = 1 if L == 1 else K * R  # the kernel's checkpoint interval, in its chunks
     ring = (torch.empty(N * H * (Kk - 1) * 4 * D * hidden, dtype=torch.float32, device=dev)
             if Kk > 1 else None)
     carry = ([torch.empty(N * H * D * hidden, dtype=torch.float32, device=dev) for _ in range(L)]
@@ -735,7 +756,9 @@ def _(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_weights,
     if K == 0:
         ckpts = [q.new_empty(0, dtype=torch.float32) for _ in range(2 * len(weights) + 2)]
     else:
-        n_ckpt, = _checkpoint_shape(q.shape[1], chunk_size, K, bool(state_weights))
+        sub = (_ckpt_chunking(q.shape[-1], 1, int(chunk_size), q.dtype)[1]
+               if len(weights) == 1 else 1)
+        n_ckpt, = _checkpoint_shape(q.shape[1], chunk_size, K, bool(state_weights), sub)
         ckpts = [q.new_empty(n_ckpt, N, q.shape[2], w.shape[-2], w.shape[-1],
                              dtype=torch.float32) for _ in range(2) for w in weights]
         ckpts += [q.new_empty(q.shape if len(weights) == 2 else 0, dtype=torch.float32)
