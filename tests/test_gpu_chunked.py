@@ -123,10 +123,11 @@ def _references(args, weights, st, mem, cu):
 
 
 # fp32 inputs run at depth 1 on the depth-1 fp32 kernel (chunked_fwd1_kernel.cuh): every D with
-# every chunk up to 64, each of the four kinds, the heads and activations cycled; gradients on
-# every other case (the depth-1 fused backward in fp32; the reference's VJP at D = 128, C = 64).
+# every chunk (128 as sub-chunks: 2 x 64, or 4 x 32 at D = 128), each of the four kinds, the
+# heads and activations cycled; gradients on every other case (the depth-1 fused backward in
+# fp32, at D = 128, C = 64 and at chunk 128 over sub-chunks).
 FP32_GRID = [(D, D, 1, C, torch.float32, ("silu", "gelu")[i % 2], *HEADS[i % 4], kind)
-             for i, (D, C, kind) in enumerate(itertools.product((32, 64, 128), (16, 32, 64),
+             for i, (D, C, kind) in enumerate(itertools.product((32, 64, 128), (16, 32, 64, 128),
                                                                 KINDS))]
 
 

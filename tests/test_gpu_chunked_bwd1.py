@@ -217,7 +217,7 @@ def test_depth1_d128_forced_four_is_the_default(monkeypatch):
             assert torch.equal(a, b)
 
 
-# Sub-chunks (nm_ops.bwd_chunking at depth 1, bf16 / fp16): chunk 128 at D 32 / 64 as 2 x 64,
+# Sub-chunks (nm_ops.bwd_chunking at depth 1): chunk 128 at D 32 / 64 as 2 x 64,
 # chunks 64 and 128 at D 128 as 2 / 4 x 32, the forward that keeps the checkpoints walking the
 # same sub-chunks (_ckpt_chunking). A sub-chunk past its call chunk's first takes its gradient
 # at (and for read "chunk" reads through) the call chunk's start weights, whose cotangent goes
@@ -229,7 +229,11 @@ SUB_GRID = [(d, c, dtype, read, kind, HEADS[i % 4], i % 2 == 0)
                 SUB_DC, (torch.bfloat16, torch.float16), ("token", "chunk"), KINDS))]
 SUB_GRID += [(64, 128, torch.bfloat16, "token", "long", HEADS[1], True),
              (128, 64, torch.float16, "chunk", "long", HEADS[3], False)]
-assert len(SUB_GRID) == 50
+# fp32 inputs (their forward, the depth-1 fp32 kernel, walks the same sub-chunks; SPEC's 1e-5)
+SUB_GRID += [(d, c, torch.float32, read, kind, HEADS[i % 4], i % 2 == 1)
+             for i, ((d, c), read, kind) in enumerate(zip(
+                 SUB_DC, ("token", "chunk") * 2, ("open", "varlen", "fresh", "open")))]
+assert len(SUB_GRID) == 54
 
 
 @pytest.mark.parametrize("case", SUB_GRID, ids=[_id(c) for c in SUB_GRID])

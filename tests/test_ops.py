@@ -529,8 +529,8 @@ def test_fused_backward_rule_and_checkpoints_by_depth():
 def test_sub_chunks_where_a_call_chunk_has_no_plan_that_fits():
     """fwd_chunking / bwd_chunking: a call chunk runs as R sub-chunks exactly where its own
     shared-memory plan does not fit an H100's 227 KiB and the sub-chunk's does (the backward
-    with either read, at depth 1 for bf16 / fp16 inputs; a depth-1 forward that keeps
-    checkpoints walks the backward's sub-chunks); elsewhere it runs as itself."""
+    with either read; a depth-1 forward that keeps checkpoints walks the backward's
+    sub-chunks); elsewhere it runs as itself."""
     from titans_cuda import _lib
     from titans_cuda.ops.neural_memory import ops as nm_ops
     f32 = torch.float32
@@ -538,18 +538,22 @@ def test_sub_chunks_where_a_call_chunk_has_no_plan_that_fits():
     assert nm_ops.fwd_chunking(128, 2, 128) == (64, 2)
     assert nm_ops.fwd_chunking(32, 2, 128) == (128, 1)  # its own plan fits
     assert nm_ops.fwd_chunking(64, 1, 128) == (128, 1) and nm_ops.fwd_chunking(64, 2, 64) == (64, 1)
-    assert nm_ops.fwd_chunking(128, 1, 128) == (32, 4) and nm_ops.fwd_chunking(128, 1, 64) == (64, 1)
+    assert nm_ops.fwd_chunking(128, 1, 128) == (32, 4)
+    assert nm_ops.fwd_chunking(128, 1, 64) == (64, 1)
     assert nm_ops.bwd_chunking(64, 2, 128) == (64, 2)
     assert nm_ops.bwd_chunking(32, 2, 128) == (64, 2)
     assert nm_ops.bwd_chunking(128, 2, 64) == (32, 2)
     assert nm_ops.bwd_chunking(128, 2, 128) == (32, 4)
     assert nm_ops.bwd_chunking(128, 2, 32) == (32, 1)
     assert nm_ops.bwd_chunking(64, 1, 64) == (64, 1)
-    assert nm_ops.bwd_chunking(64, 1, 128) == (64, 2) and nm_ops.bwd_chunking(32, 1, 128) == (64, 2)
-    assert nm_ops.bwd_chunking(128, 1, 64) == (32, 2) and nm_ops.bwd_chunking(128, 1, 128) == (32, 4)
-    # fp32 at depth 1: its forward (chunked_fwd1_kernel.cuh) walks no sub-chunks
-    assert nm_ops.bwd_chunking(64, 1, 128, f32) == (128, 1)
-    assert nm_ops.bwd_chunking(128, 1, 64, f32) == (64, 1)
+    assert nm_ops.bwd_chunking(64, 1, 128) == (64, 2)
+    assert nm_ops.bwd_chunking(32, 1, 128) == (64, 2)
+    assert nm_ops.bwd_chunking(128, 1, 64) == (32, 2)
+    assert nm_ops.bwd_chunking(128, 1, 128) == (32, 4)
+    # fp32 at depth 1: the fp32 forward (chunks up to 64) walks chunk 128 as sub-chunks too
+    assert nm_ops.fwd_chunking(64, 1, 128, f32) == (64, 2)
+    assert nm_ops.fwd_chunking(128, 1, 64, f32) == (64, 1)
+    assert nm_ops._ckpt_chunking(128, 1, 64, f32) == (32, 2)
     assert nm_ops._ckpt_chunking(64, 1, 128, torch.bfloat16) == (64, 2)
     assert nm_ops._ckpt_chunking(64, 2, 128, torch.bfloat16) == (64, 2)
     assert nm_ops._ckpt_chunking(32, 2, 128, torch.bfloat16) == (128, 1)

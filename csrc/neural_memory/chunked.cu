@@ -46,8 +46,9 @@ bool neural_memory_chunked_supported(int dim, int hidden, int depth, int chunk, 
   const int hb = chunked::kHB;
   const bool depth_ok = depth == 1 || (depth == 2 && hidden >= hb && hidden <= 512 &&
                                        hidden % hb == 0);
-  // fp32 inputs: the depth-1 fp32 kernel only (chunks up to 64)
-  const bool dtype_ok = dtype == 0 || dtype == 1 || (dtype == 2 && depth == 1 && chunk <= 64);
+  // fp32 inputs: the depth-1 fp32 kernel only (its chunks go to 64: chunk 128 as sub-chunks,
+  // params.h sub)
+  const bool dtype_ok = dtype == 0 || dtype == 1 || (dtype == 2 && depth == 1);
   return dim_ok && chunk_ok && depth_ok && dtype_ok;
 }
 
@@ -84,13 +85,12 @@ cudaError_t neural_memory_chunked(const NeuralMemoryParams& p, cudaStream_t stre
   }
   DeviceGuard guard(device);
   TITANS_RETURN_IF_ERROR(guard.status());
-  // (the depth-1 fp32 kernel walks no sub-chunks: a call with sub > 1 takes the split-bf16 one)
-  const bool fwd1 = p.sub <= 1 && (chunked::takes_fwd1(p.dim, p.depth, p.chunk, p.dtype) ||
+  const bool fwd1 = chunked::takes_fwd1(p.dim, p.depth, p.chunk, p.dtype) ||
                     (p.dim == 128 && p.dtype != 2 &&
                      (p.dtype == 0 ? chunked_fwd1::f1_preferred<__nv_bfloat16, 128>(p)
-                                   : chunked_fwd1::f1_preferred<__half, 128>(p))));
-  if (p.sub > 1 && p.dtype == 2) return cudaErrorInvalidValue;
-  if (fwd1) {
+                                   : chunked_fwd1::f1_preferred<__half, 128>(p)));
+  if (p.dtype == 2 && !fwd1) return cudaErrorInvalidValue;  // chunk 128 without sub-chunks
+  if (fwd1) {  // (sub-chunks: p.chunk is the kernel's, a sub-chunk)
     switch (p.dim) {
       case 32: return chunked::fwd1_by_dtype<32>(p, stream);
       case 64: return chunked::fwd1_by_dtype<64>(p, stream);

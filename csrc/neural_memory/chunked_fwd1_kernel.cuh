@@ -18,6 +18,13 @@
 //   read      token: z = beta (q W0) + c (q S0) - (G * q k^T) dz; chunk: z = q Wg;
 //             (row mode) o = [q +] [LN](z)
 //   state     W = beta_C W0 + c_C S0 + k^T (gneg dz),  S = m_C S0 + k^T (nneg dz)
+//
+// Sub-chunks (params.h sub = R > 1: chunk 128 as 2 x 64 at D <= 64, chunks 64 / 128 as 32s at
+// D = 128, where the depth-1 backward has no instance of the call's chunk): the walk is over
+// sub-chunks, all of a call chunk's taking their gradients at (and for read "chunk" reading
+// through) its start weights Wg, which its first sub-chunk copies into the Wg buffer for the
+// others (the call's first chunk: cw_src there). Offsets and the final state's open chunk count
+// in call chunks.
 #pragma once
 
 #include "chunked_bwd1_kernel.cuh"
@@ -78,7 +85,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd1_kernel(const NeuralMemoryPar
   float* sZ = sm + L.z;    // the read's z (C x DS)
   float* sW = sm + L.w;    // W, S (D x DS), resident across the chunks
   float* sS = sm + L.s;
-  float* sWg = sm + L.wg;  // an open chunk's weights (chunk 0 only)
+  float* sWg = sm + L.wg;  // Wg where it is not W (an open chunk 0; sub-chunks)
   float* sA = sm + L.a;    // q k^T
   float* sG = sm + L.g;
   float* v_theta = sm + L.vec;
@@ -107,7 +114,8 @@ __global__ void __launch_bounds__(kThreads, 1) fwd1_kernel(const NeuralMemoryPar
 
   const int off = p.offset != nullptr ? p.offset[n] : 0;
   const int n_chunks = len > 0 ? int((off + len + C - 1) / C) : 0;
-  const int final_off = int((off + len) % C);
+  const int R = p.sub > 1 ? p.sub : 1;  // sub-chunks per call chunk (above)
+  const int final_off = int((off + len) % (int64_t(C) * R));
   const int64_t size = int64_t(D) * D;
   const int64_t nh = int64_t(n) * p.heads + h;
   const float* w_src = p.w_in[0] + n * p.w_in_n_stride[0] + h * p.w_in_h_stride[0];
@@ -149,8 +157,10 @@ __global__ void __launch_bounds__(kThreads, 1) fwd1_kernel(const NeuralMemoryPar
   const float inv_d = 1.f / float(D);
 
   for (int j = 0; j < n_chunks; ++j) {
-    const bool g_is_w = j > 0 || cw_src == w_src;
-    const float* sWgp = g_is_w ? sW : sWg;  // the chunk's gradient weights
+    // the gradient weights: W at a call chunk's first sub-chunk (but an open chunk 0's), else
+    // sWg (staged at chunk 0, or copied from W at the call chunk's first sub-chunk)
+    const bool g_is_w = j % R == 0 && (j >= R || cw_src == w_src);
+    const float* sWgp = g_is_w ? sW : sWg;
     const int64_t t0 = int64_t(j) * C - off;
 
     // ---- load; the backward's checkpoint of this chunk's start state ----
@@ -161,7 +171,13 @@ __global__ void __launch_bounds__(kThreads, 1) fwd1_kernel(const NeuralMemoryPar
       put_cols(p.ckpt_s[0] + slot * size, sS);
     }
     load_rows<TIn, D, C>(sQ, sK, LD, gq, gk, rq, rk, t0, len);
-    if (!g_is_w) stage_cols<D, DS>(sWg, LS, cw_src + col0);
+    if (j == 0 && !g_is_w) stage_cols<D, DS>(sWg, LS, cw_src + col0);
+    if (R > 1 && g_is_w) {  // the call chunk's start weights, for its later sub-chunks
+      for (int i = tid; i < D * DS; i += kThreads) {
+        const int at = (i / DS) * LS + i % DS;
+        sWg[at] = sW[at];
+      }
+    }
     if (tid < C) chunked::load_gates(tid, p, row_base, h, t0, len, v_theta, v_a, v_eta, v_act);
     __syncthreads();
     if (j == n_chunks - 1 && final_off > 0 && cw_dst != nullptr) {

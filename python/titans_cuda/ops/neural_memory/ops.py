@@ -96,11 +96,11 @@ CHUNKED_HIDDEN_BLOCK = 32  # kHB in chunked_kernel.cuh
 
 def chunked_shape_supported(dim: int, hidden: int, depth: int, chunk: int,
                             dtype: torch.dtype = torch.bfloat16) -> bool:
-    """The rule of neural_memory_chunked_supported (chunked.cu); a GPU test checks they agree.
-    fp32 inputs: depth 1 with chunk <= 64 (the depth-1 fp32 kernel). Whether the
-    shared-memory plan fits the GPU is checked apart."""
+    """The rule of neural_memory_chunked_supported (chunked.cu) for a call's chunk; a GPU test
+    checks they agree. fp32 inputs: depth 1 (the depth-1 fp32 kernel; chunk 128 as sub-chunks,
+    fwd_chunking). Whether the shared-memory plan fits the GPU is checked apart."""
     hb = CHUNKED_HIDDEN_BLOCK
-    if dtype == torch.float32 and (depth != 1 or chunk > 64):
+    if dtype == torch.float32 and depth != 1:
         return False
     return (dtype in KERNEL_DTYPES and dim in CHUNKED_DIMS and chunk in CHUNKED_CHUNKS and
             (depth == 1 or (depth == 2 and hb <= hidden <= 512 and hidden % hb == 0)))
@@ -114,16 +114,20 @@ def _takes_fwd1(dim: int, depth: int, chunk: int, dtype: torch.dtype) -> bool:
     return depth == 1 and chunk <= 64 and (dtype == torch.float32 or (dim == 128 and chunk == 64))
 
 
-def fwd_chunking(dim: int, depth: int, chunk: int) -> Tuple[int, int]:
-    """(the chunked forward's chunk, sub-chunks R per call chunk): chunk 128 runs as 2
-    sub-chunks of 64 at depth 2 and D = 64 or 128, and as 4 of 32 at depth 1 and D = 128, whose
-    chunk-128 plans do not fit a block (params.h, sub; every sub-chunk takes its gradient at its
-    call chunk's start weights); else (chunk, 1). A depth-1 forward that keeps checkpoints for
-    the fused backward runs that backward's sub-chunks instead (_ckpt_chunking)."""
+def fwd_chunking(dim: int, depth: int, chunk: int,
+                 dtype: torch.dtype = torch.bfloat16) -> Tuple[int, int]:
+    """(the chunked forward's chunk, sub-chunks R per call chunk): chunk 128 runs as sub-chunks
+    where no kernel of the call's chunk fits a block (params.h, sub; every sub-chunk takes its
+    gradient at its call chunk's start weights): at depth 2 as 2 x 64 at D = 64 or 128, at
+    depth 1 as 4 x 32 at D = 128 and, for fp32 inputs (the depth-1 fp32 kernel's chunks go to
+    64), as 2 x 64 at D <= 64; else (chunk, 1). A depth-1 forward that keeps checkpoints for
+    the fused backward walks that backward's sub-chunks instead (_ckpt_chunking)."""
     if depth == 2 and chunk == 128 and dim in (64, 128):
         return 64, 2
     if depth == 1 and chunk == 128 and dim == 128:
         return 32, 4
+    if depth == 1 and chunk == 128 and dtype == torch.float32:
+        return 64, 2
     return chunk, 1
 
 
@@ -173,13 +177,13 @@ def chunked_reason(q: Tensor, weights, chunk_size: int, cu_seqlens,
     if not chunked_shape_supported(D, hidden, depth, chunk_size, q.dtype):
         return (f"no chunked kernel for D={D}, hidden={hidden}, depth={depth}, "
                 f"chunk_size={chunk_size}, {q.dtype} (supported: D in {CHUNKED_DIMS}, "
-                f"chunk_size in {CHUNKED_CHUNKS} (fp32: up to 64), depth 1, or depth 2 with "
+                f"chunk_size in {CHUNKED_CHUNKS}, depth 1 (fp32 too), or depth 2 with "
                 f"hidden a multiple of {CHUNKED_HIDDEN_BLOCK} up to 512)")
-    if D > 64 and _takes_fwd1(D, depth, chunk_size, q.dtype) and _lacks_clusters(q.device):
+    kchunk = fwd_chunking(D, depth, int(chunk_size), q.dtype)[0]
+    if D > 64 and _takes_fwd1(D, depth, kchunk, q.dtype) and _lacks_clusters(q.device):
         return (f"the chunked kernel for D={D} at depth 1 with {q.dtype}, chunk_size="
                 f"{chunk_size} runs as a thread-block cluster (sm_90+)")
-    smem, limit = _smem("forward", D, hidden, depth, fwd_chunking(D, depth, chunk_size)[0],
-                        q.device, q.dtype)
+    smem, limit = _smem("forward", D, hidden, depth, kchunk, q.device, q.dtype)
     if smem > limit:
         return (f"the chunked kernel for D={D}, depth={depth}, chunk_size={chunk_size} needs "
                 f"{smem // 1024} KiB of shared memory per block and this GPU allows "
@@ -203,19 +207,17 @@ def chunked_bwd_shape_supported(dim: int, hidden: int, depth: int, chunk: int,
              (depth == 2 and hb <= hidden <= 512 and hidden % hb == 0)))
 
 
-def bwd_chunking(dim: int, depth: int, chunk: int,
-                 dtype: torch.dtype = torch.bfloat16) -> Tuple[int, int]:
+def bwd_chunking(dim: int, depth: int, chunk: int) -> Tuple[int, int]:
     """(the fused backward's chunk, sub-chunks R per call chunk): a call chunk whose backward
     has no instance (shared memory: chunk 128 at D <= 64, chunks 64 and 128 at D = 128) runs
-    as R sub-chunks of chunk / R tokens (either read; at depth 1 bf16 / fp16 inputs only, whose
-    forward can walk the same sub-chunks), each taking its gradient at, and for read "chunk"
-    reading through, the weights of its call chunk's start (chunked_bwd.h, sub); else
-    (chunk, 1)."""
-    if depth == 2 or (depth == 1 and dtype != torch.float32):
-        if dim <= 64 and chunk == 128:
-            return 64, 2
-        if dim == 128 and chunk in (64, 128):
-            return 32, chunk // 32
+    as R sub-chunks of chunk / R tokens (either read, both depths, every input dtype), each
+    taking its gradient at, and for read "chunk" reading through, the weights of its call
+    chunk's start (chunked_bwd.h, sub); else (chunk, 1)."""
+    del depth  # (the same rule at both depths)
+    if dim <= 64 and chunk == 128:
+        return 64, 2
+    if dim == 128 and chunk in (64, 128):
+        return 32, chunk // 32
     return chunk, 1
 
 
@@ -223,7 +225,7 @@ def _ckpt_chunking(dim: int, depth: int, chunk: int, dtype: torch.dtype) -> Tupl
     """(the chunk, sub-chunks R) of a chunked forward that keeps checkpoints for the fused
     backward: at depth 1 that backward's (it reads every one of its chunks' start states, so
     the forward walks the same sub-chunks), else fwd_chunking's."""
-    return bwd_chunking(dim, 1, chunk, dtype) if depth == 1 else fwd_chunking(dim, depth, chunk)
+    return bwd_chunking(dim, 1, chunk) if depth == 1 else fwd_chunking(dim, depth, chunk, dtype)
 
 
 def chunked_bwd_reason(q: Tensor, weights, chunk_size: int, cu_seqlens, initial_state,
@@ -235,14 +237,13 @@ def chunked_bwd_reason(q: Tensor, weights, chunk_size: int, cu_seqlens, initial_
     if reason is not None:
         return reason
     D, depth, hidden = q.shape[-1], len(weights), weights[0].shape[-1]
-    kernel_chunk, _ = bwd_chunking(D, depth, int(chunk_size), q.dtype)
+    kernel_chunk, _ = bwd_chunking(D, depth, int(chunk_size))
     if not chunked_bwd_shape_supported(D, hidden, depth, kernel_chunk, read):
         return (f"no fused backward for D={D}, hidden={hidden}, depth={depth}, "
                 f"chunk_size={chunk_size}, {q.dtype}, read={read!r} in this version "
                 f"(supported: D 32 or 64 with chunk_size 16, 32 or 64, D 128 with chunk_size 16 "
                 f"or 32; depth 1, or depth 2 with hidden a multiple of {CHUNKED_HIDDEN_BLOCK} "
-                f"up to 512; chunk_size 128, and 64 and 128 at D 128, as sub-chunks except for "
-                f"fp32 inputs)")
+                f"up to 512; chunk_size 128, and 64 and 128 at D 128, as sub-chunks)")
     if depth == 1 and D > 64 and _lacks_clusters(q.device):
         return (f"the fused backward at depth 1 and D={D} runs as a thread-block cluster "
                 f"(sm_90+)")
@@ -385,7 +386,7 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
     # depth 1 with checkpoints, the backward's: _ckpt_chunking)
     kchunk, sub = (0, 1) if kernel != "chunked" else (
         _ckpt_chunking(D, depth, int(chunk_size), q.dtype) if checkpoint_every > 0
-        else fwd_chunking(D, depth, int(chunk_size)))
+        else fwd_chunking(D, depth, int(chunk_size), q.dtype))
     if sub > 1:
         args.update(chunk=kchunk, sub=sub)
     if run_forward and kernel == "chunked" and depth == 2 and (split < 0 or (
@@ -411,7 +412,8 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
                           for _ in range(2)]  # z2, fk
                 args.update(read_z2=ckpts[-2].data_ptr(), keys_fk=ckpts[-1].data_ptr())
         # (depth 1: every sub-chunk's start state; depth 2: every K-th call chunk's)
-        args.update(ckpt_every=max(K, 0) * (1 if depth == 1 else sub), ckpt_w=[t.data_ptr() for t in ckpts[:depth]],
+        args.update(ckpt_every=max(K, 0) * (1 if depth == 1 else sub),
+                    ckpt_w=[t.data_ptr() for t in ckpts[:depth]],
                     ckpt_s=[t.data_ptr() for t in ckpts[depth:2 * depth]])
         if not ckpts:
             args.update(ckpt_w=[0] * depth, ckpt_s=[0] * depth)
@@ -613,7 +615,7 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
     # the LayerNorm parameters' gradient partials per (sequence, head, row of a chunk)
     n_ln = 0 if ln_weight is None else 1 if ln_bias is None else 2
     # the kernel's chunk: sub-chunks of the call's where it has no instance of its own
-    Ck, R = bwd_chunking(D, L, C, q.dtype)
+    Ck, R = bwd_chunking(D, L, C)
     dln = torch.zeros(n_ln, N, H, Ck, D, dtype=torch.float32, device=dev) if n_ln else None
     dln_w = dln[0] if n_ln else None
     dln_b = dln[1] if n_ln == 2 else None
