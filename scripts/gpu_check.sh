@@ -98,10 +98,11 @@ if [ -z "${SKIP_SANITIZER:-}" ] && [ "$SANITIZER" != racecheck ]; then
     -p no:cacheprovider -k "writes_every or strided or side_stream or every_cluster_split and fresh or one_block_per_cta" \
     >"$OUT/sanitizer.log" 2>&1
   rc=$?
-  # the depth-1 fp32 forward (and backward): one CTA's and a cluster's instances, a state, varlen
+  # the depth-1 fp32 forward (and backward): one CTA's and a cluster's instances, a state, varlen,
+  # chunk 128 as sub-chunks with an open chunk
   compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked.py \
     -q -p no:cacheprovider \
-    -k "fp32_depth1 and (D128-h128-L1-C16-float32-gelu-res-lnb-open or D32-h32-L1-C64-float32-silu-res-noln-varlen)" \
+    -k "fp32_depth1 and (D128-h128-L1-C16-float32-gelu-res-lnb-open or D32-h32-L1-C64-float32-silu-res-noln-varlen or D64-h64-L1-C128-float32-gelu-res-lnb-open)" \
     >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   # the fused backward: every checkpoint interval on fresh calls (clusters at the launcher's
@@ -114,10 +115,11 @@ if [ -z "${SKIP_SANITIZER:-}" ] && [ "$SANITIZER" != racecheck ]; then
     >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   # the depth-1 backward: both reads at D 32 / C 16 (fp16) and D 64 / C 64 with a state; its
-  # clusters of 2 and 4 (DSMEM exchanges); D 128 (clusters of 4) with a state and varlen
+  # clusters of 2 and 4 (DSMEM exchanges); D 128 (clusters of 4) with a state and varlen;
+  # sub-chunks (chunk 128 at D 64 with a state; D 128, fp32, read "chunk")
   compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked_bwd1.py \
     -q -p no:cacheprovider \
-    -k "matches and (D32-C16-float16 or D64-C64-bfloat16-token-open or D128-C16-bfloat16-chunk-open or D128-C32-bfloat16-chunk-varlen) or forced_splits and not 1] and not long" \
+    -k "matches and (D32-C16-float16 or D64-C64-bfloat16-token-open or D128-C16-bfloat16-chunk-open or D128-C32-bfloat16-chunk-varlen) or forced_splits and not 1] and not long or backward_sub_chunks and (D64-C128-bfloat16-token-open or D128-C128-float32-chunk-open)" \
     >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   status[memcheck]="$(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tr '\n' ' ')rc=$rc; $(grep -E 'passed|failed' "$OUT/sanitizer.log" | tail -2 | tr '\n' ' ')"
@@ -132,7 +134,7 @@ if [ -z "${SKIP_SANITIZER:-}" ] && [ "$SANITIZER" != memcheck ]; then
     -p no:cacheprovider -k "writes_every" >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   compute-sanitizer --tool racecheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked.py -q \
-    -p no:cacheprovider -k "writes_every or fp32_depth1 and (D64-h64-L1-C32-float32-silu-nores-noln-fresh or D128-h128-L1-C64-float32-gelu-res-lnb-open) or matches_reference and (D64-h64-L2-C128-float16-gelu-res-lnb-varlen or D128-h128-L2-C128-bfloat16-gelu-nores-ln-open)" \
+    -p no:cacheprovider -k "writes_every or fp32_depth1 and (D64-h64-L1-C32-float32-silu-nores-noln-fresh or D128-h128-L1-C64-float32-gelu-res-lnb-open or D128-h128-L1-C128-float32-gelu-res-lnb-open) or matches_reference and (D64-h64-L2-C128-float16-gelu-res-lnb-varlen or D128-h128-L2-C128-bfloat16-gelu-nores-ln-open)" \
     >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   compute-sanitizer --tool racecheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked_bwd.py \
