@@ -452,12 +452,16 @@ def test_fused_backward_reasons():
     assert nm_ops.chunked_bwd_reason(q, w1, 64, None, None, "token") is None
     assert nm_ops.chunked_bwd_reason(q, w1, 16, None, None, "chunk") is None
     w1_128 = make_weights(2, 128, 128, 1, dtype=torch.float32, device=DEV)
-    assert "D=128" in nm_ops.chunked_bwd_reason(q128, w1_128, 64, None, None, "token")
-    if torch.cuda.get_device_capability()[0] >= 9:  # depth 1 at D = 128: clusters of 4
-        assert nm_ops.chunked_bwd_reason(q128, w1_128, 32, None, None, "token") is None
-        assert nm_ops.chunked_bwd_reason(q128, w1_128, 16, None, None, "chunk") is None
-    else:
-        assert "cluster" in nm_ops.chunked_bwd_reason(q128, w1_128, 32, None, None, "token")
+    # depth 1 at D = 128: clusters of 4; chunks 64 and 128 as sub-chunks of 32
+    for c, read in ((16, "chunk"), (32, "token"), (64, "token"), (128, "chunk")):
+        reason = nm_ops.chunked_bwd_reason(q128, w1_128, c, None, None, read)
+        if torch.cuda.get_device_capability()[0] >= 9:
+            assert reason is None, (c, reason)
+        else:
+            assert "cluster" in reason, (c, reason)
+    # depth 1 chunk 128 at D 64 as sub-chunks of 64, fp32 inputs too
+    assert nm_ops.chunked_bwd_reason(q, w1, 128, None, None, "token") is None
+    assert nm_ops.chunked_bwd_reason(q.float(), w1, 128, None, None, "chunk") is None
 
 
 # read "chunk" (SPEC §3, o_t = M_{W_c}(q_t)): the same kernel with the read's row scales (1, 0)
