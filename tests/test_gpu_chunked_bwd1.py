@@ -85,17 +85,19 @@ def test_depth1_backward_partial_cotangents(kind, cot_states):
     _check((64, 32, torch.bfloat16, "token", kind, HEADS[1], False), cot_states=cot_states)
 
 
-def test_depth1_backward_is_taken_and_deterministic(monkeypatch):
+@pytest.mark.parametrize("case", [(64, 64, torch.bfloat16, "token", "open", HEADS[1], True),
+                                  (64, 128, torch.bfloat16, "chunk", "open", HEADS[1], True)],
+                         ids=["C64", "C128-sub-chunks"])
+def test_depth1_backward_is_taken_and_deterministic(case, monkeypatch):
     """The kernel runs (the reference's VJP is never called), the forward kept every chunk's
-    start state and no z2 / fk, and two runs agree bit for bit."""
+    start state and no z2 / fk, and two runs agree bit for bit (also over sub-chunks)."""
     needs_kernels()
-    case = (64, 64, torch.bfloat16, "token", "open", HEADS[1], True)
     args, weights, st, mem, cu = _case1(case)
 
     def boom(*a, **k):
         raise AssertionError("the reference's VJP ran")
     monkeypatch.setattr(nm_ops, "_reference_grads", boom)
-    assert nm_ops._kept_every(args[0], weights, 64, cu, st, "token", 4) == 1
+    assert nm_ops._kept_every(args[0], weights, case[1], cu, st, case[3], 4) == 1
     g1 = _grads(args, weights, st, mem, cu, "cuda")
     g2 = _grads(args, weights, st, mem, cu, "cuda")
     for a, b in zip(g1, g2):
@@ -111,23 +113,33 @@ def test_depth1_backward_cuda_graph_capture_and_replay():
     check_graph_replay(_case1, (64, 32, torch.float16, "token", "fresh", HEADS[1], False))
 
 
-def test_depth1_opcheck_chunked_op_keeping_checkpoints():
-    """The chunked op at depth 1 with checkpoints kept: every chunk's state (K = 1) and empty
+@pytest.mark.parametrize("C", (32, 128))
+def test_depth1_opcheck_chunked_op_keeping_checkpoints(C):
+    """The chunked op at depth 1 with checkpoints kept: every chunk's state (K = 1; at chunk 128
+    every sub-chunk's of 64, sub-chunk 2's the state after the first call chunk) and empty
     z2 / fk outputs, in the real and the fake implementation (opcheck), autograd through the
     depth-1 backward on them."""
     needs_kernels()
-    args, weights, _, mem, cu = _case1((64, 32, torch.bfloat16, "token", "fresh", HEADS[1],
+    args, weights, _, mem, cu = _case1((64, C, torch.bfloat16, "token", "fresh", HEADS[1],
                                         False))
     leaves = [t.detach().clone().requires_grad_(True) if t.is_floating_point() else t
               for t in args]
-    op_args = (*leaves, list(weights), mem["ln_weight"], mem["ln_bias"], [], [], [], None, 32,
+    op_args = (*leaves, list(weights), mem["ln_weight"], mem["ln_bias"], [], [], [], None, C,
                mem["activation"], mem["residual"], 1e-6, "token", cu,
                nm_ops.FUSED_BWD_CHECKPOINT_EVERY)
     outs = nm_ops.chunked_op(*op_args)
     ckpts = outs[4:]
     assert ckpts[0].numel() > 0 and ckpts[1].numel() > 0  # W, S at every chunk start
-    assert ckpts[0].shape[0] == -(-args[0].shape[1] // 32)
+    # (every slot written: opcheck compares them)
+    assert ckpts[0].shape[0] == -(-args[0].shape[1] // min(C, 64))
     assert ckpts[2].numel() == 0 and ckpts[3].numel() == 0  # no z2, fk at depth 1
+    if C == 128:  # sub-chunk 2 is call chunk 1's start: the state after the first 128 tokens
+        with torch.no_grad():
+            _, st1 = neural_memory(*(t[:, :128] for t in args), weights, output_final_state=True,
+                                   backend="cuda", **mem)
+        # (one call chunk natively against two sub-chunks: the same math, other rounding)
+        torch.testing.assert_close(ckpts[0][2], st1.weights[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ckpts[1][2], st1.momentum[0], rtol=1e-4, atol=1e-5)
     torch.library.opcheck(nm_ops.chunked_op, op_args)
 
 
@@ -267,7 +279,6 @@ def test_depth1_backward_sub_chunks_offsets_splits(dc, split, read, monkeypatch)
     args, weights, _, mem, cu = _case1((d, c, torch.bfloat16, read, "fresh", HEADS[1], False))
     N = args[0].shape[0]
     st = _random_state(N, 2, weights, c)
-    g64, g32 = {}, {}
     for offs in ([c - 3, c // 2 + 1], [1, 0]):
         s = MemoryState(st.weights, st.momentum, st.chunk_weights,
                         torch.tensor(offs[:N], device=DEV))
@@ -278,34 +289,3 @@ def test_depth1_backward_sub_chunks_offsets_splits(dc, split, read, monkeypatch)
             g = _grads(args, weights, s, mem, cu, "cuda")
         _assert_grads(g, g64, g32, args[0].dtype, f" (D {d}, C {c}, offsets {offs}, split {split})")
 
-
-def test_depth1_sub_chunk_checkpoints_and_determinism():
-    """The chunked op keeping checkpoints at depth 1, chunk 128 (D 64: two sub-chunks of 64)
-    holds every sub-chunk's start state, sub-chunk 2's equal to the state after the first call
-    chunk; opcheck on it; and two backward runs agree bit for bit."""
-    needs_kernels()
-    case = (64, 128, torch.bfloat16, "token", "fresh", HEADS[1], False)
-    args, weights, _, mem, cu = _case1(case)
-    leaves = [t.detach().clone().requires_grad_(True) if t.is_floating_point() else t
-              for t in args]
-    op_args = (*leaves, list(weights), mem["ln_weight"], mem["ln_bias"], [], [], [], None, 128,
-               mem["activation"], mem["residual"], 1e-6, "token", cu,
-               nm_ops.FUSED_BWD_CHECKPOINT_EVERY)
-    outs = nm_ops.chunked_op(*op_args)
-    ckpts = outs[4:]
-    T = args[0].shape[1]
-    assert ckpts[0].shape[0] == -(-T // 64)  # every slot written (opcheck compares them)
-    # sub-chunk 2 is call chunk 1's start: the state after the first 128 tokens
-    head = [t[:, :128] for t in args]
-    with torch.no_grad():
-        _, st1 = neural_memory(*head, weights, output_final_state=True, backend="cuda", **mem)
-    # (one call chunk natively against two sub-chunks: the same math, other rounding)
-    torch.testing.assert_close(ckpts[0][2], st1.weights[0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ckpts[1][2], st1.momentum[0], rtol=1e-4, atol=1e-5)
-    torch.library.opcheck(nm_ops.chunked_op, op_args)
-    g1 = _grads(args, weights, None, mem, cu, "cuda")
-    g2 = _grads(args, weights, None, mem, cu, "cuda")
-    for a, b in zip(g1, g2):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert torch.isfinite(a).all() and torch.equal(a, b)
