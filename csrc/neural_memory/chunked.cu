@@ -19,8 +19,9 @@ cudaError_t by_dim(const NeuralMemoryParams& p, cudaStream_t stream) {
 
 // Which forward runs a supported call: the depth-1 fp32 kernel (chunked_fwd1_kernel.cuh) for
 // fp32 inputs and for D = 128 with chunk 64 (the split-bf16 plan does not fit a block), chunks
-// up to 64; also for D = 128 at small batches (chunked_fwd1::f1_preferred); the split-bf16
-// kernel otherwise.
+// up to 64 (`chunk` is the kernel's: a sub-chunk where the call's runs as several, params.h
+// sub); also for D = 128 at small batches (chunked_fwd1::f1_preferred); the split-bf16 kernel
+// otherwise.
 bool takes_fwd1(int dim, int depth, int chunk, int dtype) {
   return depth == 1 && chunk <= 64 && (dtype == 2 || (dim == 128 && chunk == 64));
 }

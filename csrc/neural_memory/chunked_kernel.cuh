@@ -1238,8 +1238,9 @@ cudaError_t by_chunk(const NeuralMemoryParams& p, cudaStream_t stream) {
   };
   // sub-chunks (params.h): at depth 2 chunk 128 as 2 x 64 at D = 64 and 128, where its own plan
   // does not fit a block (D = 32's does); at depth 1 the call chunks whose backward has no
-  // instance (chunk 128 as 2 x 64 at D <= 64, chunks 64 / 128 as 32s at D = 128), for a
-  // forward that keeps every sub-chunk's start state for that backward (chunked_bwd1_kernel.cuh)
+  // instance (chunk 128 as 2 x 64 at D <= 64, chunks 64 / 128 as 32s at D = 128) in a forward
+  // that keeps every sub-chunk's start state for that backward (chunked_bwd1_kernel.cuh), and
+  // chunk 128 at D = 128 in any forward (its own plan does not fit)
   if (p.sub > 1) {
     bool cw_ok = true;
     for (int l = 0; l < p.depth; ++l) cw_ok = cw_ok && p.cw_out[l] != nullptr;

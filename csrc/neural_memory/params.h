@@ -59,10 +59,11 @@ struct NeuralMemoryParams {
   // chunked: sub-chunks. sub = R > 1 walks each chunk of the call as R chunks of `chunk` = C / R
   // tokens where the call's chunk C has no kernel instance that fits (shared memory). Depth 2:
   // chunk 128 at D = 64 and 128 in both, at D = 32 in the backward; D = 128 with chunk 64 in the
-  // backward. Depth 1 (bf16 / fp16), in the backward and in the forward that keeps its
-  // checkpoints (every sub-chunk's start state): chunk 128 at D <= 64 as 2 x 64, chunks 64 and
-  // 128 at D = 128 as 32s. Every sub-chunk takes its gradient at the weights of its call
-  // chunk's start (SPEC §2 for C).
+  // backward. Depth 1, in the backward and in the forward that keeps its checkpoints (every
+  // sub-chunk's start state): chunk 128 at D <= 64 as 2 x 64, chunks 64 and 128 at D = 128 as
+  // 32s; in every forward chunk 128 at D = 128 and for fp32 inputs (the fp32 kernel's chunks go
+  // to 64). Every sub-chunk takes its gradient at the weights of its call chunk's start (SPEC §2
+  // for C).
   // `offset` stays in the call's chunks (0 <= offset < C; sub-chunks before the first token
   // have no tokens and pass the state through). The forward keeps a call chunk's start
   // weights in cw_out while its later sub-chunks read them. 1 (or 0): no sub-chunks.
