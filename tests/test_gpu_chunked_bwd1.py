@@ -1,9 +1,10 @@
 """The depth-1 fused backward (csrc/neural_memory/chunked_bwd1_kernel.cuh) against the float64
-reference: every (D, chunk) instance (D = 128 as clusters of 4), both dtypes, both reads, the four output heads, fresh
-calls (T % C > 0), initial states with open chunks (offsets 0 and C - 1), cu_seqlens with
-lengths that are not multiples of C and an empty sequence, a 10-chunk call, cotangents on o
-only or on parts of the state; that the kernel runs (not the reference's VJP), that it is
-deterministic, and that a CUDA graph replays it."""
+reference: every (D, chunk) instance (D = 128 as clusters of 4), both dtypes, both reads, the
+four output heads, fresh calls (T % C > 0), initial states with open chunks (offsets 0 and
+C - 1), cu_seqlens with lengths that are not multiples of C and an empty sequence, a 10-chunk
+call, cotangents on o only or on parts of the state; the call chunks walked as sub-chunks
+(chunk 128, and 64 / 128 at D = 128), with offsets past a sub-chunk; that the kernel runs (not
+the reference's VJP), that it is deterministic, and that a CUDA graph replays it."""
 import itertools
 
 import pytest
