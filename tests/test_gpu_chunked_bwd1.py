@@ -15,8 +15,8 @@ from test_gpu_chunked_bwd import (HEADS, _assert_grads, _grads, call_rows,
                                   check_compiled_equals_eager, check_direct_equals_ops,
                                   check_graph_replay)
 from test_gpu_decode import _random_state
-from titans_cuda.ops.neural_memory import ops as nm_ops
 from titans_cuda import MemoryState, neural_memory
+from titans_cuda.ops.neural_memory import ops as nm_ops
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -288,5 +288,5 @@ def test_depth1_backward_sub_chunks_offsets_splits(dc, split, read, monkeypatch)
         with monkeypatch.context() as m:
             m.setattr(nm_ops, "FUSED_BWD_SPLIT", split)
             g = _grads(args, weights, s, mem, cu, "cuda")
-        _assert_grads(g, g64, g32, args[0].dtype, f" (D {d}, C {c}, offsets {offs}, split {split})")
-
+        _assert_grads(g, g64, g32, args[0].dtype,
+                      f" (D {d}, C {c}, offsets {offs}, split {split})")
