@@ -1246,7 +1246,7 @@ cudaError_t by_chunk(const NeuralMemoryParams& p, cudaStream_t stream) {
     for (int l = 0; l < p.depth; ++l) cw_ok = cw_ok && p.cw_out[l] != nullptr;
     if (p.sub > 8 || !cw_ok) return cudaErrorInvalidValue;
     if (p.depth == 1) {
-      constexpr int kC1 = bwd_sub_chunk(D);
+      constexpr int kC1 = D == 128 ? 32 : 64;
       if (p.chunk != kC1) return cudaErrorInvalidValue;
       return launch<TIn, D, kC1, 1, true>(p, stream);
     }

@@ -9,10 +9,6 @@ namespace titans {
 
 constexpr int kNeuralMemoryMaxLayers = 2;
 
-// The sub-chunk (NeuralMemoryParams::sub) of the fused backward at both depths and of a depth-1
-// forward that keeps its checkpoints: 32 tokens at D = 128, else 64 (ops.py bwd_chunking).
-constexpr int bwd_sub_chunk(int dim) { return dim == 128 ? 32 : 64; }
-
 struct NeuralMemoryParams {
   // q, k, v [B, T, H, D] in the input dtype, feature axis contiguous. Sequence n's token t is at
   // n * n_stride + (start_n + t) * t_stride + h * h_stride, with start_n = cu_seqlens[n] when
