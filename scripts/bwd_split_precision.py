@@ -59,10 +59,17 @@ def _tf32(x):
     return ((i + 0x1000) & ~0x1FFF).view(torch.float32).to(torch.float64)
 
 
+def _fp16(x):
+    """x rounded to fp16 (to nearest; overflow to inf, gradual underflow), as cvt.rn.f16."""
+    return x.to(torch.float32).to(torch.float16).to(torch.float64)
+
+
 def _mm(mode):
     def mm(a, b):
         if mode == "tf32":  # one TF32 product (mma .tf32), fp32 accumulation
             return _matmul(_tf32(a), _tf32(b)).to(torch.float32).to(torch.float64)
+        if mode == "fp16":  # one fp16 product (mma .f16, one plane each), fp32 accumulation
+            return _matmul(_fp16(a), _fp16(b)).to(torch.float32).to(torch.float64)
         (ah, al), (bh, bl) = _planes(a), _planes(b)
         if mode == "2 planes":
             acc = _matmul(ah, bh) + _matmul(ah, bl) + _matmul(al, bh)
@@ -148,11 +155,12 @@ def _grads(args, weights, kw, dtype, bwd_mode=None, bwd_mm=None, fwd_mode="2 pla
 
 
 TF32 = ("2 planes", "tf32 adjoints", "tf32 everywhere")
+FP16 = ("2 planes", "fp16 adjoints", "fp16 everywhere")
 
 
-def main(draws=6, groups=False, tf32=False):
+def main(draws=6, groups=False, tf32=False, fp16=False):
     B, T, H, D, hidden, C = 2, 2 * 64 + 5, 2, 64, 256, 64
-    modes = (GROUPS if groups else TF32 if tf32 else
+    modes = (GROUPS if groups else TF32 if tf32 else FP16 if fp16 else
              ("2 planes", "A one plane", "B one plane", "one plane"))
     group_of = _group_lines()
     worst = {m: 0.0 for m in modes}  # max over draws and gradients of err / bound
@@ -178,9 +186,10 @@ def main(draws=6, groups=False, tf32=False):
         for m in modes:
             if groups:
                 g = _grads(args, weights, kw, torch.float64, bwd_mm=_mm_group(m, group_of))
-            elif m in TF32[1:]:
-                g = _grads(args, weights, kw, torch.float64, "tf32",
-                           fwd_mode="tf32" if m == "tf32 everywhere" else "2 planes")
+            elif m in TF32[1:] + FP16[1:]:
+                kind = m.split()[0]
+                g = _grads(args, weights, kw, torch.float64, kind,
+                           fwd_mode=kind if m.endswith("everywhere") else "2 planes")
             else:
                 g = _grads(args, weights, kw, torch.float64, m)
             errs = [rel_err(a, b) for a, b in zip(g, g64)]
@@ -193,6 +202,6 @@ def main(draws=6, groups=False, tf32=False):
 
 
 if __name__ == "__main__":
-    argv = [a for a in sys.argv[1:] if a not in ("--groups", "--tf32")]
+    argv = [a for a in sys.argv[1:] if a not in ("--groups", "--tf32", "--fp16")]
     main(int(argv[0]) if argv else 6, groups="--groups" in sys.argv[1:],
-         tf32="--tf32" in sys.argv[1:])
+         tf32="--tf32" in sys.argv[1:], fp16="--fp16" in sys.argv[1:])

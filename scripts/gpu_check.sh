@@ -95,7 +95,7 @@ if [ -z "${SKIP_SANITIZER:-}" ] && [ "$SANITIZER" != racecheck ]; then
   step "compute-sanitizer memcheck (kernel subset)"
   SUBSET="tests/test_gpu.py tests/test_gpu_mlp.py tests/test_gpu_decode.py tests/test_gpu_chunked.py"
   compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest $SUBSET -q \
-    -p no:cacheprovider -k "writes_every or strided or side_stream or every_cluster_split and fresh or one_block_per_cta" \
+    -p no:cacheprovider -k "writes_every or strided or side_stream or every_cluster_split and fresh or one_block_per_cta or rows_of_any_layout and (lnb-open-split0 or split-4 or D128-h256-L2-C32 or L1-C64)" \
     >"$OUT/sanitizer.log" 2>&1
   rc=$?
   # the depth-1 fp32 forward (and backward): one CTA's and a cluster's instances, a state, varlen,
@@ -134,7 +134,7 @@ if [ -z "${SKIP_SANITIZER:-}" ] && [ "$SANITIZER" != memcheck ]; then
     -p no:cacheprovider -k "writes_every" >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   compute-sanitizer --tool racecheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked.py -q \
-    -p no:cacheprovider -k "writes_every or fp32_depth1 and (D64-h64-L1-C32-float32-silu-nores-noln-fresh or D128-h128-L1-C64-float32-gelu-res-lnb-open or D128-h128-L1-C128-float32-gelu-res-lnb-open) or matches_reference and (D64-h64-L2-C128-float16-gelu-res-lnb-varlen or D128-h128-L2-C128-bfloat16-gelu-nores-ln-open)" \
+    -p no:cacheprovider -k "writes_every or rows_of_any_layout and (D64-h256-L2-C64-bfloat16-silu-res-lnb-open or L1-C64) or fp32_depth1 and (D64-h64-L1-C32-float32-silu-nores-noln-fresh or D128-h128-L1-C64-float32-gelu-res-lnb-open or D128-h128-L1-C128-float32-gelu-res-lnb-open) or matches_reference and (D64-h64-L2-C128-float16-gelu-res-lnb-varlen or D128-h128-L2-C128-bfloat16-gelu-nores-ln-open)" \
     >>"$OUT/sanitizer.log" 2>&1
   rc=$((rc | $?))
   compute-sanitizer --tool racecheck --error-exitcode 3 $PY -m pytest tests/test_gpu_chunked_bwd.py \

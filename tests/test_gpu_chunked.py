@@ -455,6 +455,65 @@ def test_chunked_checkpoints_are_the_chunk_start_states(kind, K):
     assert checked >= 4 * L
 
 
+ROWS_CASES = [  # (case, split)
+    ((64, 256, 2, 64, torch.bfloat16, "silu", True, True, "bias", "open"), 0),
+    ((64, 256, 2, 64, torch.bfloat16, "gelu", False, True, None, "varlen"), 3),
+    ((64, 256, 2, 64, torch.bfloat16, "silu", True, False, None, "chunk-read"), -4),
+    ((64, 128, 2, 64, torch.float16, "silu", True, True, "bias", "open"), 0),
+    ((32, 128, 2, 128, torch.bfloat16, "gelu", True, True, "bias", "varlen"), 0),
+    ((128, 256, 2, 32, torch.bfloat16, "silu", False, True, None, "open"), 0),
+    ((64, 64, 1, 64, torch.bfloat16, "gelu", True, True, "bias", "open"), 0),
+    ((32, 32, 1, 16, torch.bfloat16, "silu", False, False, None, "varlen"), 0),
+]
+
+
+@pytest.mark.parametrize("case, split", ROWS_CASES,
+                         ids=[f"{_id(c)}-split{s}" for c, s in ROWS_CASES])
+def test_chunked_rows_of_any_layout_give_the_same_bits(case, split, monkeypatch):
+    """The bf16 kernel copies the q, k rows into shared memory by 16-byte cp.async (zeros for
+    the slots outside a sequence: offsets, varlen), the fp16 kernel through the registers.
+    q, k whose rows are 16-byte aligned views (heads D + 8 elements apart) are read in place,
+    other layouts (D + 1 apart) are copied by ops._qkv: both give the contiguous inputs' bits
+    (o, the final state, the checkpoints' written slots, z2 and fk). A misaligned bf16 row that
+    reaches the launcher is refused, not read."""
+    needs_kernels()
+    args, weights, st, mem, cu = _case(case, H=3)
+    base = _op_args(args, weights, st, mem, None)[:-2]
+    L, C, K = len(weights), mem["chunk_size"], 2
+
+    def views(extra):
+        out = list(base)
+        for i in (0, 1):
+            t = args[i]
+            wide = torch.randn(*t.shape[:-1], t.shape[-1] + extra, device=DEV).to(t.dtype)
+            wide[..., :t.shape[-1]] = t
+            out[i] = wide[..., :t.shape[-1]]
+            assert torch.equal(out[i], t)
+        return out
+    aligned, odd = views(8), views(1)
+    assert nm_ops._qkv(aligned[0]).data_ptr() == aligned[0].data_ptr()
+    assert nm_ops._qkv(odd[0]).data_ptr() != odd[0].data_ptr()
+    run = lambda a: nm_ops._launch(*a, cu_seqlens=cu, split=split, kernel="chunked",  # noqa
+                                   checkpoint_every=K)
+    want = run(base)
+    N = args[0].shape[0] if cu is None else cu.numel() - 1
+    lengths = (cu.diff() if cu is not None else
+               torch.full((N,), args[0].shape[1], device=DEV)).cpu()
+    offsets = torch.zeros_like(lengths) if st is None else st.offset.cpu()
+    for got in (run(aligned), run(odd)):
+        assert len(got) == len(want)
+        for i in list(range(1 + 3 * L)) + list(range(1 + 5 * L, len(want))):
+            assert torch.equal(got[i], want[i]), i
+        for n in range(N):  # the checkpoints' written slots
+            n_chunks = -(-int(offsets[n] + lengths[n]) // C) if lengths[n] > 0 else 0
+            for i in range(1 + 3 * L, 1 + 5 * L):
+                assert torch.equal(got[i][:-(-n_chunks // K), n], want[i][:-(-n_chunks // K), n])
+    if args[0].dtype == torch.bfloat16:
+        monkeypatch.setattr(nm_ops, "_qkv", lambda t: t)
+        with pytest.raises(RuntimeError):
+            run(odd)
+
+
 def test_chunked_is_deterministic():
     needs_kernels()
     args, weights, st, mem, cu = _default_case(kind="varlen")

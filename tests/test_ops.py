@@ -593,20 +593,23 @@ def test_sub_chunks_where_a_call_chunk_has_no_plan_that_fits():
                                                                  chunk=kc, dtype=0) <= limit
 
 
-def test_qkv_rows_are_aligned_for_the_kernels_two_element_loads():
-    """_qkv (neural_memory's kernel path) keeps q / k / v whose rows start at even element
-    offsets and copies the others, so no kernel load is misaligned (SPEC §6: nothing may
-    crash); an odd-offset feature slice is copied, an even one and a transposed view are not."""
+def test_qkv_rows_are_16_byte_aligned_for_the_kernels():
+    """_qkv (neural_memory's kernel path) keeps q / k / v whose rows start 16-byte aligned and
+    copies the others, so no kernel load is misaligned (SPEC §6: nothing may crash; the bf16
+    chunked kernel copies rows by 16-byte cp.async): a feature slice at an even offset that is
+    not 16 bytes is copied, a 16-byte one and a transposed view are not."""
     from titans_cuda.ops.neural_memory.ops import _qkv
     for dtype in (torch.float32, torch.bfloat16):
-        wide = torch.randn(2, 10, 3, 66).to(dtype)
-        odd, even = wide[..., 1:65], wide[..., :64]
+        wide = torch.randn(2, 10, 3, 72).to(dtype)
+        step = 16 // wide.element_size()
+        odd, even = wide[..., 2:66], wide[..., step:step + 64]
+        assert wide.data_ptr() % 16 == 0
         assert _qkv(odd).data_ptr() != odd.data_ptr() and torch.equal(_qkv(odd), odd)
-        assert _qkv(odd).data_ptr() % (2 * odd.element_size()) == 0
+        assert _qkv(odd).data_ptr() % 16 == 0
         assert _qkv(even).data_ptr() == even.data_ptr()
         moved = torch.randn(2, 3, 10, 64).to(dtype).transpose(1, 2)
         assert _qkv(moved).data_ptr() == moved.data_ptr()
-        # heads 65 elements apart: every other head's row starts at an odd offset
-        odd_rows = torch.randn(2, 10, 195).to(dtype).as_strided((2, 10, 3, 64),
-                                                                (1950, 195, 65, 1))
+        # heads 66 elements apart: rows start at even offsets that are not all 16-byte aligned
+        odd_rows = torch.randn(2, 10, 198).to(dtype).as_strided((2, 10, 3, 64),
+                                                                (1980, 198, 66, 1))
         assert _qkv(odd_rows).is_contiguous() and torch.equal(_qkv(odd_rows), odd_rows)

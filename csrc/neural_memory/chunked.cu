@@ -98,6 +98,19 @@ cudaError_t neural_memory_chunked(const NeuralMemoryParams& p, cudaStream_t stre
       default: return chunked::fwd1_by_dtype<128>(p, stream);
     }
   }
+  // The bf16 kernel loads the q, k rows by cp.async (chunked_kernel.cuh, load_rows_async):
+  // every row 16-byte aligned (ops._qkv copies other layouts).
+  if (p.dtype == 0) {
+    auto aligned = [&](const void* x, int64_t n_stride, int64_t t_stride, int64_t h_stride) {
+      return reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+             (p.cu_seqlens != nullptr || p.n_seq == 1 || n_stride % 8 == 0) &&
+             (p.seqlen <= 1 || t_stride % 8 == 0) && (p.heads == 1 || h_stride % 8 == 0);
+    };
+    if (!aligned(p.q, p.q_n_stride, p.q_t_stride, p.q_h_stride) ||
+        !aligned(p.k, p.k_n_stride, p.k_t_stride, p.k_h_stride)) {
+      return cudaErrorInvalidValue;
+    }
+  }
   return p.dtype == 0 ? chunked::by_dim<__nv_bfloat16>(p, stream)
                       : chunked::by_dim<__half>(p, stream);
 }

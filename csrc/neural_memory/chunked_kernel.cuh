@@ -51,12 +51,14 @@
 // state is read with ld.global.cg (L2): the same CTA wrote it in the previous chunk.
 #pragma once
 
+#include <cstdint>
 #include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include "chunked.h"
+#include "../common/async_copy.cuh"
 #include "../common/cluster.cuh"
 #include "../common/cuda_check.h"
 #include "../common/launch.cuh"
@@ -340,15 +342,28 @@ __device__ __forceinline__ void stage(const Planes& dst, const float* src, int64
 }
 
 // dst[e] = src[e] (nullptr: zeros) for e in [0, count) with owned(e), fp32, float4 per thread;
-// count % 4 == 0 and owned is constant over each aligned group of 4.
+// count % 4 == 0 and owned is constant over each aligned group of 4. Four loads are issued
+// before their stores (the compiler cannot move a load past a store that may alias it: one
+// at a time, every float4 waited a memory latency; Nsight, B = 8: ~5% of the forward).
 template <int kThreads, typename Owned>
 __device__ __forceinline__ void copy_state(float* dst, const float* src, int64_t count,
                                            Owned owned) {
-  for (int64_t i = threadIdx.x; i < count / 4; i += kThreads) {
-    if (!owned(4 * i)) continue;
-    const float4 v = src != nullptr ? __ldcg(reinterpret_cast<const float4*>(src) + i)
-                                    : make_float4(0.f, 0.f, 0.f, 0.f);
-    reinterpret_cast<float4*>(dst)[i] = v;
+  constexpr int kGroup = 4;
+  const int64_t n4 = count / 4;
+  for (int64_t i0 = threadIdx.x; i0 < n4; i0 += kGroup * kThreads) {
+    float4 v[kGroup];
+#pragma unroll
+    for (int u = 0; u < kGroup; ++u) {
+      const int64_t i = i0 + int64_t(u) * kThreads;
+      v[u] = src != nullptr && i < n4 && owned(4 * i)
+                 ? __ldcg(reinterpret_cast<const float4*>(src) + i)
+                 : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int u = 0; u < kGroup; ++u) {
+      const int64_t i = i0 + int64_t(u) * kThreads;
+      if (i < n4 && owned(4 * i)) reinterpret_cast<float4*>(dst)[i] = v[u];
+    }
   }
 }
 
@@ -676,6 +691,27 @@ __device__ __forceinline__ void load_chunk(const Planes& s_q, const Planes& s_k,
   if (tid < C) load_gates(tid, p, row_base, h, t0, len, theta, a, eta, act);
 }
 
+// load_chunk's rows for bf16 inputs whose rows are 16-byte aligned: straight into the hi planes
+// by cp.async, every piece in flight at once (inactive slots: zeros), committed as one group.
+// bf16 inputs are exact in bf16, so the lo planes stay the zeros the kernel writes once.
+template <int D, int C, int kThreads>
+__device__ __forceinline__ void load_rows_async(const Planes& s_q, const Planes& s_k,
+                                                const bf16* gq, const bf16* gk, const Rows& rq,
+                                                const Rows& rk, int64_t t0, int64_t len) {
+  constexpr int kPieces = D / 8;  // 16-byte pieces per row
+  constexpr int kTotal = 2 * C * kPieces;
+  for (int i = threadIdx.x; i < kTotal; i += kThreads) {
+    const bool is_q = i < C * kPieces;
+    const int r = (i / kPieces) % C, c = (i % kPieces) * 8;
+    const int64_t t = t0 + r;
+    const bool on = t >= 0 && t < len;
+    const bf16* src = is_q ? gq + (on ? rq.at(t) : 0) + c : gk + (on ? rk.at(t) : 0) + c;
+    bf16* dst = (is_q ? s_q : s_k).p + r * s_q.ld + c;
+    cp_async16(dst, src, on);
+  }
+  cp_async_commit();
+}
+
 // The instances: kMode 0 one CTA per (sequence, head), 1 a cluster of split CTAs (sm_90+), 2
 // split ordinary CTAs of a cooperative launch exchanging through global memory (GlobalGroup).
 // The split-1 instance compiles the group code out (rank 0, split 1 as constants: the hot loop
@@ -795,6 +831,16 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
     return;
   }
 
+  // bf16: the chunk's q, k rows by cp.async (load_rows_async; the launcher checks that the
+  // rows are 16-byte aligned), over lo planes zeroed once here
+  constexpr bool rows_async = kX;
+  if constexpr (rows_async) {
+    for (int i = tid; i < lay.plane_q / 2; i += kThreads) {
+      reinterpret_cast<uint32_t*>(s_q.p + lay.plane_q)[i] = 0u;
+      reinterpret_cast<uint32_t*>(s_k.p + lay.plane_q)[i] = 0u;
+    }
+  }
+
   const Head<D> head{p.ln_weight != nullptr ? p.ln_weight + h * D : nullptr,
                      p.ln_weight != nullptr && p.ln_bias != nullptr ? p.ln_bias + h * D : nullptr,
                      p.ln_eps, p.residual, {1.f, 1.f}};
@@ -872,8 +918,14 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
 
     // ---- load: q, k rows and gates of the chunk's slots ----
     const int64_t t0 = int64_t(j) * C - off;  // token of slot 0
-    load_chunk<TIn, D, C, kThreads, 1>(s_q, s_k, gq, gk, rq, rk, p, row_base, h, t0, len,
-                                       s_theta, s_a, s_eta, s_act);
+    if constexpr (rows_async) {
+      load_rows_async<D, C, kThreads>(s_q, s_k, gq, gk, rq, rk, t0, len);
+      if (tid < C) load_gates(tid, p, row_base, h, t0, len, s_theta, s_a, s_eta, s_act);
+      cp_async_wait<0>();
+    } else {
+      load_chunk<TIn, D, C, kThreads, 1>(s_q, s_k, gq, gk, rq, rk, p, row_base, h, t0, len,
+                                         s_theta, s_a, s_eta, s_act);
+    }
     if (j + 1 < n_chunks) {  // the next chunk's rows into L2 while this one computes
       prefetch_chunk<TIn, D, C, kThreads>(gq, rq, gk, rk, gv, rv, nullptr, rv, p, row_base, h,
                                           t0 + C, len);

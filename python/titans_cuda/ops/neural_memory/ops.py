@@ -287,9 +287,11 @@ def _f32(t: Tensor) -> Tensor:
 
 def _qkv(t: Tensor) -> Tensor:
     """q, k or v as the kernels read it: the feature axis contiguous and every row's start
-    aligned for their two-element loads (an even element offset), else a contiguous copy."""
-    if t.stride(-1) == 1 and t.data_ptr() % (2 * t.element_size()) == 0 and \
-            all(s % 2 == 0 for d, s in zip(t.shape[:-1], t.stride()[:-1]) if d > 1):
+    16-byte aligned (the bf16 chunked kernel copies rows into shared memory by 16-byte
+    cp.async; the others load two elements at a time), else a contiguous copy."""
+    step = 16 // t.element_size()
+    if t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and \
+            all(s % step == 0 for d, s in zip(t.shape[:-1], t.stride()[:-1]) if d > 1):
         return t
     return t.clone(memory_format=torch.contiguous_format)
 
