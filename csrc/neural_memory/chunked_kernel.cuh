@@ -342,27 +342,35 @@ __device__ __forceinline__ void stage(const Planes& dst, const float* src, int64
 }
 
 // dst[e] = src[e] (nullptr: zeros) for e in [0, count) with owned(e), fp32, float4 per thread;
-// count % 4 == 0 and owned is constant over each aligned group of 4. Four loads are issued
+// count % 4 == 0 and owned is constant over each aligned group of 4. kGroup loads are issued
 // before their stores (the compiler cannot move a load past a store that may alias it: one
-// at a time, every float4 waited a memory latency; Nsight, B = 8: ~5% of the forward).
-template <int kThreads, typename Owned>
+// at a time, every float4 waits a memory latency; Nsight, B = 8: ~5% of the forward).
+template <int kThreads, int kGroup, typename Owned>
 __device__ __forceinline__ void copy_state(float* dst, const float* src, int64_t count,
                                            Owned owned) {
-  constexpr int kGroup = 4;
   const int64_t n4 = count / 4;
-  for (int64_t i0 = threadIdx.x; i0 < n4; i0 += kGroup * kThreads) {
-    float4 v[kGroup];
-#pragma unroll
-    for (int u = 0; u < kGroup; ++u) {
-      const int64_t i = i0 + int64_t(u) * kThreads;
-      v[u] = src != nullptr && i < n4 && owned(4 * i)
-                 ? __ldcg(reinterpret_cast<const float4*>(src) + i)
-                 : make_float4(0.f, 0.f, 0.f, 0.f);
+  if constexpr (kGroup == 1) {  // the loop as before the batches (D = 128's spills move with
+    for (int64_t i = threadIdx.x; i < n4; i += kThreads) {  // any change of it)
+      if (!owned(4 * i)) continue;
+      const float4 v = src != nullptr ? __ldcg(reinterpret_cast<const float4*>(src) + i)
+                                      : make_float4(0.f, 0.f, 0.f, 0.f);
+      reinterpret_cast<float4*>(dst)[i] = v;
     }
+  } else {
+    for (int64_t i0 = threadIdx.x; i0 < n4; i0 += kGroup * kThreads) {
+      float4 v[kGroup];
 #pragma unroll
-    for (int u = 0; u < kGroup; ++u) {
-      const int64_t i = i0 + int64_t(u) * kThreads;
-      if (i < n4 && owned(4 * i)) reinterpret_cast<float4*>(dst)[i] = v[u];
+      for (int u = 0; u < kGroup; ++u) {
+        const int64_t i = i0 + int64_t(u) * kThreads;
+        v[u] = src != nullptr && i < n4 && owned(4 * i)
+                   ? __ldcg(reinterpret_cast<const float4*>(src) + i)
+                   : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int u = 0; u < kGroup; ++u) {
+        const int64_t i = i0 + int64_t(u) * kThreads;
+        if (i < n4 && owned(4 * i)) reinterpret_cast<float4*>(dst)[i] = v[u];
+      }
     }
   }
 }
@@ -821,19 +829,27 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
     };
   };
 
+  // dst <- src over layer l's elements this CTA owns (copy_state: 4 loads in flight, 1 at
+  // D = 128; see rows_async below)
+  auto copy = [&](float* dst, const float* src, int l) {
+    copy_state<kThreads, D == 128 ? 1 : 4>(dst, src, size[l], owned(l));
+  };
+
   if (n_chunks == 0) {  // no tokens: the state passes through
 #pragma unroll
     for (int l = 0; l < kDepth; ++l) {
-      copy_state<kThreads>(w_dst[l], w_src[l], size[l], owned(l));
-      copy_state<kThreads>(s_dst[l], s_src[l], size[l], owned(l));
-      if (cw_dst[l] != nullptr) copy_state<kThreads>(cw_dst[l], cw_src[l], size[l], owned(l));
+      copy(w_dst[l], w_src[l], l);
+      copy(s_dst[l], s_src[l], l);
+      if (cw_dst[l] != nullptr) copy(cw_dst[l], cw_src[l], l);
     }
     return;
   }
 
-  // bf16: the chunk's q, k rows by cp.async (load_rows_async; the launcher checks that the
-  // rows are 16-byte aligned), over lo planes zeroed once here
-  constexpr bool rows_async = kX;
+  // bf16 at D <= 64: the chunk's q, k rows by cp.async (load_rows_async; the launcher checks
+  // that the rows are 16-byte aligned), over lo planes zeroed once here. At D = 128 (2-3 KB of
+  // spills per thread already) this, and copy_state's batches, raised the cluster instances'
+  // spills and cost 8% (H100, D 128, hidden 512, chunk 32, B 2): those keep the plain loads.
+  constexpr bool rows_async = kX && D <= 64;
   if constexpr (rows_async) {
     for (int i = tid; i < lay.plane_q / 2; i += kThreads) {
       reinterpret_cast<uint32_t*>(s_q.p + lay.plane_q)[i] = 0u;
@@ -896,8 +912,8 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
       const int64_t slot = (int64_t(j / p.ckpt_every) * p.n_seq + n) * p.heads + h;
 #pragma unroll
       for (int l = 0; l < kDepth; ++l) {
-        copy_state<kThreads>(p.ckpt_w[l] + slot * size[l], wsrc[l], size[l], owned(l));
-        copy_state<kThreads>(p.ckpt_s[l] + slot * size[l], ssrc[l], size[l], owned(l));
+        copy(p.ckpt_w[l] + slot * size[l], wsrc[l], l);
+        copy(p.ckpt_s[l] + slot * size[l], ssrc[l], l);
       }
     }
     // the open chunk's weights of the final state: this chunk's gradient weights
@@ -905,7 +921,7 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
 #pragma unroll
       for (int l = 0; l < kDepth; ++l)
         if (cw_dst[l] != nullptr && cw_dst[l] != gsrc[l])
-          copy_state<kThreads>(cw_dst[l], gsrc[l], size[l], owned(l));
+          copy(cw_dst[l], gsrc[l], l);
     }
     // a call chunk's first sub-chunk (past the call's first chunk): its start weights, which
     // its later sub-chunks take their gradients at, into cw_dst before the update runs in place
@@ -913,7 +929,7 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
     if (kSub && j >= R && j % R == 0 && j + 1 < n_chunks) {
 #pragma unroll
       for (int l = 0; l < kDepth; ++l)
-        copy_state<kThreads>(cw_dst[l], w_dst[l], size[l], owned(l));
+        copy(cw_dst[l], w_dst[l], l);
     }
 
     // ---- load: q, k rows and gates of the chunk's slots ----
@@ -1227,7 +1243,7 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
   if (final_off == 0) {  // no chunk left open: the chunk weights are the final weights
 #pragma unroll
     for (int l = 0; l < kDepth; ++l)
-      if (cw_dst[l] != nullptr) copy_state<kThreads>(cw_dst[l], w_dst[l], size[l], owned(l));
+      if (cw_dst[l] != nullptr) copy(cw_dst[l], w_dst[l], l);
   }
 }
 
