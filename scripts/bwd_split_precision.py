@@ -20,6 +20,13 @@ forward and the adjoints ("tf32 everywhere"), is one TF32 product (both operands
 10 mantissa bits, fp32 accumulation) instead of split bf16: no packing, two thirds of the mma
 work.
 
+With --fp16, every product of the adjoints ("fp16 adjoints"), or of the forward and the
+adjoints ("fp16 everywhere"), is one fp16 product (both operands rounded to fp16: 11
+significant bits, but overflow past 65504 and gradual underflow below 6.1e-5) with fp32
+accumulation: one mma and one conversion per operand instead of three and a split. Measured
+(2026-11-28, docs/perf_notes.md v29): out of SPEC (an overflow to inf in one draw's adjoint;
+1.7x the bound with the forward in fp16 too).
+
 With --groups, one plane (both operands') is applied to one group of the adjoint's products
 at a time, the others keeping two planes: the recompute of the chunk's keys and read (the
 kernel's block_errors and C1, and what its forward keeps: fk, z2), the state's cotangent
@@ -30,6 +37,7 @@ could take one plane.
     python scripts/bwd_split_precision.py [draws]
     python scripts/bwd_split_precision.py --groups [draws]
     python scripts/bwd_split_precision.py --tf32 [draws]
+    python scripts/bwd_split_precision.py --fp16 [draws]
 """
 from __future__ import annotations
 

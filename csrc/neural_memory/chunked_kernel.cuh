@@ -18,6 +18,7 @@
 // in blocks of 32 columns):
 //
 //   load     q, k rows of the chunk's slots -> shared (inactive slots: zero rows), gates
+//            (bf16 at D <= 64: the rows by cp.async, load_rows_async)
 //   gates    thread j runs column j of N and G down the chunk:
 //              N[j,j] = theta_j,  N[t,j] = eta_t N[t-1,j];  G[t,j] = a_t G[t-1,j] + act_t N[t,j]
 //            (a = 1 - alpha, act = slot is a token), and one thread m, beta, c (c_t = a_t
