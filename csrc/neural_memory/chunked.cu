@@ -98,8 +98,9 @@ cudaError_t neural_memory_chunked(const NeuralMemoryParams& p, cudaStream_t stre
       default: return chunked::fwd1_by_dtype<128>(p, stream);
     }
   }
-  // The bf16 kernel loads the q, k rows by cp.async (chunked_kernel.cuh, load_rows_async):
-  // every row 16-byte aligned (ops._qkv copies other layouts).
+  // The bf16 kernel loads the q, k rows by cp.async at D <= 64 (chunked_kernel.cuh,
+  // load_rows_async): every row 16-byte aligned. One rule for every bf16 call, D = 128 too
+  // (ops._qkv copies other layouts; the GPU tests expect the refusal at D = 128 as well).
   if (p.dtype == 0) {
     auto aligned = [&](const void* x, int64_t n_stride, int64_t t_stride, int64_t h_stride) {
       return reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
