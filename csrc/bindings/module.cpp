@@ -252,7 +252,7 @@ titans::NeuralMemoryParams neural_memory_params(const py::dict& a, const char* o
     p.s_out[l] = as_ptr<float>(std::uintptr_t(s_out[l]));
     p.cw_out[l] = as_ptr<float>(std::uintptr_t(cw_out[l]));
   }
-  p.offset = as_ptr<const int>(ptr("offset"));
+  p.offset = as_ptr<const int64_t>(ptr("offset"));
   p.ln_weight = as_ptr<const float>(ptr("ln_weight"));
   p.ln_bias = as_ptr<const float>(ptr("ln_bias"));
   p.ln_eps = arg<float>(a, "ln_eps");

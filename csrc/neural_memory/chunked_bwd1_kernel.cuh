@@ -480,7 +480,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd1_kernel(const NeuralMemoryBwd
   TIn* __restrict__ gdk = static_cast<TIn*>(bp.dk);
   TIn* __restrict__ gdv = static_cast<TIn*>(bp.dv);
 
-  const int off = p.offset != nullptr ? p.offset[n] : 0;
+  const int off = p.offset != nullptr ? int(p.offset[n]) : 0;
   const int n_chunks = len > 0 ? int((off + len + C - 1) / C) : 0;
   const int64_t size = int64_t(D) * D;
   const int64_t nh = int64_t(n) * p.heads + h;

@@ -611,7 +611,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
   TIn* __restrict__ gdk = static_cast<TIn*>(bp.dk);
   TIn* __restrict__ gdv = static_cast<TIn*>(bp.dv);
 
-  const int off = p.offset != nullptr ? p.offset[n] : 0;
+  const int off = p.offset != nullptr ? int(p.offset[n]) : 0;
   const int n_chunks = len > 0 ? int((off + len + C - 1) / C) : 0;
 
   const int64_t size[2] = {int64_t(D) * hidden, int64_t(hidden) * D};

@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd1_kernel(const NeuralMemoryPar
   const TIn* __restrict__ gv = static_cast<const TIn*>(p.v);
   TIn* __restrict__ go = static_cast<TIn*>(p.o);
 
-  const int off = p.offset != nullptr ? p.offset[n] : 0;
+  const int off = p.offset != nullptr ? int(p.offset[n]) : 0;
   const int n_chunks = len > 0 ? int((off + len + C - 1) / C) : 0;
   const int R = p.sub > 1 ? p.sub : 1;  // sub-chunks per call chunk (above)
   const int final_off = int((off + len) % (int64_t(C) * R));

@@ -799,7 +799,7 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
   const TIn* __restrict__ gv = static_cast<const TIn*>(p.v);
   TIn* __restrict__ go = static_cast<TIn*>(p.o);
 
-  const int off = p.offset != nullptr ? p.offset[n] : 0;
+  const int off = p.offset != nullptr ? int(p.offset[n]) : 0;
   const int n_chunks = len > 0 ? int((off + len + C - 1) / C) : 0;
   // sub-chunks (params.h): R chunks of this kernel's per call chunk; `off` and the chunk left
   // open count in the call's chunks

@@ -346,7 +346,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   const int hid = depth == 2 ? p.hidden : D;  // layer 1's output width
   // this CTA's slice: depth 2, hidden units [j0, j0 + hs); depth 1, output columns of W1
   const int hs = hid / split, j0 = rank * hs;
-  const int off = p.offset != nullptr ? p.offset[n] : 0;
+  const int off = p.offset != nullptr ? int(p.offset[n]) : 0;
   const int64_t nh = int64_t(n) * p.heads + h;
   const int64_t size[kDecodeMaxLayers] = {int64_t(D) * hid, int64_t(hid) * D};
   // slice start inside each layer's matrix, and row stride
@@ -370,10 +370,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   // 0's chain per head
   const float* ln_w = p.ln_weight != nullptr ? sm.ln_w : nullptr;
   const float* ln_b = p.ln_weight != nullptr && p.ln_bias != nullptr ? sm.ln_b : nullptr;
-  for (int d = threadIdx.x; d < D; d += kThreads) {
-    if (ln_w != nullptr) sm.ln_w[d] = p.ln_weight[h * D + d];
-    if (ln_b != nullptr) sm.ln_b[d] = p.ln_bias[h * D + d];
-  }
+  const int col = threadIdx.x;  // the prologue's column (D <= kDecodeMaxDim < kThreads)
 
   for (int t = 0; t < p.seqlen; ++t) {
     const int pos = off + t;
@@ -399,15 +396,25 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
       cw_src[l] = p.cw_in[l] != nullptr ? p.cw_in[l] + nh * size[l] + slice[l] : nullptr;
       gw[l] = new_chunk ? w_src[l] : (t == 0 ? cw_src[l] : cw_dst[l]);
     }
-    for (int d = threadIdx.x; d < D; d += kThreads) {
-      sm.q[d] = to_float(q[n * p.q_n_stride + t * p.q_t_stride + h * p.q_h_stride + d]);
-      sm.k[d] = to_float(k[n * p.k_n_stride + t * p.k_t_stride + h * p.k_h_stride + d]);
-      sm.v[d] = to_float(v[n * p.v_n_stride + t * p.v_t_stride + h * p.v_h_stride + d]);
-      sm.f[d] = 0.f;  // depth 1 with a split: the slice's columns only, the rest summed in
-      sm.fq[d] = 0.f;
-    }
+    // the prologue's loads all issued before its shared stores: one round trip, not one per
+    // load and store (a warp issues in order, and each store waits for its load's data)
     const int64_t gate = (int64_t(n) * p.seqlen + t) * p.heads + h;
     const float theta = p.lr[gate], decay = 1.f - p.forget[gate], eta = p.momentum[gate];
+    if (col < D) {
+      float lw = 0.f, lb = 0.f;
+      const float qd = to_float(q[n * p.q_n_stride + t * p.q_t_stride + h * p.q_h_stride + col]);
+      const float kd = to_float(k[n * p.k_n_stride + t * p.k_t_stride + h * p.k_h_stride + col]);
+      const float vd = to_float(v[n * p.v_n_stride + t * p.v_t_stride + h * p.v_h_stride + col]);
+      if (t == 0 && ln_w != nullptr) lw = p.ln_weight[h * D + col];
+      if (t == 0 && ln_b != nullptr) lb = p.ln_bias[h * D + col];
+      sm.q[col] = qd;
+      sm.k[col] = kd;
+      sm.v[col] = vd;
+      sm.f[col] = 0.f;  // depth 1 with a split: the slice's columns only, the rest summed in
+      sm.fq[col] = 0.f;
+      if (t == 0 && ln_w != nullptr) sm.ln_w[col] = lw;
+      if (t == 0 && ln_b != nullptr) sm.ln_b[col] = lb;
+    }
     T* o_row = rank == 0 ? static_cast<T*>(p.o) + gate * D : nullptr;
     __syncthreads();
 

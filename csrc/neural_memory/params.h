@@ -33,7 +33,7 @@ struct NeuralMemoryParams {
   int64_t w_in_n_stride[kNeuralMemoryMaxLayers], w_in_h_stride[kNeuralMemoryMaxLayers];
   const float* s_in[kNeuralMemoryMaxLayers];
   const float* cw_in[kNeuralMemoryMaxLayers];  // s_in / cw_in: contiguous [N, H, d_in, d_out]
-  const int* offset;                           // [N] or nullptr (all 0)
+  const int64_t* offset;                       // [N] or nullptr (all 0); int64 as MemoryState
   const float* ln_weight;                      // [H, D] or nullptr (no LayerNorm)
   const float* ln_bias;                        // [H, D] or nullptr
   float ln_eps;

@@ -359,7 +359,8 @@ def _launch(q, k, v, lr, forget, momentum, weights, ln_weight, ln_bias, state_we
                                       out[1 + 2 * depth:])
     offset = None
     if state_offset is not None and state_weights:
-        offset = state_offset.to(device=dev, dtype=torch.int32).contiguous()
+        # int64, as MemoryState keeps it: no conversion launch on a decode step
+        offset = state_offset.to(device=dev, dtype=torch.int64).contiguous()
         keep.append(offset)
     ln_w = None if ln_weight is None else _f32(ln_weight)
     ln_b = None if ln_bias is None or ln_w is None else _f32(ln_bias)
@@ -511,11 +512,11 @@ def _offsets(q, cu_seqlens, state_offset, chunk_size):
         return (torch.zeros(q.shape[0], dtype=torch.int64, device=q.device),
                 torch.full((q.shape[0],), q.shape[1] % int(chunk_size), dtype=torch.int64,
                            device=q.device))
-    if cu_seqlens is None:
-        lengths = torch.full((q.shape[0],), q.shape[1], dtype=torch.int64, device=q.device)
-    else:
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int64)
-        lengths = cu[1:] - cu[:-1]
+    if cu_seqlens is None:  # every row has T tokens: two launches beside a decode step's one
+        offset = state_offset.to(device=q.device, dtype=torch.int64)
+        return offset, (offset + q.shape[1]) % int(chunk_size)
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int64)
+    lengths = cu[1:] - cu[:-1]
     offset = (torch.zeros_like(lengths) if state_offset is None
               else state_offset.to(device=q.device, dtype=torch.int64))
     return offset, (offset + lengths) % int(chunk_size)
