@@ -512,11 +512,11 @@ def _offsets(q, cu_seqlens, state_offset, chunk_size):
         return (torch.zeros(q.shape[0], dtype=torch.int64, device=q.device),
                 torch.full((q.shape[0],), q.shape[1] % int(chunk_size), dtype=torch.int64,
                            device=q.device))
-    if cu_seqlens is None:  # every row has T tokens: two launches beside a decode step's one
-        offset = state_offset.to(device=q.device, dtype=torch.int64)
-        return offset, (offset + q.shape[1]) % int(chunk_size)
-    cu = cu_seqlens.to(device=q.device, dtype=torch.int64)
-    lengths = cu[1:] - cu[:-1]
+    if cu_seqlens is None:  # T tokens a row, a scalar (no launch); state_offset is given here
+        lengths = q.shape[1]
+    else:
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int64)
+        lengths = cu[1:] - cu[:-1]
     offset = (torch.zeros_like(lengths) if state_offset is None
               else state_offset.to(device=q.device, dtype=torch.int64))
     return offset, (offset + lengths) % int(chunk_size)
