@@ -41,7 +41,7 @@ def main():
             q, k, v, lr, fg, mo, w1, w2, gamma, beta = make_memory_inputs(
                 s, torch.device("cuda"), requires_grad=True)
             fwd_ck, fwd_r = nm_ops.fwd_chunking(D, 2, C)
-            bwd_ck, bwd_r = nm_ops.bwd_chunking(D, 2, C)
+            bwd_ck, bwd_r = nm_ops.bwd_chunking(D, C)
 
             def call(backend, backward):
                 o, _ = neural_memory(q, k, v, lr, fg, mo, (w1, w2), chunk_size=C,

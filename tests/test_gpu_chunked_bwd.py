@@ -202,9 +202,16 @@ def test_fused_backward_other_shapes_split_and_groups(dc, K, split, monkeypatch)
 SUB_DC = ((64, 128), (32, 128), (128, 64), (128, 128))
 SUB_LONG = {(64, 128): (256, "silu"), (32, 128): (256, "silu"), (128, 64): (128, "gelu"),
             (128, 128): (128, "silu")}  # (hidden, activation) of each long call
+
+
+def _sub_case(i, d, c, dtype, kind):
+    """The i-th short sub-chunk case: (D, C, hidden, dtype, kind, heads, activation)."""
+    return (d, c, (128, 256)[i % 2] if d < 128 else 128, dtype, kind, HEADS[i % 4],
+            ("silu", "gelu")[i % 3 % 2])
+
+
 SUB_GRID = [(d, c, SUB_LONG[d, c][0], dtype, kind, HEADS[3], SUB_LONG[d, c][1]) if kind == "long"
-            else (d, c, (128, 256)[i % 2] if d < 128 else 128, dtype, kind, HEADS[i % 4],
-                  ("silu", "gelu")[i % 3 % 2])
+            else _sub_case(i, d, c, dtype, kind)
             for i, (d, c, dtype, kind) in enumerate(
                 (d, c, dtype, kind) for d, c in SUB_DC for dtype in (torch.bfloat16, torch.float16)
                 for kind in KINDS + (("long",) if dtype == torch.bfloat16 else ()))]
@@ -218,7 +225,7 @@ def test_fused_backward_sub_chunks(case):
     needs_kernels()
     d, c, *rest = case
     args, weights, st, mem, cu = _case(tuple(rest), C=c, D=d)
-    assert nm_ops.bwd_chunking(d, 2, c)[1] > 1
+    assert nm_ops.bwd_chunking(d, c)[1] > 1
     assert nm_ops.chunked_bwd_reason(args[0], weights, c, cu, st, "token") is None
     _check_kernel_grads(args, weights, st, mem, cu, f" (D {d}, C {c}, sub-chunks)")
 
@@ -229,8 +236,7 @@ def test_fused_backward_sub_chunks(case):
 # meets stores it, the others add to it (C6, both layers). Fresh, open (Wg != W0 in the call's
 # first chunk) and varlen calls with states; no 10-chunk call (long read-"chunk" draws are
 # chaotic: READ_CHUNK's note below).
-SUB_READ_CHUNK = [(d, c, (128, 256)[i % 2] if d < 128 else 128, dtype, kind, HEADS[i % 4],
-                   ("silu", "gelu")[i % 3 % 2])
+SUB_READ_CHUNK = [_sub_case(i, d, c, dtype, kind)
                   for i, (d, c, dtype, kind) in enumerate(
                       (d, c, dtype, kind) for d, c in SUB_DC
                       for dtype in (torch.bfloat16, torch.float16) for kind in KINDS)]
@@ -243,7 +249,7 @@ def test_fused_backward_sub_chunks_read_chunk(case):
     d, c, *rest = case
     args, weights, st, mem, cu = _case(tuple(rest), C=c, D=d)
     mem = dict(mem, read="chunk")
-    assert nm_ops.bwd_chunking(d, 2, c)[1] > 1
+    assert nm_ops.bwd_chunking(d, c)[1] > 1
     assert nm_ops.chunked_bwd_reason(args[0], weights, c, cu, st, "chunk") is None
     _check_kernel_grads(args, weights, st, mem, cu, f" (D {d}, C {c}, sub-chunks, read chunk)")
 

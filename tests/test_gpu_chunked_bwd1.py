@@ -255,7 +255,7 @@ def test_depth1_backward_sub_chunks(case, monkeypatch):
     reference's VJP)."""
     needs_kernels()
     d, c = case[:2]
-    assert nm_ops.bwd_chunking(d, 1, c)[1] > 1
+    assert nm_ops.bwd_chunking(d, c)[1] > 1
     assert not nm_ops.chunked_bwd_shape_supported(d, d, 1, c, case[3])
 
     def boom(*a, **k):

@@ -540,16 +540,12 @@ def test_sub_chunks_where_a_call_chunk_has_no_plan_that_fits():
     assert nm_ops.fwd_chunking(64, 1, 128) == (128, 1) and nm_ops.fwd_chunking(64, 2, 64) == (64, 1)
     assert nm_ops.fwd_chunking(128, 1, 128) == (32, 4)
     assert nm_ops.fwd_chunking(128, 1, 64) == (64, 1)
-    assert nm_ops.bwd_chunking(64, 2, 128) == (64, 2)
-    assert nm_ops.bwd_chunking(32, 2, 128) == (64, 2)
-    assert nm_ops.bwd_chunking(128, 2, 64) == (32, 2)
-    assert nm_ops.bwd_chunking(128, 2, 128) == (32, 4)
-    assert nm_ops.bwd_chunking(128, 2, 32) == (32, 1)
-    assert nm_ops.bwd_chunking(64, 1, 64) == (64, 1)
-    assert nm_ops.bwd_chunking(64, 1, 128) == (64, 2)
-    assert nm_ops.bwd_chunking(32, 1, 128) == (64, 2)
-    assert nm_ops.bwd_chunking(128, 1, 64) == (32, 2)
-    assert nm_ops.bwd_chunking(128, 1, 128) == (32, 4)
+    assert nm_ops.bwd_chunking(64, 128) == (64, 2)
+    assert nm_ops.bwd_chunking(32, 128) == (64, 2)
+    assert nm_ops.bwd_chunking(128, 64) == (32, 2)
+    assert nm_ops.bwd_chunking(128, 128) == (32, 4)
+    assert nm_ops.bwd_chunking(128, 32) == (32, 1)
+    assert nm_ops.bwd_chunking(64, 64) == (64, 1)
     # fp32 at depth 1: the fp32 forward (chunks up to 64) walks chunk 128 as sub-chunks too
     assert nm_ops.fwd_chunking(64, 1, 128, f32) == (64, 2)
     assert nm_ops.fwd_chunking(128, 1, 64, f32) == (64, 1)
@@ -563,7 +559,7 @@ def test_sub_chunks_where_a_call_chunk_has_no_plan_that_fits():
     assert nm_ops._checkpoint_shape(300, 128, 4, False) == (1,)
     for D in (32, 64, 128):
         for C in (16, 32, 64, 128):
-            kc, r = nm_ops.bwd_chunking(D, 1, C)
+            kc, r = nm_ops.bwd_chunking(D, C)
             assert C % kc == 0 and C // kc == r
             for read in ("token", "chunk"):
                 assert nm_ops.chunked_bwd_shape_supported(D, D, 1, kc, read), (D, C, read)
@@ -579,14 +575,14 @@ def test_sub_chunks_where_a_call_chunk_has_no_plan_that_fits():
             sub = _lib._C.neural_memory_chunked_smem_bytes(dim=D, hidden=256, depth=2, chunk=kc,
                                                             dtype=0)
             assert sub <= limit and (r > 1) == (own > limit), (D, C)
-            kc, r = nm_ops.bwd_chunking(D, 2, C)
+            kc, r = nm_ops.bwd_chunking(D, C)
             for read in ("token", "chunk"):
                 assert nm_ops.chunked_bwd_shape_supported(D, 256, 2, kc, read), (D, C, read)
                 assert (r > 1) == (not nm_ops.chunked_bwd_shape_supported(D, 256, 2, C, read))
             assert _lib._C.neural_memory_chunked_bwd_smem_bytes(dim=D, hidden=256, depth=2,
                                                                 chunk=kc, dtype=0) <= limit
             # depth 1: the backward's sub-chunk fits, and so does the forward that walks it
-            kc, r = nm_ops.bwd_chunking(D, 1, C)
+            kc, r = nm_ops.bwd_chunking(D, C)
             assert _lib._C.neural_memory_chunked_bwd_smem_bytes(dim=D, hidden=D, depth=1,
                                                                 chunk=kc, dtype=0) <= limit
             assert 0 < _lib._C.neural_memory_chunked_smem_bytes(dim=D, hidden=D, depth=1,

@@ -1652,8 +1652,9 @@ cudaError_t launch_by_chunk(const NeuralMemoryBwdParams& p, cudaStream_t stream)
   // sub-chunks (chunked_bwd.h): chunk 128 as 2 x 64 at D <= 64, chunks 64 and 128 as 2 or 4 x
   // 32 at D = 128, where the call's chunk has no instance (shared memory)
   if (p.f.sub > 1) {
-    if (p.f.chunk != (D == 128 ? 32 : 64)) return cudaErrorInvalidValue;
-    return launch<TIn, D, D == 128 ? 32 : 64, true>(p, stream);
+    constexpr int kSubChunk = neural_memory_bwd_sub_chunk(D);
+    if (p.f.chunk != kSubChunk) return cudaErrorInvalidValue;
+    return launch<TIn, D, kSubChunk, true>(p, stream);
   }
   switch (p.f.chunk) {
     case 16: return launch<TIn, D, 16>(p, stream);

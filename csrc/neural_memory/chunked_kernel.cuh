@@ -31,7 +31,8 @@
 //              phi(z1), z2 += (beta h1) W0 + (c h1) S0, P += h1 hk^T;
 //              state: W[:, blk] / W[blk, :] = beta_C W0 + c_C S0 + (x^T diag(-g)) dz and S
 //              = m_C S0 + (x^T diag(-n)) dz (g, n: the last rows of G, N), 16 x 16 tiles over
-//              all warps, read from and written to the fp32 state in global memory
+//              all warps, read from and written to the fp32 state in global memory; at every
+//              ckpt_every-th chunk the values read (W0, S0) also go to the backward's checkpoint
 //   read     z2 += (-G * P) dz2, o = [q +] [LN](z2); read "chunk": o = M_Wg(q) in the keys pass
 //
 // Cluster. With split > 1 (depth 2, sm_90+), CTA r of the cluster owns the hidden blocks b with
@@ -830,10 +831,14 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
     };
   };
 
-  // dst <- src over layer l's elements this CTA owns (copy_state: 4 loads in flight, 1 at
-  // D = 128; see rows_async below)
+  // Loads batched or asynchronous at D <= 64 (copy_state's batches, load_rows_async); D = 128
+  // (2-3 KB of spills per thread already) keeps plain loads: with them its cluster instances
+  // spilled more and ran 8% slower (H100, D 128, hidden 512, chunk 32, B 2).
+  constexpr bool kBatchedLoads = D <= 64;
+
+  // dst <- src over layer l's elements this CTA owns
   auto copy = [&](float* dst, const float* src, int l) {
-    copy_state<kThreads, D == 128 ? 1 : 4>(dst, src, size[l], owned(l));
+    copy_state<kThreads, kBatchedLoads ? 4 : 1>(dst, src, size[l], owned(l));
   };
 
   if (n_chunks == 0) {  // no tokens: the state passes through
@@ -847,10 +852,8 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
   }
 
   // bf16 at D <= 64: the chunk's q, k rows by cp.async (load_rows_async; the launcher checks
-  // that the rows are 16-byte aligned), over lo planes zeroed once here. At D = 128 (2-3 KB of
-  // spills per thread already) this, and copy_state's batches, raised the cluster instances'
-  // spills and cost 8% (H100, D 128, hidden 512, chunk 32, B 2): those keep the plain loads.
-  constexpr bool rows_async = kX && D <= 64;
+  // that the rows are 16-byte aligned), over lo planes zeroed once here.
+  constexpr bool rows_async = kX && kBatchedLoads;
   if constexpr (rows_async) {
     for (int i = tid; i < lay.plane_q / 2; i += kThreads) {
       reinterpret_cast<uint32_t*>(s_q.p + lay.plane_q)[i] = 0u;
@@ -863,7 +866,9 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
                      p.ln_eps, p.residual, {1.f, 1.f}};
 
   // What the backward reads instead of recomputing: the read's z2 and the keys' fk before
-  // their heads, fp32 rows [B, T, H, D] as o; this lane's rows of a warp tile.
+  // their heads, fp32 rows [B, T, H, D] as o; this lane's rows of a warp tile, by streaming
+  // stores (st.global.cs: the forward never reads them back, so they should not evict the state
+  // from L2).
   float* __restrict__ gz2 = p.read_z2;
   float* __restrict__ gfk = p.keys_fk;
   auto store_f32 = [&](float* __restrict__ dst, const float (&f)[kNtD][4], int64_t t0) {
@@ -873,7 +878,8 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
       for (int half = 0; half < 2; ++half) {
         const int64_t t = t0 + row_lo + 8 * half;
         if (t >= 0 && t < len)
-          store2(dst + ro.at(t) + nt * 8 + 2 * (lane % 4), f[nt][2 * half], f[nt][2 * half + 1]);
+          __stcs(reinterpret_cast<float2*>(dst + ro.at(t) + nt * 8 + 2 * (lane % 4)),
+                 make_float2(f[nt][2 * half], f[nt][2 * half + 1]));
       }
   };
   // Stores o (this lane's rows of a warp tile, normalized in place by hd) for active slots.
@@ -908,15 +914,11 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
       gsrc[l] = j < R ? cw_src[l] : j % R == 0 ? w_dst[l] : cw_dst[l];
     }
     const bool g_is_w = gsrc[0] == wsrc[0];  // the gradient weights are the chunk's W0
-    // the backward's checkpoint: this chunk's starting state (the CTA's own blocks)
-    if (p.ckpt_every > 0 && j % p.ckpt_every == 0) {
-      const int64_t slot = (int64_t(j / p.ckpt_every) * p.n_seq + n) * p.heads + h;
-#pragma unroll
-      for (int l = 0; l < kDepth; ++l) {
-        copy(p.ckpt_w[l] + slot * size[l], wsrc[l], l);
-        copy(p.ckpt_s[l] + slot * size[l], ssrc[l], l);
-      }
-    }
+    // the backward's checkpoint: this chunk's start state (the CTA's own blocks), written by
+    // the state update below from the values it loads anyway. (A copy here, every CTA at the
+    // same chunk and waiting on it, cost ~34 us per checkpoint at B = 8 on an H200:
+    // docs/perf_notes.md v31.)
+    const int ck = p.ckpt_every > 0 && j % p.ckpt_every == 0 ? j / p.ckpt_every : -1;
     // the open chunk's weights of the final state: this chunk's gradient weights
     if (j == n_chunks - 1 && final_off > 0) {
 #pragma unroll
@@ -1174,18 +1176,39 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
         const int64_t base = l2 ? int64_t(b) * kHB * D : int64_t(b) * kBW;
         float aw[2][4], as[2][4];
         const int r = tm0 + lane / 4;
+        auto at = [&](int t, int half) {
+          return base + int64_t(r + 8 * half) * cols + tn0 + t * 8 + 2 * (lane % 4);
+        };
+        float2 w[2][2], s[2][2];  // the tile's start state: all loads before any store
 #pragma unroll
         for (int t = 0; t < 2; ++t)
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
-            const int64_t at = base + int64_t(r + 8 * half) * cols + tn0 + t * 8 + 2 * (lane % 4);
-            const float2 w = __ldcg(reinterpret_cast<const float2*>(wsrc[l] + at));
-            const float2 s = ssrc[l] != nullptr
-                ? __ldcg(reinterpret_cast<const float2*>(ssrc[l] + at)) : make_float2(0.f, 0.f);
-            aw[t][2 * half] = beta_c * w.x + c_c * s.x;
-            aw[t][2 * half + 1] = beta_c * w.y + c_c * s.y;
-            as[t][2 * half] = m_c * s.x;
-            as[t][2 * half + 1] = m_c * s.y;
+            w[t][half] = __ldcg(reinterpret_cast<const float2*>(wsrc[l] + at(t, half)));
+            s[t][half] = ssrc[l] != nullptr
+                ? __ldcg(reinterpret_cast<const float2*>(ssrc[l] + at(t, half)))
+                : make_float2(0.f, 0.f);
+          }
+        if (ck >= 0) {  // the checkpoint (above): streamed, never read here
+          const int64_t slot = (int64_t(ck) * p.n_seq + n) * p.heads + h;
+          float* const cw = (l2 ? p.ckpt_w[1] : p.ckpt_w[0]) + slot * size[0];
+          float* const cs = (l2 ? p.ckpt_s[1] : p.ckpt_s[0]) + slot * size[0];
+#pragma unroll
+          for (int t = 0; t < 2; ++t)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              __stcs(reinterpret_cast<float2*>(cw + at(t, half)), w[t][half]);
+              __stcs(reinterpret_cast<float2*>(cs + at(t, half)), s[t][half]);
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < 2; ++t)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            aw[t][2 * half] = beta_c * w[t][half].x + c_c * s[t][half].x;
+            aw[t][2 * half + 1] = beta_c * w[t][half].y + c_c * s[t][half].y;
+            as[t][2 * half] = m_c * s[t][half].x;
+            as[t][2 * half + 1] = m_c * s[t][half].y;
           }
 #pragma unroll
         for (int ks = 0; ks < C / 16; ++ks) {
@@ -1200,11 +1223,10 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
         for (int t = 0; t < 2; ++t)
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
-            const int64_t at = base + int64_t(r + 8 * half) * cols + tn0 + t * 8 + 2 * (lane % 4);
-            *reinterpret_cast<float2*>(w_dst[l] + at) = make_float2(aw[t][2 * half],
-                                                                    aw[t][2 * half + 1]);
-            *reinterpret_cast<float2*>(s_dst[l] + at) = make_float2(as[t][2 * half],
-                                                                    as[t][2 * half + 1]);
+            *reinterpret_cast<float2*>(w_dst[l] + at(t, half)) = make_float2(aw[t][2 * half],
+                                                                             aw[t][2 * half + 1]);
+            *reinterpret_cast<float2*>(s_dst[l] + at(t, half)) = make_float2(as[t][2 * half],
+                                                                             as[t][2 * half + 1]);
           }
       }
     }
@@ -1315,7 +1337,7 @@ cudaError_t by_chunk(const NeuralMemoryParams& p, cudaStream_t stream) {
     for (int l = 0; l < p.depth; ++l) cw_ok = cw_ok && p.cw_out[l] != nullptr;
     if (p.sub > 8 || !cw_ok) return cudaErrorInvalidValue;
     if (p.depth == 1) {
-      constexpr int kC1 = D == 128 ? 32 : 64;
+      constexpr int kC1 = neural_memory_bwd_sub_chunk(D);
       if (p.chunk != kC1) return cudaErrorInvalidValue;
       return launch<TIn, D, kC1, 1, true>(p, stream);
     }

@@ -9,6 +9,11 @@ namespace titans {
 
 constexpr int kNeuralMemoryMaxLayers = 2;
 
+// The chunk of the fused backward's sub-chunk instances (NeuralMemoryParams::sub below), which
+// a depth-1 forward that keeps its checkpoints walks too: the largest whose backward plan fits
+// (ops.bwd_chunking is the Python side).
+constexpr int neural_memory_bwd_sub_chunk(int dim) { return dim == 128 ? 32 : 64; }
+
 struct NeuralMemoryParams {
   // q, k, v [B, T, H, D] in the input dtype, feature axis contiguous. Sequence n's token t is at
   // n * n_stride + (start_n + t) * t_stride + h * h_stride, with start_n = cu_seqlens[n] when

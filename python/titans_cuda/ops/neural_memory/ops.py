@@ -207,13 +207,13 @@ def chunked_bwd_shape_supported(dim: int, hidden: int, depth: int, chunk: int,
              (depth == 2 and hb <= hidden <= 512 and hidden % hb == 0)))
 
 
-def bwd_chunking(dim: int, depth: int, chunk: int) -> Tuple[int, int]:
+def bwd_chunking(dim: int, chunk: int) -> Tuple[int, int]:
     """(the fused backward's chunk, sub-chunks R per call chunk): a call chunk whose backward
     has no instance (shared memory: chunk 128 at D <= 64, chunks 64 and 128 at D = 128) runs
     as R sub-chunks of chunk / R tokens (either read, both depths, every input dtype), each
     taking its gradient at, and for read "chunk" reading through, the weights of its call
-    chunk's start (chunked_bwd.h, sub); else (chunk, 1)."""
-    del depth  # (the same rule at both depths)
+    chunk's start (chunked_bwd.h, sub); else (chunk, 1). The same rule at both depths
+    (params.h, neural_memory_bwd_sub_chunk, is the kernels' side)."""
     if dim <= 64 and chunk == 128:
         return 64, 2
     if dim == 128 and chunk in (64, 128):
@@ -225,7 +225,7 @@ def _ckpt_chunking(dim: int, depth: int, chunk: int, dtype: torch.dtype) -> Tupl
     """(the chunk, sub-chunks R) of a chunked forward that keeps checkpoints for the fused
     backward: at depth 1 that backward's (it reads every one of its chunks' start states, so
     the forward walks the same sub-chunks), else fwd_chunking's."""
-    return bwd_chunking(dim, 1, chunk) if depth == 1 else fwd_chunking(dim, depth, chunk, dtype)
+    return bwd_chunking(dim, chunk) if depth == 1 else fwd_chunking(dim, depth, chunk, dtype)
 
 
 def chunked_bwd_reason(q: Tensor, weights, chunk_size: int, cu_seqlens, initial_state,
@@ -237,7 +237,7 @@ def chunked_bwd_reason(q: Tensor, weights, chunk_size: int, cu_seqlens, initial_
     if reason is not None:
         return reason
     D, depth, hidden = q.shape[-1], len(weights), weights[0].shape[-1]
-    kernel_chunk, _ = bwd_chunking(D, depth, int(chunk_size))
+    kernel_chunk, _ = bwd_chunking(D, int(chunk_size))
     if not chunked_bwd_shape_supported(D, hidden, depth, kernel_chunk, read):
         return (f"no fused backward for D={D}, hidden={hidden}, depth={depth}, "
                 f"chunk_size={chunk_size}, {q.dtype}, read={read!r} in this version "
@@ -618,7 +618,7 @@ def _fused_grads(grads, q, k, v, lr, forget, momentum, weights, ln_weight, ln_bi
     # the LayerNorm parameters' gradient partials per (sequence, head, row of a chunk)
     n_ln = 0 if ln_weight is None else 1 if ln_bias is None else 2
     # the kernel's chunk: sub-chunks of the call's where it has no instance of its own
-    Ck, R = bwd_chunking(D, L, C)
+    Ck, R = bwd_chunking(D, C)
     dln = torch.zeros(n_ln, N, H, Ck, D, dtype=torch.float32, device=dev) if n_ln else None
     dln_w = dln[0] if n_ln else None
     dln_b = dln[1] if n_ln == 2 else None
