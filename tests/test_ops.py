@@ -581,8 +581,8 @@ def test_sub_chunks_where_a_call_chunk_has_no_plan_that_fits():
                 assert (r > 1) == (not nm_ops.chunked_bwd_shape_supported(D, 256, 2, C, read))
             assert _lib._C.neural_memory_chunked_bwd_smem_bytes(dim=D, hidden=256, depth=2,
                                                                 chunk=kc, dtype=0) <= limit
-            # depth 1: the backward's sub-chunk fits, and so does the forward that walks it
-            kc, r = nm_ops.bwd_chunking(D, C)
+            # depth 1 (the same sub-chunk kc): the backward's fits, and so does the forward
+            # that walks it
             assert _lib._C.neural_memory_chunked_bwd_smem_bytes(dim=D, hidden=D, depth=1,
                                                                 chunk=kc, dtype=0) <= limit
             assert 0 < _lib._C.neural_memory_chunked_smem_bytes(dim=D, hidden=D, depth=1,

@@ -1190,7 +1190,7 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
                 : make_float2(0.f, 0.f);
           }
         if (ck >= 0) {  // the checkpoint (above): streamed, never read here
-          const int64_t slot = (int64_t(ck) * p.n_seq + n) * p.heads + h;
+          const int64_t slot = (int64_t(ck) * p.n_seq + n) * p.heads + h;  // size[0] == size[1]
           float* const cw = (l2 ? p.ckpt_w[1] : p.ckpt_w[0]) + slot * size[0];
           float* const cs = (l2 ? p.ckpt_s[1] : p.ckpt_s[0]) + slot * size[0];
 #pragma unroll
