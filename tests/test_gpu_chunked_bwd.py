@@ -169,14 +169,15 @@ def test_fused_backward_other_shapes(case):
     _check_kernel_grads(args, weights, st, mem, cu, f" (D {d}, C {c})")
 
 
-@pytest.mark.parametrize("split", (2, 4, -3))
+@pytest.mark.parametrize("split", (1, 2, 4, -3))
 @pytest.mark.parametrize("K", (1, 2))
 @pytest.mark.parametrize("dc", ((32, 16), (64, 32), (128, 32)),
                          ids=lambda dc: f"D{dc[0]}-C{dc[1]}")
 def test_fused_backward_other_shapes_split_and_groups(dc, K, split, monkeypatch):
-    """The other instances over clusters and ordinary CTAs (hidden 128: 4 blocks, 2 / 1 / 1 at
-    split 3), with groups recomputed (K = 2: the call's 3 chunks are a group of 2 and one of 1)
-    or not, against float64. Longer calls are compared bit for bit with the cluster split
+    """The other instances on one CTA (whose group recompute takes its row scales on dz1 / dz2,
+    the split instances' on A), over clusters and ordinary CTAs (hidden 128: 4 blocks, 2 / 1 / 1
+    at split 3), with groups recomputed (K = 2: the call's 3 chunks are a group of 2 and one of
+    1) or not, against float64. Longer calls are compared bit for bit with the cluster split
     (test_fused_backward_global_split_is_the_cluster_split): 10-chunk runs with LayerNorm are
     chaotic and without it these draws diverge (docs/design.md), so float64 cannot judge them."""
     needs_kernels()

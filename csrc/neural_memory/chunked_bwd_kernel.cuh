@@ -285,6 +285,69 @@ __device__ __forceinline__ void state_update_tile(const Planes& x, const Planes&
   store_tile(sn, ld, m0, n0, as, lane);
 }
 
+// The recompute's block errors (block_errors' products): hk1 = phi(zk) into s_hk1, and dz1 =
+// u phi'(zk) with its rows scaled, gneg * dz1 into s_dg and nneg * dz1 into s_dn, split from the
+// fp32 values, so that the state update takes plain products (state_update_tile_pre) instead of
+// joining, scaling and re-splitting its A operand at every k step (state_update_tile's cols2).
+template <bool kR, int D, bool kKHi>
+__device__ __forceinline__ void block_errors_scaled(const Planes& s_k, const Planes& g1,
+                                                    const Planes& s_dz2, const Planes& g2,
+                                                    const Planes& s_hk1, const Planes& s_dg,
+                                                    const Planes& s_dn, const float* gneg,
+                                                    const float* nneg, int m0, int n0,
+                                                    int lane, int act_kind) {
+  float zk[2][4], u[2][4];
+  zero(zk);
+  zero(u);
+  mma_tile<kR, D, false, true, kKHi>(zk, s_k, m0, g1, n0, lane);
+  mma_tile<kR, D, false, false>(u, s_dz2, m0, g2, n0, lane);
+  const float gr[2] = {gneg[m0 + lane / 4], gneg[m0 + lane / 4 + 8]};
+  const float nr[2] = {nneg[m0 + lane / 4], nneg[m0 + lane / 4 + 8]};
+  float hk[2][4], dg[2][4], dn[2][4];
+#pragma unroll
+  for (int t = 0; t < 2; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const Act a = act3(zk[t][e], act_kind);
+      hk[t][e] = a.f;
+      const float dz = u[t][e] * a.d1;
+      dg[t][e] = gr[e >> 1] * dz;
+      dn[t][e] = nr[e >> 1] * dz;
+    }
+  put_tile(s_hk1, m0, n0, hk, lane);
+  put_tile(s_dg, m0, n0, dg, lane);
+  put_tile(s_dn, m0, n0, dn, lane);
+}
+
+// state_update_tile with the row scales already on B (x^T (gneg * dz) = x^T dg, x^T (nneg * dz)
+// = x^T dn; dg, dn [C][cols] split planes): A's fragments are loaded once per k step for both
+// products and used as stored. kAHi: x is exact in bf16 (k of bf16 inputs).
+template <bool kR, int C, bool kAHi>
+__device__ __forceinline__ void state_update_tile_pre(const Planes& x, const Planes& dg,
+                                                      const Planes& dn, const float* w0,
+                                                      const float* s0, float* wn, float* sn,
+                                                      int64_t ld, int m0, int n0, int lane,
+                                                      float beta_c, float c_c, float m_c) {
+  float aw[2][4], as[2][4], sv[2][4];
+  load_tile_cg(aw, w0, ld, m0, n0, lane);
+  load_tile_cg(sv, s0, ld, m0, n0, lane);
+#pragma unroll
+  for (int t = 0; t < 2; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      aw[t][e] = beta_c * aw[t][e] + c_c * sv[t][e];
+      as[t][e] = m_c * sv[t][e];
+    }
+  k_steps<kR, C / 16>([&](int kk) {
+    SplitA a;
+    load_a_split<true, kAHi>(a, x, m0, kk * 16, lane);
+    mma_split_b<kAHi>(aw[0], aw[1], a, load_b_split<true>(dg, kk * 16, n0, lane));
+    mma_split_b<kAHi>(as[0], as[1], a, load_b_split<true>(dn, kk * 16, n0, lane));
+  });
+  store_tile(wn, ld, m0, n0, aw, lane);
+  store_tile(sn, ld, m0, n0, as, lane);
+}
+
 // Sum over the kTPR consecutive lanes that share a row (row mode).
 template <int kTPR>
 __device__ __forceinline__ float row_reduce(float v) {
@@ -585,6 +648,12 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
   // long shape, split -8): 105.1 -> 101.1 ms forward+backward; at split 1 (B = 8) the same
   // change cost 18.1 -> 19.0 ms, so the one-CTA and cluster instances stay unrolled.
   constexpr bool kR = kMode == kGlobalSplit;
+  // The group recompute's state update with its row scales put on dz1 / dz2 where those are
+  // made (block_errors_scaled, the keys' head) instead of re-split from A at every k step
+  // (state_update_tile's cols2). Measured (H200, 2026-11-28, docs/perf_notes.md v32): the
+  // one-CTA instance -1.3% forward+backward at B = 8; the global split of the long shape +1.4%
+  // (ptxas: its spills 512 / 832 -> 700 / 984 B), so the split instances keep cols2.
+  constexpr bool kPreScaled = kMode == kOne;
   const int split = kCluster ? p.split : 1;
   const int rank = kCluster ? int(blockIdx.x) % split : 0;
   const int h = kCluster ? int(blockIdx.x) / split : int(blockIdx.x), n = blockIdx.y;
@@ -900,13 +969,23 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
 #pragma unroll
         for (int c = 0; c < kCPT; ++c) dz[c] = e[c];
       }
+      if (kPreScaled && recompute) {  // dz2, and its rows scaled by gneg, nneg (s_q, s_zb2)
+        const float gr = v_gneg[rr], nr = v_nneg[rr];
 #pragma unroll
-      for (int c = 0; c < kCPT; c += 2) {
-        s_dz2.put2(rr, rc0 + c, dz[c], dz[c + 1]);
-        *reinterpret_cast<float2*>(scr_e + rr * D + rc0 + c) = make_float2(e[c], e[c + 1]);
-        *reinterpret_cast<float2*>(scr_xh + rr * D + rc0 + c) = make_float2(f[c], f[c + 1]);
+        for (int c = 0; c < kCPT; c += 2) {
+          s_dz2.put2(rr, rc0 + c, dz[c], dz[c + 1]);
+          s_q.put2(rr, rc0 + c, gr * dz[c], gr * dz[c + 1]);
+          s_zb2.put2(rr, rc0 + c, nr * dz[c], nr * dz[c + 1]);
+        }
+      } else {
+#pragma unroll
+        for (int c = 0; c < kCPT; c += 2) {
+          s_dz2.put2(rr, rc0 + c, dz[c], dz[c + 1]);
+          *reinterpret_cast<float2*>(scr_e + rr * D + rc0 + c) = make_float2(e[c], e[c + 1]);
+          *reinterpret_cast<float2*>(scr_xh + rr * D + rc0 + c) = make_float2(f[c], f[c + 1]);
+        }
+        if (tid % kTPR == 0) scr_rstd[rr] = rstd;
       }
-      if (tid % kTPR == 0) scr_rstd[rr] = rstd;
     }
 
     if (recompute) {  // chunk j + 1's start state into the ring (the CTA's own blocks)
@@ -919,19 +998,38 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const NeuralMemoryBwdP
         stage<D, HB, kThreads>(s_w1, wg[0] + c1, hidden);
         stage<HB, D, kThreads>(s_w2, wg[1] + r2, D);
         __syncthreads();
-        if (ch_ok) {
-          float z[2][4], u[2][4];
-          block_errors<kR, D, kX>(z, u, s_k, s_w1, s_dz2, s_w2, s_hk1, s_dz1, chm, chn, lane,
-                                  act_kind);
-        }
-        __syncthreads();
-        if (dh_ok) {
-          state_update_tile<kR, C>(s_k, s_dz1, v_gneg, v_nneg, w0[0] + c1, s0[0] + c1, wn[0] + c1,
-                               sn[0] + c1, hidden, dhm, dhn, lane, beta_c, c_c, m_c);
-        }
-        if (hd_ok) {
-          state_update_tile<kR, C>(s_hk1, s_dz2, v_gneg, v_nneg, w0[1] + r2, s0[1] + r2, wn[1] + r2,
-                               sn[1] + r2, D, hdm, hdn, lane, beta_c, c_c, m_c);
+        if constexpr (kPreScaled) {  // hk1; dz1 scaled by gneg, nneg into s_h1, s_zb1
+          if (ch_ok) {
+            block_errors_scaled<kR, D, kX>(s_k, s_w1, s_dz2, s_w2, s_hk1, s_h1, s_zb1, v_gneg,
+                                           v_nneg, chm, chn, lane, act_kind);
+          }
+          __syncthreads();
+          if (dh_ok) {
+            state_update_tile_pre<kR, C, kX>(s_k, s_h1, s_zb1, w0[0] + c1, s0[0] + c1,
+                                             wn[0] + c1, sn[0] + c1, hidden, dhm, dhn, lane,
+                                             beta_c, c_c, m_c);
+          }
+          if (hd_ok) {
+            state_update_tile_pre<kR, C, false>(s_hk1, s_q, s_zb2, w0[1] + r2, s0[1] + r2,
+                                                wn[1] + r2, sn[1] + r2, D, hdm, hdn, lane,
+                                                beta_c, c_c, m_c);
+          }
+        } else {
+          if (ch_ok) {
+            float z[2][4], u[2][4];
+            block_errors<kR, D, kX>(z, u, s_k, s_w1, s_dz2, s_w2, s_hk1, s_dz1, chm, chn, lane,
+                                    act_kind);
+          }
+          __syncthreads();
+          if (dh_ok) {
+            state_update_tile<kR, C>(s_k, s_dz1, v_gneg, v_nneg, w0[0] + c1, s0[0] + c1,
+                                     wn[0] + c1, sn[0] + c1, hidden, dhm, dhn, lane, beta_c, c_c,
+                                     m_c);
+          }
+          if (hd_ok) {
+            state_update_tile<kR, C>(s_hk1, s_dz2, v_gneg, v_nneg, w0[1] + r2, s0[1] + r2,
+                                     wn[1] + r2, sn[1] + r2, D, hdm, hdn, lane, beta_c, c_c, m_c);
+          }
         }
       }
       continue;
