@@ -260,6 +260,24 @@ __device__ __forceinline__ float3 state_cotangent_tile(float (&aw)[2][4], float 
   return fro;
 }
 
+// aw = beta_C W0 + c_C S0 and as = m_C S0 on the 16 x 16 tile at (m0, n0) of w0, s0 (leading
+// dimension ld): the state update's start, before its products.
+__device__ __forceinline__ void state_update_init(float (&aw)[2][4], float (&as)[2][4],
+                                                  const float* w0, const float* s0, int64_t ld,
+                                                  int m0, int n0, int lane, float beta_c,
+                                                  float c_c, float m_c) {
+  float sv[2][4];
+  load_tile_cg(aw, w0, ld, m0, n0, lane);
+  load_tile_cg(sv, s0, ld, m0, n0, lane);
+#pragma unroll
+  for (int t = 0; t < 2; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      aw[t][e] = beta_c * aw[t][e] + c_c * sv[t][e];
+      as[t][e] = m_c * sv[t][e];
+    }
+}
+
 // One 16 x 16 tile at (m0, n0) of the forward's state update, W' = beta_C W0 + c_C S0 +
 // x^T (gneg * dz) and S' = m_C S0 + x^T (nneg * dz) (x [C][rows], dz [C][cols] in shared
 // memory), read from w0, s0 and written to wn, sn (leading dimension ld).
@@ -270,16 +288,8 @@ __device__ __forceinline__ void state_update_tile(const Planes& x, const Planes&
                                                   float* sn, int64_t ld, int m0, int n0,
                                                   int lane, float beta_c, float c_c,
                                                   float m_c) {
-  float aw[2][4], as[2][4], sv[2][4];
-  load_tile_cg(aw, w0, ld, m0, n0, lane);
-  load_tile_cg(sv, s0, ld, m0, n0, lane);
-#pragma unroll
-  for (int t = 0; t < 2; ++t)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      aw[t][e] = beta_c * aw[t][e] + c_c * sv[t][e];
-      as[t][e] = m_c * sv[t][e];
-    }
+  float aw[2][4], as[2][4];
+  state_update_init(aw, as, w0, s0, ld, m0, n0, lane, beta_c, c_c, m_c);
   mma_tile_cols2<kR, C>(aw, as, x, m0, dz, n0, lane, gneg, nneg);
   store_tile(wn, ld, m0, n0, aw, lane);
   store_tile(sn, ld, m0, n0, as, lane);
@@ -328,16 +338,8 @@ __device__ __forceinline__ void state_update_tile_pre(const Planes& x, const Pla
                                                       const float* s0, float* wn, float* sn,
                                                       int64_t ld, int m0, int n0, int lane,
                                                       float beta_c, float c_c, float m_c) {
-  float aw[2][4], as[2][4], sv[2][4];
-  load_tile_cg(aw, w0, ld, m0, n0, lane);
-  load_tile_cg(sv, s0, ld, m0, n0, lane);
-#pragma unroll
-  for (int t = 0; t < 2; ++t)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      aw[t][e] = beta_c * aw[t][e] + c_c * sv[t][e];
-      as[t][e] = m_c * sv[t][e];
-    }
+  float aw[2][4], as[2][4];
+  state_update_init(aw, as, w0, s0, ld, m0, n0, lane, beta_c, c_c, m_c);
   k_steps<kR, C / 16>([&](int kk) {
     SplitA a;
     load_a_split<true, kAHi>(a, x, m0, kk * 16, lane);
