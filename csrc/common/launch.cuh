@@ -117,12 +117,13 @@ template <typename Kernel>
 struct SplitKernels {
   Kernel one, cluster, global;
   int threads;
-  size_t smem;
-  // Each instance may use `smem` bytes of dynamic shared memory.
+  size_t smem;             // dynamic shared memory of the one-CTA instance
+  size_t smem_split = 0;   // and of the split instances (0: the same)
+  size_t split_smem() const { return smem_split != 0 ? smem_split : smem; }
   cudaError_t prepare() const {
     const Kernel all[3] = {one, cluster, global};
     for (int i = 0; i < 3; ++i) {
-      const cudaError_t err = allow_smem(all[i], smem);
+      const cudaError_t err = allow_smem(all[i], i == 0 ? smem : split_smem());
       if (err != cudaSuccess) return err;
     }
     return cudaSuccess;
@@ -146,13 +147,13 @@ int choose_split(const SplitKernels<Kernel>& ks, int n_blocks, int64_t pairs, in
   if (clusters) {
     for (int s = 2; s <= max_split && s <= n_blocks; ++s) {
       if (per_cta(s) == per_cta(split)) continue;
-      if (pairs > max_clusters(ks.cluster, s, ks.smem, ks.threads)) continue;
+      if (pairs > max_clusters(ks.cluster, s, ks.split_smem(), ks.threads)) continue;
       split = s;
     }
   }
   if (cluster_choice != nullptr) *cluster_choice = split;
   if (!allow_global) return split;
-  const int64_t resident = resident_ctas(ks.global, ks.threads, ks.smem);
+  const int64_t resident = resident_ctas(ks.global, ks.threads, ks.split_smem());
   int global = 0;
   for (int s = 2; s <= max_split && s <= n_blocks; ++s) {
     if (per_cta(s) >= per_cta(global > 0 ? global : split) || pairs * s > resident) continue;
@@ -172,7 +173,7 @@ cudaError_t launch_split(const SplitKernels<Kernel>& ks, const Params& params, i
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(unsigned(heads) * unsigned(s), unsigned(n_seq));
   config.blockDim = dim3(unsigned(ks.threads));
-  config.dynamicSmemBytes = ks.smem;
+  config.dynamicSmemBytes = global || s > 1 ? ks.split_smem() : ks.smem;
   config.stream = stream;
   cudaLaunchAttribute attr[1];
   if (global) {  // every CTA resident at once (or the launch fails): the barriers spin

@@ -87,11 +87,21 @@ struct Threads {
 // Shared-memory plan in bytes. Each operand buffer holds its hi plane then its lo plane; rows
 // padded by 8 elements (16 bytes) so that the 8 rows of an ldmatrix phase hit distinct banks.
 struct Layout {
-  size_t q, k, dz2, hk, dz1, w1, s1, w2, s2, g, vec, total;
+  size_t q, k, dz2, hk, dz1, w1, s1, w2, s2, g, vec, dg2, dn2, dg1, dn1, total;
   int plane_q, plane_hk, plane_w1, plane_w2;  // plane sizes in elements
+  bool pre;  // the state update's row scales on B (dg2, dn2, dg1, dn1 below)
 };
 
-__host__ __device__ inline Layout make_layout(int D, int C, int depth) {
+// With room for them (depth 2, at most kPreScaledMax bytes in all), four more buffers hold the
+// state update's B operands with their row scales: gneg * dz2, nneg * dz2 ([C][D], made once
+// per chunk by the keys' head) and gneg * dz1, nneg * dz1 ([C][32], per hidden block), split
+// from fp32, so that the update's products take A as stored instead of joining, scaling and
+// re-splitting it at every k step (scale_cols2). Only the one-CTA instance (want_pre) has them:
+// B = 8 forward -8%, while the split instances with them lost 0.5% at B = 2 and B = 1 (H200,
+// 2026-11-28, docs/perf_notes.md v32/v33).
+constexpr size_t kPreScaledMax = 227 * 1024;
+
+__host__ __device__ constexpr Layout make_layout(int D, int C, int depth, bool want_pre = true) {
   const int bw = depth == 2 ? kHB : D;  // layer-1 block width
   Layout l{};
   l.plane_q = C * (D + 8);
@@ -116,6 +126,15 @@ __host__ __device__ inline Layout make_layout(int D, int C, int depth) {
   l.s2 = take(depth == 2 ? pair * l.plane_w2 : 0);
   l.g = take(size_t(C) * (C + 4) * 4);
   l.vec = take(size_t(9) * C * 4);
+  const size_t extra = 2 * ((pair * l.plane_q + 15) / 16 * 16) +
+                       2 * ((pair * l.plane_hk + 15) / 16 * 16);
+  l.pre = want_pre && depth == 2 && at + extra <= kPreScaledMax;
+  if (l.pre) {
+    l.dg2 = take(pair * l.plane_q);
+    l.dn2 = take(pair * l.plane_q);
+    l.dg1 = take(pair * l.plane_hk);
+    l.dn1 = take(pair * l.plane_hk);
+  }
   l.total = at;
   return l;
 }
@@ -748,7 +767,7 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
   const int n_blocks = kDepth == 2 ? hidden / kHB : 1;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const Layout lay = make_layout(D, C, kDepth);
+  const Layout lay = make_layout(D, C, kDepth, kMode == 0);
   auto planes = [&](size_t off, int plane, int ld) {
     return Planes{reinterpret_cast<bf16*>(smem_raw + off), plane, ld};
   };
@@ -762,6 +781,11 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
   const Planes s_w2 = planes(lay.w2, lay.plane_w2, D + 8);     // W2 block [32][D]
   const Planes s_s2 = planes(lay.s2, lay.plane_w2, D + 8);     // S2 block
   float* s_g = reinterpret_cast<float*>(smem_raw + lay.g);     // G [C][C]
+  constexpr bool kPre = make_layout(D, C, kDepth, kMode == 0).pre;
+  const Planes s_dg2 = planes(lay.dg2, lay.plane_q, D + 8);    // gneg * dz2 (kPre)
+  const Planes s_dn2 = planes(lay.dn2, lay.plane_q, D + 8);    // nneg * dz2
+  const Planes s_dg1 = planes(lay.dg1, lay.plane_hk, kHB + 8);  // gneg * dz1 of the block
+  const Planes s_dn1 = planes(lay.dn1, lay.plane_hk, kHB + 8);  // nneg * dz1
   float* s_theta = reinterpret_cast<float*>(smem_raw + lay.vec);
   float* s_a = s_theta + C;
   float* s_eta = s_a + C;
@@ -1037,6 +1061,18 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
         s_dz2.put2(row_lo, col, dy[nt][0], dy[nt][1]);
         s_dz2.put2(row_lo + 8, col, dy[nt][2], dy[nt][3]);
       }
+      if constexpr (kPre) {  // the state update's B of layer 2, its rows scaled
+        const float g0 = s_gneg[row_lo], g8 = s_gneg[row_lo + 8];
+        const float n0 = s_nneg[row_lo], n8 = s_nneg[row_lo + 8];
+#pragma unroll
+        for (int nt = 0; nt < kNtD; ++nt) {
+          const int col = nt * 8 + 2 * (lane % 4);
+          s_dg2.put2(row_lo, col, g0 * dy[nt][0], g0 * dy[nt][1]);
+          s_dg2.put2(row_lo + 8, col, g8 * dy[nt][2], g8 * dy[nt][3]);
+          s_dn2.put2(row_lo, col, n0 * dy[nt][0], n0 * dy[nt][1]);
+          s_dn2.put2(row_lo + 8, col, n8 * dy[nt][2], n8 * dy[nt][3]);
+        }
+      }
       if (p.read_chunk && rank == 0) store_o(fq, t0);
     }
 
@@ -1084,7 +1120,13 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
               const int row = row_lo + 8 * half;
               const Act a0 = act3(z0, p.activation), a1 = act3(z1, p.activation);
               s_hk.put2(row, col, a0.f, a1.f);
-              s_dz1.put2(row, col, dh[nt][2 * half] * a0.d1, dh[nt][2 * half + 1] * a1.d1);
+              const float d0 = dh[nt][2 * half] * a0.d1, d1 = dh[nt][2 * half + 1] * a1.d1;
+              s_dz1.put2(row, col, d0, d1);
+              if constexpr (kPre) {  // the state update's B of layer 1, its rows scaled
+                const float g = s_gneg[row], nn = s_nneg[row];
+                s_dg1.put2(row, col, g * d0, g * d1);
+                s_dn1.put2(row, col, nn * d0, nn * d1);
+              }
             }
           }
         };
@@ -1210,14 +1252,24 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
             as[t][2 * half] = m_c * s[t][half].x;
             as[t][2 * half + 1] = m_c * s[t][half].y;
           }
+        if constexpr (kPre) {  // B with its row scales (the head, errors): A as stored
+          const Planes bg = l2 ? s_dg2 : s_dg1, bn = l2 ? s_dn2 : s_dn1;
 #pragma unroll
-        for (int ks = 0; ks < C / 16; ++ks) {
-          SplitA ag, an;
-          scale_cols2(load_a_split<true>(sa, tm0, ks * 16, lane), s_gneg, s_nneg, ks * 16, lane,
-                      ag, an);
-          const SplitB bs = load_b_split<true>(sb, ks * 16, tn0, lane);
-          mma_split_b(aw[0], aw[1], ag, bs);
-          mma_split_b(as[0], as[1], an, bs);
+          for (int ks = 0; ks < C / 16; ++ks) {
+            const SplitA a = load_a_split<true>(sa, tm0, ks * 16, lane);
+            mma_split_b(aw[0], aw[1], a, load_b_split<true>(bg, ks * 16, tn0, lane));
+            mma_split_b(as[0], as[1], a, load_b_split<true>(bn, ks * 16, tn0, lane));
+          }
+        } else {
+#pragma unroll
+          for (int ks = 0; ks < C / 16; ++ks) {
+            SplitA ag, an;
+            scale_cols2(load_a_split<true>(sa, tm0, ks * 16, lane), s_gneg, s_nneg, ks * 16,
+                        lane, ag, an);
+            const SplitB bs = load_b_split<true>(sb, ks * 16, tn0, lane);
+            mma_split_b(aw[0], aw[1], ag, bs);
+            mma_split_b(as[0], as[1], an, bs);
+          }
         }
 #pragma unroll
         for (int t = 0; t < 2; ++t)
@@ -1272,12 +1324,13 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
 
 template <typename TIn, int D, int C, int kDepth, bool kSub = false>
 cudaError_t launch(NeuralMemoryParams p, cudaStream_t stream) {
-  const size_t smem = make_layout(D, C, kDepth).total;
+  const size_t smem = make_layout(D, C, kDepth).total;  // one CTA; the splits without kPre's
+  const size_t smem_split = make_layout(D, C, kDepth, false).total;
   constexpr int kThreads = Threads<C>::kThreads;
   const SplitKernels<decltype(&chunked_kernel<TIn, D, C, kDepth, 0>)> ks{
       chunked_kernel<TIn, D, C, kDepth, 0, kSub>,
       chunked_kernel<TIn, D, C, kDepth, kDepth == 2 ? 1 : 0, kSub>,
-      chunked_kernel<TIn, D, C, kDepth, kDepth == 2 ? 2 : 0, kSub>, kThreads, smem};
+      chunked_kernel<TIn, D, C, kDepth, kDepth == 2 ? 2 : 0, kSub>, kThreads, smem, smem_split};
   TITANS_RETURN_IF_ERROR(ks.prepare());
   int device = 0, major = 0;
   TITANS_RETURN_IF_ERROR(cudaGetDevice(&device));
@@ -1293,7 +1346,7 @@ cudaError_t launch(NeuralMemoryParams p, cudaStream_t stream) {
     split = choose_split(ks, n_blocks, pairs, kMaxSplit, kDepth == 2 && major >= 9, can_global,
                          &cluster_split);
   } else if (split < 0 && (!can_global || split > -2 ||
-                           pairs * -split > resident_ctas(ks.global, kThreads, smem))) {
+                           pairs * -split > resident_ctas(ks.global, kThreads, ks.split_smem()))) {
     return cudaErrorInvalidValue;
   }
   // cluster_sum's buffer (C x D fp32) is the staging blocks' region
