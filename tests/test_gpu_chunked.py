@@ -58,11 +58,7 @@ def _smem(D, hidden, depth, C, dtype=torch.bfloat16):
     sizes = [4 * C * (D + 8)] * 3 + [4 * C * (hb + 8) if depth == 2 else 0] * 2 + \
         [4 * D * (bw + 8)] * 2 + [4 * hb * (D + 8) if depth == 2 else 0] * 2 + \
         [C * (C + 4) * 4, 9 * C * 4]
-    total = sum(-(-s // 16) * 16 for s in sizes)
-    # with room (227 KiB in all, depth 2): the state update's B with its row scales, gneg * dz2,
-    # nneg * dz2 (C x D) and gneg * dz1, nneg * dz1 (C x 32)
-    extra = sum(-(-s // 16) * 16 for s in [4 * C * (D + 8)] * 2 + [4 * C * (hb + 8)] * 2)
-    return total + extra if depth == 2 and total + extra <= 227 * 1024 else total
+    return sum(-(-s // 16) * 16 for s in sizes)
 
 
 def _shapes(fit):

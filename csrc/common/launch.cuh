@@ -26,8 +26,9 @@ inline cudaLaunchAttribute cluster_attribute(int split) {
 namespace detail {
 
 // One answer per (device, kernel, kind, split, threads, shared memory) (kind 0 / 1: the
-// occupancy queries below, 2: allow_smem), computed by `query` on first use; 0 when the query fails. Every instance of a kernel template has the
-// same function type, so the kernel's address is part of the key.
+// occupancy queries below, 2: allow_smem, 3: binary_arch), computed by `query` on first use; 0
+// when the query fails. Every instance of a kernel template has the same function type, so the
+// kernel's address is part of the key.
 template <typename Query>
 int64_t cached_occupancy(const void* kernel, int kind, int split, int threads, size_t smem,
                          Query&& query) {
@@ -110,6 +111,19 @@ cudaError_t allow_smem(Kernel kernel, size_t smem) {
                    : -1;
       });
   return ok == 1 ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+// The arch (major * 10 + minor) of the binary of `kernel` that the current device runs (its
+// cubin's, or the device's own for PTX compiled at load time): the __CUDA_ARCH__ / 10 that its
+// code was compiled with.
+template <typename Kernel>
+cudaError_t binary_arch(Kernel kernel, int* arch) {
+  *arch = int(detail::cached_occupancy(
+      reinterpret_cast<const void*>(kernel), 3, 0, 0, 0, [&](int) -> int64_t {
+        cudaFuncAttributes a{};
+        return cudaFuncGetAttributes(&a, kernel) == cudaSuccess ? a.binaryVersion : -1;
+      }));
+  return *arch > 0 ? cudaSuccess : cudaErrorInvalidDeviceFunction;
 }
 
 // A split kernel's three instances: one CTA per (sequence, head), a cluster, ordinary CTAs.

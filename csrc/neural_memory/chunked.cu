@@ -58,7 +58,9 @@ size_t neural_memory_chunked_smem_bytes(int dim, int hidden, int depth, int chun
   if (chunked::takes_fwd1(dim, depth, chunk, dtype)) {  // one CTA's, or at D = 128 a cluster's
     return chunked_fwd1::smem_bytes_f1(dim, chunk, dim > 64 ? chunked_fwd1::kSplitF1At128 : 1);
   }
-  return chunked::make_layout(dim, chunk, depth).total;
+  // the plan every instance can run with; the one-CTA instance's larger one (Layout::pre) is
+  // taken only by binaries for archs that allow 227 KiB per block (chunked::pre_arch)
+  return chunked::make_layout(dim, chunk, depth, false).total;
 }
 
 size_t neural_memory_chunked_exchange_floats(int dim, int chunk) {

@@ -92,16 +92,32 @@ struct Layout {
   bool pre;  // the state update's row scales on B (dg2, dn2, dg1, dn1 below)
 };
 
-// With room for them (depth 2, at most kPreScaledMax bytes in all), four more buffers hold the
-// state update's B operands with their row scales: gneg * dz2, nneg * dz2 ([C][D], made once
-// per chunk by the keys' head) and gneg * dz1, nneg * dz1 ([C][32], per hidden block), split
-// from fp32, so that the update's products take A as stored instead of joining, scaling and
-// re-splitting it at every k step (scale_cols2). Only the one-CTA instance (want_pre) has them:
-// B = 8 forward -8%, while the split instances with them lost 0.5% at B = 2 and B = 1 (H200,
-// 2026-11-28, docs/perf_notes.md v32/v33).
+// Four more buffers (Layout::pre) hold the state update's B operands with their row scales:
+// gneg * dz2, nneg * dz2 ([C][D], made once per chunk by the keys' head) and gneg * dz1,
+// nneg * dz1 ([C][32], per hidden block), split from fp32, so that the update's products take
+// A as stored instead of joining, scaling and re-splitting it at every k step (scale_cols2).
+// Measured (H200, 2026-11-28, docs/perf_notes.md v32/v33) at depth 2, D = 64, C = 64 only:
+// the one-CTA instance's B = 8 forward -8%, the split instances +0.5% (so they leave them out).
+// want_pre: the one-CTA instance, not sub-chunked, in a binary for an arch where a block may
+// take kPreScaledMax bytes (pre_arch); the plan then is 187 KiB instead of 131.
 constexpr size_t kPreScaledMax = 227 * 1024;
 
-__host__ __device__ constexpr Layout make_layout(int D, int C, int depth, bool want_pre = true) {
+// The archs (major * 10 + minor) whose binaries take the larger plan: sm_90 up to sm_11x, 227
+// KiB per block. Not an sm_80 binary (it also runs on sm_86 / sm_89, 99 KiB per block, and on
+// sm_80 itself the plan would exceed 163 KiB), nor sm_12x (99 KiB): there the larger plan would
+// send shapes that fit before to the reference. The kernel applies the rule to the arch it is
+// compiled for, the launcher to the arch of the binary the device runs (binary_arch).
+__host__ __device__ constexpr bool pre_arch(int arch) { return arch >= 90 && arch < 120; }
+
+__host__ __device__ constexpr bool pre_arch_here() {
+#ifdef __CUDA_ARCH__
+  return pre_arch(__CUDA_ARCH__ / 10);
+#else
+  return false;  // the host pass: the launcher asks the binary instead
+#endif
+}
+
+__host__ __device__ constexpr Layout make_layout(int D, int C, int depth, bool want_pre) {
   const int bw = depth == 2 ? kHB : D;  // layer-1 block width
   Layout l{};
   l.plane_q = C * (D + 8);
@@ -128,7 +144,7 @@ __host__ __device__ constexpr Layout make_layout(int D, int C, int depth, bool w
   l.vec = take(size_t(9) * C * 4);
   const size_t extra = 2 * ((pair * l.plane_q + 15) / 16 * 16) +
                        2 * ((pair * l.plane_hk + 15) / 16 * 16);
-  l.pre = want_pre && depth == 2 && at + extra <= kPreScaledMax;
+  l.pre = want_pre && depth == 2 && D == 64 && C == 64 && at + extra <= kPreScaledMax;
   if (l.pre) {
     l.dg2 = take(pair * l.plane_q);
     l.dn2 = take(pair * l.plane_q);
@@ -767,7 +783,8 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
   const int n_blocks = kDepth == 2 ? hidden / kHB : 1;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const Layout lay = make_layout(D, C, kDepth, kMode == 0);
+  constexpr bool kWantPre = kMode == 0 && !kSub && pre_arch_here();
+  const Layout lay = make_layout(D, C, kDepth, kWantPre);
   auto planes = [&](size_t off, int plane, int ld) {
     return Planes{reinterpret_cast<bf16*>(smem_raw + off), plane, ld};
   };
@@ -781,7 +798,7 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
   const Planes s_w2 = planes(lay.w2, lay.plane_w2, D + 8);     // W2 block [32][D]
   const Planes s_s2 = planes(lay.s2, lay.plane_w2, D + 8);     // S2 block
   float* s_g = reinterpret_cast<float*>(smem_raw + lay.g);     // G [C][C]
-  constexpr bool kPre = make_layout(D, C, kDepth, kMode == 0).pre;
+  constexpr bool kPre = make_layout(D, C, kDepth, kWantPre).pre;
   const Planes s_dg2 = planes(lay.dg2, lay.plane_q, D + 8);    // gneg * dz2 (kPre)
   const Planes s_dn2 = planes(lay.dn2, lay.plane_q, D + 8);    // nneg * dz2
   const Planes s_dg1 = planes(lay.dg1, lay.plane_hk, kHB + 8);  // gneg * dz1 of the block
@@ -1324,7 +1341,9 @@ __global__ void __launch_bounds__(Threads<C>::kThreads)
 
 template <typename TIn, int D, int C, int kDepth, bool kSub = false>
 cudaError_t launch(NeuralMemoryParams p, cudaStream_t stream) {
-  const size_t smem = make_layout(D, C, kDepth).total;  // one CTA; the splits without kPre's
+  int arch = 0;  // the one-CTA instance's plan follows the binary the device runs
+  TITANS_RETURN_IF_ERROR(binary_arch(chunked_kernel<TIn, D, C, kDepth, 0, kSub>, &arch));
+  const size_t smem = make_layout(D, C, kDepth, !kSub && pre_arch(arch)).total;
   const size_t smem_split = make_layout(D, C, kDepth, false).total;
   constexpr int kThreads = Threads<C>::kThreads;
   const SplitKernels<decltype(&chunked_kernel<TIn, D, C, kDepth, 0>)> ks{
@@ -1350,7 +1369,7 @@ cudaError_t launch(NeuralMemoryParams p, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   // cluster_sum's buffer (C x D fp32) is the staging blocks' region
-  const Layout lay = make_layout(D, C, kDepth);
+  const Layout lay = make_layout(D, C, kDepth, false);
   const bool red_fits = lay.g - lay.w1 >= size_t(C) * D * sizeof(float);
   auto run = [&](int split) -> cudaError_t {
     const int s = split < 0 ? -split : split;
