@@ -112,6 +112,60 @@ def test_info_on_this_machine():
         assert data["extension_error"]
 
 
+def _needs_extension():
+    from titans_cuda import _lib
+    if not _lib.extension_loaded():
+        pytest.skip("the shared-memory plans come from the extension")
+
+
+def test_info_lists_the_neural_memory_shapes_past_a_smaller_shared_memory():
+    """What `python -m titans_cuda` reports per GPU: on an H100 (227 KiB) every chunked shape
+    runs on the kernels; an A100 (163 KiB, no clusters) and a 99 KiB GPU lose the shapes whose
+    plan (from the extension) exceeds their limit, and only those."""
+    _needs_extension()
+    import sys
+    from titans_cuda import _lib
+    info_mod = sys.modules["titans_cuda.info"]
+    assert info_mod.neural_memory_past_smem(227 * 1024, True) == []
+    a100 = info_mod.neural_memory_past_smem(163 * 1024, False)
+    at = {(r["depth"], r["dim"], r["chunk_size"], r["part"]): r for r in a100}
+    bwd = _lib._C.neural_memory_chunked_bwd_smem_bytes(dim=64, hidden=128, depth=2, chunk=64,
+                                                        dtype=0)
+    assert bwd > 163 * 1024
+    assert at[(2, 64, 64, "backward")]["kib"] == -(-bwd // 1024)
+    assert at[(2, 64, 64, "backward")]["why"] == f"{-(-bwd // 1024)} KiB"
+    # the forward of the default shape fits an A100 (the one-CTA instance's larger plan is
+    # taken only by sm_90..sm_11x binaries), and so does chunk 32's backward
+    assert (2, 64, 64, "forward") not in at and (2, 64, 32, "backward") not in at
+    assert at[(1, 128, 64, "backward")]["why"] == "thread-block clusters, sm_90+"
+    for r in a100:
+        assert r["why"].startswith("thread-block") or r["kib"] * 1024 > 163 * 1024, r
+    small = {(r["depth"], r["dim"], r["chunk_size"], r["part"])
+             for r in info_mod.neural_memory_past_smem(99 * 1024, False)}
+    assert set(at) <= small
+    assert (2, 64, 32, "forward") not in small and (2, 64, 64, "forward") in small
+
+
+def test_python_m_titans_cuda_prints_the_shapes_past_shared_memory(capsys):
+    _needs_extension()
+    import sys
+    from titans_cuda.__main__ import _print_info
+    info_mod = sys.modules["titans_cuda.info"]
+    data = titans_cuda.info()
+    data["devices"] = [
+        dict(index=0, name="A100", capability="sm_80", sms=108, memory_gib=79.2,
+             kernels_run=True, why_not=None, smem_per_block_kib=163,
+             neural_memory_past_smem=info_mod.neural_memory_past_smem(163 * 1024, False)),
+        dict(index=1, name="H100", capability="sm_90", sms=132, memory_gib=79.2,
+             kernels_run=True, why_not=None, smem_per_block_kib=227,
+             neural_memory_past_smem=[])]
+    _print_info(data)
+    out = capsys.readouterr().out
+    assert "163 KiB of shared memory per block: neural_memory (bf16/fp16) runs these" in out
+    assert "depth 2, D 64, chunk_size 64: backward (needs 213 KiB)" in out
+    assert "227 KiB of shared memory per block: every neural_memory chunked shape runs" in out
+
+
 def test_python_m_titans_cuda_runs(capsys):
     from titans_cuda.__main__ import main
     assert main(["--check"]) == 0

@@ -24,6 +24,18 @@ def _print_info(data: dict) -> None:
         status = "kernels run" if d["kernels_run"] else f"kernels do not run: {d['why_not']}"
         print(f"GPU {d['index']}       {d['name']} ({d['capability']}, {d['sms']} SMs, "
               f"{d['memory_gib']} GiB): {status}")
+        if "neural_memory_past_smem" in d:
+            past = d["neural_memory_past_smem"]
+            print(f"            {d['smem_per_block_kib']} KiB of shared memory per block: " +
+                  ("every neural_memory chunked shape runs on the kernels" if not past else
+                   "neural_memory (bf16/fp16) runs these on the reference:"))
+            shapes = {}
+            for r in past:
+                shapes.setdefault((r["depth"], r["dim"], r["chunk_size"]), []).append(
+                    f"{r['part']} (needs {r['why']})")
+            for (depth, dim, chunk), parts in shapes.items():
+                print(f"              depth {depth}, D {dim}, chunk_size {chunk}: "
+                      + ", ".join(parts))
     print("functions:")
     for fn, what in data["kernels"].items():
         print(f"  {fn:<15} {what}")

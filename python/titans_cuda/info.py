@@ -69,14 +69,20 @@ def info() -> dict:
             device = torch.device("cuda", index)
             reason = _lib.kernels_unavailable_reason(device)
             reasons.append(reason)
-            out["devices"].append({
+            entry = {
                 "index": index, "name": props.name,
                 "capability": f"sm_{props.major}{props.minor}",
                 "sms": props.multi_processor_count,
                 "memory_gib": round(props.total_memory / 2**30, 1),
                 "kernels_run": reason is None,
                 "why_not": reason,
-            })
+            }
+            if reason is None:
+                limit = _lib.smem_per_block_optin(index)
+                entry["smem_per_block_kib"] = limit // 1024
+                entry["neural_memory_past_smem"] = neural_memory_past_smem(limit,
+                                                                           props.major >= 9)
+            out["devices"].append(entry)
     else:
         reasons.append("no CUDA GPU is visible to torch"
                        + ("" if torch.version.cuda else " (this torch is a CPU-only build)"))
@@ -91,6 +97,39 @@ def info() -> dict:
     for fn, parts in COMPOSED.items():
         out["kernels"][fn] = "composed of " + ", ".join(parts)
     return out
+
+
+def neural_memory_past_smem(limit: int, clusters: bool = True) -> list:
+    """The neural_memory shapes whose chunked kernels cannot run on a GPU that allows ``limit``
+    bytes of shared memory per block (``clusters``: and has thread-block clusters, sm_90+), for
+    bf16/fp16 inputs: such a GPU runs their forward on the reference, or their gradients on the
+    reference's VJP (a warning names the reason at the call). The plans depend on (depth, D,
+    chunk_size) only, not on hidden. Each row: dict(depth, dim, chunk_size, part ("forward" /
+    "backward"), kib (shared memory needed), why). Needs the extension."""
+    from .ops.neural_memory import ops as nm_ops
+    rows = []
+    for depth in (1, 2):
+        for dim in nm_ops.CHUNKED_DIMS:
+            hidden = dim if depth == 1 else 2 * dim
+            for chunk in nm_ops.CHUNKED_CHUNKS:
+                if not nm_ops.chunked_shape_supported(dim, hidden, depth, chunk):
+                    continue
+                fwd_chunk = nm_ops.fwd_chunking(dim, depth, chunk)[0]
+                bwd_chunk = nm_ops.bwd_chunking(dim, chunk)[0]
+                parts = [("forward", nm_ops._smem_bytes("forward", dim, hidden, depth, fwd_chunk),
+                          dim > 64 and nm_ops._takes_fwd1(dim, depth, fwd_chunk,
+                                                          torch.bfloat16))]
+                if nm_ops.chunked_bwd_shape_supported(dim, hidden, depth, bwd_chunk, "token"):
+                    parts.append(("backward",
+                                  nm_ops._smem_bytes("backward", dim, hidden, depth, bwd_chunk),
+                                  depth == 1 and dim > 64))
+                for part, need, wants_clusters in parts:
+                    why = ("thread-block clusters, sm_90+" if wants_clusters and not clusters
+                           else f"{-(-need // 1024)} KiB" if need > limit else None)
+                    if why is not None:
+                        rows.append(dict(depth=depth, dim=dim, chunk_size=chunk, part=part,
+                                         kib=-(-need // 1024), why=why))
+    return rows
 
 
 def _fmt_cuda_version(v: int) -> str:
